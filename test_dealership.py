@@ -1,0 +1,577 @@
+"""Tests for the dealership service, through the HTTP API of a fresh app per test."""
+import random
+import threading
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from dealership import create_app
+
+API = "/api/v1"
+PROBLEM = "application/problem+json"
+
+
+@pytest.fixture
+def app():
+    return create_app({"TESTING": True})
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def car_body(**changes):
+    body = {"brand": "Toyota", "model": "Camry", "year": 2023, "color": "Blue",
+            "daily_price": 100.0, "vin": "1HGBH41JXMN109186", "dealer_id": 1}
+    return body | changes
+
+
+def make_car(client, **changes):
+    response = client.post(f"{API}/cars", json=car_body(**changes))
+    assert response.status_code == 201, response.get_json()
+    return response.get_json()
+
+
+def vin(n):
+    return f"1HGBH41JXM{n:07d}"
+
+
+def booking_body(car_id, start="2030-01-15T10:00:00Z", end="2030-01-15T12:00:00Z", **changes):
+    body = {"car_id": car_id, "customer_name": "Ada Lovelace", "customer_email": "ada@example.com",
+            "start_datetime": start, "end_datetime": end}
+    return body | changes
+
+
+def book(client, car_id, start="2030-01-15T10:00:00Z", end="2030-01-15T12:00:00Z", **changes):
+    return client.post(f"{API}/bookings", json=booking_body(car_id, start, end, **changes))
+
+
+def assert_problem(response, status, *fields):
+    assert response.status_code == status
+    assert response.mimetype == PROBLEM
+    body = response.get_json()
+    assert body["status"] == status
+    assert isinstance(body["title"], str) and body["title"]
+    assert isinstance(body["detail"], str) and body["detail"]
+    for name in fields:
+        assert name in body["errors"], body
+        assert all(isinstance(m, str) for m in body["errors"][name])
+    return body
+
+
+def window(start, end):
+    return {"start_datetime": start, "end_datetime": end}
+
+
+# ---------------------------------------------------------------------------------------------
+# App, health, dealers
+# ---------------------------------------------------------------------------------------------
+
+
+def test_health(client):
+    response = client.get("/health")
+    assert response.status_code == 200
+    assert response.get_json() == {"status": "ok"}
+
+
+def test_each_app_has_its_own_store():
+    first, second = create_app().test_client(), create_app().test_client()
+    make_car(first)
+    assert len(first.get(f"{API}/cars").get_json()) == 1
+    assert second.get(f"{API}/cars").get_json() == []
+
+
+def test_seed_dealer(client):
+    assert client.get(f"{API}/dealers").get_json() == [
+        {"id": 1, "name": "Oscar Mobility Main", "location": "Munich, Germany"}]
+    response = client.get(f"{API}/dealers/1")
+    assert response.status_code == 200
+    assert response.get_json()["name"] == "Oscar Mobility Main"
+
+
+def test_unknown_dealer_is_404(client):
+    body = assert_problem(client.get(f"{API}/dealers/99"), 404)
+    assert "99" in body["detail"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Cars
+# ---------------------------------------------------------------------------------------------
+
+
+def test_create_car(client):
+    response = client.post(f"{API}/cars", json=car_body(brand="  Toyota ", vin="1hgbh41jxmn109186"))
+    assert response.status_code == 201
+    assert response.headers["Location"] == f"{API}/cars/1"
+    assert response.get_json() == {"id": 1, "brand": "Toyota", "model": "Camry", "year": 2023,
+                                   "color": "Blue", "daily_price": 100.0, "vin": "1HGBH41JXMN109186",
+                                   "status": "available", "dealer_id": 1}
+    assert client.get(f"{API}/cars/1").get_json() == response.get_json()
+
+
+def test_create_car_in_maintenance(client):
+    assert make_car(client, status="maintenance")["status"] == "maintenance"
+
+
+@pytest.mark.parametrize("field, value", [
+    ("brand", ""), ("brand", "   "), ("brand", "x" * 101), ("brand", 5), ("brand", None),
+    ("model", ""), ("color", "  "),
+    ("year", 1885), ("year", datetime.now().year + 2), ("year", 10**30), ("year", "2020"),
+    ("year", 2020.5), ("year", True),
+    ("daily_price", 0), ("daily_price", -1), ("daily_price", 1_000_000.01), ("daily_price", "100"),
+    ("daily_price", 10**400), ("daily_price", True),
+    ("vin", "1HGBH41JXMN10918"), ("vin", "1HGBH41JXMN1091867"), ("vin", "1HGBH41JXMN10918O"),
+    ("vin", "IHGBH41JXMN109186"), ("vin", "QHGBH41JXMN109186"), ("vin", 12345678901234567),
+    ("status", "sold"), ("status", None),
+    ("dealer_id", "1"), ("dealer_id", 0), ("dealer_id", 1.5),
+    ("id", 7),
+])
+def test_create_car_rejects_bad_field(client, field, value):
+    body = assert_problem(client.post(f"{API}/cars", json=car_body(**{field: value})), 422, field)
+    assert field in body["detail"]
+    assert client.get(f"{API}/cars").get_json() == []
+
+
+@pytest.mark.parametrize("field", ["brand", "model", "year", "color", "daily_price", "vin", "dealer_id"])
+def test_create_car_requires_field(client, field):
+    body = car_body()
+    del body[field]
+    assert_problem(client.post(f"{API}/cars", json=body), 422, field)
+
+
+def test_price_of_1e309_is_422(client):
+    response = client.post(f"{API}/cars", data=b'{"brand":"A","model":"B","year":2020,"color":"C",'
+                           b'"daily_price":1e309,"vin":"1HGBH41JXMN109186","dealer_id":1}',
+                           content_type="application/json")
+    assert_problem(response, 422, "daily_price")
+
+
+def test_price_at_the_limit_is_accepted(client):
+    assert make_car(client, daily_price=1_000_000)["daily_price"] == 1_000_000
+
+
+def test_car_with_unknown_dealer_is_404(client):
+    body = assert_problem(client.post(f"{API}/cars", json=car_body(dealer_id=42)), 404)
+    assert "dealer" in body["detail"] and "42" in body["detail"]
+    assert client.get(f"{API}/cars").get_json() == []
+
+
+def test_duplicate_vin_is_409_naming_the_car(client):
+    make_car(client)
+    body = assert_problem(client.post(f"{API}/cars", json=car_body(vin="1hgbh41jxmn109186")), 409)
+    assert "1HGBH41JXMN109186" in body["detail"] and "car 1" in body["detail"]
+    assert len(client.get(f"{API}/cars").get_json()) == 1
+
+
+def test_list_cars_ordered_by_id_with_filters(client):
+    make_car(client, vin=vin(1), brand="Toyota")
+    make_car(client, vin=vin(2), brand="BMW", status="maintenance")
+    make_car(client, vin=vin(3), brand="toyota")
+    ids = lambda url: [car["id"] for car in client.get(url).get_json()]  # noqa: E731
+    assert ids(f"{API}/cars") == [1, 2, 3]
+    assert ids(f"{API}/cars?brand=TOYOTA") == [1, 3]
+    assert ids(f"{API}/cars?status=maintenance") == [2]
+    assert ids(f"{API}/cars?dealer_id=1&status=available") == [1, 3]
+    assert ids(f"{API}/cars?dealer_id=2") == []
+
+
+@pytest.mark.parametrize("query_string", ["status=sold", "dealer_id=abc", "dealer_id=0", "colour=red"])
+def test_list_cars_rejects_bad_filter(client, query_string):
+    name = query_string.split("=")[0]
+    assert_problem(client.get(f"{API}/cars?{query_string}"), 422, name)
+
+
+def test_get_unknown_car_is_404(client):
+    body = assert_problem(client.get(f"{API}/cars/5"), 404)
+    assert "5" in body["detail"]
+
+
+@pytest.mark.parametrize("path", ["/cars/0", "/cars/-1", "/cars/abc", "/cars/1.5", "/bookings/0",
+                                  "/bookings/x", "/dealers/-3"])
+def test_path_id_that_is_not_a_positive_integer_is_404(client, path):
+    make_car(client)
+    assert_problem(client.get(API + path), 404)
+
+
+def test_update_car_partially(client):
+    make_car(client)
+    response = client.put(f"{API}/cars/1", json={"color": " Red ", "status": "maintenance"})
+    assert response.status_code == 200
+    assert response.get_json() | {} == car_body(color="Red") | {"id": 1, "status": "maintenance"}
+    assert client.get(f"{API}/cars/1").get_json()["color"] == "Red"
+
+
+def test_update_car_vin_is_unique_and_keeps_its_own(client):
+    make_car(client, vin=vin(1))
+    make_car(client, vin=vin(2))
+    assert client.put(f"{API}/cars/1", json={"vin": vin(1).lower()}).status_code == 200
+    body = assert_problem(client.put(f"{API}/cars/1", json={"vin": vin(2)}), 409)
+    assert "car 2" in body["detail"]
+    assert client.put(f"{API}/cars/1", json={"vin": vin(3)}).get_json()["vin"] == vin(3)
+    # the old VIN is free again
+    assert make_car(client, vin=vin(1))["id"] == 3
+
+
+@pytest.mark.parametrize("body", [{"year": 1800}, {"brand": ""}, {"id": 2}, {"daily_price": None},
+                                  {"color": "Red", "vin": "short"}])
+def test_update_car_rejects_bad_fields_and_changes_nothing(client, body):
+    before = make_car(client)
+    assert_problem(client.put(f"{API}/cars/1", json=body), 422)
+    assert client.get(f"{API}/cars/1").get_json() == before
+
+
+def test_update_car_with_unknown_dealer_is_404(client):
+    before = make_car(client)
+    assert_problem(client.put(f"{API}/cars/1", json={"dealer_id": 9}), 404)
+    assert client.get(f"{API}/cars/1").get_json() == before
+
+
+def test_update_unknown_car_is_404(client):
+    assert_problem(client.put(f"{API}/cars/3", json={"color": "Red"}), 404)
+
+
+def test_delete_car(client):
+    make_car(client)
+    response = client.delete(f"{API}/cars/1")
+    assert response.status_code == 204
+    assert response.data == b""
+    assert_problem(client.get(f"{API}/cars/1"), 404)
+    assert make_car(client)["id"] == 2  # its VIN is free; ids are never reused
+
+
+def test_delete_car_with_bookings_is_409_with_count(client):
+    make_car(client)
+    book(client, 1)
+    book(client, 1, "2030-02-01T00:00:00Z", "2030-02-02T00:00:00Z")
+    body = assert_problem(client.delete(f"{API}/cars/1"), 409)
+    assert "2 bookings" in body["detail"]
+    assert client.get(f"{API}/cars/1").status_code == 200
+
+
+def test_delete_unknown_car_is_404(client):
+    assert_problem(client.delete(f"{API}/cars/1"), 404)
+
+
+# ---------------------------------------------------------------------------------------------
+# Request bodies and routing
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("data", [b"{bad", b"", b"[1, 2]", b'"text"', b"null", b"12"])
+def test_body_that_is_not_a_json_object_is_400(client, data):
+    assert_problem(client.post(f"{API}/cars", data=data, content_type="application/json"), 400)
+    assert client.get(f"{API}/cars").get_json() == []
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_body_that_is_not_json_is_415(client, content_type):
+    response = client.post(f"{API}/bookings", data=b"car_id=1", content_type=content_type)
+    assert_problem(response, 415)
+
+
+def test_body_over_the_limit_is_413(client):
+    big = car_body(brand="x" * (1024 * 1024))
+    body = assert_problem(client.post(f"{API}/cars", json=big), 413)
+    assert "1048576" in body["detail"]
+    assert client.get(f"{API}/cars").get_json() == []
+
+
+def test_body_limit_is_configurable():
+    client = create_app({"DEALERSHIP_MAX_CONTENT_LENGTH": 100}).test_client()
+    assert_problem(client.post(f"{API}/cars", json=car_body()), 413)
+
+
+def test_unknown_path_is_json_404(client):
+    assert_problem(client.get(f"{API}/trucks"), 404)
+    assert_problem(client.get("/nowhere"), 404)
+
+
+def test_wrong_method_is_json_405(client):
+    response = client.patch(f"{API}/cars")
+    assert_problem(response, 405)
+    assert set(response.headers["Allow"].replace(" ", "").split(",")) >= {"GET", "POST"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Bookings
+# ---------------------------------------------------------------------------------------------
+
+
+def test_create_booking(client):
+    make_car(client)
+    response = book(client, 1, customer_name="  Ada Lovelace ")
+    assert response.status_code == 201
+    assert response.headers["Location"] == f"{API}/bookings/1"
+    assert response.get_json() == {"id": 1, "car_id": 1, "customer_name": "Ada Lovelace",
+                                   "customer_email": "ada@example.com",
+                                   "start_datetime": "2030-01-15T10:00:00+00:00",
+                                   "end_datetime": "2030-01-15T12:00:00+00:00"}
+    assert client.get(f"{API}/bookings/1").get_json() == response.get_json()
+
+
+@pytest.mark.parametrize("field, value", [
+    ("customer_name", ""), ("customer_name", "  "), ("customer_name", "x" * 201),
+    ("customer_email", "not-an-email"), ("customer_email", ""), ("customer_email", 5),
+    ("start_datetime", "tomorrow"), ("start_datetime", "2030-13-01T00:00:00Z"), ("start_datetime", 1700000000),
+    ("start_datetime", "9999-12-31T23:00:00-05:00"), ("end_datetime", "0001-01-01T00:00:00+01:00"),
+    ("end_datetime", None), ("car_id", "1"), ("car_id", 0), ("id", 3),
+])
+def test_create_booking_rejects_bad_field(client, field, value):
+    make_car(client)
+    assert_problem(client.post(f"{API}/bookings", json=booking_body(1) | {field: value}), 422, field)
+    assert client.get(f"{API}/bookings").get_json() == []
+
+
+@pytest.mark.parametrize("field", ["car_id", "customer_name", "customer_email", "start_datetime", "end_datetime"])
+def test_create_booking_requires_field(client, field):
+    make_car(client)
+    body = booking_body(1)
+    del body[field]
+    assert_problem(client.post(f"{API}/bookings", json=body), 422, field)
+
+
+@pytest.mark.parametrize("end", ["2030-01-15T10:00:00Z", "2030-01-15T09:00:00Z", "2030-01-15T11:00:00+02:00"])
+def test_booking_end_not_after_start_is_422(client, end):
+    make_car(client)
+    body = assert_problem(book(client, 1, "2030-01-15T10:00:00Z", end), 422, "end_datetime")
+    assert "after" in body["errors"]["end_datetime"][0]
+    assert client.get(f"{API}/bookings").get_json() == []
+
+
+def test_booking_unknown_car_is_404(client):
+    body = assert_problem(book(client, 7), 404)
+    assert "car" in body["detail"] and "7" in body["detail"]
+
+
+def test_booking_car_in_maintenance_is_409(client):
+    make_car(client, status="maintenance")
+    body = assert_problem(book(client, 1), 409)
+    assert "maintenance" in body["detail"]
+    assert client.get(f"{API}/bookings").get_json() == []
+
+
+def test_overlapping_booking_is_409_naming_the_booking(client):
+    make_car(client)
+    assert book(client, 1).status_code == 201
+    body = assert_problem(book(client, 1, "2030-01-15T11:00:00Z", "2030-01-15T13:00:00Z"), 409)
+    assert "booking 1" in body["detail"]
+    assert len(client.get(f"{API}/bookings").get_json()) == 1
+
+
+def test_same_time_on_another_car_is_fine(client):
+    make_car(client, vin=vin(1))
+    make_car(client, vin=vin(2))
+    assert book(client, 1).status_code == 201
+    assert book(client, 2).status_code == 201
+
+
+def test_list_bookings_ordered_by_start_then_filtered(client):
+    make_car(client, vin=vin(1))
+    make_car(client, vin=vin(2))
+    book(client, 1, "2030-01-03T00:00:00Z", "2030-01-04T00:00:00Z")  # 1
+    book(client, 2, "2030-01-01T00:00:00Z", "2030-01-02T00:00:00Z")  # 2
+    book(client, 1, "2030-01-01T00:00:00Z", "2030-01-02T00:00:00Z")  # 3
+    ids = lambda qs="": [b["id"] for b in client.get(f"{API}/bookings?{qs}").get_json()]  # noqa: E731
+    assert ids() == [2, 3, 1]
+    assert ids("car_id=1") == [3, 1]
+    assert ids("car_id=9") == []
+    # both bounds: overlapping [start, end); half-open, so touching is not overlapping
+    assert ids("start_datetime=2030-01-02T00:00:00Z&end_datetime=2030-01-03T00:00:00Z") == []
+    assert ids("start_datetime=2030-01-01T23:00:00Z&end_datetime=2030-01-03T00:00:01Z") == [2, 3, 1]
+    # only start: starting at or after it; only end: ending at or before it
+    assert ids("start_datetime=2030-01-03T00:00:00Z") == [1]
+    assert ids("end_datetime=2030-01-02T00:00:00Z") == [2, 3]
+    assert ids("end_datetime=2030-01-01T23:59:59Z") == []
+
+
+@pytest.mark.parametrize("query_string, name", [
+    ("car_id=x", "car_id"), ("start_datetime=soon", "start_datetime"),
+    ("start_datetime=2030-01-02T00:00:00Z&end_datetime=2030-01-01T00:00:00Z", "end_datetime"),
+    ("customer=bob", "customer"),
+])
+def test_list_bookings_rejects_bad_query(client, query_string, name):
+    assert_problem(client.get(f"{API}/bookings?{query_string}"), 422, name)
+
+
+def test_get_unknown_booking_is_404(client):
+    assert_problem(client.get(f"{API}/bookings/3"), 404)
+
+
+def test_cancel_booking_frees_its_time(client):
+    make_car(client)
+    book(client, 1)
+    response = client.delete(f"{API}/bookings/1")
+    assert response.status_code == 204 and response.data == b""
+    assert_problem(client.get(f"{API}/bookings/1"), 404)
+    assert book(client, 1).status_code == 201
+    assert client.delete(f"{API}/cars/1").status_code == 409  # the new booking still holds it
+
+
+def test_cancel_unknown_booking_is_404(client):
+    assert_problem(client.delete(f"{API}/bookings/1"), 404)
+
+
+# ---------------------------------------------------------------------------------------------
+# Time rules
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("start, stored", [
+    ("2030-01-15T10:00:00Z", "2030-01-15T10:00:00+00:00"),
+    ("2030-01-15T10:00:00+02:00", "2030-01-15T08:00:00+00:00"),
+    ("2030-01-15T10:00:00-05:30", "2030-01-15T15:30:00+00:00"),
+    ("2030-01-15T10:00:00", "2030-01-15T10:00:00+00:00"),  # no offset: UTC
+    ("2030-01-15T10:00:00.250Z", "2030-01-15T10:00:00.250000+00:00"),
+])
+def test_datetimes_are_stored_and_shown_in_utc(client, start, stored):
+    make_car(client)
+    response = book(client, 1, start, "2030-01-16T00:00:00Z")
+    assert response.status_code == 201
+    assert response.get_json()["start_datetime"] == stored
+
+
+def test_same_instant_written_two_ways_clashes(client):
+    make_car(client)
+    assert book(client, 1, "2030-01-15T10:00:00+02:00", "2030-01-15T12:00:00+02:00").status_code == 201
+    assert_problem(book(client, 1, "2030-01-15T08:00:00Z", "2030-01-15T09:00:00Z"), 409)
+    assert_problem(book(client, 1, "2030-01-15T09:59:59", "2030-01-15T10:00:00"), 409)  # naive is UTC
+
+
+def test_back_to_back_bookings_do_not_overlap(client):
+    make_car(client)
+    assert book(client, 1, "2030-01-15T10:00:00Z", "2030-01-15T12:00:00Z").status_code == 201
+    assert book(client, 1, "2030-01-15T12:00:00Z", "2030-01-15T14:00:00Z").status_code == 201
+    assert book(client, 1, "2030-01-15T08:00:00Z", "2030-01-15T10:00:00Z").status_code == 201
+    # the same edge written in another offset: 16:00+02:00 is 14:00Z
+    assert book(client, 1, "2030-01-15T16:00:00+02:00", "2030-01-15T15:00:00Z").status_code == 201
+
+
+@pytest.mark.parametrize("start, end", [
+    ("2030-01-15T11:59:59Z", "2030-01-15T14:00:00Z"),  # one second into the end
+    ("2030-01-15T08:00:00Z", "2030-01-15T10:00:01Z"),  # one second into the start
+    ("2030-01-15T10:30:00Z", "2030-01-15T11:00:00Z"),  # inside
+    ("2030-01-15T09:00:00Z", "2030-01-15T13:00:00Z"),  # around
+])
+def test_overlap_by_one_second_or_more_is_refused(client, start, end):
+    make_car(client)
+    book(client, 1)
+    assert_problem(book(client, 1, start, end), 409)
+
+
+# ---------------------------------------------------------------------------------------------
+# Available cars
+# ---------------------------------------------------------------------------------------------
+
+
+def test_available_cars(client):
+    make_car(client, vin=vin(1))
+    make_car(client, vin=vin(2))
+    make_car(client, vin=vin(3), status="maintenance")
+    make_car(client, vin=vin(4))
+    book(client, 2, "2030-01-15T10:00:00Z", "2030-01-15T12:00:00Z")
+    url = f"{API}/bookings/available-cars"
+    response = client.get(url, query_string=window("2030-01-15T11:00:00Z", "2030-01-15T11:30:00Z"))
+    assert response.status_code == 200
+    assert [car["id"] for car in response.get_json()] == [1, 4]
+    assert response.get_json()[0] == client.get(f"{API}/cars/1").get_json()
+    touching = window("2030-01-15T12:00:00Z", "2030-01-15T13:00:00Z")
+    assert [car["id"] for car in client.get(url, query_string=touching).get_json()] == [1, 2, 4]
+
+
+def test_available_cars_accepts_an_unencoded_plus_in_the_offset(client):
+    make_car(client)
+    book(client, 1, "2030-01-15T08:00:00Z", "2030-01-15T09:00:00Z")
+    url = f"{API}/bookings/available-cars?start_datetime=2030-01-15T10:00:00+02:00&end_datetime=2030-01-15T11:00:00+02:00"
+    assert client.get(url).get_json() == []
+
+
+@pytest.mark.parametrize("params, name", [
+    ({}, "start_datetime"),
+    ({"start_datetime": "2030-01-15T11:00:00Z"}, "end_datetime"),
+    (window("yesterday", "2030-01-15T11:00:00Z"), "start_datetime"),
+    (window("2030-01-15T11:00:00Z", "2030-01-15T11:00:00Z"), "end_datetime"),
+    (window("2030-01-15T11:00:00Z", "2030-01-15T10:00:00Z"), "end_datetime"),
+    (window("2030-01-15T11:00:00Z", "9999-12-31T23:00:00-05:00"), "end_datetime"),
+    (window("2030-01-15T11:00:00Z", "2030-01-15T12:00:00Z") | {"foo": "1"}, "foo"),
+])
+def test_available_cars_rejects_bad_window(client, params, name):
+    assert_problem(client.get(f"{API}/bookings/available-cars", query_string=params), 422, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Concurrency: the overlap check and the insert are one step
+# ---------------------------------------------------------------------------------------------
+
+
+def run_at_once(n, action):
+    barrier = threading.Barrier(n)
+    results = [None] * n
+
+    def worker(i):
+        barrier.wait()
+        results[i] = action(i)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return results
+
+
+def test_200_threads_booking_one_slot_get_one_201(app):
+    app.test_client().post(f"{API}/cars", json=car_body())
+    statuses = run_at_once(200, lambda i: book(app.test_client(), 1).status_code)
+    assert sorted(statuses) == [201] + [409] * 199
+    assert len(app.test_client().get(f"{API}/bookings").get_json()) == 1
+
+
+def test_two_cars_created_at_once_with_one_vin_get_one_201(app):
+    for _ in range(20):
+        statuses = run_at_once(2, lambda i: app.test_client().post(f"{API}/cars", json=car_body()).status_code)
+        assert sorted(statuses) == [201, 409]
+        cars = app.test_client().get(f"{API}/cars").get_json()
+        assert len(cars) == 1
+        assert app.test_client().delete(f"{API}/cars/{cars[0]['id']}").status_code == 204
+
+
+# ---------------------------------------------------------------------------------------------
+# Randomized: every answer against a brute-force oracle
+# ---------------------------------------------------------------------------------------------
+
+
+def test_random_bookings_match_a_brute_force_oracle(client):
+    rng = random.Random(20261124)
+    base = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    car_ids = [make_car(client, vin=vin(n))["id"] for n in range(6)]
+    oracle = {}  # booking id -> (car id, start, end)
+
+    def moment(hour):
+        return base + timedelta(hours=hour)
+
+    def free(car_id, start, end):
+        return all(not (c == car_id and s < end and start < e) for c, s, e in oracle.values())
+
+    for step in range(400):
+        if oracle and rng.random() < 0.3:
+            booking_id = rng.choice(list(oracle))
+            assert client.delete(f"{API}/bookings/{booking_id}").status_code == 204
+            del oracle[booking_id]
+        else:
+            car_id = rng.choice(car_ids)
+            start = moment(rng.randrange(0, 200))
+            end = start + timedelta(hours=rng.randrange(1, 12))
+            response = book(client, car_id, start.isoformat(), end.isoformat())
+            if free(car_id, start, end):
+                assert response.status_code == 201, (step, response.get_json())
+                oracle[response.get_json()["id"]] = (car_id, start, end)
+            else:
+                assert response.status_code == 409, (step, response.get_json())
+        start = moment(rng.randrange(0, 200))
+        end = start + timedelta(hours=rng.randrange(1, 24))
+        answer = client.get(f"{API}/bookings/available-cars",
+                            query_string=window(start.isoformat(), end.isoformat())).get_json()
+        assert [car["id"] for car in answer] == [c for c in car_ids if free(c, start, end)]
+    listed = client.get(f"{API}/bookings").get_json()
+    assert sorted(b["id"] for b in listed) == sorted(oracle)
