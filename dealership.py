@@ -13,25 +13,32 @@ Embed it in a larger Flask app:
     dealership.init_app(app, url_prefix="/api/v1")
 
 Time rules: date-times are ISO 8601. A value with an offset is that instant; a value without one
-is taken as UTC. Every comparison is between instants, and responses carry the offset. Booking
-intervals are half-open, [start, end): a booking that ends at 10:00 and one that starts at 10:00
-do not overlap.
+is local time in DEALERSHIP_TIMEZONE (UTC unless set). Every comparison is between instants, and
+responses carry the offset of that zone. Booking intervals are half-open, [start, end): a booking
+that ends at 10:00 and one that starts at 10:00 do not overlap.
+
+Settings (DEALERSHIP_TIMEZONE, DEALERSHIP_API_KEY, ...) come from the config mapping given to
+create_app, or from environment variables of the same names.
 
 State lives in memory, per app (``app.extensions["dealership"]``): serve it from one process.
 """
 import bisect
+import hmac
 import json
+import logging
 import re
 import threading
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from itertools import count
 from operator import attrgetter
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from flask import Blueprint, Flask, Response, current_app, request, url_for
+from flask import Blueprint, Config, Flask, Response, current_app, request, url_for
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
+from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import (BadRequest, Conflict, HTTPException, NotFound, RequestEntityTooLarge,
-                                 UnsupportedMediaType)
+                                 Unauthorized, UnsupportedMediaType, default_exceptions)
 
 # ---------------------------------------------------------------------------------------------
 # Constants
@@ -44,8 +51,18 @@ VIN_PATTERN = r"^[A-HJ-NPR-Z0-9]{17}$"
 FIRST_CAR_YEAR = 1886
 MAX_DAILY_PRICE = 1_000_000
 CAR_STATUSES = ("available", "maintenance")
-DEFAULT_MAX_CONTENT_LENGTH = 1024 * 1024
+MAX_PAGE = 1000
 SEED_DEALER = {"name": "Oscar Mobility Main", "location": "Munich, Germany"}
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Every setting, with its default; create_app also reads each from the environment.
+SETTINGS = {
+    "DEALERSHIP_TIMEZONE": "UTC",
+    "DEALERSHIP_API_KEY": None,
+    "DEALERSHIP_MAX_CONTENT_LENGTH": 1024 * 1024,
+    "DEALERSHIP_DEMO_DATA": False,
+}
+
+log = logging.getLogger("dealership")
 
 # ---------------------------------------------------------------------------------------------
 # Records: immutable, so a reader never sees half an update; a change stores a new record.
@@ -115,6 +132,18 @@ def busy_in(schedule, start, end):
     return schedule[first:last]
 
 
+def free_gaps(busy, start, end):
+    """The gaps of [start, end) that no interval in `busy` (sorted, non-overlapping) covers."""
+    gaps, cursor = [], start
+    for booking in busy:
+        if booking.start_datetime > cursor:
+            gaps.append((cursor, booking.start_datetime))
+        cursor = max(cursor, booking.end_datetime)
+    if cursor < end:
+        gaps.append((cursor, end))
+    return gaps
+
+
 # ---------------------------------------------------------------------------------------------
 # The store: the only code that changes state; each change checks and writes under one lock.
 # ---------------------------------------------------------------------------------------------
@@ -122,7 +151,7 @@ def busy_in(schedule, start, end):
 
 class Store:
     def __init__(self, zone=timezone.utc):
-        self.zone = zone  # the zone that naive input is read in and that output is written in
+        self.zone = zone  # naive input is read in this zone, and output is written in it
         self.lock = threading.Lock()
         self.dealers = {}
         self.cars = {}
@@ -155,11 +184,20 @@ class Store:
 
     # -- dealers --------------------------------------------------------------------------------
 
-    def add_dealer(self, name, location=""):
+    def add_dealer(self, fields):
         with self.lock:
-            dealer = Dealer(next(self._dealer_ids), name, location)
+            dealer = Dealer(id=next(self._dealer_ids), **fields)
             self.dealers[dealer.id] = dealer
             return dealer
+
+    def delete_dealer(self, dealer_id):
+        with self.lock:
+            self.dealer(dealer_id)
+            owned = sum(1 for car in self.cars.values() if car.dealer_id == dealer_id)
+            if owned:
+                raise Conflict(f"Dealer {dealer_id} still has {plural(owned, 'car')}; "
+                               "move or delete them first.")
+            del self.dealers[dealer_id]
 
     # -- cars -----------------------------------------------------------------------------------
 
@@ -171,7 +209,8 @@ class Store:
             self.cars[car.id] = car
             self.car_by_vin[car.vin] = car.id
             self.schedules[car.id] = []
-            return car
+        log.info("car %d created: dealer %d, status %s", car.id, car.dealer_id, car.status)
+        return car
 
     def update_car(self, car_id, changes):
         with self.lock:
@@ -180,23 +219,24 @@ class Store:
                 self.dealer(changes["dealer_id"])
             if changes.get("vin", old.vin) != old.vin:
                 self._check_vin_free(changes["vin"])
-            fields = {name: getattr(old, name) for name in CAR_FIELDS}
-            car = new_car(car_id, fields | changes)
+            car = new_car(car_id, {name: getattr(old, name) for name in CAR_FIELDS} | changes)
             del self.car_by_vin[old.vin]
             self.car_by_vin[car.vin] = car_id
             self.cars[car_id] = car
-            return car
+        log.info("car %d changed: %s", car_id, ", ".join(sorted(changes)) or "nothing")
+        return car
 
     def delete_car(self, car_id):
         with self.lock:
             self.car(car_id)
             booked = len(self.schedules[car_id])
             if booked:
-                raise Conflict(f"Car {car_id} has {booked} booking{'s' if booked > 1 else ''}; "
-                               "cancel its bookings before deleting the car.")
+                raise Conflict(f"Car {car_id} has {plural(booked, 'booking')}; "
+                               "cancel them before deleting the car.")
             car = self.cars.pop(car_id)
             del self.car_by_vin[car.vin]
             del self.schedules[car_id]
+        log.info("car %d deleted", car_id)
 
     def _check_vin_free(self, vin):
         if vin in self.car_by_vin:
@@ -206,53 +246,87 @@ class Store:
 
     def add_booking(self, fields):
         with self.lock:
-            self._check_bookable(fields["car_id"], fields["start_datetime"], fields["end_datetime"])
             booking = Booking(id=next(self._booking_ids), **fields)
+            self._check_bookable(booking)
             self.bookings[booking.id] = booking
             bisect.insort(self.schedules[booking.car_id], booking, key=by_start)
-            return booking
+        self._log("created", booking)
+        return booking
+
+    def change_booking(self, booking_id, changes):
+        """Apply `changes` to a booking in one step, checked against every other booking."""
+        with self.lock:
+            old = self.booking(booking_id)
+            booking = replace(old, **changes)
+            check_window({"start_datetime": booking.start_datetime, "end_datetime": booking.end_datetime})
+            if (booking.car_id, booking.start_datetime, booking.end_datetime) != \
+                    (old.car_id, old.start_datetime, old.end_datetime):
+                self._check_bookable(booking, ignore=old)
+            self._unschedule(old)
+            self.bookings[booking_id] = booking
+            bisect.insort(self.schedules[booking.car_id], booking, key=by_start)
+        self._log("changed", booking)
+        return booking
 
     def cancel_booking(self, booking_id):
         with self.lock:
             booking = self.booking(booking_id)
             del self.bookings[booking_id]
             self._unschedule(booking)
-            return booking
+        self._log("cancelled", booking)
 
-    def _check_bookable(self, car_id, start, end):
-        car = self.car(car_id)
+    def _check_bookable(self, booking, ignore=None):
+        car = self.car(booking.car_id)
         if car.status != "available":
-            raise Conflict(f"Car {car_id} is in {car.status} and cannot be booked.")
-        other = clash(self.schedules[car_id], start, end)
-        if other:
-            raise Conflict(f"Car {car_id} is already booked from {self.show(other.start_datetime)} "
-                           f"to {self.show(other.end_datetime)} by booking {other.id}.")
+            raise Conflict(f"Car {car.id} is in {car.status} and cannot be booked.")
+        schedule = self.schedules[car.id]
+        for other in busy_in(schedule, booking.start_datetime, booking.end_datetime):
+            if other is not ignore:
+                raise Conflict(f"Car {car.id} is already booked from {self.show(other.start_datetime)} "
+                               f"to {self.show(other.end_datetime)} by booking {other.id}.")
 
     def _unschedule(self, booking):
         schedule = self.schedules[booking.car_id]
         del schedule[bisect.bisect_left(schedule, booking.start_datetime, key=by_start)]
 
-    # -- queries --------------------------------------------------------------------------------
+    def _log(self, what, booking):
+        # ids and times only: never the customer's name or e-mail
+        log.info("booking %d %s: car %d, %s to %s", booking.id, what, booking.car_id,
+                 self.show(booking.start_datetime), self.show(booking.end_datetime))
 
-    def free_cars(self, start, end):
+    # -- queries: under the lock too, so a reader never sees a schedule mid-change --------------
+
+    def free_cars(self, start, end, dealer_id=None):
         """Cars whose status is available and that have no booking overlapping [start, end)."""
-        schedules = self.schedules
-        return [car for car in list(self.cars.values())
-                if car.status == "available" and not clash(schedules[car.id], start, end)]
+        with self.lock:
+            schedules = self.schedules
+            return [car for car in self.cars.values()
+                    if car.status == "available" and (dealer_id is None or car.dealer_id == dealer_id)
+                    and not clash(schedules[car.id], start, end)]
 
-    def find_bookings(self, car_id=None, start=None, end=None):
+    def calendar(self, car_id, start, end):
+        """One car and its bookings that overlap [start, end), read together."""
+        with self.lock:
+            car = self.car(car_id)
+            return car, busy_in(self.schedules[car_id], start, end)
+
+    def find_bookings(self, car_id=None, start=None, end=None, email=None):
         """Bookings ordered by start then id: overlapping [start, end) when both are given,
         starting at or after `start` or ending at or before `end` when only one is."""
-        if car_id is not None:
-            found = list(self.schedules.get(car_id, ()))  # a car's starts are distinct
-        else:
-            found = sorted(list(self.bookings.values()), key=lambda b: (b.start_datetime, b.id))
+        with self.lock:
+            if car_id is not None:
+                found = list(self.schedules.get(car_id, ()))  # one car's starts are distinct
+            else:
+                found = sorted(self.bookings.values(), key=lambda b: (b.start_datetime, b.id))
         if start is not None and end is not None:
-            return [b for b in found if overlaps(b.start_datetime, b.end_datetime, start, end)]
-        if start is not None:
-            return [b for b in found if b.start_datetime >= start]
-        if end is not None:
-            return [b for b in found if b.end_datetime <= end]
+            found = [b for b in found if overlaps(b.start_datetime, b.end_datetime, start, end)]
+        elif start is not None:
+            found = [b for b in found if b.start_datetime >= start]
+        elif end is not None:
+            found = [b for b in found if b.end_datetime <= end]
+        if email is not None:
+            email = email.casefold()
+            found = [b for b in found if b.customer_email.casefold() == email]
         return found
 
     def show(self, instant):
@@ -267,6 +341,10 @@ def new_car(car_id, fields):
     """A Car record with its public JSON form rendered once, here."""
     data = {"id": car_id} | {name: fields[name] for name in CAR_FIELDS}
     return Car(**data, json=to_json(CAR_SCHEMA.dump(data)))
+
+
+def plural(n, noun):
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def to_json(data):
@@ -312,7 +390,8 @@ class Instant(fields.DateTime):
     A value without an offset is taken in the store's zone (UTC unless configured).
     """
 
-    default_error_messages = {"range": "Date-time is out of the supported range."}
+    default_error_messages = {"range": "Date-time is out of the supported range.",
+                              "gap": "{input} does not exist in {zone}: the clocks skip that hour."}
     # In a query string an unencoded "+" arrives as a space: "10:00:00 02:00" means "+02:00".
     _PLUS_AS_SPACE = re.compile(r"(T\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?) (\d{2}(?::?\d{2})?)$")
 
@@ -321,10 +400,12 @@ class Instant(fields.DateTime):
             value = self._PLUS_AS_SPACE.sub(r"\1+\2", value)
         moment = super()._deserialize(value, attr, data, **kwargs)
         zone = store().zone
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=zone)
         try:
-            moment.astimezone(zone)  # output must be writable in the store's zone too
+            if moment.tzinfo is None:
+                local, moment = moment, moment.replace(tzinfo=zone)
+                if moment.astimezone(timezone.utc).astimezone(zone).replace(tzinfo=None) != local:
+                    raise self.make_error("gap", input=value, zone=zone)
+            moment.astimezone(zone)  # the output must be writable in the store's zone too
             return moment.astimezone(timezone.utc)
         except OverflowError:
             raise self.make_error("range") from None
@@ -380,14 +461,40 @@ class BookingSchema(Schema):
         check_window(data)
 
 
-class CarQuery(Schema):
+class SlotSchema(Schema):
+    start_datetime = Instant()
+    end_datetime = Instant()
+
+
+class BusySchema(SlotSchema):
+    booking_id = fields.Integer(attribute="id")
+
+
+class CalendarSchema(Schema):
+    car_id = fields.Integer()
+    start_datetime = Instant()
+    end_datetime = Instant()
+    status = fields.String()
+    available = fields.Boolean()
+    busy = fields.List(fields.Nested(BusySchema))
+    free = fields.List(fields.Nested(SlotSchema))
+
+
+class PageQuery(Schema):
+    """Paging for a list: without `limit`, every item from `offset` on."""
+    limit = fields.Integer(validate=validate.Range(min=1, max=MAX_PAGE))
+    offset = fields.Integer(load_default=0, validate=validate.Range(min=0))
+
+
+class CarQuery(PageQuery):
     status = fields.String(validate=validate.OneOf(CAR_STATUSES))
     dealer_id = fields.Integer(validate=validate.Range(min=1))
     brand = Text()
 
 
-class BookingQuery(Schema):
+class BookingQuery(PageQuery):
     car_id = fields.Integer(validate=validate.Range(min=1))
+    customer_email = fields.Email()
     start_datetime = Instant()
     end_datetime = Instant()
 
@@ -405,12 +512,18 @@ class WindowQuery(Schema):
         check_window(data)
 
 
+class AvailableCarsQuery(WindowQuery, PageQuery):
+    dealer_id = fields.Integer(validate=validate.Range(min=1))
+
+
 DEALER_SCHEMA = DealerSchema()
 CAR_SCHEMA = CarSchema()
 BOOKING_SCHEMA = BookingSchema()
+CALENDAR_SCHEMA = CalendarSchema()
 CAR_QUERY = CarQuery()
 BOOKING_QUERY = BookingQuery()
 WINDOW_QUERY = WindowQuery()
+AVAILABLE_CARS_QUERY = AvailableCarsQuery()
 
 # ---------------------------------------------------------------------------------------------
 # HTTP helpers and errors: every error is application/problem+json (RFC 9457)
@@ -427,24 +540,42 @@ def problem(status, title, detail, errors=None):
 
 
 def http_error(error):
+    """Any werkzeug HTTPException as problem+json, keeping its headers (Allow, WWW-Authenticate)."""
     response = problem(error.code, error.name, error.description)
-    if error.code == 405 and error.valid_methods:
-        response.headers["Allow"] = ", ".join(error.valid_methods)
+    for name, value in error.get_headers():
+        if name.lower() != "content-type":
+            response.headers.add(name, value)
     return response
 
 
 def validation_error(error):
     messages = error.messages if isinstance(error.messages, dict) else {"_schema": error.messages}
-    fields_named = ", ".join(sorted(messages))
-    return problem(422, "Unprocessable Content", f"Invalid input: {fields_named}.", messages)
+    return problem(422, "Unprocessable Content", f"Invalid input: {', '.join(sorted(messages))}.", messages)
 
 
+# By code as well as by class: Flask looks a handler up by code first, in the blueprint and then in
+# the app, so a host's own 404 page would otherwise answer for the service's routes.
+for code in default_exceptions:
+    bp.register_error_handler(code, http_error)
 bp.register_error_handler(HTTPException, http_error)
 bp.register_error_handler(ValidationError, validation_error)
 
 
+@bp.before_request
+def require_api_key():
+    """With DEALERSHIP_API_KEY set, a request that changes data must carry it as a Bearer token."""
+    key = current_app.config["DEALERSHIP_API_KEY"]
+    if not key or request.method not in WRITE_METHODS:
+        return
+    auth = request.authorization
+    token = auth.token if auth is not None and auth.type == "bearer" and auth.token else ""
+    if not hmac.compare_digest(token.encode(), str(key).encode()):
+        raise Unauthorized("This request changes data: send 'Authorization: Bearer <API key>'.",
+                           www_authenticate=WWWAuthenticate("bearer", {"realm": "dealership"}))
+
+
 def json_body():
-    """The request body as a JSON object, or a 415/400 that says what was wrong."""
+    """The request body as a JSON object, or a 415/413/400 that says what was wrong."""
     limit = request.max_content_length = current_app.config["DEALERSHIP_MAX_CONTENT_LENGTH"]
     if not request.is_json:
         raise UnsupportedMediaType("Send the body as JSON with 'Content-Type: application/json'.")
@@ -464,13 +595,21 @@ def query(schema):
     return schema.load(request.args.to_dict())
 
 
-def json_list(parts, status=200):
+def paged(items, filters):
+    """The page of `items` that `limit` and `offset` ask for, and the X-Total-Count header."""
+    offset, limit = filters["offset"], filters.get("limit")
+    page = items[offset:None if limit is None else offset + limit]
+    return page, {"X-Total-Count": str(len(items))}
+
+
+def json_text(text, status=200, headers=None):
+    """A response from a body that is already JSON text."""
+    return Response(text, status, headers, mimetype="application/json")
+
+
+def json_list(parts, headers=None):
     """A JSON array from items that are already JSON text."""
-    return Response("[" + ",".join(parts) + "]", status, mimetype="application/json")
-
-
-def created(body, location):
-    return body, 201, {"Location": location}
+    return json_text("[" + ",".join(parts) + "]", headers=headers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,13 +620,28 @@ def created(body, location):
 @bp.get("/dealers")
 def list_dealers():
     """All dealers, ordered by id."""
-    return DEALER_SCHEMA.dump(list(store().dealers.values()), many=True)
+    dealers = list(store().dealers.values())
+    return DEALER_SCHEMA.dump(dealers, many=True), {"X-Total-Count": str(len(dealers))}
+
+
+@bp.post("/dealers")
+def create_dealer():
+    """Add a dealer."""
+    dealer = store().add_dealer(DEALER_SCHEMA.load(json_body()))
+    return DEALER_SCHEMA.dump(dealer), 201, {"Location": url_for(".get_dealer", dealer_id=dealer.id)}
 
 
 @bp.get("/dealers/<int:dealer_id>")
 def get_dealer(dealer_id):
     """One dealer."""
     return DEALER_SCHEMA.dump(store().dealer(dealer_id))
+
+
+@bp.delete("/dealers/<int:dealer_id>")
+def delete_dealer(dealer_id):
+    """Remove a dealer that has no cars."""
+    store().delete_dealer(dealer_id)
+    return "", 204
 
 
 # ---------------------------------------------------------------------------------------------
@@ -499,12 +653,12 @@ def get_dealer(dealer_id):
 def create_car():
     """Add a car to the inventory."""
     car = store().add_car(CAR_SCHEMA.load(json_body()))
-    return created(Response(car.json, mimetype="application/json"), url_for(".get_car", car_id=car.id))
+    return json_text(car.json, 201, {"Location": url_for(".get_car", car_id=car.id)})
 
 
 @bp.get("/cars")
 def list_cars():
-    """Cars ordered by id, optionally filtered by status, dealer and brand."""
+    """Cars ordered by id, optionally filtered by status, dealer and brand, and paged."""
     filters = query(CAR_QUERY)
     status, dealer_id = filters.get("status"), filters.get("dealer_id")
     brand = filters.get("brand", "").casefold()
@@ -512,21 +666,22 @@ def list_cars():
             if (status is None or car.status == status)
             and (dealer_id is None or car.dealer_id == dealer_id)
             and (not brand or car.brand.casefold() == brand)]
-    return json_list(car.json for car in cars)
+    page, headers = paged(cars, filters)
+    return json_list((car.json for car in page), headers)
 
 
 @bp.get("/cars/<int:car_id>")
 def get_car(car_id):
     """One car."""
-    return Response(store().car(car_id).json, mimetype="application/json")
+    return json_text(store().car(car_id).json)
 
 
-@bp.put("/cars/<int:car_id>")
+@bp.route("/cars/<int:car_id>", methods=["PUT", "PATCH"])
 def update_car(car_id):
     """Change the fields given; the others keep their values."""
     store().car(car_id)  # an unknown car is a 404 before its body is judged
     changes = CAR_SCHEMA.load(json_body(), partial=True)
-    return Response(store().update_car(car_id, changes).json, mimetype="application/json")
+    return json_text(store().update_car(car_id, changes).json)
 
 
 @bp.delete("/cars/<int:car_id>")
@@ -534,6 +689,22 @@ def delete_car(car_id):
     """Remove a car that has no bookings."""
     store().delete_car(car_id)
     return "", 204
+
+
+@bp.get("/cars/<int:car_id>/availability")
+def car_availability(car_id):
+    """One car's calendar in a window: the bookings that overlap it and the free gaps."""
+    store().car(car_id)
+    window = query(WINDOW_QUERY)
+    start, end = window["start_datetime"], window["end_datetime"]
+    car, busy = store().calendar(car_id, start, end)
+    available = car.status == "available"
+    return CALENDAR_SCHEMA.dump({
+        "car_id": car.id, "start_datetime": start, "end_datetime": end, "status": car.status,
+        "available": available and not busy, "busy": busy,
+        "free": [{"start_datetime": s, "end_datetime": e} for s, e in free_gaps(busy, start, end)]
+        if available else [],
+    })
 
 
 # ---------------------------------------------------------------------------------------------
@@ -545,22 +716,31 @@ def delete_car(car_id):
 def create_booking():
     """Book a car for [start_datetime, end_datetime)."""
     booking = store().add_booking(BOOKING_SCHEMA.load(json_body()))
-    return created(BOOKING_SCHEMA.dump(booking), url_for(".get_booking", booking_id=booking.id))
+    return BOOKING_SCHEMA.dump(booking), 201, {"Location": url_for(".get_booking", booking_id=booking.id)}
 
 
 @bp.get("/bookings")
 def list_bookings():
-    """Bookings ordered by start then id, optionally filtered by car and time range."""
+    """Bookings ordered by start then id, filtered by car, customer and time range, and paged."""
     filters = query(BOOKING_QUERY)
     found = store().find_bookings(filters.get("car_id"), filters.get("start_datetime"),
-                                  filters.get("end_datetime"))
-    return BOOKING_SCHEMA.dump(found, many=True)
+                                  filters.get("end_datetime"), filters.get("customer_email"))
+    page, headers = paged(found, filters)
+    return BOOKING_SCHEMA.dump(page, many=True), headers
 
 
 @bp.get("/bookings/<int:booking_id>")
 def get_booking(booking_id):
     """One booking."""
     return BOOKING_SCHEMA.dump(store().booking(booking_id))
+
+
+@bp.patch("/bookings/<int:booking_id>")
+def change_booking(booking_id):
+    """Reschedule or edit a booking in one step; on any error it stays exactly as it was."""
+    store().booking(booking_id)
+    changes = BOOKING_SCHEMA.load(json_body(), partial=True)
+    return BOOKING_SCHEMA.dump(store().change_booking(booking_id, changes))
 
 
 @bp.delete("/bookings/<int:booking_id>")
@@ -573,8 +753,10 @@ def cancel_booking(booking_id):
 @bp.get("/bookings/available-cars")
 def available_cars():
     """Cars that are available and have no booking overlapping the window, ordered by id."""
-    window = query(WINDOW_QUERY)
-    return json_list(car.json for car in store().free_cars(window["start_datetime"], window["end_datetime"]))
+    filters = query(AVAILABLE_CARS_QUERY)
+    cars = store().free_cars(filters["start_datetime"], filters["end_datetime"], filters.get("dealer_id"))
+    page, headers = paged(cars, filters)
+    return json_list((car.json for car in page), headers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -582,22 +764,71 @@ def available_cars():
 # ---------------------------------------------------------------------------------------------
 
 
+class ConfigError(ValueError):
+    """A setting that the service cannot start with."""
+
+
+def read_zone(name):
+    try:
+        return ZoneInfo(str(name))
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"DEALERSHIP_TIMEZONE={name!r} is not a known time zone: "
+                          "use an IANA name such as 'Europe/Berlin' or 'UTC'.") from None
+
+
 def init_app(app, url_prefix=API_PREFIX):
-    """Give `app` its own empty store (plus the seed dealer) and mount the API at `url_prefix`."""
-    app.config.setdefault("DEALERSHIP_MAX_CONTENT_LENGTH", DEFAULT_MAX_CONTENT_LENGTH)
-    service = Store()
-    service.add_dealer(**SEED_DEALER)
+    """Give `app` its own store (with the seed dealer) and mount the API at `url_prefix`.
+
+    Settings are read from app.config (see SETTINGS); a bad one raises ConfigError.
+    """
+    for name, default in SETTINGS.items():
+        app.config.setdefault(name, default)
+    limit = app.config["DEALERSHIP_MAX_CONTENT_LENGTH"]
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ConfigError(f"DEALERSHIP_MAX_CONTENT_LENGTH={limit!r} must be a positive number of bytes.")
+    service = Store(zone=read_zone(app.config["DEALERSHIP_TIMEZONE"]))
+    service.add_dealer(SEED_DEALER)
+    if app.config["DEALERSHIP_DEMO_DATA"]:
+        load_demo_data(service)
+    if not app.config["DEALERSHIP_API_KEY"]:
+        log.warning("DEALERSHIP_API_KEY is not set: anyone who can reach the service can change its data.")
     app.extensions[EXTENSION] = service
     app.register_blueprint(bp, url_prefix=url_prefix)
     return service
 
 
+def load_demo_data(service):
+    """A second dealer, six cars (one in maintenance) and three bookings in the coming days."""
+    service.add_dealer({"name": "Oscar Mobility North", "location": "Hamburg, Germany"})
+    cars = [("Toyota", "Corolla", 2024, "White", 59.9, "JTDBR32E720123456", "available", 1),
+            ("Volkswagen", "Golf", 2023, "Grey", 64.5, "WVWZZZ1KZ6W612345", "available", 1),
+            ("BMW", "320i", 2022, "Black", 89.0, "WBA8E9C50GK123456", "maintenance", 1),
+            ("Mercedes-Benz", "C 200", 2024, "Silver", 95.0, "WDD2050421R123456", "available", 2),
+            ("Skoda", "Octavia", 2021, "Blue", 55.0, "TMBJJ7NE8L0123456", "available", 2),
+            ("Tesla", "Model 3", 2025, "Red", 110.0, "5YJ3E1EA7KF123456", "available", 2)]
+    for values in cars:
+        service.add_car(CAR_SCHEMA.load(dict(zip(CAR_FIELDS, values))))
+    today = datetime.now(service.zone).replace(hour=9, minute=0, second=0, microsecond=0)
+    for car_id, days_ahead, length, who in [(1, 1, 2, "a"), (4, 2, 1, "b"), (2, 5, 3, "c")]:
+        start = (today + timedelta(days=days_ahead)).astimezone(timezone.utc)
+        service.add_booking({"car_id": car_id, "customer_name": f"Demo Customer {who.upper()}",
+                             "customer_email": f"demo-{who}@example.com", "start_datetime": start,
+                             "end_datetime": start + timedelta(days=length)})
+
+
 def create_app(config=None):
-    """A standalone app: the API under /api/v1, /health, and JSON for every error."""
+    """A standalone app: the API under /api/v1, /health, and JSON for every error.
+
+    Settings come from the environment (DEALERSHIP_*), then from `config`, which wins.
+    """
     app = Flask(__name__)
+    app.logger.setLevel(logging.INFO)  # the "dealership" logger: one line per change
+    from_env = Config(app.root_path)
+    from_env.from_prefixed_env("DEALERSHIP")
+    app.config.update({f"DEALERSHIP_{name}": value for name, value in from_env.items()})
     app.config.update(config or {})
     init_app(app)
-    # Routing misses (404, 405) and 413 raised before a blueprint is chosen need app-level handlers.
+    # Routing misses (404, 405) happen before a blueprint is chosen: they need app-level handlers.
     app.register_error_handler(HTTPException, http_error)
 
     @app.get("/health")

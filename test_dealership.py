@@ -575,3 +575,416 @@ def test_random_bookings_match_a_brute_force_oracle(client):
         assert [car["id"] for car in answer] == [c for c in car_ids if free(c, start, end)]
     listed = client.get(f"{API}/bookings").get_json()
     assert sorted(b["id"] for b in listed) == sorted(oracle)
+
+
+# ---------------------------------------------------------------------------------------------
+# One car's calendar
+# ---------------------------------------------------------------------------------------------
+
+
+def calendar(client, car_id, start, end):
+    return client.get(f"{API}/cars/{car_id}/availability", query_string=window(start, end))
+
+
+def test_calendar_lists_busy_bookings_unclipped_and_free_gaps_clipped(client):
+    make_car(client)
+    book(client, 1, "2030-01-01T08:00:00Z", "2030-01-01T10:00:00Z")  # 1: reaches into the window
+    book(client, 1, "2030-01-01T14:00:00Z", "2030-01-01T15:00:00Z")  # 2
+    book(client, 1, "2030-01-01T15:00:00Z", "2030-01-01T16:00:00Z")  # 3: back to back with 2
+    book(client, 1, "2030-01-02T00:00:00Z", "2030-01-02T01:00:00Z")  # 4: starts at the window's end
+    response = calendar(client, 1, "2030-01-01T09:00:00Z", "2030-01-02T00:00:00Z")
+    assert response.status_code == 200
+    assert response.get_json() == {
+        "car_id": 1, "start_datetime": "2030-01-01T09:00:00+00:00", "end_datetime": "2030-01-02T00:00:00+00:00",
+        "status": "available", "available": False,
+        "busy": [
+            {"booking_id": 1, "start_datetime": "2030-01-01T08:00:00+00:00", "end_datetime": "2030-01-01T10:00:00+00:00"},
+            {"booking_id": 2, "start_datetime": "2030-01-01T14:00:00+00:00", "end_datetime": "2030-01-01T15:00:00+00:00"},
+            {"booking_id": 3, "start_datetime": "2030-01-01T15:00:00+00:00", "end_datetime": "2030-01-01T16:00:00+00:00"},
+        ],
+        "free": [
+            {"start_datetime": "2030-01-01T10:00:00+00:00", "end_datetime": "2030-01-01T14:00:00+00:00"},
+            {"start_datetime": "2030-01-01T16:00:00+00:00", "end_datetime": "2030-01-02T00:00:00+00:00"},
+        ],
+    }
+
+
+def test_calendar_of_a_free_car_is_one_gap(client):
+    make_car(client)
+    body = calendar(client, 1, "2030-01-01T00:00:00Z", "2030-01-02T00:00:00Z").get_json()
+    assert body["available"] is True and body["busy"] == []
+    assert body["free"] == [{"start_datetime": "2030-01-01T00:00:00+00:00", "end_datetime": "2030-01-02T00:00:00+00:00"}]
+
+
+def test_calendar_fully_booked_has_no_zero_length_gap(client):
+    make_car(client)
+    book(client, 1, "2030-01-01T00:00:00Z", "2030-01-01T12:00:00Z")
+    book(client, 1, "2030-01-01T12:00:00Z", "2030-01-02T00:00:00Z")
+    body = calendar(client, 1, "2030-01-01T00:00:00Z", "2030-01-02T00:00:00Z").get_json()
+    assert [b["booking_id"] for b in body["busy"]] == [1, 2]
+    assert body["free"] == [] and body["available"] is False
+
+
+def test_calendar_of_a_car_in_maintenance(client):
+    make_car(client, status="maintenance")
+    body = calendar(client, 1, "2030-01-01T00:00:00Z", "2030-01-02T00:00:00Z").get_json()
+    assert body["status"] == "maintenance"
+    assert body["available"] is False and body["free"] == [] and body["busy"] == []
+
+
+def test_calendar_errors(client):
+    make_car(client)
+    assert_problem(calendar(client, 9, "2030-01-01T00:00:00Z", "2030-01-02T00:00:00Z"), 404)
+    assert_problem(calendar(client, 1, "2030-01-02T00:00:00Z", "2030-01-01T00:00:00Z"), 422, "end_datetime")
+    assert_problem(client.get(f"{API}/cars/1/availability"), 422, "start_datetime", "end_datetime")
+
+
+# ---------------------------------------------------------------------------------------------
+# Rescheduling and editing
+# ---------------------------------------------------------------------------------------------
+
+
+def patch_booking(client, booking_id, **changes):
+    return client.patch(f"{API}/bookings/{booking_id}", json=changes)
+
+
+def test_reschedule_into_its_own_time(client):
+    make_car(client)
+    book(client, 1, "2030-01-15T10:00:00Z", "2030-01-15T12:00:00Z")
+    response = patch_booking(client, 1, start_datetime="2030-01-15T11:00:00Z", end_datetime="2030-01-15T14:00:00Z")
+    assert response.status_code == 200
+    assert response.get_json() | {} == {**booking_body(1, "2030-01-15T11:00:00+00:00", "2030-01-15T14:00:00+00:00"), "id": 1}
+    # the old slot is free again, the new one is taken
+    assert book(client, 1, "2030-01-15T10:00:00Z", "2030-01-15T11:00:00Z").status_code == 201
+    assert_problem(book(client, 1, "2030-01-15T13:00:00Z", "2030-01-15T15:00:00Z"), 409)
+
+
+def test_extend_a_booking(client):
+    make_car(client)
+    book(client, 1)
+    assert patch_booking(client, 1, end_datetime="2030-01-16T12:00:00Z").get_json()["end_datetime"] == \
+        "2030-01-16T12:00:00+00:00"
+
+
+def test_move_a_booking_to_another_car(client):
+    make_car(client, vin=vin(1))
+    make_car(client, vin=vin(2))
+    book(client, 1)
+    assert patch_booking(client, 1, car_id=2).get_json()["car_id"] == 2
+    assert client.delete(f"{API}/cars/1").status_code == 204
+    assert_problem(client.delete(f"{API}/cars/2"), 409)
+
+
+def test_edit_customer_only(client):
+    make_car(client)
+    book(client, 1)
+    body = patch_booking(client, 1, customer_name=" Grace ", customer_email="grace@example.com").get_json()
+    assert (body["customer_name"], body["customer_email"]) == ("Grace", "grace@example.com")
+    assert body["start_datetime"] == "2030-01-15T10:00:00+00:00"
+
+
+@pytest.mark.parametrize("changes, status", [
+    ({"start_datetime": "2030-01-15T13:00:00Z"}, 422),  # after its stored end
+    ({"end_datetime": "2030-01-15T10:00:00Z"}, 422),  # zero length with its stored start
+    ({"customer_email": "nope"}, 422),
+    ({"id": 5}, 422),
+    ({"car_id": 9}, 404),
+    ({"car_id": 2}, 409),  # the other car is busy then
+    ({"car_id": 3}, 409),  # in maintenance
+    ({"end_datetime": "2030-01-16T11:00:00Z"}, 409),  # runs into booking 2
+])
+def test_rejected_change_leaves_the_booking_as_it_was(client, changes, status):
+    make_car(client, vin=vin(1))
+    make_car(client, vin=vin(2))
+    make_car(client, vin=vin(3), status="maintenance")
+    before = book(client, 1).get_json()
+    book(client, 1, "2030-01-16T10:00:00Z", "2030-01-16T12:00:00Z")
+    book(client, 2)
+    assert_problem(patch_booking(client, 1, **changes), status)
+    assert client.get(f"{API}/bookings/1").get_json() == before
+    assert [b["id"] for b in client.get(f"{API}/bookings?car_id=1").get_json()] == [1, 2]
+
+
+def test_conflict_on_change_names_the_other_booking(client):
+    make_car(client)
+    book(client, 1)
+    book(client, 1, "2030-01-16T10:00:00Z", "2030-01-16T12:00:00Z")
+    body = assert_problem(patch_booking(client, 1, end_datetime="2030-01-16T11:00:00Z"), 409)
+    assert "booking 2" in body["detail"]
+
+
+def test_change_unknown_booking_is_404(client):
+    assert_problem(patch_booking(client, 4, customer_name="X"), 404)
+
+
+def test_patch_car_is_a_partial_update(client):
+    make_car(client)
+    response = client.patch(f"{API}/cars/1", json={"daily_price": 80})
+    assert response.status_code == 200 and response.get_json()["daily_price"] == 80
+    assert_problem(client.patch(f"{API}/cars/1", json={"year": 3000}), 422, "year")
+    assert client.get(f"{API}/cars/1").get_json()["daily_price"] == 80
+
+
+# ---------------------------------------------------------------------------------------------
+# Dealers
+# ---------------------------------------------------------------------------------------------
+
+
+def test_create_and_delete_dealer(client):
+    response = client.post(f"{API}/dealers", json={"name": " Oscar Mobility North ", "location": "Hamburg"})
+    assert response.status_code == 201
+    assert response.headers["Location"] == f"{API}/dealers/2"
+    assert response.get_json() == {"id": 2, "name": "Oscar Mobility North", "location": "Hamburg"}
+    assert client.post(f"{API}/dealers", json={"name": "No Location"}).get_json()["location"] == ""
+    assert client.delete(f"{API}/dealers/2").status_code == 204
+    assert_problem(client.get(f"{API}/dealers/2"), 404)
+
+
+@pytest.mark.parametrize("body, name", [({}, "name"), ({"name": "  "}, "name"), ({"name": "x" * 201}, "name"),
+                                        ({"name": "A", "location": 3}, "location"), ({"name": "A", "id": 2}, "id")])
+def test_create_dealer_rejects_bad_fields(client, body, name):
+    assert_problem(client.post(f"{API}/dealers", json=body), 422, name)
+    assert len(client.get(f"{API}/dealers").get_json()) == 1
+
+
+def test_dealer_with_cars_cannot_be_deleted(client):
+    make_car(client)
+    body = assert_problem(client.delete(f"{API}/dealers/1"), 409)
+    assert "1 car" in body["detail"]
+    assert client.get(f"{API}/dealers/1").status_code == 200
+    assert_problem(client.delete(f"{API}/dealers/7"), 404)
+
+
+def test_cars_and_available_cars_filter_by_dealer(client):
+    client.post(f"{API}/dealers", json={"name": "North"})
+    make_car(client, vin=vin(1), dealer_id=1)
+    make_car(client, vin=vin(2), dealer_id=2)
+    assert [c["id"] for c in client.get(f"{API}/cars?dealer_id=2").get_json()] == [2]
+    params = window("2030-01-01T00:00:00Z", "2030-01-02T00:00:00Z")
+    url = f"{API}/bookings/available-cars"
+    assert [c["id"] for c in client.get(url, query_string=params | {"dealer_id": 1}).get_json()] == [1]
+    assert_problem(client.get(url, query_string=params | {"dealer_id": "x"}), 422, "dealer_id")
+
+
+# ---------------------------------------------------------------------------------------------
+# Paging and filters
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cars_paging_and_total_count(client):
+    for n in range(5):
+        make_car(client, vin=vin(n))
+    response = client.get(f"{API}/cars?limit=2&offset=1")
+    assert [c["id"] for c in response.get_json()] == [2, 3]
+    assert response.headers["X-Total-Count"] == "5"
+    assert [c["id"] for c in client.get(f"{API}/cars?offset=4").get_json()] == [5]
+    assert client.get(f"{API}/cars?offset=9").get_json() == []
+    assert client.get(f"{API}/cars").headers["X-Total-Count"] == "5"
+
+
+def test_bookings_paging_and_email_filter(client):
+    make_car(client)
+    for day, email in enumerate(["a@example.com", "B@Example.com", "b@example.com"], start=10):
+        book(client, 1, f"2030-01-{day}T00:00:00Z", f"2030-01-{day}T01:00:00Z", customer_email=email)
+    response = client.get(f"{API}/bookings?customer_email=b@EXAMPLE.com")
+    assert [b["id"] for b in response.get_json()] == [2, 3]
+    assert response.headers["X-Total-Count"] == "2"
+    response = client.get(f"{API}/bookings?limit=1&offset=1")
+    assert [b["id"] for b in response.get_json()] == [2] and response.headers["X-Total-Count"] == "3"
+
+
+@pytest.mark.parametrize("path", ["/cars", "/bookings"])
+@pytest.mark.parametrize("query_string, name", [("limit=0", "limit"), ("limit=1001", "limit"), ("limit=x", "limit"),
+                                                ("offset=-1", "offset"), ("offset=1.5", "offset")])
+def test_bad_paging_is_422(client, path, query_string, name):
+    assert_problem(client.get(f"{API}{path}?{query_string}"), 422, name)
+
+
+def test_bad_email_filter_is_422(client):
+    assert_problem(client.get(f"{API}/bookings?customer_email=not-mail"), 422, "customer_email")
+
+
+# ---------------------------------------------------------------------------------------------
+# Local time: DEALERSHIP_TIMEZONE
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def berlin():
+    return create_app({"DEALERSHIP_TIMEZONE": "Europe/Berlin"}).test_client()
+
+
+def test_naive_input_is_local_time_and_output_carries_the_zone(berlin):
+    make_car(berlin)
+    body = book(berlin, 1, "2030-07-01T10:00:00", "2030-07-01T12:00:00").get_json()
+    assert body["start_datetime"] == "2030-07-01T10:00:00+02:00"  # summer time
+    # with an offset the value is that instant, and it is shown in Berlin time
+    body = book(berlin, 1, "2030-01-15T10:00:00Z", "2030-01-15T11:00:00Z").get_json()
+    assert body["start_datetime"] == "2030-01-15T11:00:00+01:00"
+    assert_problem(book(berlin, 1, "2030-07-01T08:30:00Z", "2030-07-01T09:00:00Z"), 409)  # 10:30 local
+
+
+def test_spring_forward_gap_is_422(berlin):
+    make_car(berlin)
+    body = assert_problem(book(berlin, 1, "2030-03-31T02:30:00", "2030-03-31T04:00:00"), 422, "start_datetime")
+    assert "Europe/Berlin" in body["errors"]["start_datetime"][0]
+    # the hour around the gap is fine: 01:59 is +01:00, 03:00 is +02:00, one minute apart
+    body = book(berlin, 1, "2030-03-31T01:59:00", "2030-03-31T03:00:00").get_json()
+    assert (body["start_datetime"], body["end_datetime"]) == ("2030-03-31T01:59:00+01:00", "2030-03-31T03:00:00+02:00")
+
+
+def test_fall_back_hour_takes_the_first_occurrence(berlin):
+    make_car(berlin)
+    body = book(berlin, 1, "2030-10-27T02:30:00", "2030-10-27T03:30:00").get_json()
+    # 02:30 happens twice; the first (summer time) is meant. 03:30 is winter time: two hours later.
+    assert (body["start_datetime"], body["end_datetime"]) == ("2030-10-27T02:30:00+02:00", "2030-10-27T03:30:00+01:00")
+    assert_problem(book(berlin, 1, "2030-10-27T01:00:00Z", "2030-10-27T01:30:00Z"), 409)  # 02:00-02:30 +01:00
+    assert book(berlin, 1, "2030-10-27T02:30:00+01:00", "2030-10-27T03:00:00+01:00").status_code == 409
+
+
+def test_local_time_applies_to_queries(berlin):
+    make_car(berlin)
+    book(berlin, 1, "2030-07-01T10:00:00", "2030-07-01T12:00:00")
+    url = f"{API}/bookings/available-cars"
+    assert berlin.get(url, query_string=window("2030-07-01T11:00:00", "2030-07-01T11:30:00")).get_json() == []
+    assert len(berlin.get(url, query_string=window("2030-07-01T09:00:00Z", "2030-07-01T10:00:00Z")).get_json()) == 0
+    assert len(berlin.get(url, query_string=window("2030-07-01T10:00:00Z", "2030-07-01T11:00:00Z")).get_json()) == 1
+
+
+def test_output_that_overflows_in_the_zone_is_422(berlin):
+    make_car(berlin)
+    assert_problem(book(berlin, 1, "9999-12-31T22:00:00Z", "9999-12-31T23:30:00Z"), 422, "end_datetime")
+
+
+def test_unknown_zone_refuses_to_start():
+    with pytest.raises(ValueError, match="DEALERSHIP_TIMEZONE='Mars/Olympus'"):
+        create_app({"DEALERSHIP_TIMEZONE": "Mars/Olympus"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings from the environment, the API key, demo data, logs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_settings_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("DEALERSHIP_TIMEZONE", "Europe/Berlin")
+    monkeypatch.setenv("DEALERSHIP_MAX_CONTENT_LENGTH", "300")
+    monkeypatch.setenv("DEALERSHIP_API_KEY", "12345")
+    app = create_app()
+    assert app.config["DEALERSHIP_TIMEZONE"] == "Europe/Berlin"
+    client = app.test_client()
+    auth = {"Authorization": "Bearer 12345"}
+    assert client.post(f"{API}/cars", json=car_body(), headers=auth).status_code == 201
+    assert_problem(client.post(f"{API}/cars", json=car_body(brand="x" * 300), headers=auth), 413)
+
+
+def test_config_mapping_wins_over_the_environment(monkeypatch):
+    monkeypatch.setenv("DEALERSHIP_API_KEY", "from-env")
+    client = create_app({"DEALERSHIP_API_KEY": None}).test_client()
+    assert client.post(f"{API}/cars", json=car_body()).status_code == 201
+
+
+def test_bad_body_limit_refuses_to_start():
+    with pytest.raises(ValueError, match="DEALERSHIP_MAX_CONTENT_LENGTH"):
+        create_app({"DEALERSHIP_MAX_CONTENT_LENGTH": "lots"})
+
+
+@pytest.fixture
+def locked():
+    return create_app({"DEALERSHIP_API_KEY": "s3cret"}).test_client()
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic czNjcmV0"},
+                                     {"Authorization": "s3cret"}, {"Authorization": "Bearer s3cret2"},
+                                     {"Authorization": "Bearer"}])
+def test_writes_without_the_key_are_401_and_change_nothing(locked, headers):
+    for method, path, body in [("post", "/cars", car_body()), ("put", "/cars/1", {"color": "Red"}),
+                               ("patch", "/bookings/1", {"customer_name": "X"}), ("delete", "/dealers/1", None),
+                               ("post", "/dealers", {"name": "X"})]:
+        response = getattr(locked, method)(API + path, json=body, headers=headers)
+        assert_problem(response, 401)
+        assert response.headers["WWW-Authenticate"].lower().startswith("bearer")
+    assert locked.get(f"{API}/cars").get_json() == []
+    assert len(locked.get(f"{API}/dealers").get_json()) == 1
+
+
+def test_writes_with_the_key_work_and_reads_stay_open(locked):
+    auth = {"Authorization": "Bearer s3cret"}
+    assert locked.post(f"{API}/cars", json=car_body(), headers=auth).status_code == 201
+    assert locked.get(f"{API}/cars/1").status_code == 200
+    assert locked.get(f"{API}/bookings").status_code == 200
+    assert locked.delete(f"{API}/cars/1", headers=auth).status_code == 204
+
+
+def test_open_service_warns_once_at_start(caplog):
+    with caplog.at_level("WARNING", logger="dealership"):
+        create_app()
+    assert [r.getMessage() for r in caplog.records if "DEALERSHIP_API_KEY" in r.getMessage()] == [
+        "DEALERSHIP_API_KEY is not set: anyone who can reach the service can change its data."]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dealership"):
+        create_app({"DEALERSHIP_API_KEY": "k"})
+    assert caplog.records == []
+
+
+def test_demo_data():
+    client = create_app({"DEALERSHIP_DEMO_DATA": True}).test_client()
+    cars = client.get(f"{API}/cars").get_json()
+    assert len(cars) >= 5
+    assert {car["status"] for car in cars} == {"available", "maintenance"}
+    assert {car["dealer_id"] for car in cars} == {1, 2}
+    assert len(client.get(f"{API}/dealers").get_json()) == 2
+    assert len(client.get(f"{API}/bookings").get_json()) >= 2
+    assert create_app().test_client().get(f"{API}/cars").get_json() == []  # off by default
+
+
+def test_logs_name_ids_and_times_never_the_customer(client, caplog):
+    with caplog.at_level("INFO", logger="dealership"):
+        make_car(client)
+        book(client, 1, customer_name="Secret Name", customer_email="secret@example.com")
+        patch_booking(client, 1, end_datetime="2030-01-15T13:00:00Z")
+        client.delete(f"{API}/bookings/1")
+        client.delete(f"{API}/cars/1")
+    lines = [r.getMessage() for r in caplog.records if r.name == "dealership"]
+    assert lines == [
+        "car 1 created: dealer 1, status available",
+        "booking 1 created: car 1, 2030-01-15T10:00:00+00:00 to 2030-01-15T12:00:00+00:00",
+        "booking 1 changed: car 1, 2030-01-15T10:00:00+00:00 to 2030-01-15T13:00:00+00:00",
+        "booking 1 cancelled: car 1, 2030-01-15T10:00:00+00:00 to 2030-01-15T13:00:00+00:00",
+        "car 1 deleted",
+    ]
+    assert "Secret" not in caplog.text and "secret@" not in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding in a host app
+# ---------------------------------------------------------------------------------------------
+
+
+def test_embedding_keeps_the_host_as_it_was():
+    from flask import Flask
+
+    import dealership
+
+    host = Flask("host")
+
+    @host.get("/")
+    def home():
+        return "<h1>Host</h1>"
+
+    @host.errorhandler(404)
+    def host_404(error):
+        return "<h1>Nothing here</h1>", 404
+
+    dealership.init_app(host, url_prefix="/dealership/api/v1")
+    client = host.test_client()
+    assert client.get("/").data == b"<h1>Host</h1>"
+    missing = client.get("/missing")
+    assert (missing.status_code, missing.mimetype, missing.data) == (404, "text/html", b"<h1>Nothing here</h1>")
+    created = client.post("/dealership/api/v1/cars", json=car_body())
+    assert created.status_code == 201
+    assert created.headers["Location"] == "/dealership/api/v1/cars/1"
+    assert_problem(client.get("/dealership/api/v1/cars/2"), 404)
+    assert_problem(client.post("/dealership/api/v1/cars", json={}), 422, "brand")
+    assert_problem(client.post("/dealership/api/v1/cars", data="x", content_type="text/plain"), 415)
+    assert host.extensions["dealership"] is not create_app().extensions["dealership"]
