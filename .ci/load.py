@@ -1,0 +1,233 @@
+#!/usr/bin/env python3
+"""Load test: the production server under concurrent clients, on 127.0.0.1 only.
+
+    python .ci/load.py [--clients 32] [--seconds 20] [--cars 200]
+
+Starts waitress exactly as the README says (one process, several threads) on a free loopback port,
+fills --cars cars through the API, then runs --clients concurrent clients for --seconds, mixing
+available-cars, GET /cars/{id}, new bookings (a third of them contending for a few hot car-and-range
+slots) and cancellations of bookings the client made. It fails unless there was no 5xx, no
+unexpected status and no connection error; every booking the clients were told was created (and did
+not cancel) is stored, no cancelled one is; no two stored bookings of one car overlap; and the
+server still answers /health. It prints requests per second and p50/p99 latency per request kind.
+Every request has a timeout, the run has a deadline, and the server is stopped however this exits.
+"""
+import argparse
+import http.client
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from datetime import datetime, timedelta, timezone
+
+HOST = "127.0.0.1"
+API = "/api/v1"
+T0 = datetime(2031, 1, 1, tzinfo=timezone.utc)
+EXPECTED = {"avail": {200}, "car": {200}, "book": {201, 409}, "hot": {201, 409}, "cancel": {204}}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+class Client:
+    """One keep-alive connection; reconnects (and counts an error) if the connection drops."""
+
+    def __init__(self, port):
+        self.port = port
+        self.conn = http.client.HTTPConnection(HOST, port, timeout=10)
+
+    def call(self, method, path, body=None):
+        data = None if body is None else json.dumps(body)
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        try:
+            self.conn.request(method, path, data, headers)
+            response = self.conn.getresponse()
+            payload = response.read()
+            return response.status, (json.loads(payload) if payload else None)
+        except (OSError, http.client.HTTPException) as error:
+            self.conn.close()
+            self.conn = http.client.HTTPConnection(HOST, self.port, timeout=10)
+            return None, repr(error)
+
+
+def wait_for_health(port, server, deadline):
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            sys.exit(f"load: the server exited with {server.returncode} before answering")
+        try:
+            status, _ = Client(port).call("GET", "/health")
+            if status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    sys.exit("load: the server did not answer /health in time")
+
+
+def interval(slot, hours=2):
+    start = T0 + timedelta(hours=slot)
+    return start.isoformat(), (start + timedelta(hours=hours)).isoformat()
+
+
+def run_client(port, car_ids, hot, deadline, seed, record):
+    rng = random.Random(seed)
+    client = Client(port)
+    mine = []  # booking ids this client made and has not cancelled
+    while time.monotonic() < deadline:
+        roll = rng.random()
+        if roll < 0.25:
+            kind = "avail"
+            start, end = interval(rng.randrange(0, 2000))
+            path = f"{API}/bookings/available-cars?start_datetime={start.replace('+', '%2B')}&end_datetime={end.replace('+', '%2B')}"
+            method, body = "GET", None
+        elif roll < 0.5:
+            kind, method, body = "car", "GET", None
+            path = f"{API}/cars/{rng.choice(car_ids)}"
+        elif roll < 0.85:
+            kind = "hot" if rng.random() < 1 / 3 else "book"
+            car_id, slot = rng.choice(hot) if kind == "hot" else (rng.choice(car_ids), rng.randrange(0, 2000))
+            start, end = interval(slot, rng.choice([1, 2, 3]))
+            method, path = "POST", f"{API}/bookings"
+            body = {"car_id": car_id, "customer_name": "Load Client", "customer_email": "load@example.com",
+                    "start_datetime": start, "end_datetime": end}
+        elif mine:
+            kind, method, body = "cancel", "DELETE", None
+            path = f"{API}/bookings/{mine.pop(rng.randrange(len(mine)))}"
+        else:
+            continue
+        began = time.perf_counter()
+        status, payload = client.call(method, path, body)
+        record(kind, time.perf_counter() - began, status, payload, path)
+        if status == 201:
+            mine.append(payload["id"])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--seconds", type=float, default=20)
+    ap.add_argument("--cars", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=8, help="waitress worker threads")
+    a = ap.parse_args()
+
+    port = free_port()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    log = tempfile.NamedTemporaryFile("w+", prefix="dealership-load-", suffix=".log", delete=False)
+    command = [sys.executable, "-m", "waitress", f"--listen={HOST}:{port}", f"--threads={a.threads}",
+               "--call", "dealership:create_app"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEALERSHIP_")}
+    server = subprocess.Popen(command, cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        return drive(port, server, a)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        print(f"load: server log in {log.name}")
+
+
+def drive(port, server, a):
+    wait_for_health(port, server, time.monotonic() + 30)
+    setup = Client(port)
+    car_ids = []
+    for n in range(a.cars):
+        status, car = setup.call("POST", f"{API}/cars", {
+            "brand": "Toyota", "model": "Yaris", "year": 2024, "color": "Red", "daily_price": 45.5,
+            "vin": f"VNKKTUD30FA{n:06d}", "dealer_id": 1})
+        if status != 201:
+            sys.exit(f"load: filling cars failed with {status}: {car}")
+        car_ids.append(car["id"])
+    hot = [(car_ids[i], 5000 + 4 * i) for i in range(5)]  # five slots that every client fights over
+
+    lock = threading.Lock()
+    latencies = defaultdict(list)
+    statuses = defaultdict(lambda: defaultdict(int))
+    created, cancelled, problems = {}, set(), []
+
+    def record(kind, seconds, status, payload, path):
+        with lock:
+            latencies[kind].append(seconds)
+            statuses[kind][status] += 1
+            if status is None:
+                problems.append(f"connection error on {kind} {path}: {payload}")
+            elif status >= 500 or status not in EXPECTED[kind]:
+                problems.append(f"unexpected {status} on {kind} {path}: {payload}")
+            elif status == 201:
+                created[payload["id"]] = payload
+            elif kind == "cancel":
+                cancelled.add(int(path.rsplit("/", 1)[1]))
+
+    began = time.monotonic()
+    deadline = began + a.seconds
+    threads = [threading.Thread(target=run_client, args=(port, car_ids, hot, deadline, seed, record), daemon=True)
+               for seed in range(a.clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=a.seconds + 30)
+    elapsed = time.monotonic() - began
+    if any(thread.is_alive() for thread in threads):
+        problems.append("a client did not finish in time")
+
+    total = sum(len(v) for v in latencies.values())
+    print(f"load: {a.clients} clients, {elapsed:.1f} s, {total} requests, {total / elapsed:.0f} requests/s "
+          f"(waitress, {a.threads} threads, {os.cpu_count()} cores)")
+    print(f"{'kind':8} {'count':>7} {'p50 ms':>8} {'p99 ms':>8}   statuses")
+    for kind in EXPECTED:
+        times = sorted(latencies[kind])
+        if not times:
+            continue
+        p99 = times[min(len(times) - 1, int(len(times) * 0.99))]
+        codes = ", ".join(f"{code}: {n}" for code, n in sorted(statuses[kind].items(), key=str))
+        print(f"{kind:8} {len(times):7d} {statistics.median(times) * 1000:8.2f} {p99 * 1000:8.2f}   {codes}")
+
+    # what is stored must be what the clients were told, and no car may be double-booked
+    status, stored = setup.call("GET", f"{API}/bookings")
+    if status != 200:
+        problems.append(f"GET /bookings answered {status}")
+        stored = []
+    stored_by_id = {b["id"]: b for b in stored}
+    kept = {i: b for i, b in created.items() if i not in cancelled}
+    missing = [i for i in kept if stored_by_id.get(i) != kept[i]]
+    ghosts = [i for i in stored_by_id if i in cancelled or i not in created]
+    if missing:
+        problems.append(f"{len(missing)} bookings reported created are missing or changed, e.g. {missing[:5]}")
+    if ghosts:
+        problems.append(f"{len(ghosts)} stored bookings were cancelled or never reported, e.g. {ghosts[:5]}")
+    by_car = defaultdict(list)
+    for b in stored:
+        by_car[b["car_id"]].append((datetime.fromisoformat(b["start_datetime"]), datetime.fromisoformat(b["end_datetime"]), b["id"]))
+    for car_id, spans in by_car.items():
+        spans.sort()
+        for (_, end_a, id_a), (start_b, _, id_b) in zip(spans, spans[1:]):
+            if start_b < end_a:
+                problems.append(f"car {car_id}: bookings {id_a} and {id_b} overlap")
+    print(f"load: {len(stored)} bookings stored, {len(created)} created, {len(cancelled)} cancelled, "
+          f"{statuses['hot'][409] + statuses['book'][409]} refused with 409")
+    health, _ = setup.call("GET", "/health")
+    if health != 200:
+        problems.append(f"/health answered {health} at the end")
+    if server.poll() is not None:
+        problems.append(f"the server exited with {server.returncode}")
+
+    for line in problems[:20]:
+        print("load: FAIL " + line)
+    print("load: passed" if not problems else f"load: failed with {len(problems)} problems")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
