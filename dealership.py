@@ -3,14 +3,14 @@
 Dealers own cars; customers book a car for a date-time range, and the service never books one car
 twice for overlapping times. It answers "which cars are free between X and Y?" as well.
 
-Run it for a local demo:
+Run it for a local demo (the interactive docs are then at http://127.0.0.1:5000/docs):
 
     flask --app dealership run
 
 Embed it in a larger Flask app:
 
     import dealership
-    dealership.init_app(app, url_prefix="/api/v1")
+    dealership.init_app(app, url_prefix="/api/v1")  # docs_prefix="" also mounts /openapi.json, /docs
 
 Time rules: date-times are ISO 8601. A value with an offset is that instant; a value without one
 is local time in DEALERSHIP_TIMEZONE (UTC unless set). Every comparison is between instants, and
@@ -34,7 +34,10 @@ from itertools import count
 from operator import attrgetter
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from apispec import APISpec
+from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, Config, Flask, Response, current_app, request, url_for
+from flask_swagger_ui import get_swaggerui_blueprint
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import (BadRequest, Conflict, HTTPException, NotFound, RequestEntityTooLarge,
@@ -45,9 +48,13 @@ from werkzeug.exceptions import (BadRequest, Conflict, HTTPException, NotFound, 
 # ---------------------------------------------------------------------------------------------
 
 API_PREFIX = "/api/v1"
+API_VERSION = "1.0.0"
 EXTENSION = "dealership"
-# 17 characters; I, O and Q never occur in a VIN.
-VIN_PATTERN = r"^[A-HJ-NPR-Z0-9]{17}$"
+# Whitespace as str.strip() sees it, spelled out: "\s" means less in the ECMA regexes that OpenAPI
+# clients use, and patterns here must mean the same to the service and to its document.
+WS = r"\t\n\u000b\u000c\r\u001c-\u001f \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+# 17 characters, any case, surrounding whitespace allowed; I, O and Q never occur in a VIN.
+VIN_PATTERN = rf"^[{WS}]*[A-HJ-NPR-Za-hj-npr-z0-9]{{17}}[{WS}]*$"
 FIRST_CAR_YEAR = 1886
 MAX_DAILY_PRICE = 1_000_000
 CAR_STATUSES = ("available", "maintenance")
@@ -362,14 +369,37 @@ def store():
 
 
 class Text(fields.String):
-    """A string with surrounding whitespace stripped before it is validated."""
+    """A string checked against `pattern` as sent, then stored with surrounding whitespace stripped.
+
+    The pattern is also the field's `pattern` in the OpenAPI document, so the document and the
+    service accept exactly the same strings.
+    """
+
+    def __init__(self, *, pattern, error, **kwargs):
+        super().__init__(metadata={"pattern": pattern}, **kwargs)
+        self.regex, self.error = re.compile(pattern), error
 
     def _deserialize(self, value, attr, data, **kwargs):
-        return super()._deserialize(value, attr, data, **kwargs).strip()
+        value = super()._deserialize(value, attr, data, **kwargs)
+        if not self.regex.search(value):
+            raise ValidationError(self.error)
+        return value.strip()
+
+
+def text(max_length, min_length=1, **kwargs):
+    """A Text of `min_length` (0 or 1) to `max_length` characters once stripped."""
+    core = rf"[^{WS}](?:[\s\S]{{0,{max_length - 2}}}[^{WS}])?"
+    pattern = rf"^[{WS}]*{core}[{WS}]*$" if min_length else rf"^[{WS}]*(?:{core})?[{WS}]*$"
+    return Text(pattern=pattern, error=f"Must be {min_length} to {max_length} characters, "
+                "not counting surrounding whitespace.", **kwargs)
 
 
 class Vin(Text):
     """A VIN, accepted in any case and stored upper-case."""
+
+    def __init__(self, **kwargs):
+        super().__init__(pattern=VIN_PATTERN, error="Must be 17 characters of A-H, J-N, P, R-Z and 0-9 "
+                         "(no I, O or Q).", **kwargs)
 
     def _deserialize(self, value, attr, data, **kwargs):
         return super()._deserialize(value, attr, data, **kwargs).upper()
@@ -414,10 +444,19 @@ class Instant(fields.DateTime):
         return None if value is None else store().show(value)
 
 
-def year_not_after_next(value):
-    latest = datetime.now(timezone.utc).year + 1
-    if value > latest:
-        raise ValidationError(f"Must be between {FIRST_CAR_YEAR} and {latest}.")
+class UpToNextYear(validate.Range):
+    """FIRST_CAR_YEAR to next calendar year; `max` is read at each use, so it moves on 1 January."""
+
+    def __init__(self):
+        super().__init__(min=FIRST_CAR_YEAR, max=None)
+
+    @property
+    def max(self):
+        return datetime.now(timezone.utc).year + 1
+
+    @max.setter
+    def max(self, value):
+        pass  # fixed by the calendar, not by the caller
 
 
 def check_window(data):
@@ -429,21 +468,19 @@ def check_window(data):
 
 class DealerSchema(Schema):
     id = fields.Integer(dump_only=True)
-    name = Text(required=True, validate=validate.Length(min=1, max=200))
-    location = Text(load_default="", validate=validate.Length(max=200))
+    name = text(200, required=True)
+    location = text(200, min_length=0, load_default="")
 
 
 class CarSchema(Schema):
     id = fields.Integer(dump_only=True)
-    brand = Text(required=True, validate=validate.Length(min=1, max=100))
-    model = Text(required=True, validate=validate.Length(min=1, max=100))
-    year = fields.Integer(required=True, strict=True,
-                          validate=[validate.Range(min=FIRST_CAR_YEAR), year_not_after_next])
-    color = Text(required=True, validate=validate.Length(min=1, max=100))
-    daily_price = JSONNumber(required=True,
+    brand = text(100, required=True)
+    model = text(100, required=True)
+    year = fields.Integer(required=True, strict=True, validate=UpToNextYear())
+    color = text(100, required=True)
+    daily_price = JSONNumber(required=True, metadata={"exclusiveMinimum": True},
                              validate=validate.Range(min=0, max=MAX_DAILY_PRICE, min_inclusive=False))
-    vin = Vin(required=True, validate=validate.Regexp(VIN_PATTERN, error="Must be 17 characters of "
-                                                       "A-H, J-N, P, R-Z and 0-9 (no I, O or Q)."))
+    vin = Vin(required=True)
     status = fields.String(load_default="available", validate=validate.OneOf(CAR_STATUSES))
     dealer_id = fields.Integer(required=True, strict=True, validate=validate.Range(min=1))
 
@@ -451,7 +488,7 @@ class CarSchema(Schema):
 class BookingSchema(Schema):
     id = fields.Integer(dump_only=True)
     car_id = fields.Integer(required=True, strict=True, validate=validate.Range(min=1))
-    customer_name = Text(required=True, validate=validate.Length(min=1, max=200))
+    customer_name = text(200, required=True)
     customer_email = fields.Email(required=True, validate=validate.Length(max=254))
     start_datetime = Instant(required=True)
     end_datetime = Instant(required=True)
@@ -480,6 +517,15 @@ class CalendarSchema(Schema):
     free = fields.List(fields.Nested(SlotSchema))
 
 
+class ProblemSchema(Schema):
+    """RFC 9457 problem details: the body of every error."""
+    title = fields.String(required=True)
+    status = fields.Integer(required=True)
+    detail = fields.String(required=True)
+    errors = fields.Dict(keys=fields.String(), values=fields.List(fields.String()),
+                         metadata={"description": "Each offending field or query parameter, with its messages."})
+
+
 class PageQuery(Schema):
     """Paging for a list: without `limit`, every item from `offset` on."""
     limit = fields.Integer(validate=validate.Range(min=1, max=MAX_PAGE))
@@ -489,7 +535,7 @@ class PageQuery(Schema):
 class CarQuery(PageQuery):
     status = fields.String(validate=validate.OneOf(CAR_STATUSES))
     dealer_id = fields.Integer(validate=validate.Range(min=1))
-    brand = Text()
+    brand = fields.String()
 
 
 class BookingQuery(PageQuery):
@@ -518,7 +564,10 @@ class AvailableCarsQuery(WindowQuery, PageQuery):
 
 DEALER_SCHEMA = DealerSchema()
 CAR_SCHEMA = CarSchema()
+CAR_CHANGES = CarSchema(partial=True)
 BOOKING_SCHEMA = BookingSchema()
+BOOKING_CHANGES = BookingSchema(partial=True)
+PROBLEM_SCHEMA = ProblemSchema()
 CALENDAR_SCHEMA = CalendarSchema()
 CAR_QUERY = CarQuery()
 BOOKING_QUERY = BookingQuery()
@@ -536,7 +585,7 @@ def problem(status, title, detail, errors=None):
     body = {"title": title, "status": status, "detail": detail}
     if errors is not None:
         body["errors"] = errors
-    return Response(to_json(body), status, mimetype="application/problem+json")
+    return Response(to_json(PROBLEM_SCHEMA.dump(body)), status, mimetype="application/problem+json")
 
 
 def http_error(error):
@@ -602,6 +651,13 @@ def paged(items, filters):
     return page, {"X-Total-Count": str(len(items))}
 
 
+def no_content():
+    """204 with no body and so no Content-Type."""
+    response = Response(status=204)
+    del response.headers["Content-Type"]
+    return response
+
+
 def json_text(text, status=200, headers=None):
     """A response from a body that is already JSON text."""
     return Response(text, status, headers, mimetype="application/json")
@@ -612,12 +668,26 @@ def json_list(parts, headers=None):
     return json_text("[" + ",".join(parts) + "]", headers=headers)
 
 
+def api_doc(tag, *, returns=None, many=False, status=200, body=None, query=None, errors=(), headers=()):
+    """Record what the OpenAPI document says of a route: the schemas are the ones the route uses.
+
+    Errors that follow from the route's shape are added by the document itself: 404 for a path id,
+    400/413/415/422 for a body, 422 for a query, 401 for a write.
+    """
+    def attach(view):
+        view.api_doc = {"tag": tag, "returns": returns, "many": many, "status": status, "body": body,
+                        "query": query, "errors": errors, "headers": headers}
+        return view
+    return attach
+
+
 # ---------------------------------------------------------------------------------------------
 # Routes: dealers
 # ---------------------------------------------------------------------------------------------
 
 
 @bp.get("/dealers")
+@api_doc("dealers", returns=DEALER_SCHEMA, many=True, headers=["X-Total-Count"])
 def list_dealers():
     """All dealers, ordered by id."""
     dealers = list(store().dealers.values())
@@ -625,6 +695,7 @@ def list_dealers():
 
 
 @bp.post("/dealers")
+@api_doc("dealers", returns=DEALER_SCHEMA, status=201, body=DEALER_SCHEMA, headers=["Location"])
 def create_dealer():
     """Add a dealer."""
     dealer = store().add_dealer(DEALER_SCHEMA.load(json_body()))
@@ -632,16 +703,18 @@ def create_dealer():
 
 
 @bp.get("/dealers/<int:dealer_id>")
+@api_doc("dealers", returns=DEALER_SCHEMA)
 def get_dealer(dealer_id):
     """One dealer."""
     return DEALER_SCHEMA.dump(store().dealer(dealer_id))
 
 
 @bp.delete("/dealers/<int:dealer_id>")
+@api_doc("dealers", status=204, errors=[409])
 def delete_dealer(dealer_id):
     """Remove a dealer that has no cars."""
     store().delete_dealer(dealer_id)
-    return "", 204
+    return no_content()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -650,6 +723,7 @@ def delete_dealer(dealer_id):
 
 
 @bp.post("/cars")
+@api_doc("cars", returns=CAR_SCHEMA, status=201, body=CAR_SCHEMA, errors=[404, 409], headers=["Location"])
 def create_car():
     """Add a car to the inventory."""
     car = store().add_car(CAR_SCHEMA.load(json_body()))
@@ -657,11 +731,12 @@ def create_car():
 
 
 @bp.get("/cars")
+@api_doc("cars", returns=CAR_SCHEMA, many=True, query=CAR_QUERY, headers=["X-Total-Count"])
 def list_cars():
     """Cars ordered by id, optionally filtered by status, dealer and brand, and paged."""
     filters = query(CAR_QUERY)
     status, dealer_id = filters.get("status"), filters.get("dealer_id")
-    brand = filters.get("brand", "").casefold()
+    brand = filters.get("brand", "").strip().casefold()
     cars = [car for car in list(store().cars.values())
             if (status is None or car.status == status)
             and (dealer_id is None or car.dealer_id == dealer_id)
@@ -671,27 +746,31 @@ def list_cars():
 
 
 @bp.get("/cars/<int:car_id>")
+@api_doc("cars", returns=CAR_SCHEMA)
 def get_car(car_id):
     """One car."""
     return json_text(store().car(car_id).json)
 
 
 @bp.route("/cars/<int:car_id>", methods=["PUT", "PATCH"])
+@api_doc("cars", returns=CAR_SCHEMA, body=CAR_CHANGES, errors=[409])
 def update_car(car_id):
     """Change the fields given; the others keep their values."""
     store().car(car_id)  # an unknown car is a 404 before its body is judged
-    changes = CAR_SCHEMA.load(json_body(), partial=True)
+    changes = CAR_CHANGES.load(json_body())
     return json_text(store().update_car(car_id, changes).json)
 
 
 @bp.delete("/cars/<int:car_id>")
+@api_doc("cars", status=204, errors=[409])
 def delete_car(car_id):
     """Remove a car that has no bookings."""
     store().delete_car(car_id)
-    return "", 204
+    return no_content()
 
 
 @bp.get("/cars/<int:car_id>/availability")
+@api_doc("cars", returns=CALENDAR_SCHEMA, query=WINDOW_QUERY)
 def car_availability(car_id):
     """One car's calendar in a window: the bookings that overlap it and the free gaps."""
     store().car(car_id)
@@ -713,6 +792,8 @@ def car_availability(car_id):
 
 
 @bp.post("/bookings")
+@api_doc("bookings", returns=BOOKING_SCHEMA, status=201, body=BOOKING_SCHEMA, errors=[404, 409],
+         headers=["Location"])
 def create_booking():
     """Book a car for [start_datetime, end_datetime)."""
     booking = store().add_booking(BOOKING_SCHEMA.load(json_body()))
@@ -720,6 +801,7 @@ def create_booking():
 
 
 @bp.get("/bookings")
+@api_doc("bookings", returns=BOOKING_SCHEMA, many=True, query=BOOKING_QUERY, headers=["X-Total-Count"])
 def list_bookings():
     """Bookings ordered by start then id, filtered by car, customer and time range, and paged."""
     filters = query(BOOKING_QUERY)
@@ -730,33 +812,168 @@ def list_bookings():
 
 
 @bp.get("/bookings/<int:booking_id>")
+@api_doc("bookings", returns=BOOKING_SCHEMA)
 def get_booking(booking_id):
     """One booking."""
     return BOOKING_SCHEMA.dump(store().booking(booking_id))
 
 
 @bp.patch("/bookings/<int:booking_id>")
+@api_doc("bookings", returns=BOOKING_SCHEMA, body=BOOKING_CHANGES, errors=[409])
 def change_booking(booking_id):
     """Reschedule or edit a booking in one step; on any error it stays exactly as it was."""
     store().booking(booking_id)
-    changes = BOOKING_SCHEMA.load(json_body(), partial=True)
+    changes = BOOKING_CHANGES.load(json_body())
     return BOOKING_SCHEMA.dump(store().change_booking(booking_id, changes))
 
 
 @bp.delete("/bookings/<int:booking_id>")
+@api_doc("bookings", status=204)
 def cancel_booking(booking_id):
     """Cancel a booking; its time is free again."""
     store().cancel_booking(booking_id)
-    return "", 204
+    return no_content()
 
 
 @bp.get("/bookings/available-cars")
+@api_doc("bookings", returns=CAR_SCHEMA, many=True, query=AVAILABLE_CARS_QUERY,
+         headers=["X-Total-Count"])
 def available_cars():
     """Cars that are available and have no booking overlapping the window, ordered by id."""
     filters = query(AVAILABLE_CARS_QUERY)
     cars = store().free_cars(filters["start_datetime"], filters["end_datetime"], filters.get("dealer_id"))
     page, headers = paged(cars, filters)
     return json_list((car.json for car in page), headers)
+
+
+# ---------------------------------------------------------------------------------------------
+# The OpenAPI document, made from the routes' own schemas, and the interactive docs
+# ---------------------------------------------------------------------------------------------
+
+API_DESCRIPTION = """A car dealership's inventory and booking service.
+
+Date-times are ISO 8601. A value with an offset (`Z`, `+02:00`) is that instant; a value without one is
+local time in the dealership's zone (`DEALERSHIP_TIMEZONE`, UTC unless set), and responses carry that
+zone's offset. Booking intervals are half-open, `[start, end)`: a booking that ends at 10:00 and another
+that starts at 10:00 on the same car do not overlap, while one second of overlap is a 409. `end_datetime`
+must be after `start_datetime`. Every error is `application/problem+json`."""
+
+ERROR_MEANINGS = {
+    400: "The body is not valid JSON, or not a JSON object.",
+    401: "DEALERSHIP_API_KEY is set and the request does not carry 'Authorization: Bearer <key>'.",
+    404: "No such resource, or a car or dealer that the body names does not exist.",
+    409: "A clash with the stored data; `detail` names what it clashes with.",
+    413: "The body is larger than DEALERSHIP_MAX_CONTENT_LENGTH.",
+    415: "The body is not sent as application/json.",
+    422: "A field or query parameter is invalid, missing or unknown; `errors` lists each.",
+}
+RESPONSE_HEADERS = {
+    "Location": {"description": "The URL of the new resource.", "required": True, "schema": {"type": "string"}},
+    "X-Total-Count": {"description": "The number of items before paging.", "required": True,
+                      "schema": {"type": "integer", "minimum": 0}},
+}
+_PATH_ARGUMENT = re.compile(r"<(?:\w+:)?(\w+)>")
+_PATH_TEMPLATE = re.compile(r"{(\w+)}")
+
+
+def schema_name(schema):
+    """Component names: Car for CarSchema, CarChanges for CarSchema(partial=True)."""
+    cls = schema if isinstance(schema, type) else type(schema)
+    name = cls.__name__.removesuffix("Schema")
+    return name + "Changes" if getattr(schema, "partial", False) else name
+
+
+def openapi_document(app):
+    """The OpenAPI 3 document of the service's routes as mounted on `app`."""
+    spec = APISpec(title="Dealership API", version=API_VERSION, openapi_version="3.0.3",
+                   info={"description": API_DESCRIPTION},
+                   plugins=[MarshmallowPlugin(schema_name_resolver=schema_name)])
+    spec.components.schema("Problem", schema=ProblemSchema)
+    secured = bool(app.config["DEALERSHIP_API_KEY"])
+    if secured:
+        spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
+    paths = {}
+    for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
+        if rule.endpoint.partition(".")[0] != bp.name:
+            continue
+        view = app.view_functions[rule.endpoint]
+        methods = sorted(rule.methods - {"HEAD", "OPTIONS"})
+        paths.setdefault(_PATH_ARGUMENT.sub(r"{\1}", rule.rule), {}).update(
+            {method.lower(): operation(view, method, rule, secured, len(methods) > 1) for method in methods})
+    add_links(paths)
+    for path, operations in paths.items():
+        spec.path(path=path, operations=operations)
+    return spec.to_dict()
+
+
+def add_links(paths):
+    """Link each 201 of a POST to the operations on the resource it made ({collection}/{id}...),
+    so that clients and stateful fuzzers can follow the new id."""
+    for path, operations in paths.items():
+        created = operations.get("post", {}).get("responses", {}).get("201")
+        if created is None:
+            continue
+        for item_path, item_operations in paths.items():
+            names = _PATH_TEMPLATE.findall(item_path)
+            if item_path.startswith(path + "/{") and len(names) == 1:
+                created.setdefault("links", {}).update({
+                    op["operationId"]: {"operationId": op["operationId"], "parameters": {names[0]: "$response.body#/id"}}
+                    for op in item_operations.values()})
+
+
+def operation(view, method, rule, secured, shared):
+    doc = view.api_doc
+    summary, _, description = (view.__doc__ or "").strip().partition("\n")
+    op = {"tags": [doc["tag"]], "summary": summary,
+          "operationId": f"{view.__name__}_{method.lower()}" if shared else view.__name__,
+          "parameters": [{"in": "path", "name": name, "required": True, "schema": {"type": "integer", "minimum": 1}}
+                         for name in sorted(rule.arguments)],
+          "responses": {}}
+    if description.strip():
+        op["description"] = description.strip()
+    errors = set(doc["errors"])
+    if rule.arguments:
+        errors.add(404)
+    if doc["query"] is not None:
+        op["parameters"].append({"in": "query", "schema": doc["query"]})
+        errors.add(422)
+    if doc["body"] is not None:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": doc["body"]}}}
+        errors.update((400, 413, 415, 422))
+    if method in WRITE_METHODS:
+        errors.add(401)
+        if secured:
+            op["security"] = [{"bearer": []}]
+    success = {"description": summary, "headers": {name: RESPONSE_HEADERS[name] for name in doc["headers"]}}
+    if doc["returns"] is not None:
+        schema = {"type": "array", "items": doc["returns"]} if doc["many"] else doc["returns"]
+        success["content"] = {"application/json": {"schema": schema}}
+    op["responses"][str(doc["status"])] = success
+    for code in sorted(errors):
+        op["responses"][str(code)] = {"description": ERROR_MEANINGS[code],
+                                      "content": {"application/problem+json": {"schema": "Problem"}}}
+    return op
+
+
+docs_bp = Blueprint("dealership_docs", __name__)
+
+
+@docs_bp.get("/openapi.json")
+def openapi_json():
+    """The OpenAPI document, made once per app."""
+    cache = current_app.extensions.setdefault("dealership_openapi", {})
+    if "document" not in cache:
+        cache["document"] = to_json(openapi_document(current_app))
+    return json_text(cache["document"])
+
+
+def init_docs(app, prefix=""):
+    """Mount {prefix}/openapi.json and the Swagger UI page at {prefix}/docs (its assets come
+    from the flask-swagger-ui package, so the page works offline)."""
+    app.register_blueprint(docs_bp, url_prefix=prefix or None)
+    app.register_blueprint(get_swaggerui_blueprint(f"{prefix}/docs", f"{prefix}/openapi.json", config={
+        "app_name": "Dealership API", "tryItOutEnabled": True, "persistAuthorization": True}))
+    app.add_url_rule(f"{prefix}/docs", endpoint="swagger_ui.show")  # /docs itself, not only /docs/
 
 
 # ---------------------------------------------------------------------------------------------
@@ -776,9 +993,10 @@ def read_zone(name):
                           "use an IANA name such as 'Europe/Berlin' or 'UTC'.") from None
 
 
-def init_app(app, url_prefix=API_PREFIX):
+def init_app(app, url_prefix=API_PREFIX, docs_prefix=None):
     """Give `app` its own store (with the seed dealer) and mount the API at `url_prefix`.
 
+    With `docs_prefix` ("" for the root), also mount {docs_prefix}/openapi.json and {docs_prefix}/docs.
     Settings are read from app.config (see SETTINGS); a bad one raises ConfigError.
     """
     for name, default in SETTINGS.items():
@@ -794,6 +1012,8 @@ def init_app(app, url_prefix=API_PREFIX):
         log.warning("DEALERSHIP_API_KEY is not set: anyone who can reach the service can change its data.")
     app.extensions[EXTENSION] = service
     app.register_blueprint(bp, url_prefix=url_prefix)
+    if docs_prefix is not None:
+        init_docs(app, docs_prefix)
     return service
 
 
@@ -817,7 +1037,7 @@ def load_demo_data(service):
 
 
 def create_app(config=None):
-    """A standalone app: the API under /api/v1, /health, and JSON for every error.
+    """A standalone app: the API under /api/v1, /openapi.json, /docs, /health, and JSON for every error.
 
     Settings come from the environment (DEALERSHIP_*), then from `config`, which wins.
     """
@@ -827,7 +1047,7 @@ def create_app(config=None):
     from_env.from_prefixed_env("DEALERSHIP")
     app.config.update({f"DEALERSHIP_{name}": value for name, value in from_env.items()})
     app.config.update(config or {})
-    init_app(app)
+    init_app(app, docs_prefix="")
     # Routing misses (404, 405) happen before a blueprint is chosen: they need app-level handlers.
     app.register_error_handler(HTTPException, http_error)
 

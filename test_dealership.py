@@ -1,10 +1,12 @@
 """Tests for the dealership service, through the HTTP API of a fresh app per test."""
 import random
+import re
 import threading
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
+import dealership
 from dealership import create_app
 
 API = "/api/v1"
@@ -988,3 +990,101 @@ def test_embedding_keeps_the_host_as_it_was():
     assert_problem(client.post("/dealership/api/v1/cars", json={}), 422, "brand")
     assert_problem(client.post("/dealership/api/v1/cars", data="x", content_type="text/plain"), 415)
     assert host.extensions["dealership"] is not create_app().extensions["dealership"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The OpenAPI document and the interactive docs
+# ---------------------------------------------------------------------------------------------
+
+
+def openapi_path(rule):
+    return re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule)
+
+
+def test_openapi_document_is_valid(client):
+    from openapi_spec_validator import validate
+
+    response = client.get("/openapi.json")
+    assert response.status_code == 200 and response.mimetype == "application/json"
+    document = response.get_json()
+    validate(document)
+    assert document["info"]["title"] == "Dealership API"
+    assert "half-open" in document["info"]["description"]
+
+
+def test_openapi_document_matches_the_url_map(app, client):
+    document = client.get("/openapi.json").get_json()
+    routes = {}
+    for rule in app.url_map.iter_rules():
+        if rule.rule.startswith(API + "/"):
+            routes.setdefault(openapi_path(rule.rule), set()).update(m.lower() for m in rule.methods - {"HEAD", "OPTIONS"})
+    documented = {path: set(operations) for path, operations in document["paths"].items()}
+    assert documented == routes
+    assert "/api/v1/bookings/{booking_id}" in documented and documented["/api/v1/cars/{car_id}"] == {"get", "put", "patch", "delete"}
+
+
+def test_openapi_document_comes_from_the_schemas(client):
+    document = client.get("/openapi.json").get_json()
+    car = document["components"]["schemas"]["Car"]
+    assert set(car["properties"]) == set(dealership.CarSchema().fields)
+    assert car["properties"]["id"]["readOnly"] is True
+    assert car["properties"]["year"]["maximum"] == datetime.now(timezone.utc).year + 1
+    assert car["properties"]["vin"]["pattern"] == dealership.VIN_PATTERN
+    assert car["additionalProperties"] is False
+    assert "required" not in document["components"]["schemas"]["CarChanges"]
+    listing = document["paths"]["/api/v1/cars"]["get"]
+    assert {p["name"] for p in listing["parameters"]} == set(dealership.CarQuery().fields)
+    assert listing["responses"]["200"]["headers"]["X-Total-Count"]["required"] is True
+    booking = document["paths"]["/api/v1/bookings"]["post"]["responses"]
+    assert set(booking) == {"201", "400", "401", "404", "409", "413", "415", "422"}
+    assert booking["422"]["content"]["application/problem+json"]["schema"] == {"$ref": "#/components/schemas/Problem"}
+    assert booking["201"]["links"]["get_booking"]["parameters"] == {"booking_id": "$response.body#/id"}
+
+
+def test_openapi_document_declares_the_api_key_only_when_set(client):
+    assert "security" not in client.get("/openapi.json").get_json()["paths"]["/api/v1/cars"]["post"]
+    locked = create_app({"DEALERSHIP_API_KEY": "k"}).test_client().get("/openapi.json").get_json()
+    assert locked["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
+    assert locked["paths"]["/api/v1/cars"]["post"]["security"] == [{"bearer": []}]
+    assert "security" not in locked["paths"]["/api/v1/cars"]["get"]
+
+
+def test_text_patterns_mean_what_the_service_does():
+    # The document's patterns spell whitespace out, so that they match str.strip() in any regex dialect.
+    whitespace = re.compile(f"[{dealership.WS}]")
+    assert all(bool(whitespace.match(chr(c))) == chr(c).isspace() for c in range(0x110000))
+
+
+@pytest.mark.parametrize("name", ["\u0085", "\u3000\t", "x" * 201, " " + "x" * 201])
+def test_names_that_are_only_whitespace_or_too_long_are_422(client, name):
+    make_car(client)
+    assert_problem(book(client, 1, customer_name=name), 422, "customer_name")
+
+
+def test_docs_page_is_served_locally(client):
+    for url in ("/docs", "/docs/"):
+        response = client.get(url)
+        assert response.status_code == 200 and response.mimetype == "text/html"
+        page = response.get_data(as_text=True)
+        assert '"url": "/openapi.json"' in page
+        assets = re.findall(r'(?:src|href)="([^"]+)"', page)
+        assert {"/docs/swagger-ui-bundle.js", "/docs/swagger-ui.css"} <= set(assets)
+        assert not [a for a in assets if "//" in a]  # nothing from another host
+        for asset in assets:
+            assert client.get(asset).status_code == 200, asset
+
+
+def test_embedded_service_mounts_docs_only_when_asked():
+    from flask import Flask
+
+    import dealership
+
+    plain = Flask("plain")
+    dealership.init_app(plain)
+    assert plain.test_client().get("/openapi.json").status_code == 404
+    host = Flask("host")
+    dealership.init_app(host, url_prefix="/dealership/api/v1", docs_prefix="/dealership")
+    client = host.test_client()
+    document = client.get("/dealership/openapi.json").get_json()
+    assert "/dealership/api/v1/cars" in document["paths"]
+    assert "/dealership/openapi.json" in client.get("/dealership/docs").get_data(as_text=True)

@@ -1,0 +1,196 @@
+#!/usr/bin/env python3
+"""The interactive docs in a real browser: headless Chromium, offline, on 127.0.0.1 only.
+
+    python .ci/docs_browser.py [--out DIR]
+
+Starts waitress (as the README says) on a free loopback port, then:
+1. `chromium --dump-dom /docs`: fails unless Swagger UI rendered one operation block for each
+   operation of /openapi.json;
+2. drives the page through chromedriver (plain W3C WebDriver over HTTP), as a user would: opens
+   "POST /api/v1/cars", edits the body, presses Execute and reads 201; then books that car through
+   "POST /api/v1/bookings" and reads 201; and checks through the API that both are stored;
+3. saves screenshots of the page and prints where.
+Chromium and chromedriver come from Debian's packages (`chromium`, `chromium-driver`); .ci/run
+installs them when missing. The server and the browser are stopped however this exits.
+"""
+import argparse
+import base64
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+HOST = "127.0.0.1"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+ELEMENT = "element-6066-11e4-a52e-4f735466cecf"  # the W3C WebDriver key of an element reference
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def http(method, url, body=None, timeout=30):
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data, {"Content-Type": "application/json"}, method=method)
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        payload = response.read()
+        return json.loads(payload) if payload else None
+
+
+def wait_for(url, process, seconds=30):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            sys.exit(f"docs: {process.args[0]} exited with {process.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    sys.exit(f"docs: {url} did not answer in time")
+
+
+def stop(process):
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+class Browser:
+    """A minimal WebDriver client: just what a user of the docs page does."""
+
+    def __init__(self, driver_url, profile):
+        options = {"binary": "/usr/bin/chromium", "args": CHROMIUM_FLAGS + ["--window-size=1280,2000",
+                                                                           f"--user-data-dir={profile}"]}
+        session = http("POST", f"{driver_url}/session",
+                       {"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": options}}})
+        self.url = f"{driver_url}/session/{session['value']['sessionId']}"
+        self.call("POST", "/timeouts", {"implicit": 10000, "pageLoad": 30000})
+
+    def call(self, method, path, body=None):
+        return http(method, self.url + path, body if body is not None or method != "POST" else {})["value"]
+
+    def find(self, css):
+        return self.call("POST", "/element", {"using": "css selector", "value": css})[ELEMENT]
+
+    def click(self, css):
+        self.call("POST", f"/element/{self.find(css)}/click")
+
+    def type(self, css, text):
+        element = self.find(css)
+        self.call("POST", f"/element/{element}/clear")
+        self.call("POST", f"/element/{element}/value", {"text": text})
+
+    def text(self, css, pattern=r"\S", seconds=15):
+        """The text of the first element matching css once it matches pattern."""
+        deadline = time.monotonic() + seconds
+        while True:
+            value = self.call("GET", f"/element/{self.find(css)}/text")
+            if re.search(pattern, value) or time.monotonic() > deadline:
+                return value
+            time.sleep(0.2)
+
+    def screenshot(self, path):
+        with open(path, "wb") as f:
+            f.write(base64.b64decode(self.call("GET", "/screenshot")))
+
+    def close(self):
+        http("DELETE", self.url)
+
+
+def execute(browser, operation, body):
+    """Open an operation on the page, put `body` in its editor, press Execute: (status, response JSON)."""
+    block = f"#operations-{operation}"
+    browser.click(f"{block} .opblock-summary-control")
+    try_it = f"{block} button.try-out__btn"
+    if "Try it out" in browser.text(try_it):  # Swagger UI starts some operations read-only
+        browser.click(try_it)
+    browser.type(f"{block} textarea.body-param__text", json.dumps(body))
+    browser.click(f"{block} button.execute")
+    status = browser.text(f"{block} .live-responses-table tr.response .response-col_status", r"\d{3}").split()[0]
+    payload = browser.text(f"{block} .live-responses-table tr.response .response-col_description pre.microlight")
+    return status, payload
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=tempfile.mkdtemp(prefix="dealership-docs-"))
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    port, driver_port = free_port(), free_port()
+    base = f"http://{HOST}:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEALERSHIP_")}
+    server = subprocess.Popen([sys.executable, "-m", "waitress", f"--listen={HOST}:{port}", "--call",
+                               "dealership:create_app"], cwd=root, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    driver = None
+    problems = []
+    try:
+        wait_for(f"{base}/health", server)
+        operations = sum(len(ops) for ops in http("GET", f"{base}/openapi.json")["paths"].values())
+
+        # 1. The page renders the operation list.
+        with tempfile.TemporaryDirectory() as profile:
+            dom = subprocess.run(["chromium", *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+                                  "--virtual-time-budget=15000", "--dump-dom", f"{base}/docs"],
+                                 capture_output=True, text=True, timeout=120).stdout
+        rendered = len(re.findall(r'class="opblock opblock-(?:get|post|put|patch|delete)', dom))
+        print(f"docs: /docs rendered {rendered} operation blocks; /openapi.json has {operations} operations")
+        if rendered != operations:
+            problems.append(f"expected {operations} operation blocks, saw {rendered}")
+
+        # 2. A user creates a car and books it from the page.
+        driver = subprocess.Popen(["chromedriver", f"--port={driver_port}"], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        wait_for(f"http://{HOST}:{driver_port}/status", driver)
+        with tempfile.TemporaryDirectory() as profile:
+            browser = Browser(f"http://{HOST}:{driver_port}", profile)
+            try:
+                browser.call("POST", "/url", {"url": f"{base}/docs"})
+                browser.find(".opblock")
+                browser.screenshot(os.path.join(a.out, "docs.png"))
+                car = {"brand": "Toyota", "model": "Corolla", "year": 2024, "color": "White", "daily_price": 59.9,
+                       "vin": "JTDBR32E720123456", "dealer_id": 1}
+                status, body = execute(browser, "cars-create_car", car)
+                print(f"docs: POST /api/v1/cars from the page answered {status}")
+                car_id = json.loads(body)["id"] if status == "201" else None
+                if car_id is None:
+                    problems.append(f"creating a car from the page answered {status}: {body[:300]}")
+                else:
+                    booking = {"car_id": car_id, "customer_name": "Docs Visitor", "customer_email": "visitor@example.com",
+                               "start_datetime": "2030-06-01T09:00:00+02:00", "end_datetime": "2030-06-03T09:00:00+02:00"}
+                    status, body = execute(browser, "bookings-create_booking", booking)
+                    print(f"docs: POST /api/v1/bookings from the page answered {status}")
+                    if status != "201":
+                        problems.append(f"booking from the page answered {status}: {body[:300]}")
+                    stored = http("GET", f"{base}/api/v1/bookings?car_id={car_id}")
+                    if [b["customer_name"] for b in stored] != ["Docs Visitor"]:
+                        problems.append(f"the booking made from the page is not stored: {stored}")
+                browser.screenshot(os.path.join(a.out, "docs-after-booking.png"))
+            finally:
+                browser.close()
+    finally:
+        if driver is not None:
+            stop(driver)
+        stop(server)
+    print(f"docs: screenshots in {a.out}: docs.png, docs-after-booking.png")
+    for line in problems:
+        print("docs: FAIL " + line)
+    print("docs: passed" if not problems else "docs: failed")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
