@@ -18,23 +18,17 @@ import base64
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 
-HOST = "127.0.0.1"
+from serve import HOST, free_port, serve, stop, wait_for
+
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
 ELEMENT = "element-6066-11e4-a52e-4f735466cecf"  # the W3C WebDriver key of an element reference
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def http(method, url, body=None, timeout=30):
@@ -43,28 +37,6 @@ def http(method, url, body=None, timeout=30):
     with urllib.request.urlopen(request, timeout=timeout) as response:
         payload = response.read()
         return json.loads(payload) if payload else None
-
-
-def wait_for(url, process, seconds=30):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            sys.exit(f"docs: {process.args[0]} exited with {process.returncode}")
-        try:
-            urllib.request.urlopen(url, timeout=2).close()
-            return
-        except OSError:
-            time.sleep(0.2)
-    sys.exit(f"docs: {url} did not answer in time")
-
-
-def stop(process):
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 class Browser:
@@ -128,17 +100,20 @@ def main():
     ap.add_argument("--out", default=tempfile.mkdtemp(prefix="dealership-docs-"))
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    port, driver_port = free_port(), free_port()
-    base = f"http://{HOST}:{port}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEALERSHIP_")}
-    server = subprocess.Popen([sys.executable, "-m", "waitress", f"--listen={HOST}:{port}", "--call",
-                               "dealership:create_app"], cwd=root, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    with serve() as (base, _):
+        problems = check(base, a.out)
+    print(f"docs: screenshots in {a.out}: docs.png, docs-after-booking.png")
+    for line in problems:
+        print("docs: FAIL " + line)
+    print("docs: passed" if not problems else "docs: failed")
+    return 1 if problems else 0
+
+
+def check(base, out):
+    """What is wrong with the docs page at `base`, as a list of lines (empty when all is well)."""
     driver = None
     problems = []
     try:
-        wait_for(f"{base}/health", server)
         operations = sum(len(ops) for ops in http("GET", f"{base}/openapi.json")["paths"].values())
 
         # 1. The page renders the operation list.
@@ -152,6 +127,7 @@ def main():
             problems.append(f"expected {operations} operation blocks, saw {rendered}")
 
         # 2. A user creates a car and books it from the page.
+        driver_port = free_port()
         driver = subprocess.Popen(["chromedriver", f"--port={driver_port}"], stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
         wait_for(f"http://{HOST}:{driver_port}/status", driver)
@@ -160,7 +136,7 @@ def main():
             try:
                 browser.call("POST", "/url", {"url": f"{base}/docs"})
                 browser.find(".opblock")
-                browser.screenshot(os.path.join(a.out, "docs.png"))
+                browser.screenshot(os.path.join(out, "docs.png"))
                 car = {"brand": "Toyota", "model": "Corolla", "year": 2024, "color": "White", "daily_price": 59.9,
                        "vin": "JTDBR32E720123456", "dealer_id": 1}
                 status, body = execute(browser, "cars-create_car", car)
@@ -178,18 +154,13 @@ def main():
                     stored = http("GET", f"{base}/api/v1/bookings?car_id={car_id}")
                     if [b["customer_name"] for b in stored] != ["Docs Visitor"]:
                         problems.append(f"the booking made from the page is not stored: {stored}")
-                browser.screenshot(os.path.join(a.out, "docs-after-booking.png"))
+                browser.screenshot(os.path.join(out, "docs-after-booking.png"))
             finally:
                 browser.close()
     finally:
         if driver is not None:
             stop(driver)
-        stop(server)
-    print(f"docs: screenshots in {a.out}: docs.png, docs-after-booking.png")
-    for line in problems:
-        print("docs: FAIL " + line)
-    print("docs: passed" if not problems else "docs: failed")
-    return 1 if problems else 0
+    return problems
 
 
 if __name__ == "__main__":

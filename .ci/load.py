@@ -17,26 +17,19 @@ import http.client
 import json
 import os
 import random
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import defaultdict
 from datetime import datetime, timedelta, timezone
+from urllib.parse import urlsplit
 
-HOST = "127.0.0.1"
+from serve import HOST, serve
+
 API = "/api/v1"
 T0 = datetime(2031, 1, 1, tzinfo=timezone.utc)
 EXPECTED = {"avail": {200}, "car": {200}, "book": {201, 409}, "hot": {201, 409}, "cancel": {204}}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 class Client:
@@ -58,20 +51,6 @@ class Client:
             self.conn.close()
             self.conn = http.client.HTTPConnection(HOST, self.port, timeout=10)
             return None, repr(error)
-
-
-def wait_for_health(port, server, deadline):
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            sys.exit(f"load: the server exited with {server.returncode} before answering")
-        try:
-            status, _ = Client(port).call("GET", "/health")
-            if status == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    sys.exit("load: the server did not answer /health in time")
 
 
 def interval(slot, hours=2):
@@ -120,27 +99,11 @@ def main():
     ap.add_argument("--threads", type=int, default=8, help="waitress worker threads")
     a = ap.parse_args()
 
-    port = free_port()
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    log = tempfile.NamedTemporaryFile("w+", prefix="dealership-load-", suffix=".log", delete=False)
-    command = [sys.executable, "-m", "waitress", f"--listen={HOST}:{port}", f"--threads={a.threads}",
-               "--call", "dealership:create_app"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEALERSHIP_")}
-    server = subprocess.Popen(command, cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        return drive(port, server, a)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        print(f"load: server log in {log.name}")
+    with serve(threads=a.threads) as (base, server):
+        return drive(urlsplit(base).port, server, a)
 
 
 def drive(port, server, a):
-    wait_for_health(port, server, time.monotonic() + 30)
     setup = Client(port)
     car_ids = []
     for n in range(a.cars):
