@@ -322,9 +322,11 @@ class Store:
         starting at or after `start` or ending at or before `end` when only one is."""
         with self.lock:
             if car_id is not None:
-                found = list(self.schedules.get(car_id, ()))  # one car's starts are distinct
+                found = list(self.schedules.get(car_id, ()))  # sorted already: one car's starts are distinct
             else:
-                found = sorted(self.bookings.values(), key=lambda b: (b.start_datetime, b.id))
+                found = list(self.bookings.values())
+        if car_id is None:
+            found.sort(key=lambda b: (b.start_datetime, b.id))  # outside the lock: writers need not wait
         if start is not None and end is not None:
             found = [b for b in found if overlaps(b.start_datetime, b.end_datetime, start, end)]
         elif start is not None:
