@@ -990,7 +990,7 @@ class ConfigError(ValueError):
 def read_zone(name):
     try:
         return ZoneInfo(str(name))
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a region folder such as "Europe"
         raise ConfigError(f"DEALERSHIP_TIMEZONE={name!r} is not a known time zone: "
                           "use an IANA name such as 'Europe/Berlin' or 'UTC'.") from None
 
