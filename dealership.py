@@ -26,22 +26,26 @@ import bisect
 import hmac
 import json
 import logging
+import os
 import re
+import sqlite3
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
-from itertools import count
 from operator import attrgetter
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import click
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, Config, Flask, Response, current_app, request, url_for
+from flask.cli import with_appcontext
 from flask_swagger_ui import get_swaggerui_blueprint
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import (BadRequest, Conflict, HTTPException, NotFound, RequestEntityTooLarge,
-                                 Unauthorized, UnsupportedMediaType, default_exceptions)
+                                 ServiceUnavailable, Unauthorized, UnsupportedMediaType, default_exceptions)
 
 # ---------------------------------------------------------------------------------------------
 # Constants
@@ -67,9 +71,16 @@ SETTINGS = {
     "DEALERSHIP_API_KEY": None,
     "DEALERSHIP_MAX_CONTENT_LENGTH": 1024 * 1024,
     "DEALERSHIP_DEMO_DATA": False,
+    "DEALERSHIP_DATABASE": "dealership.sqlite3",  # in the app's instance folder; ":memory:" for none
+    "DEALERSHIP_SYNCHRONOUS": "full",
+    "DEALERSHIP_BUSY_TIMEOUT": 5,
 }
 
 log = logging.getLogger("dealership")
+
+
+class ConfigError(ValueError):
+    """A setting, or a database file, that the service cannot start with."""
 
 # ---------------------------------------------------------------------------------------------
 # Records: immutable, so a reader never sees half an update; a change stores a new record.
@@ -152,22 +163,19 @@ def free_gaps(busy, start, end):
 
 
 # ---------------------------------------------------------------------------------------------
-# The store: the only code that changes state; each change checks and writes under one lock.
+# The store: the dicts every request reads, and the only code that changes them. Each change
+# holds the lock and SQLite's write lock, catches up with other processes, checks, writes,
+# commits, and only then changes the dicts.
 # ---------------------------------------------------------------------------------------------
 
 
 class Store:
-    def __init__(self, zone=timezone.utc):
+    def __init__(self, database, zone=timezone.utc):
         self.zone = zone  # naive input is read in this zone, and output is written in it
         self.lock = threading.Lock()
-        self.dealers = {}
-        self.cars = {}
-        self.bookings = {}
-        self.car_by_vin = {}
-        self.schedules = {}  # car id -> that car's bookings, sorted by start
-        self._dealer_ids = count(1)
-        self._car_ids = count(1)
-        self._booking_ids = count(1)
+        self.db = database
+        with self.lock:
+            self._reload()
 
     # -- lookups --------------------------------------------------------------------------------
 
@@ -193,56 +201,58 @@ class Store:
 
     def add_dealer(self, fields):
         with self.lock:
-            dealer = Dealer(id=next(self._dealer_ids), **fields)
-            self.dealers[dealer.id] = dealer
-            return dealer
+            with self._writing() as db:
+                dealer = Dealer(id=db.insert("dealer", fields), **fields)
+            self._put_dealer(dealer)
+        return dealer
 
     def delete_dealer(self, dealer_id):
         with self.lock:
-            self.dealer(dealer_id)
-            owned = sum(1 for car in self.cars.values() if car.dealer_id == dealer_id)
-            if owned:
-                raise Conflict(f"Dealer {dealer_id} still has {plural(owned, 'car')}; "
-                               "move or delete them first.")
+            with self._writing() as db:
+                self.dealer(dealer_id)
+                owned = sum(1 for car in self.cars.values() if car.dealer_id == dealer_id)
+                if owned:
+                    raise Conflict(f"Dealer {dealer_id} still has {plural(owned, 'car')}; "
+                                   "move or delete them first.")
+                db.delete("dealer", dealer_id)
             del self.dealers[dealer_id]
 
     # -- cars -----------------------------------------------------------------------------------
 
     def add_car(self, fields):
         with self.lock:
-            self.dealer(fields["dealer_id"])
-            self._check_vin_free(fields["vin"])
-            car = new_car(next(self._car_ids), fields)
-            self.cars[car.id] = car
-            self.car_by_vin[car.vin] = car.id
-            self.schedules[car.id] = []
+            with self._writing() as db:
+                self.dealer(fields["dealer_id"])
+                self._check_vin_free(fields["vin"])
+                car = new_car(db.insert("car", fields), fields)
+            self._put_car(car)
         log.info("car %d created: dealer %d, status %s", car.id, car.dealer_id, car.status)
         return car
 
     def update_car(self, car_id, changes):
         with self.lock:
-            old = self.car(car_id)
-            if "dealer_id" in changes:
-                self.dealer(changes["dealer_id"])
-            if changes.get("vin", old.vin) != old.vin:
-                self._check_vin_free(changes["vin"])
-            car = new_car(car_id, {name: getattr(old, name) for name in CAR_FIELDS} | changes)
-            del self.car_by_vin[old.vin]
-            self.car_by_vin[car.vin] = car_id
-            self.cars[car_id] = car
+            with self._writing() as db:
+                old = self.car(car_id)
+                if "dealer_id" in changes:
+                    self.dealer(changes["dealer_id"])
+                if changes.get("vin", old.vin) != old.vin:
+                    self._check_vin_free(changes["vin"])
+                car = new_car(car_id, {name: getattr(old, name) for name in CAR_FIELDS} | changes)
+                db.update("car", car_id, {name: getattr(car, name) for name in CAR_FIELDS})
+            self._put_car(car)
         log.info("car %d changed: %s", car_id, ", ".join(sorted(changes)) or "nothing")
         return car
 
     def delete_car(self, car_id):
         with self.lock:
-            self.car(car_id)
-            booked = len(self.schedules[car_id])
-            if booked:
-                raise Conflict(f"Car {car_id} has {plural(booked, 'booking')}; "
-                               "cancel them before deleting the car.")
-            car = self.cars.pop(car_id)
-            del self.car_by_vin[car.vin]
-            del self.schedules[car_id]
+            with self._writing() as db:
+                self.car(car_id)
+                booked = len(self.schedules[car_id])
+                if booked:
+                    raise Conflict(f"Car {car_id} has {plural(booked, 'booking')}; "
+                                   "cancel them before deleting the car.")
+                db.delete("car", car_id)
+            self._drop_car(car_id)
         log.info("car %d deleted", car_id)
 
     def _check_vin_free(self, vin):
@@ -253,48 +263,44 @@ class Store:
 
     def add_booking(self, fields):
         with self.lock:
-            booking = Booking(id=next(self._booking_ids), **fields)
-            self._check_bookable(booking)
-            self.bookings[booking.id] = booking
-            bisect.insort(self.schedules[booking.car_id], booking, key=by_start)
+            with self._writing() as db:
+                self._check_bookable(fields["car_id"], fields["start_datetime"], fields["end_datetime"])
+                booking = Booking(id=db.insert("booking", fields), **fields)
+            self._put_booking(booking)
         self._log("created", booking)
         return booking
 
     def change_booking(self, booking_id, changes):
         """Apply `changes` to a booking in one step, checked against every other booking."""
         with self.lock:
-            old = self.booking(booking_id)
-            booking = replace(old, **changes)
-            check_window({"start_datetime": booking.start_datetime, "end_datetime": booking.end_datetime})
-            if (booking.car_id, booking.start_datetime, booking.end_datetime) != \
-                    (old.car_id, old.start_datetime, old.end_datetime):
-                self._check_bookable(booking, ignore=old)
-            self._unschedule(old)
-            self.bookings[booking_id] = booking
-            bisect.insort(self.schedules[booking.car_id], booking, key=by_start)
+            with self._writing() as db:
+                old = self.booking(booking_id)
+                booking = replace(old, **changes)
+                check_window({"start_datetime": booking.start_datetime, "end_datetime": booking.end_datetime})
+                if (booking.car_id, booking.start_datetime, booking.end_datetime) != \
+                        (old.car_id, old.start_datetime, old.end_datetime):
+                    self._check_bookable(booking.car_id, booking.start_datetime, booking.end_datetime, ignore=old)
+                db.update("booking", booking_id, {name: getattr(booking, name) for name in BOOKING_FIELDS})
+            self._put_booking(booking)
         self._log("changed", booking)
         return booking
 
     def cancel_booking(self, booking_id):
         with self.lock:
-            booking = self.booking(booking_id)
-            del self.bookings[booking_id]
-            self._unschedule(booking)
+            with self._writing() as db:
+                booking = self.booking(booking_id)
+                db.delete("booking", booking_id)
+            self._drop_booking(booking_id)
         self._log("cancelled", booking)
 
-    def _check_bookable(self, booking, ignore=None):
-        car = self.car(booking.car_id)
+    def _check_bookable(self, car_id, start, end, ignore=None):
+        car = self.car(car_id)
         if car.status != "available":
             raise Conflict(f"Car {car.id} is in {car.status} and cannot be booked.")
-        schedule = self.schedules[car.id]
-        for other in busy_in(schedule, booking.start_datetime, booking.end_datetime):
+        for other in busy_in(self.schedules[car.id], start, end):
             if other is not ignore:
                 raise Conflict(f"Car {car.id} is already booked from {self.show(other.start_datetime)} "
                                f"to {self.show(other.end_datetime)} by booking {other.id}.")
-
-    def _unschedule(self, booking):
-        schedule = self.schedules[booking.car_id]
-        del schedule[bisect.bisect_left(schedule, booking.start_datetime, key=by_start)]
 
     def _log(self, what, booking):
         # ids and times only: never the customer's name or e-mail
@@ -342,8 +348,129 @@ class Store:
         """An instant as ISO 8601 in the store's zone."""
         return instant.astimezone(self.zone).isoformat()
 
+    # -- keeping up with the database -------------------------------------------------------------
+
+    def sync(self):
+        """Bring the dicts up to date if another process (or app) committed since this one looked.
+
+        Called before every request. If the database cannot be read, the request is answered from
+        the dicts as they are; a write would catch up (or fail with 503) inside its own transaction.
+        """
+        if not self.db.shared:
+            return
+        with self.lock:
+            try:
+                if self.db.data_version() != self._version:
+                    with self.db.transaction(write=False):
+                        self._catch_up()
+            except sqlite3.Error as error:
+                log.warning("could not read %s to catch up: %s", self.db.path, error)
+
+    @contextmanager
+    def _writing(self):
+        """One write transaction (call it under the lock): SQLite's write lock first (BEGIN
+        IMMEDIATE), then what other processes committed, then the block's checks and SQL, then
+        COMMIT. The caller changes the dicts after the block, so a refusal or a database error
+        leaves them untouched; a database error becomes a 503."""
+        try:
+            with self.db.transaction(write=True) as db:
+                self._catch_up()
+                yield db
+        except sqlite3.Error as error:
+            raise storage_error(self.db.path, error) from None
+        self._seen = self.db.last_change  # every write logs a change: this process has seen its own
+
+    def _catch_up(self):
+        """Apply the changes logged since this process last looked (inside a transaction)."""
+        version = self.db.data_version()
+        newest = self.db.newest_change()
+        if newest != self._seen:
+            changed = self.db.changes_since(self._seen)
+            if changed is None:  # pruned past what this process has seen: start afresh
+                log.info("%s: more changed than the change log keeps; reloading", self.db.path)
+                self._reload()
+                return
+            self._apply(changed)
+            self._seen = newest
+        self._version = version
+
+    def _reload(self):
+        """Every dict built afresh from the database, in one read transaction."""
+        with self.db.transaction(write=False) as db:
+            self._version, self._seen = db.data_version(), db.newest_change()
+            self.dealers = {row[0]: Dealer(*row) for row in db.rows("dealer")}
+            self.cars, self.car_by_vin, self.schedules = {}, {}, {}
+            for row in db.rows("car"):
+                self._put_car(car_from_row(row))
+            self.bookings = {}
+            for row in db.rows("booking"):  # by car and start, so every schedule is built in order
+                booking = booking_from_row(row)
+                self.bookings[booking.id] = booking
+                self.schedules[booking.car_id].append(booking)
+
+    def _apply(self, changed):
+        """Bring each changed record to its state in the database: dealers and cars first (a new
+        booking may need them), bookings out of their schedules before any goes back in (a move may
+        swap two), and removed cars and dealers last (their bookings and cars went first)."""
+        rows = {kind: self.db.rows(kind, ids) for kind, ids in changed.items()}
+        for row in rows.get("dealer", {}).values():
+            if row is not None:
+                self._put_dealer(Dealer(*row))
+        for row in rows.get("car", {}).values():
+            if row is not None:
+                self._put_car(car_from_row(row))
+        for booking_id in rows.get("booking", {}):
+            if booking_id in self.bookings:
+                self._drop_booking(booking_id)
+        for row in rows.get("booking", {}).values():
+            if row is not None:
+                self._put_booking(booking_from_row(row))
+        for car_id, row in rows.get("car", {}).items():
+            if row is None and car_id in self.cars:
+                self._drop_car(car_id)
+        for dealer_id, row in rows.get("dealer", {}).items():
+            if row is None:
+                self.dealers.pop(dealer_id, None)
+
+    # -- the dicts: changed only here, after COMMIT ------------------------------------------------
+
+    def _put_dealer(self, dealer):
+        self.dealers[dealer.id] = dealer
+
+    # A VIN maps to a car only while that car holds it: when a batch of changes swaps VINs between
+    # cars, or gives a deleted car's VIN to a new one, a later step must not remove the new owner.
+
+    def _put_car(self, car):
+        old = self.cars.get(car.id)
+        if old is not None and self.car_by_vin.get(old.vin) == car.id:
+            del self.car_by_vin[old.vin]
+        self.car_by_vin[car.vin] = car.id
+        self.cars[car.id] = car
+        self.schedules.setdefault(car.id, [])
+
+    def _drop_car(self, car_id):
+        car = self.cars.pop(car_id)
+        if self.car_by_vin.get(car.vin) == car_id:
+            del self.car_by_vin[car.vin]
+        del self.schedules[car_id]
+
+    def _put_booking(self, booking):
+        old = self.bookings.get(booking.id)
+        if old is not None:
+            self._unschedule(old)
+        self.bookings[booking.id] = booking
+        bisect.insort(self.schedules[booking.car_id], booking, key=by_start)
+
+    def _drop_booking(self, booking_id):
+        self._unschedule(self.bookings.pop(booking_id))
+
+    def _unschedule(self, booking):
+        schedule = self.schedules[booking.car_id]
+        del schedule[bisect.bisect_left(schedule, booking.start_datetime, key=by_start)]
+
 
 CAR_FIELDS = ("brand", "model", "year", "color", "daily_price", "vin", "status", "dealer_id")
+BOOKING_FIELDS = ("car_id", "customer_name", "customer_email", "start_datetime", "end_datetime")
 
 
 def new_car(car_id, fields):
@@ -363,6 +490,296 @@ def to_json(data):
 def store():
     """The store of the app handling this request."""
     return current_app.extensions[EXTENSION]
+
+
+# ---------------------------------------------------------------------------------------------
+# The database under the dicts: SQLite through the standard library. The schema and its
+# upgrades, every SQL statement, the change log that other processes catch up from, backups.
+# ---------------------------------------------------------------------------------------------
+
+MEMORY = ":memory:"
+APPLICATION_ID = 0x4445_4C52  # "DELR", written in the file's header: this is a dealership database
+SCHEMA_VERSION = 1  # PRAGMA user_version
+# Each step takes the schema from the version before it to its own; a new file runs them all.
+# Plain SQL that PostgreSQL accepts too, but for AUTOINCREMENT (ids never reused, even after a delete).
+MIGRATIONS = {
+    1: """
+    CREATE TABLE dealers (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL,
+        location TEXT NOT NULL
+    );
+    CREATE TABLE cars (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        brand TEXT NOT NULL,
+        model TEXT NOT NULL,
+        year INTEGER NOT NULL,
+        color TEXT NOT NULL,
+        daily_price REAL NOT NULL CHECK (daily_price > 0),
+        vin TEXT NOT NULL UNIQUE,
+        status TEXT NOT NULL CHECK (status IN ('available', 'maintenance')),
+        dealer_id INTEGER NOT NULL REFERENCES dealers (id)
+    );
+    -- Times in UTC as ISO 8601 with microseconds and +00:00: one width, so text order is time order.
+    CREATE TABLE bookings (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        car_id INTEGER NOT NULL REFERENCES cars (id),
+        customer_name TEXT NOT NULL,
+        customer_email TEXT NOT NULL,
+        start_datetime TEXT NOT NULL,
+        end_datetime TEXT NOT NULL,
+        CHECK (end_datetime > start_datetime)
+    );
+    CREATE INDEX bookings_by_car ON bookings (car_id, start_datetime);
+    -- One row per changed record, in commit order: what other processes read to catch up.
+    CREATE TABLE changes (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL,
+        id INTEGER NOT NULL
+    );
+    """,
+}
+# kind -> table and its columns besides id
+TABLES = {"dealer": ("dealers", ("name", "location")),
+          "car": ("cars", CAR_FIELDS),
+          "booking": ("bookings", BOOKING_FIELDS)}
+# The change log keeps this many changes; a process further behind than that reloads in full.
+CHANGE_LOG_KEEP = 10_000
+CHANGE_LOG_PRUNE_EVERY = 500  # changes between two prunings
+SYNCHRONOUS = ("full", "normal")
+
+
+class Database:
+    """One SQLite connection, used under the store's lock only.
+
+    Autocommit mode (isolation_level=None): every transaction is written out as BEGIN ... COMMIT,
+    so that a check and its write sit in one transaction. Opening a file checks it (ours, not
+    newer, not damaged), upgrades its schema and puts it in WAL mode; any problem is a ConfigError.
+    """
+
+    def __init__(self, path, synchronous="full", busy_timeout=5.0):
+        self.path = path
+        self.shared = path != MEMORY  # a file can have other processes (or apps) on it
+        self.last_change = None  # the change log's seq of this process's latest write
+        try:
+            self.conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
+                                        check_same_thread=False)
+        except sqlite3.Error as error:
+            raise ConfigError(f"DEALERSHIP_DATABASE={path!r} cannot be opened ({error}): "
+                              "check that its folder exists and is writable.") from None
+        try:
+            self._prepare(synchronous)
+        except sqlite3.Error as error:
+            self.conn.close()
+            raise self._refusal(error) from None
+        except ConfigError:
+            self.conn.close()
+            raise
+
+    def _prepare(self, synchronous):
+        conn = self.conn
+        conn.execute("PRAGMA foreign_keys = ON")
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]  # "not a database" shows here
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        if app_id != APPLICATION_ID and (app_id or tables):
+            raise ConfigError(f"DEALERSHIP_DATABASE={self.path!r} is a SQLite database of another "
+                              "application: point the setting at the service's own file, or at a "
+                              "path that does not exist yet to start afresh.")
+        if version > SCHEMA_VERSION:
+            raise ConfigError(f"DEALERSHIP_DATABASE={self.path!r} was written by a newer version of "
+                              f"the service (schema {version}; this one knows up to {SCHEMA_VERSION}): "
+                              "run that version, or restore a backup made by this one.")
+        if self.shared and tables:
+            problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
+            if problems != ["ok"]:
+                raise self._refusal(problems[0])
+        if self.shared and conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            conn.execute("PRAGMA journal_mode = WAL")  # readers never wait for a writer
+        conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+        if version < SCHEMA_VERSION:
+            self._upgrade()
+
+    def _upgrade(self):
+        with self.transaction(write=True):
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]  # another process may have
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                self._script(MIGRATIONS[step])
+            if version == 0:
+                self.conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                self.insert("dealer", SEED_DEALER)
+            self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            if version == 0:
+                log.info("%s: new database, schema version %d", self.path, SCHEMA_VERSION)
+            elif version < SCHEMA_VERSION:
+                log.info("%s: schema upgraded from version %d to %d", self.path, version, SCHEMA_VERSION)
+
+    def _script(self, script):
+        # executescript() would COMMIT first; one statement at a time stays in the transaction
+        for statement in script.split(";"):
+            if statement.strip():
+                self.conn.execute(statement)
+
+    def _refusal(self, error):
+        """A ConfigError for a file that cannot be used, saying what to do about it."""
+        text = str(error)
+        if "not a database" in text:
+            what = "is not a SQLite database: point the setting at the service's own file"
+        elif "locked" in text:
+            what = ("is locked by another process for longer than DEALERSHIP_BUSY_TIMEOUT: "
+                    "start again once it is free")
+        elif "malformed" in text or "corrupt" in text or not isinstance(error, sqlite3.Error):
+            what = f"is damaged ({text}): stop the service and restore the latest backup (see the README)"
+        else:
+            what = f"cannot be used ({text}): check the file and the permissions of its folder"
+        return ConfigError(f"DEALERSHIP_DATABASE={self.path!r} {what}.")
+
+    # -- transactions ---------------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self, write):
+        """BEGIN IMMEDIATE (the write lock, taken first) or BEGIN (a read snapshot) ... COMMIT;
+        ROLLBACK on any error. Inside another transaction, that one is used."""
+        if self.conn.in_transaction:
+            yield self
+            return
+        self.last_change = None
+        self.conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            yield self
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.rollback()
+            raise
+
+    def rollback(self):
+        if self.conn.in_transaction:
+            try:
+                self.conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # SQLite rolls back by itself when it cannot go on
+
+    # -- records --------------------------------------------------------------------------------
+
+    def insert(self, kind, fields):
+        """Insert a record and log the change; the database assigns the id."""
+        table, columns = TABLES[kind]
+        new_id = self.conn.execute(
+            f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+            [stored(fields[name]) for name in columns]).lastrowid
+        self._log_change(kind, new_id)
+        return new_id
+
+    def update(self, kind, record_id, fields):
+        table, columns = TABLES[kind]
+        self.conn.execute(f"UPDATE {table} SET {', '.join(f'{name} = ?' for name in columns)} WHERE id = ?",
+                          [stored(fields[name]) for name in columns] + [record_id])
+        self._log_change(kind, record_id)
+
+    def delete(self, kind, record_id):
+        self.conn.execute(f"DELETE FROM {TABLES[kind][0]} WHERE id = ?", (record_id,))
+        self._log_change(kind, record_id)
+
+    def rows(self, kind, ids=None):
+        """Every row of a kind (bookings by car and start, the others by id) or, given ids, a dict
+        of id -> row, in id order, None for a record that is gone."""
+        table, columns = TABLES[kind]
+        select = f"SELECT id, {', '.join(columns)} FROM {table}"
+        if ids is None:
+            return self.conn.execute(select + (" ORDER BY car_id, start_datetime" if kind == "booking"
+                                               else " ORDER BY id"))
+        found = dict.fromkeys(ids)
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            for row in self.conn.execute(f"{select} WHERE id IN ({', '.join('?' * len(chunk))})", chunk):
+                found[row[0]] = row
+        return found
+
+    def is_empty(self):
+        return self.conn.execute("SELECT NOT EXISTS (SELECT 1 FROM cars)").fetchone()[0]
+
+    def ping(self):
+        """A trivial read of the file: raises sqlite3.Error when the database does not answer."""
+        self.conn.execute("SELECT count(*) FROM (SELECT 1 FROM dealers LIMIT 1)").fetchone()
+
+    # -- the change log -------------------------------------------------------------------------
+
+    def _log_change(self, kind, record_id):
+        seq = self.conn.execute("INSERT INTO changes (kind, id) VALUES (?, ?)", (kind, record_id)).lastrowid
+        if seq % CHANGE_LOG_PRUNE_EVERY == 0:
+            self.conn.execute("DELETE FROM changes WHERE seq <= ?", (seq - CHANGE_LOG_KEEP,))
+        self.last_change = seq
+
+    def data_version(self):
+        """Changes whenever another connection has committed since the last call."""
+        return self.conn.execute("PRAGMA data_version").fetchone()[0]
+
+    def newest_change(self):
+        return self.conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]
+
+    def changes_since(self, seq):
+        """{kind: sorted ids} changed after `seq`, or None when the log no longer reaches back that far."""
+        oldest = self.conn.execute("SELECT min(seq) FROM changes").fetchone()[0]
+        if oldest is not None and oldest > seq + 1:
+            return None
+        changed = {}
+        for kind, record_id in self.conn.execute("SELECT kind, id FROM changes WHERE seq > ?", (seq,)):
+            changed.setdefault(kind, set()).add(record_id)
+        return {kind: sorted(ids) for kind, ids in changed.items()}
+
+    # -- backups --------------------------------------------------------------------------------
+
+    def backup(self, target):
+        """A consistent copy of the database at `target`, taken while the service runs (SQLite's
+        online backup), written beside it first and then renamed, so `target` is never half a copy."""
+        partial = f"{target}.partial"
+        source = sqlite3.connect(self.path, timeout=30)
+        copy = sqlite3.connect(partial, isolation_level=None)
+        try:
+            source.backup(copy)
+            copy.execute("PRAGMA journal_mode = DELETE")  # one self-contained file
+            counts = {table: copy.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                      for table, _ in TABLES.values()}
+        finally:
+            copy.close()
+            source.close()
+        os.replace(partial, target)
+        return counts
+
+
+def stored(value):
+    """A value as the database keeps it: instants in UTC, as fixed-width ISO 8601 text."""
+    if isinstance(value, datetime):
+        return value.astimezone(timezone.utc).isoformat(timespec="microseconds")
+    return value
+
+
+def car_from_row(row):
+    return new_car(row[0], dict(zip(CAR_FIELDS, row[1:])))
+
+
+def booking_from_row(row):
+    booking_id, car_id, name, email, start, end = row
+    return Booking(booking_id, car_id, name, email, datetime.fromisoformat(start), datetime.fromisoformat(end))
+
+
+def storage_error(path, error):
+    """What a client is told when SQLite refuses a write: 503, nothing changed, try again later."""
+    code = getattr(error, "sqlite_errorname", "")
+    if isinstance(error, sqlite3.IntegrityError):
+        return Conflict(f"The change conflicts with the stored data ({error}); nothing was changed.")
+    if code.startswith("SQLITE_BUSY") or "locked" in str(error):
+        detail, retry = ("The database is busy: another process held it for longer than "
+                         "DEALERSHIP_BUSY_TIMEOUT. Nothing was changed; try again."), 1
+    elif code.startswith("SQLITE_READONLY"):
+        detail, retry = ("The database file is read-only, so nothing can be changed; reads still work. "
+                         "An operator must make the file and its folder writable."), 60
+    elif code.startswith("SQLITE_FULL"):
+        detail, retry = "The disk that holds the database is full; nothing was changed.", 60
+    else:
+        detail, retry = f"The database refused the change ({error}); nothing was changed.", 10
+    log.error("write refused by %s: %s", path, error)
+    return ServiceUnavailable(detail, retry_after=retry)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -623,6 +1040,12 @@ def require_api_key():
     if not hmac.compare_digest(token.encode(), str(key).encode()):
         raise Unauthorized("This request changes data: send 'Authorization: Bearer <API key>'.",
                            www_authenticate=WWWAuthenticate("bearer", {"realm": "dealership"}))
+
+
+@bp.before_request
+def catch_up():
+    """Answer from dicts that hold what every process has committed."""
+    store().sync()
 
 
 def json_body():
@@ -983,10 +1406,6 @@ def init_docs(app, prefix=""):
 # ---------------------------------------------------------------------------------------------
 
 
-class ConfigError(ValueError):
-    """A setting that the service cannot start with."""
-
-
 def read_zone(name):
     try:
         return ZoneInfo(str(name))
@@ -996,46 +1415,92 @@ def read_zone(name):
 
 
 def init_app(app, url_prefix=API_PREFIX, docs_prefix=None):
-    """Give `app` its own store (with the seed dealer) and mount the API at `url_prefix`.
+    """Give `app` its own store on its database and mount the API at `url_prefix`.
 
     With `docs_prefix` ("" for the root), also mount {docs_prefix}/openapi.json and {docs_prefix}/docs.
-    Settings are read from app.config (see SETTINGS); a bad one raises ConfigError.
+    Settings are read from app.config (see SETTINGS); a bad one, or a database file that cannot be
+    used, raises ConfigError. Registers the `backup` CLI command.
     """
     for name, default in SETTINGS.items():
         app.config.setdefault(name, default)
     limit = app.config["DEALERSHIP_MAX_CONTENT_LENGTH"]
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise ConfigError(f"DEALERSHIP_MAX_CONTENT_LENGTH={limit!r} must be a positive number of bytes.")
-    service = Store(zone=read_zone(app.config["DEALERSHIP_TIMEZONE"]))
-    service.add_dealer(SEED_DEALER)
+    zone = read_zone(app.config["DEALERSHIP_TIMEZONE"])
+    database = open_database(app)
     if app.config["DEALERSHIP_DEMO_DATA"]:
-        load_demo_data(service)
+        load_demo_data(database, zone)
+    service = Store(database, zone=zone)
     if not app.config["DEALERSHIP_API_KEY"]:
         log.warning("DEALERSHIP_API_KEY is not set: anyone who can reach the service can change its data.")
     app.extensions[EXTENSION] = service
     app.register_blueprint(bp, url_prefix=url_prefix)
+    app.cli.add_command(backup_command)
     if docs_prefix is not None:
         init_docs(app, docs_prefix)
     return service
 
 
-def load_demo_data(service):
-    """A second dealer, six cars (one in maintenance) and three bookings in the coming days."""
-    service.add_dealer({"name": "Oscar Mobility North", "location": "Hamburg, Germany"})
-    cars = [("Toyota", "Corolla", 2024, "White", 59.9, "JTDBR32E720123456", "available", 1),
-            ("Volkswagen", "Golf", 2023, "Grey", 64.5, "WVWZZZ1KZ6W612345", "available", 1),
-            ("BMW", "320i", 2022, "Black", 89.0, "WBA8E9C50GK123456", "maintenance", 1),
-            ("Mercedes-Benz", "C 200", 2024, "Silver", 95.0, "WDD2050421R123456", "available", 2),
-            ("Skoda", "Octavia", 2021, "Blue", 55.0, "TMBJJ7NE8L0123456", "available", 2),
-            ("Tesla", "Model 3", 2025, "Red", 110.0, "5YJ3E1EA7KF123456", "available", 2)]
-    for values in cars:
-        service.add_car(CAR_SCHEMA.load(dict(zip(CAR_FIELDS, values))))
-    today = datetime.now(service.zone).replace(hour=9, minute=0, second=0, microsecond=0)
-    for car_id, days_ahead, length, who in [(1, 1, 2, "a"), (4, 2, 1, "b"), (2, 5, 3, "c")]:
-        start = (today + timedelta(days=days_ahead)).astimezone(timezone.utc)
-        service.add_booking({"car_id": car_id, "customer_name": f"Demo Customer {who.upper()}",
-                             "customer_email": f"demo-{who}@example.com", "start_datetime": start,
-                             "end_datetime": start + timedelta(days=length)})
+def open_database(app):
+    """The Database that DEALERSHIP_DATABASE names: a path relative to the instance folder (made if
+    missing), an absolute path, or ":memory:"."""
+    path, synchronous = app.config["DEALERSHIP_DATABASE"], app.config["DEALERSHIP_SYNCHRONOUS"]
+    timeout = app.config["DEALERSHIP_BUSY_TIMEOUT"]
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise ConfigError(f"DEALERSHIP_DATABASE={path!r} must be a file path or ':memory:'.")
+    if str(synchronous).lower() not in SYNCHRONOUS:
+        raise ConfigError(f"DEALERSHIP_SYNCHRONOUS={synchronous!r} must be 'full' or 'normal'.")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout <= 3600:
+        raise ConfigError(f"DEALERSHIP_BUSY_TIMEOUT={timeout!r} must be a number of seconds from 0 to 3600.")
+    path = os.fspath(path)
+    if path != MEMORY:
+        path = os.path.join(app.instance_path, path)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f"DEALERSHIP_DATABASE={path!r}: its folder cannot be made ({error}).") from None
+    return Database(path, synchronous=str(synchronous).lower(), busy_timeout=timeout)
+
+
+def load_demo_data(database, zone):
+    """Into a database without cars only: a second dealer, six cars (one in maintenance) and three
+    bookings in the coming days. One transaction, so processes starting together load it once."""
+    with database.transaction(write=True) as db:
+        if not db.is_empty():
+            return
+        first = next(iter(db.rows("dealer")), None)
+        main = first[0] if first else db.insert("dealer", SEED_DEALER)
+        north = db.insert("dealer", {"name": "Oscar Mobility North", "location": "Hamburg, Germany"})
+        cars = [("Toyota", "Corolla", 2024, "White", 59.9, "JTDBR32E720123456", "available", main),
+                ("Volkswagen", "Golf", 2023, "Grey", 64.5, "WVWZZZ1KZ6W612345", "available", main),
+                ("BMW", "320i", 2022, "Black", 89.0, "WBA8E9C50GK123456", "maintenance", main),
+                ("Mercedes-Benz", "C 200", 2024, "Silver", 95.0, "WDD2050421R123456", "available", north),
+                ("Skoda", "Octavia", 2021, "Blue", 55.0, "TMBJJ7NE8L0123456", "available", north),
+                ("Tesla", "Model 3", 2025, "Red", 110.0, "5YJ3E1EA7KF123456", "available", north)]
+        car_ids = [db.insert("car", CAR_SCHEMA.load(dict(zip(CAR_FIELDS, values)))) for values in cars]
+        today = datetime.now(zone).replace(hour=9, minute=0, second=0, microsecond=0)
+        for car, days_ahead, length, who in [(0, 1, 2, "a"), (3, 2, 1, "b"), (1, 5, 3, "c")]:
+            start = (today + timedelta(days=days_ahead)).astimezone(timezone.utc)
+            db.insert("booking", {"car_id": car_ids[car], "customer_name": f"Demo Customer {who.upper()}",
+                                  "customer_email": f"demo-{who}@example.com", "start_datetime": start,
+                                  "end_datetime": start + timedelta(days=length)})
+    log.info("%s: demo data loaded", database.path)
+
+
+@click.command("backup")
+@click.argument("path", type=click.Path(dir_okay=False, writable=True))
+@with_appcontext
+def backup_command(path):
+    """Copy the service's database to PATH, consistently, while the service keeps running."""
+    database = store().db
+    if not database.shared:
+        raise click.ClickException("DEALERSHIP_DATABASE is ':memory:': there is no file to back up.")
+    try:
+        counts = database.backup(path)
+    except (sqlite3.Error, OSError) as error:
+        raise click.ClickException(f"Could not back up {database.path} to {path}: {error}") from None
+    click.echo(f"Backed up {database.path} to {path}: {plural(counts['dealers'], 'dealer')}, "
+               f"{plural(counts['cars'], 'car')}, {plural(counts['bookings'], 'booking')}.")
 
 
 def create_app(config=None):
@@ -1055,7 +1520,15 @@ def create_app(config=None):
 
     @app.get("/health")
     def health():
-        """Liveness: the service answers."""
-        return {"status": "ok"}
+        """Liveness: the service answers, and so does its database (a trivial read)."""
+        service = store()
+        try:
+            with service.lock:
+                service.db.ping()
+        except sqlite3.Error as error:
+            response = problem(503, "Service Unavailable", f"The database does not answer: {error}.")
+            response.headers["Retry-After"] = "5"
+            return response
+        return {"status": "ok", "database": "ok"}
 
     return app

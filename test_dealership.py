@@ -13,9 +13,29 @@ API = "/api/v1"
 PROBLEM = "application/problem+json"
 
 
+def new_app(config=None):
+    """A standalone app on a fresh in-memory database: tests never touch the instance folder."""
+    return create_app({"TESTING": True, "DEALERSHIP_DATABASE": ":memory:"} | (config or {}))
+
+
+def host_app(name):
+    """A host app for embedding, its database in memory."""
+    from flask import Flask
+
+    host = Flask(name)
+    host.config["DEALERSHIP_DATABASE"] = ":memory:"
+    return host
+
+
+@pytest.fixture(autouse=True)
+def no_instance_database(monkeypatch):
+    """A safety net: an app made without a database setting still gets an in-memory one."""
+    monkeypatch.setenv("DEALERSHIP_DATABASE", ":memory:")
+
+
 @pytest.fixture
 def app():
-    return create_app({"TESTING": True})
+    return new_app()
 
 
 @pytest.fixture
@@ -74,11 +94,11 @@ def window(start, end):
 def test_health(client):
     response = client.get("/health")
     assert response.status_code == 200
-    assert response.get_json() == {"status": "ok"}
+    assert response.get_json() == {"status": "ok", "database": "ok"}
 
 
 def test_each_app_has_its_own_store():
-    first, second = create_app().test_client(), create_app().test_client()
+    first, second = new_app().test_client(), new_app().test_client()
     make_car(first)
     assert len(first.get(f"{API}/cars").get_json()) == 1
     assert second.get(f"{API}/cars").get_json() == []
@@ -280,7 +300,7 @@ def test_body_over_the_limit_is_413(client):
 
 
 def test_body_limit_is_configurable():
-    client = create_app({"DEALERSHIP_MAX_CONTENT_LENGTH": 100}).test_client()
+    client = new_app({"DEALERSHIP_MAX_CONTENT_LENGTH": 100}).test_client()
     assert_problem(client.post(f"{API}/cars", json=car_body()), 413)
 
 
@@ -813,7 +833,7 @@ def test_bad_email_filter_is_422(client):
 
 @pytest.fixture
 def berlin():
-    return create_app({"DEALERSHIP_TIMEZONE": "Europe/Berlin"}).test_client()
+    return new_app({"DEALERSHIP_TIMEZONE": "Europe/Berlin"}).test_client()
 
 
 def test_naive_input_is_local_time_and_output_carries_the_zone(berlin):
@@ -861,7 +881,7 @@ def test_output_that_overflows_in_the_zone_is_422(berlin):
 @pytest.mark.parametrize("zone", ["Mars/Olympus", "Europe", "", "../etc/passwd"])
 def test_unknown_zone_refuses_to_start(zone):
     with pytest.raises(dealership.ConfigError, match=f"DEALERSHIP_TIMEZONE={zone!r} is not a known time zone"):
-        create_app({"DEALERSHIP_TIMEZONE": zone})
+        new_app({"DEALERSHIP_TIMEZONE": zone})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -873,7 +893,7 @@ def test_settings_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("DEALERSHIP_TIMEZONE", "Europe/Berlin")
     monkeypatch.setenv("DEALERSHIP_MAX_CONTENT_LENGTH", "300")
     monkeypatch.setenv("DEALERSHIP_API_KEY", "12345")
-    app = create_app()
+    app = new_app()
     assert app.config["DEALERSHIP_TIMEZONE"] == "Europe/Berlin"
     client = app.test_client()
     auth = {"Authorization": "Bearer 12345"}
@@ -883,18 +903,18 @@ def test_settings_come_from_the_environment(monkeypatch):
 
 def test_config_mapping_wins_over_the_environment(monkeypatch):
     monkeypatch.setenv("DEALERSHIP_API_KEY", "from-env")
-    client = create_app({"DEALERSHIP_API_KEY": None}).test_client()
+    client = new_app({"DEALERSHIP_API_KEY": None}).test_client()
     assert client.post(f"{API}/cars", json=car_body()).status_code == 201
 
 
 def test_bad_body_limit_refuses_to_start():
     with pytest.raises(ValueError, match="DEALERSHIP_MAX_CONTENT_LENGTH"):
-        create_app({"DEALERSHIP_MAX_CONTENT_LENGTH": "lots"})
+        new_app({"DEALERSHIP_MAX_CONTENT_LENGTH": "lots"})
 
 
 @pytest.fixture
 def locked():
-    return create_app({"DEALERSHIP_API_KEY": "s3cret"}).test_client()
+    return new_app({"DEALERSHIP_API_KEY": "s3cret"}).test_client()
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic czNjcmV0"},
@@ -921,24 +941,24 @@ def test_writes_with_the_key_work_and_reads_stay_open(locked):
 
 def test_open_service_warns_once_at_start(caplog):
     with caplog.at_level("WARNING", logger="dealership"):
-        create_app()
+        new_app()
     assert [r.getMessage() for r in caplog.records if "DEALERSHIP_API_KEY" in r.getMessage()] == [
         "DEALERSHIP_API_KEY is not set: anyone who can reach the service can change its data."]
     caplog.clear()
     with caplog.at_level("WARNING", logger="dealership"):
-        create_app({"DEALERSHIP_API_KEY": "k"})
+        new_app({"DEALERSHIP_API_KEY": "k"})
     assert caplog.records == []
 
 
 def test_demo_data():
-    client = create_app({"DEALERSHIP_DEMO_DATA": True}).test_client()
+    client = new_app({"DEALERSHIP_DEMO_DATA": True}).test_client()
     cars = client.get(f"{API}/cars").get_json()
     assert len(cars) >= 5
     assert {car["status"] for car in cars} == {"available", "maintenance"}
     assert {car["dealer_id"] for car in cars} == {1, 2}
     assert len(client.get(f"{API}/dealers").get_json()) == 2
     assert len(client.get(f"{API}/bookings").get_json()) >= 2
-    assert create_app().test_client().get(f"{API}/cars").get_json() == []  # off by default
+    assert new_app().test_client().get(f"{API}/cars").get_json() == []  # off by default
 
 
 def test_logs_name_ids_and_times_never_the_customer(client, caplog):
@@ -969,7 +989,7 @@ def test_embedding_keeps_the_host_as_it_was():
 
     import dealership
 
-    host = Flask("host")
+    host = host_app("host")
 
     @host.get("/")
     def home():
@@ -990,7 +1010,7 @@ def test_embedding_keeps_the_host_as_it_was():
     assert_problem(client.get("/dealership/api/v1/cars/2"), 404)
     assert_problem(client.post("/dealership/api/v1/cars", json={}), 422, "brand")
     assert_problem(client.post("/dealership/api/v1/cars", data="x", content_type="text/plain"), 415)
-    assert host.extensions["dealership"] is not create_app().extensions["dealership"]
+    assert host.extensions["dealership"] is not new_app().extensions["dealership"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1044,7 +1064,7 @@ def test_openapi_document_comes_from_the_schemas(client):
 
 def test_openapi_document_declares_the_api_key_only_when_set(client):
     assert "security" not in client.get("/openapi.json").get_json()["paths"]["/api/v1/cars"]["post"]
-    locked = create_app({"DEALERSHIP_API_KEY": "k"}).test_client().get("/openapi.json").get_json()
+    locked = new_app({"DEALERSHIP_API_KEY": "k"}).test_client().get("/openapi.json").get_json()
     assert locked["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
     assert locked["paths"]["/api/v1/cars"]["post"]["security"] == [{"bearer": []}]
     assert "security" not in locked["paths"]["/api/v1/cars"]["get"]
@@ -1080,10 +1100,10 @@ def test_embedded_service_mounts_docs_only_when_asked():
 
     import dealership
 
-    plain = Flask("plain")
+    plain = host_app("plain")
     dealership.init_app(plain)
     assert plain.test_client().get("/openapi.json").status_code == 404
-    host = Flask("host")
+    host = host_app("host")
     dealership.init_app(host, url_prefix="/dealership/api/v1", docs_prefix="/dealership")
     client = host.test_client()
     document = client.get("/dealership/openapi.json").get_json()
