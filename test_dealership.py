@@ -1,7 +1,13 @@
 """Tests for the dealership service, through the HTTP API of a fresh app per test."""
+import gc
+import os
 import random
 import re
+import sqlite3
+import subprocess
 import threading
+import time
+from contextlib import closing, contextmanager
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -977,6 +983,431 @@ def test_logs_name_ids_and_times_never_the_customer(client, caplog):
         "car 1 deleted",
     ]
     assert "Secret" not in caplog.text and "secret@" not in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage: a SQLite file under the dicts, shared by processes (here: by apps) on one machine
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def database(tmp_path):
+    return str(tmp_path / "dealership.sqlite3")
+
+
+def on_file(path, **settings):
+    """An app on the database file `path`: two of them behave exactly like two processes."""
+    return create_app({"TESTING": True, "DEALERSHIP_DATABASE": path} | settings)
+
+
+def state(client):
+    """Everything a client can read, to compare before and after."""
+    return {name: client.get(f"{API}/{name}").get_json() for name in ("dealers", "cars", "bookings")}
+
+
+def table_rows(path):
+    """Every row of the service's tables, read with a connection of its own."""
+    with closing(sqlite3.connect(path)) as conn:
+        return {table: conn.execute(f"SELECT * FROM {table} ORDER BY id").fetchall()
+                for table in ("dealers", "cars", "bookings")}
+
+
+def test_data_survives_a_new_app_on_the_same_file(database):
+    client = on_file(database).test_client()
+    client.post(f"{API}/dealers", json={"name": "North", "location": "Hamburg"})
+    make_car(client, vin=vin(1))
+    make_car(client, vin=vin(2), dealer_id=2, daily_price=49.95)
+    book(client, 1)
+    book(client, 2, "2030-01-16T10:00:00+02:00", "2030-01-17T10:00:00+02:00")
+    patch_booking(client, 1, end_datetime="2030-01-15T18:00:00Z")
+    book(client, 1, "2030-02-01T10:00:00Z", "2030-02-01T12:00:00Z")
+    assert client.delete(f"{API}/bookings/3").status_code == 204
+    make_car(client, vin=vin(3))
+    assert client.delete(f"{API}/cars/3").status_code == 204
+    before = state(client)
+
+    again = on_file(database).test_client()
+    assert state(again) == before
+    assert again.get(f"{API}/bookings/1").get_json()["end_datetime"] == "2030-01-15T18:00:00+00:00"
+    assert_problem(again.get(f"{API}/bookings/3"), 404)
+    # ids continue where they were and are never reused, even those of deleted records
+    assert make_car(again, vin=vin(3))["id"] == 4
+    assert book(again, 1, "2030-03-01T10:00:00Z", "2030-03-01T11:00:00Z").get_json()["id"] == 4
+
+
+def test_times_are_stored_in_utc_and_the_database_guards_itself(database):
+    client = on_file(database).test_client()
+    make_car(client, vin=vin(1))
+    book(client, 1, "2030-01-15T10:00:00+02:00", "2030-01-15T12:00:00+02:00")
+    rows = table_rows(database)
+    assert rows["bookings"][0][4:] == ("2030-01-15T08:00:00.000000+00:00", "2030-01-15T10:00:00.000000+00:00")
+    with closing(sqlite3.connect(database)) as conn:
+        conn.execute("PRAGMA foreign_keys = ON")
+        for statement in [
+            "INSERT INTO bookings (car_id, customer_name, customer_email, start_datetime, end_datetime) "
+            "VALUES (1, 'x', 'x@example.com', '2030-01-02T00:00:00.000000+00:00', '2030-01-01T00:00:00.000000+00:00')",
+            "INSERT INTO bookings (car_id, customer_name, customer_email, start_datetime, end_datetime) "
+            "VALUES (99, 'x', 'x@example.com', '2030-01-01T00:00:00.000000+00:00', '2030-01-02T00:00:00.000000+00:00')",
+            f"INSERT INTO cars (brand, model, year, color, daily_price, vin, status, dealer_id) "
+            f"VALUES ('a', 'b', 2020, 'c', 1.0, '{vin(1)}', 'available', 1)",
+        ]:
+            with pytest.raises(sqlite3.IntegrityError):
+                conn.execute(statement)
+
+
+def test_the_file_is_in_wal_mode_with_the_durability_asked_for(database, tmp_path):
+    with closing(sqlite3.connect(on_file(database).extensions["dealership"].db.path)) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    for setting, level in [("full", 2), ("normal", 1), ("NORMAL", 1)]:
+        app = on_file(str(tmp_path / f"{setting}.sqlite3"), DEALERSHIP_SYNCHRONOUS=setting)
+        assert app.extensions["dealership"].db.conn.execute("PRAGMA synchronous").fetchone() == (level,)
+
+
+def test_default_database_is_in_the_instance_folder(tmp_path):
+    from flask import Flask
+
+    host = Flask("host", instance_path=str(tmp_path / "instance"))
+    dealership.init_app(host)
+    make_car(host.test_client())
+    assert table_rows(str(tmp_path / "instance" / "dealership.sqlite3"))["cars"][0][0] == 1
+    relative = Flask("relative", instance_path=str(tmp_path / "other"))
+    relative.config["DEALERSHIP_DATABASE"] = "data/cars.sqlite3"
+    dealership.init_app(relative)
+    assert (tmp_path / "other" / "data" / "cars.sqlite3").exists()
+
+
+@pytest.mark.parametrize("setting, value", [
+    ("DEALERSHIP_SYNCHRONOUS", "off"), ("DEALERSHIP_SYNCHRONOUS", 2), ("DEALERSHIP_BUSY_TIMEOUT", "soon"),
+    ("DEALERSHIP_BUSY_TIMEOUT", -1), ("DEALERSHIP_BUSY_TIMEOUT", True), ("DEALERSHIP_DATABASE", ""),
+    ("DEALERSHIP_DATABASE", 5)])
+def test_bad_storage_setting_refuses_to_start(setting, value):
+    with pytest.raises(dealership.ConfigError, match=setting):
+        new_app({setting: value})
+
+
+def test_two_apps_on_one_file_see_each_others_writes_at_once(database):
+    a, b = on_file(database).test_client(), on_file(database).test_client()
+    make_car(a, vin=vin(1))
+    assert b.get(f"{API}/cars/1").status_code == 200
+    assert book(a, 1).status_code == 201
+    assert "booking 1" in assert_problem(book(b, 1), 409)["detail"]
+    assert "car 1" in assert_problem(b.post(f"{API}/cars", json=car_body(vin=vin(1))), 409)["detail"]
+    assert a.delete(f"{API}/bookings/1").status_code == 204
+    assert a.delete(f"{API}/cars/1").status_code == 204
+    assert_problem(b.get(f"{API}/cars/1"), 404)
+    assert_problem(book(b, 1), 404)
+    assert make_car(b, vin=vin(1))["id"] == 2  # the VIN is free again, and ids are shared
+    assert a.post(f"{API}/dealers", json={"name": "North"}).status_code == 201
+    assert [d["id"] for d in b.get(f"{API}/dealers").get_json()] == [1, 2]
+    assert a.put(f"{API}/cars/2", json={"status": "maintenance"}).status_code == 200
+    assert b.get(f"{API}/bookings/available-cars", query_string=window("2030-01-01T00:00:00Z",
+                                                                        "2030-01-02T00:00:00Z")).get_json() == []
+    assert_problem(book(b, 2), 409)
+    assert state(a) == state(b)
+
+
+def test_vins_swapped_through_one_app_are_right_in_the_other(database):
+    a, b = on_file(database).test_client(), on_file(database).test_client()
+    make_car(a, vin=vin(1))
+    make_car(a, vin=vin(2))
+    b.get(f"{API}/cars")  # b has seen both cars; now a swaps their VINs in three steps
+    for car_id, new in [(1, vin(3)), (2, vin(1)), (1, vin(2))]:
+        assert a.patch(f"{API}/cars/{car_id}", json={"vin": new}).status_code == 200
+    assert "car 2" in assert_problem(b.post(f"{API}/cars", json=car_body(vin=vin(1))), 409)["detail"]
+    assert "car 1" in assert_problem(b.post(f"{API}/cars", json=car_body(vin=vin(2))), 409)["detail"]
+    assert make_car(b, vin=vin(3))["id"] == 3
+
+
+def test_two_apps_times_50_threads_booking_one_slot_get_one_201(database):
+    apps = [on_file(database), on_file(database)]
+    make_car(apps[0].test_client())
+    statuses = run_at_once(100, lambda i: book(apps[i % 2].test_client(), 1).status_code)
+    assert sorted(statuses) == [201] + [409] * 99
+    for app in apps:
+        assert len(app.test_client().get(f"{API}/bookings").get_json()) == 1
+    assert len(table_rows(database)["bookings"]) == 1
+
+
+def test_random_changes_through_two_apps_match_a_brute_force_oracle(database):
+    """Bookings, moves, cancellations and VIN changes through either app, read through the other."""
+    rng = random.Random(20261125)
+    apps = [on_file(database, DEALERSHIP_SYNCHRONOUS="normal").test_client() for _ in range(2)]
+    base = datetime(2035, 1, 1, tzinfo=timezone.utc)
+    car_ids = [make_car(apps[0], vin=vin(n))["id"] for n in range(5)]
+    vins = {car_id: vin(n) for n, car_id in enumerate(car_ids)}
+    oracle = {}  # booking id -> (car id, start, end)
+
+    def free(car_id, start, end, ignore=None):
+        return all(not (c == car_id and s < end and start < e) for i, (c, s, e) in oracle.items() if i != ignore)
+
+    def span():
+        start = base + timedelta(hours=rng.randrange(0, 150))
+        return start, start + timedelta(hours=rng.randrange(1, 12))
+
+    for step in range(300):
+        writer, reader = rng.sample(apps, 2)
+        roll = rng.random()
+        if oracle and roll < 0.2:
+            booking_id = rng.choice(list(oracle))
+            assert writer.delete(f"{API}/bookings/{booking_id}").status_code == 204
+            del oracle[booking_id]
+        elif oracle and roll < 0.45:
+            booking_id, car_id, (start, end) = rng.choice(list(oracle)), rng.choice(car_ids), span()
+            response = patch_booking(writer, booking_id, car_id=car_id, start_datetime=start.isoformat(),
+                                     end_datetime=end.isoformat())
+            expected = 200 if free(car_id, start, end, ignore=booking_id) else 409
+            assert response.status_code == expected, (step, response.get_json())
+            if expected == 200:
+                oracle[booking_id] = (car_id, start, end)
+        elif roll < 0.5:
+            car_id, other = rng.sample(car_ids, 2)
+            new = vin(100 + step)
+            assert writer.patch(f"{API}/cars/{car_id}", json={"vin": new}).status_code == 200
+            assert reader.post(f"{API}/cars", json=car_body(vin=vins[car_id])).status_code == 201
+            car_ids.append(reader.get(f"{API}/cars").get_json()[-1]["id"])
+            vins[car_id], vins[car_ids[-1]] = new, vins[car_id]
+            assert writer.patch(f"{API}/cars/{other}", json={"vin": new}).status_code == 409
+        else:
+            car_id, (start, end) = rng.choice(car_ids), span()
+            response = book(writer, car_id, start.isoformat(), end.isoformat())
+            if free(car_id, start, end):
+                assert response.status_code == 201, (step, response.get_json())
+                oracle[response.get_json()["id"]] = (car_id, start, end)
+            else:
+                assert response.status_code == 409, (step, response.get_json())
+        start, end = span()
+        answer = reader.get(f"{API}/bookings/available-cars",
+                            query_string=window(start.isoformat(), end.isoformat())).get_json()
+        assert [car["id"] for car in answer] == [c for c in car_ids if free(c, start, end)]
+    listed = {b["id"]: (b["car_id"], datetime.fromisoformat(b["start_datetime"]),
+                        datetime.fromisoformat(b["end_datetime"])) for b in apps[1].get(f"{API}/bookings").get_json()}
+    assert listed == oracle
+    assert state(apps[0]) == state(apps[1]) == state(on_file(database).test_client())
+
+
+REFUSALS = [
+    ("post", "/bookings", booking_body(1, "2030-01-15T11:00:00Z", "2030-01-15T13:00:00Z"), 409),
+    ("post", "/bookings", booking_body(9), 404),
+    ("post", "/bookings", booking_body(1, end="2030-01-15T09:00:00Z"), 422),
+    ("patch", "/bookings/1", {"car_id": 2, "end_datetime": "2030-01-15T12:30:00Z"}, 409),
+    ("patch", "/bookings/1", {"end_datetime": "2030-01-15T09:00:00Z"}, 422),
+    ("post", "/cars", car_body(vin=vin(2)), 409),
+    ("post", "/cars", car_body(vin=vin(5), dealer_id=7), 404),
+    ("put", "/cars/2", {"vin": vin(1)}, 409),
+    ("delete", "/cars/1", None, 409),
+    ("delete", "/dealers/1", None, 409),
+]
+
+
+@pytest.mark.parametrize("method, path, body, status", REFUSALS)
+def test_a_refusal_changes_neither_the_database_nor_the_dicts(database, method, path, body, status):
+    client = on_file(database).test_client()
+    make_car(client, vin=vin(1))
+    make_car(client, vin=vin(2))
+    book(client, 1)
+    book(client, 2, "2030-01-15T12:00:00Z", "2030-01-15T14:00:00Z")
+    before, rows = state(client), table_rows(database)
+    assert_problem(getattr(client, method)(API + path, json=body), status)
+    assert state(client) == before
+    assert table_rows(database) == rows
+    assert state(on_file(database).test_client()) == before
+    assert make_car(client, vin=vin(3))["id"] == 3  # and no id was used up
+
+
+@contextmanager
+def read_only(path):
+    """Make the file read-only for real: for root, whom permissions do not stop, immutable."""
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", path], capture_output=True).returncode:
+            pytest.skip("this file system cannot make a file immutable (chattr +i)")
+        try:
+            yield
+        finally:
+            subprocess.run(["chattr", "-i", path], check=True)
+    else:
+        os.chmod(path, 0o444)
+        try:
+            yield
+        finally:
+            os.chmod(path, 0o644)
+
+
+def test_a_read_only_file_answers_reads_and_refuses_writes_with_503(database):
+    client = on_file(database).test_client()
+    make_car(client)
+    book(client, 1)
+    del client
+    gc.collect()  # closes the first app's connection, so the file is checkpointed and complete
+    with read_only(database):
+        client = on_file(database).test_client()
+        before = state(client)
+        assert len(before["bookings"]) == 1
+        for method, path, body in [("post", "/cars", car_body(vin=vin(2))), ("post", "/bookings", booking_body(1, "2030-02-01T10:00:00Z", "2030-02-01T11:00:00Z")),
+                                   ("delete", "/bookings/1", None), ("patch", "/cars/1", {"color": "Red"})]:
+            response = getattr(client, method)(API + path, json=body)
+            assert "read-only" in assert_problem(response, 503)["detail"]
+            assert int(response.headers["Retry-After"]) > 0
+        assert state(client) == before
+        assert client.get("/health").status_code == 200
+
+
+def test_a_busy_database_gives_503_and_changes_nothing(database):
+    client = on_file(database, DEALERSHIP_BUSY_TIMEOUT=0.2).test_client()
+    make_car(client)
+    before = state(client)
+    with closing(sqlite3.connect(database, isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        response = book(client, 1)
+        assert "busy" in assert_problem(response, 503)["detail"]
+        assert response.headers["Retry-After"] == "1"
+        assert state(client) == before  # reads keep working
+        other.execute("ROLLBACK")
+    assert state(client) == before
+    assert book(client, 1).status_code == 201
+
+
+def test_a_full_disk_gives_503_and_changes_nothing(database):
+    app = on_file(database)
+    client = app.test_client()
+    db = app.extensions["dealership"].db
+    pages = db.conn.execute("PRAGMA page_count").fetchone()[0]
+    db.conn.execute(f"PRAGMA max_page_count = {pages}")  # as if the disk were full from here on
+    for n in range(1000):
+        before, rows = state(client), table_rows(database)
+        response = client.post(f"{API}/cars", json=car_body(vin=vin(n), model="x" * 100))
+        if response.status_code != 201:
+            break
+    assert "full" in assert_problem(response, 503)["detail"]
+    assert state(client) == before
+    assert table_rows(database) == rows
+
+
+def test_health_is_503_when_the_database_does_not_answer(database):
+    client = on_file(database).test_client()
+    make_car(client)
+    assert client.get("/health").get_json() == {"status": "ok", "database": "ok"}
+    with closing(sqlite3.connect(database)) as other:
+        other.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything in the file itself
+    with open(database, "r+b") as f:
+        f.write(b"overwritten by mistake" * 10)  # the file is damaged under the running service
+    response = client.get("/health")
+    assert "does not answer" in assert_problem(response, 503)["detail"]
+    assert response.headers["Retry-After"]
+    assert len(client.get(f"{API}/cars").get_json()) == 1  # reads are answered from memory
+    assert_problem(client.post(f"{API}/cars", json=car_body(vin=vin(2))), 503)
+    assert len(client.get(f"{API}/cars").get_json()) == 1
+
+
+def test_the_change_log_stays_bounded_and_a_lagging_app_converges(database, monkeypatch, caplog):
+    monkeypatch.setattr(dealership, "CHANGE_LOG_KEEP", 200)
+    monkeypatch.setattr(dealership, "CHANGE_LOG_PRUNE_EVERY", 50)
+    writer = on_file(database, DEALERSHIP_SYNCHRONOUS="normal").test_client()
+    near, far = on_file(database).test_client(), on_file(database).test_client()
+    make_car(writer)
+    base = datetime(2035, 1, 1, tzinfo=timezone.utc)
+    with closing(sqlite3.connect(database)) as conn:
+        for n in range(3000):
+            start = base + timedelta(hours=n)
+            response = book(writer, 1, start.isoformat(), (start + timedelta(hours=1)).isoformat())
+            if n % 3:
+                assert writer.delete(f"{API}/bookings/{response.get_json()['id']}").status_code == 204
+            if n % 100 == 0:
+                assert conn.execute("SELECT count(*) FROM changes").fetchone()[0] <= 250
+                state(near)  # keeps up: catches up from the log
+        with caplog.at_level("INFO", logger="dealership"):
+            assert state(near) == state(writer)
+            assert "reloading" not in caplog.text
+            assert state(far) == state(writer)  # 4,000 changes behind, past the log: reloads in full
+            assert "reloading" in caplog.text
+        assert len(state(far)["bookings"]) == 1000
+
+
+def test_demo_data_is_loaded_only_into_an_empty_database(database):
+    first = on_file(database, DEALERSHIP_DEMO_DATA=True).test_client()
+    again = on_file(database, DEALERSHIP_DEMO_DATA=True).test_client()
+    assert len(first.get(f"{API}/cars").get_json()) == 6
+    assert state(again) == state(first)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"this is not a database, it is a text file\n" * 100, "is not a SQLite database"),
+    (None, "another application"),
+])
+def test_a_file_that_is_not_ours_refuses_to_start(database, content, message):
+    if content is None:
+        with closing(sqlite3.connect(database)) as conn:
+            conn.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY)")
+    else:
+        with open(database, "wb") as f:
+            f.write(content)
+    with pytest.raises(dealership.ConfigError, match=message) as refused:
+        on_file(database)
+    assert database in str(refused.value)
+
+
+def test_a_file_from_a_newer_version_refuses_to_start(database):
+    on_file(database)
+    gc.collect()
+    with closing(sqlite3.connect(database)) as conn:
+        conn.execute(f"PRAGMA user_version = {dealership.SCHEMA_VERSION + 1}")
+    with pytest.raises(dealership.ConfigError, match="newer version"):
+        on_file(database)
+
+
+def test_a_damaged_file_refuses_to_start(database):
+    client = on_file(database).test_client()
+    for n in range(40):
+        make_car(client, vin=vin(n))
+    del client
+    gc.collect()
+    with closing(sqlite3.connect(database)) as conn:
+        root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'cars'").fetchone()[0]
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    with open(database, "r+b") as f:
+        f.seek((root - 1) * page_size)
+        f.write(b"\xff" * 16)  # the table's first page no longer makes sense
+    with pytest.raises(dealership.ConfigError, match="is damaged.*restore"):
+        on_file(database)
+
+
+def test_backup_writes_a_consistent_copy_while_the_service_runs(database, tmp_path):
+    app = on_file(database, DEALERSHIP_SYNCHRONOUS="normal")
+    client = app.test_client()
+    make_car(client)
+    stop = threading.Event()
+
+    def keep_booking():
+        writer = on_file(database, DEALERSHIP_SYNCHRONOUS="normal").test_client()
+        hour = 0
+        while not stop.is_set() and hour < 5000:
+            start = datetime(2035, 1, 1, tzinfo=timezone.utc) + timedelta(hours=hour)
+            assert book(writer, 1, start.isoformat(), (start + timedelta(hours=1)).isoformat()).status_code == 201
+            hour += 1
+
+    thread = threading.Thread(target=keep_booking)
+    thread.start()
+    try:
+        time.sleep(0.2)
+        copy = str(tmp_path / "backup.sqlite3")
+        result = app.test_cli_runner().invoke(args=["backup", copy])
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"Backed up {database} to {copy}: 1 dealer, 1 car, ")
+    assert not os.path.exists(copy + ".partial")
+    with closing(sqlite3.connect(copy)) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)  # one self-contained file
+    restored = on_file(copy).test_client()
+    booked = restored.get(f"{API}/bookings").get_json()
+    assert f"{len(booked)} booking" in result.output and booked
+    assert [b["id"] for b in booked] == list(range(1, len(booked) + 1))  # a prefix of what was written
+
+
+def test_backup_of_a_memory_database_says_there_is_nothing_to_copy(app, tmp_path):
+    result = app.test_cli_runner().invoke(args=["backup", str(tmp_path / "copy.sqlite3")])
+    assert result.exit_code != 0
+    assert "no file to back up" in result.output
 
 
 # ---------------------------------------------------------------------------------------------
