@@ -30,10 +30,10 @@ import os
 import re
 import sqlite3
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
-from operator import attrgetter
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import click
@@ -105,7 +105,7 @@ class Car:
     vin: str
     status: str
     dealer_id: int
-    json: str  # the public JSON form, rendered once by CAR_SCHEMA when the record is written
+    json: bytes  # the public JSON form, rendered once by CAR_SCHEMA when the record is written
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,8 +118,6 @@ class Booking:
     end_datetime: datetime  # aware, UTC
 
 
-by_start = attrgetter("start_datetime")
-by_end = attrgetter("end_datetime")
 
 # ---------------------------------------------------------------------------------------------
 # Domain rules: pure functions over half-open intervals [start, end)
@@ -131,23 +129,49 @@ def overlaps(start_a, end_a, start_b, end_b):
     return start_a < end_b and start_b < end_a
 
 
-def clash(schedule, start, end):
-    """The booking in `schedule` that overlaps [start, end), or None.
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+MICROSECOND = timedelta(microseconds=1)
 
-    A car's bookings never overlap, so its schedule sorted by start is sorted by end too: only the
-    last booking that starts before `end` can reach into the range.
+
+def micros(instant):
+    """An aware instant as integer microseconds since 1970: exact, and the cheapest to compare."""
+    return (instant - EPOCH) // MICROSECOND
+
+
+class Schedule:
+    """One car's bookings sorted by start, with their starts and ends as integers (micros) beside them.
+
+    A car's bookings never overlap, so sorted by start they are sorted by end too: an overlap check
+    is one binary search over plain integers, with no key function and no record touched.
     """
-    i = bisect.bisect_left(schedule, end, key=by_start)
-    if i and schedule[i - 1].end_datetime > start:
-        return schedule[i - 1]
-    return None
+    __slots__ = ("bookings", "starts", "ends")
 
+    def __init__(self):
+        self.bookings, self.starts, self.ends = [], [], []
 
-def busy_in(schedule, start, end):
-    """The bookings of one schedule that overlap [start, end), in time order."""
-    first = bisect.bisect_right(schedule, start, key=by_end)
-    last = bisect.bisect_left(schedule, end, key=by_start)
-    return schedule[first:last]
+    def __len__(self):
+        return len(self.bookings)
+
+    def add(self, booking):
+        start = micros(booking.start_datetime)
+        i = bisect.bisect_left(self.starts, start)
+        self.bookings.insert(i, booking)
+        self.starts.insert(i, start)
+        self.ends.insert(i, micros(booking.end_datetime))
+
+    def remove(self, booking):
+        i = bisect.bisect_left(self.starts, micros(booking.start_datetime))
+        del self.bookings[i], self.starts[i], self.ends[i]
+
+    def clash(self, start, end):
+        """The booking that overlaps [start, end) (micros), or None: only the last booking that
+        starts before `end` can reach into the range."""
+        i = bisect.bisect_left(self.starts, end)
+        return self.bookings[i - 1] if i and self.ends[i - 1] > start else None
+
+    def busy_in(self, start, end):
+        """The bookings that overlap [start, end) (micros), in time order."""
+        return self.bookings[bisect.bisect_right(self.ends, start):bisect.bisect_left(self.starts, end)]
 
 
 def free_gaps(busy, start, end):
@@ -163,19 +187,25 @@ def free_gaps(busy, start, end):
 
 
 # ---------------------------------------------------------------------------------------------
-# The store: the dicts every request reads, and the only code that changes them. Each change
-# holds the lock and SQLite's write lock, catches up with other processes, checks, writes,
-# commits, and only then changes the dicts.
+# The store: the dicts every request reads, and the only code that changes them. A change takes
+# SQLite's write lock, catches up with what other processes committed, checks, writes, commits,
+# and only then changes the dicts. Readers never wait for the disk or for another process.
 # ---------------------------------------------------------------------------------------------
 
 
 class Store:
+    """Two locks: `lock` guards the dicts (every reader takes it, and every change to them);
+    `write_lock` lets one writer of this process at a time use the database's write connection.
+    A writer holds `lock` only to check and write its SQL, not while SQLite waits for another
+    process or syncs the commit to disk."""
+
     def __init__(self, database, zone=timezone.utc):
         self.zone = zone  # naive input is read in this zone, and output is written in it
         self.lock = threading.Lock()
+        self.write_lock = threading.Lock()
         self.db = database
         with self.lock:
-            self._reload()
+            self._reload(database.write)
 
     # -- lookups --------------------------------------------------------------------------------
 
@@ -200,59 +230,54 @@ class Store:
     # -- dealers --------------------------------------------------------------------------------
 
     def add_dealer(self, fields):
-        with self.lock:
-            with self._writing() as db:
-                dealer = Dealer(id=db.insert("dealer", fields), **fields)
-            self._put_dealer(dealer)
+        with self._writing() as (db, then):
+            dealer = Dealer(id=db.insert("dealer", fields), **fields)
+            then(self._put_dealer, dealer)
         return dealer
 
     def delete_dealer(self, dealer_id):
-        with self.lock:
-            with self._writing() as db:
-                self.dealer(dealer_id)
-                owned = sum(1 for car in self.cars.values() if car.dealer_id == dealer_id)
-                if owned:
-                    raise Conflict(f"Dealer {dealer_id} still has {plural(owned, 'car')}; "
-                                   "move or delete them first.")
-                db.delete("dealer", dealer_id)
-            del self.dealers[dealer_id]
+        with self._writing() as (db, then):
+            self.dealer(dealer_id)
+            owned = sum(1 for car in self.cars.values() if car.dealer_id == dealer_id)
+            if owned:
+                raise Conflict(f"Dealer {dealer_id} still has {plural(owned, 'car')}; "
+                               "move or delete them first.")
+            db.delete("dealer", dealer_id)
+            then(self._drop_dealer, dealer_id)
 
     # -- cars -----------------------------------------------------------------------------------
 
     def add_car(self, fields):
-        with self.lock:
-            with self._writing() as db:
-                self.dealer(fields["dealer_id"])
-                self._check_vin_free(fields["vin"])
-                car = new_car(db.insert("car", fields), fields)
-            self._put_car(car)
+        with self._writing() as (db, then):
+            self.dealer(fields["dealer_id"])
+            self._check_vin_free(fields["vin"])
+            car = new_car(db.insert("car", fields), fields)
+            then(self._put_car, car)
         log.info("car %d created: dealer %d, status %s", car.id, car.dealer_id, car.status)
         return car
 
     def update_car(self, car_id, changes):
-        with self.lock:
-            with self._writing() as db:
-                old = self.car(car_id)
-                if "dealer_id" in changes:
-                    self.dealer(changes["dealer_id"])
-                if changes.get("vin", old.vin) != old.vin:
-                    self._check_vin_free(changes["vin"])
-                car = new_car(car_id, {name: getattr(old, name) for name in CAR_FIELDS} | changes)
-                db.update("car", car_id, {name: getattr(car, name) for name in CAR_FIELDS})
-            self._put_car(car)
+        with self._writing() as (db, then):
+            old = self.car(car_id)
+            if "dealer_id" in changes:
+                self.dealer(changes["dealer_id"])
+            if changes.get("vin", old.vin) != old.vin:
+                self._check_vin_free(changes["vin"])
+            car = new_car(car_id, {name: getattr(old, name) for name in CAR_FIELDS} | changes)
+            db.update("car", car_id, {name: getattr(car, name) for name in CAR_FIELDS})
+            then(self._put_car, car)
         log.info("car %d changed: %s", car_id, ", ".join(sorted(changes)) or "nothing")
         return car
 
     def delete_car(self, car_id):
-        with self.lock:
-            with self._writing() as db:
-                self.car(car_id)
-                booked = len(self.schedules[car_id])
-                if booked:
-                    raise Conflict(f"Car {car_id} has {plural(booked, 'booking')}; "
-                                   "cancel them before deleting the car.")
-                db.delete("car", car_id)
-            self._drop_car(car_id)
+        with self._writing() as (db, then):
+            self.car(car_id)
+            booked = len(self.schedules[car_id])
+            if booked:
+                raise Conflict(f"Car {car_id} has {plural(booked, 'booking')}; "
+                               "cancel them before deleting the car.")
+            db.delete("car", car_id)
+            then(self._drop_car, car_id)
         log.info("car %d deleted", car_id)
 
     def _check_vin_free(self, vin):
@@ -262,42 +287,39 @@ class Store:
     # -- bookings -------------------------------------------------------------------------------
 
     def add_booking(self, fields):
-        with self.lock:
-            with self._writing() as db:
-                self._check_bookable(fields["car_id"], fields["start_datetime"], fields["end_datetime"])
-                booking = Booking(id=db.insert("booking", fields), **fields)
-            self._put_booking(booking)
+        with self._writing() as (db, then):
+            self._check_bookable(fields["car_id"], fields["start_datetime"], fields["end_datetime"])
+            booking = Booking(id=db.insert("booking", fields), **fields)
+            then(self._put_booking, booking)
         self._log("created", booking)
         return booking
 
     def change_booking(self, booking_id, changes):
         """Apply `changes` to a booking in one step, checked against every other booking."""
-        with self.lock:
-            with self._writing() as db:
-                old = self.booking(booking_id)
-                booking = replace(old, **changes)
-                check_window({"start_datetime": booking.start_datetime, "end_datetime": booking.end_datetime})
-                if (booking.car_id, booking.start_datetime, booking.end_datetime) != \
-                        (old.car_id, old.start_datetime, old.end_datetime):
-                    self._check_bookable(booking.car_id, booking.start_datetime, booking.end_datetime, ignore=old)
-                db.update("booking", booking_id, {name: getattr(booking, name) for name in BOOKING_FIELDS})
-            self._put_booking(booking)
+        with self._writing() as (db, then):
+            old = self.booking(booking_id)
+            booking = replace(old, **changes)
+            check_window({"start_datetime": booking.start_datetime, "end_datetime": booking.end_datetime})
+            if (booking.car_id, booking.start_datetime, booking.end_datetime) != \
+                    (old.car_id, old.start_datetime, old.end_datetime):
+                self._check_bookable(booking.car_id, booking.start_datetime, booking.end_datetime, ignore=old)
+            db.update("booking", booking_id, {name: getattr(booking, name) for name in BOOKING_FIELDS})
+            then(self._put_booking, booking)
         self._log("changed", booking)
         return booking
 
     def cancel_booking(self, booking_id):
-        with self.lock:
-            with self._writing() as db:
-                booking = self.booking(booking_id)
-                db.delete("booking", booking_id)
-            self._drop_booking(booking_id)
+        with self._writing() as (db, then):
+            booking = self.booking(booking_id)
+            db.delete("booking", booking_id)
+            then(self._drop_booking, booking_id)
         self._log("cancelled", booking)
 
     def _check_bookable(self, car_id, start, end, ignore=None):
         car = self.car(car_id)
         if car.status != "available":
             raise Conflict(f"Car {car.id} is in {car.status} and cannot be booked.")
-        for other in busy_in(self.schedules[car.id], start, end):
+        for other in self.schedules[car.id].busy_in(micros(start), micros(end)):
             if other is not ignore:
                 raise Conflict(f"Car {car.id} is already booked from {self.show(other.start_datetime)} "
                                f"to {self.show(other.end_datetime)} by booking {other.id}.")
@@ -311,24 +333,37 @@ class Store:
 
     def free_cars(self, start, end, dealer_id=None):
         """Cars whose status is available and that have no booking overlapping [start, end)."""
+        start, end = micros(start), micros(end)
         with self.lock:
-            schedules = self.schedules
-            return [car for car in self.cars.values()
-                    if car.status == "available" and (dealer_id is None or car.dealer_id == dealer_id)
-                    and not clash(schedules[car.id], start, end)]
+            if self._offerable is None:
+                self._offerable = [(car, self.schedules[car.id].starts, self.schedules[car.id].ends)
+                                   for car in self.cars.values() if car.status == "available"]
+            offerable = self._offerable
+            if dealer_id is not None:
+                offerable = [entry for entry in offerable if entry[0].dealer_id == dealer_id]
+            # Schedule.clash, inlined: a method call per car would double the cost of this loop
+            return [car for car, starts, ends in offerable
+                    if not ((i := bisect.bisect_left(starts, end)) and ends[i - 1] > start)]
+
+    def cars_json(self):
+        """Every car as one JSON array (bytes) and their count, made once after each change of a car."""
+        with self.lock:
+            if self._cars_json is None:
+                self._cars_json = json_array([car.json for car in self.cars.values()]), len(self.cars)
+            return self._cars_json
 
     def calendar(self, car_id, start, end):
         """One car and its bookings that overlap [start, end), read together."""
         with self.lock:
             car = self.car(car_id)
-            return car, busy_in(self.schedules[car_id], start, end)
+            return car, self.schedules[car_id].busy_in(micros(start), micros(end))
 
     def find_bookings(self, car_id=None, start=None, end=None, email=None):
         """Bookings ordered by start then id: overlapping [start, end) when both are given,
         starting at or after `start` or ending at or before `end` when only one is."""
         with self.lock:
             if car_id is not None:
-                found = list(self.schedules.get(car_id, ()))  # sorted already: one car's starts are distinct
+                found = list(self.schedules[car_id].bookings) if car_id in self.schedules else []
             else:
                 found = list(self.bookings.values())
         if car_id is None:
@@ -353,66 +388,100 @@ class Store:
     def sync(self):
         """Bring the dicts up to date if another process (or app) committed since this one looked.
 
-        Called before every request. If the database cannot be read, the request is answered from
-        the dicts as they are; a write would catch up (or fail with 503) inside its own transaction.
+        Called before every request, through this thread's own read connection, so that the usual
+        answer ("nothing new") needs no lock. If the database cannot be read, the request is
+        answered from the dicts as they are; a write catches up (or fails with 503) inside its own
+        transaction.
         """
         if not self.db.shared:
             return
-        with self.lock:
-            try:
-                if self.db.data_version() != self._version:
-                    with self.db.transaction(write=False):
-                        self._catch_up()
-            except sqlite3.Error as error:
-                log.warning("could not read %s to catch up: %s", self.db.path, error)
+        db = self.db.reader()
+        try:
+            version = db.data_version()
+            if version == db.seen_version:  # nobody else has committed since this thread looked
+                return
+            newest = db.newest_change()  # read before the lock: the probe must not hold it up
+            with self.lock:
+                if newest == self._seen:  # only this process's own writes: nothing to apply
+                    db.seen_version = version
+                else:
+                    self._catch_up(db)
+        except sqlite3.Error as error:
+            log.warning("could not read %s to catch up: %s", self.db.path, error)
+
+    def ping(self):
+        """A trivial read of the database; raises sqlite3.Error when it does not answer."""
+        if self.db.shared:
+            self.db.reader().ping()
+        else:
+            with self.write_lock:  # in memory there is only the one connection
+                self.db.write.ping()
 
     @contextmanager
     def _writing(self):
-        """One write transaction (call it under the lock): SQLite's write lock first (BEGIN
-        IMMEDIATE), then what other processes committed, then the block's checks and SQL, then
-        COMMIT. The caller changes the dicts after the block, so a refusal or a database error
-        leaves them untouched; a database error becomes a 503."""
-        try:
-            with self.db.transaction(write=True) as db:
-                self._catch_up()
-                yield db
-        except sqlite3.Error as error:
-            raise storage_error(self.db.path, error) from None
-        self._seen = self.db.last_change  # every write logs a change: this process has seen its own
+        """One write: yields (the write connection, then), with the dicts' lock held.
 
-    def _catch_up(self):
-        """Apply the changes logged since this process last looked (inside a transaction)."""
-        version = self.db.data_version()
-        newest = self.db.newest_change()
-        if newest != self._seen:
-            changed = self.db.changes_since(self._seen)
-            if changed is None:  # pruned past what this process has seen: start afresh
+        SQLite's write lock first (BEGIN IMMEDIATE, waiting for other processes without holding
+        the dicts' lock), then what others committed, then the block's checks and SQL, then COMMIT
+        with the dicts' lock released. The block says with then(function, argument) how the dicts
+        change; that happens only after COMMIT, so a refusal or a database error leaves them as
+        they were. A database error becomes a 503.
+        """
+        changes = []
+        with self.write_lock:
+            try:
+                with self.db.write.transaction(write=True) as db:
+                    with self.lock:
+                        if self.db.shared:
+                            self._catch_up(db)
+                        # Caught up, so the log ends at _seen; a write is one statement, one entry.
+                        seq = self._seen + 1
+                        yield db, lambda change, record: changes.append((change, record))
+                    if seq % CHANGE_LOG_PRUNE_EVERY == 0:
+                        db.prune(seq - CHANGE_LOG_KEEP)
+            except sqlite3.Error as error:
+                raise storage_error(self.db.path, error) from None
+            with self.lock:
+                if self._seen < seq:  # unless a reader has caught up with it already
+                    for change, record in changes:
+                        change(record)
+                    self._seen = seq
+
+    def _catch_up(self, db):
+        """Apply the changes logged since this process last looked, read through `db` (under the lock)."""
+        version = db.data_version()
+        if version == db.seen_version:  # nobody else has committed since this connection looked
+            return
+        with db.transaction(write=False):
+            changes = db.changes_since(self._seen)
+            if changes is None:  # pruned past what this process has seen: start afresh
                 log.info("%s: more changed than the change log keeps; reloading", self.db.path)
-                self._reload()
+                self._reload(db)
                 return
-            self._apply(changed)
-            self._seen = newest
-        self._version = version
+            changed, newest = changes
+            if newest > self._seen:
+                self._apply(db, changed)
+                self._seen = newest
+        db.seen_version = version
 
-    def _reload(self):
-        """Every dict built afresh from the database, in one read transaction."""
-        with self.db.transaction(write=False) as db:
-            self._version, self._seen = db.data_version(), db.newest_change()
+    def _reload(self, db):
+        """Every dict built afresh from the database, in one read transaction (under the lock)."""
+        with db.transaction(write=False):
+            db.seen_version, self._seen = db.data_version(), db.newest_change()
             self.dealers = {row[0]: Dealer(*row) for row in db.rows("dealer")}
             self.cars, self.car_by_vin, self.schedules = {}, {}, {}
+            self._offerable = self._cars_json = None  # made again when next asked for
             for row in db.rows("car"):
                 self._put_car(car_from_row(row))
             self.bookings = {}
-            for row in db.rows("booking"):  # by car and start, so every schedule is built in order
-                booking = booking_from_row(row)
-                self.bookings[booking.id] = booking
-                self.schedules[booking.car_id].append(booking)
+            for row in db.rows("booking"):
+                self._put_booking(booking_from_row(row))
 
-    def _apply(self, changed):
+    def _apply(self, db, changed):
         """Bring each changed record to its state in the database: dealers and cars first (a new
         booking may need them), bookings out of their schedules before any goes back in (a move may
         swap two), and removed cars and dealers last (their bookings and cars went first)."""
-        rows = {kind: self.db.rows(kind, ids) for kind, ids in changed.items()}
+        rows = {kind: db.rows(kind, ids) for kind, ids in changed.items()}
         for row in rows.get("dealer", {}).values():
             if row is not None:
                 self._put_dealer(Dealer(*row))
@@ -429,13 +498,16 @@ class Store:
             if row is None and car_id in self.cars:
                 self._drop_car(car_id)
         for dealer_id, row in rows.get("dealer", {}).items():
-            if row is None:
-                self.dealers.pop(dealer_id, None)
+            if row is None and dealer_id in self.dealers:
+                self._drop_dealer(dealer_id)
 
     # -- the dicts: changed only here, after COMMIT ------------------------------------------------
 
     def _put_dealer(self, dealer):
         self.dealers[dealer.id] = dealer
+
+    def _drop_dealer(self, dealer_id):
+        del self.dealers[dealer_id]
 
     # A VIN maps to a car only while that car holds it: when a batch of changes swaps VINs between
     # cars, or gives a deleted car's VIN to a new one, a later step must not remove the new owner.
@@ -446,27 +518,28 @@ class Store:
             del self.car_by_vin[old.vin]
         self.car_by_vin[car.vin] = car.id
         self.cars[car.id] = car
-        self.schedules.setdefault(car.id, [])
+        self.schedules.setdefault(car.id, Schedule())
+        self._offerable = self._cars_json = None
 
     def _drop_car(self, car_id):
         car = self.cars.pop(car_id)
         if self.car_by_vin.get(car.vin) == car_id:
             del self.car_by_vin[car.vin]
         del self.schedules[car_id]
+        self._offerable = self._cars_json = None
 
     def _put_booking(self, booking):
         old = self.bookings.get(booking.id)
         if old is not None:
             self._unschedule(old)
         self.bookings[booking.id] = booking
-        bisect.insort(self.schedules[booking.car_id], booking, key=by_start)
+        self.schedules[booking.car_id].add(booking)
 
     def _drop_booking(self, booking_id):
         self._unschedule(self.bookings.pop(booking_id))
 
     def _unschedule(self, booking):
-        schedule = self.schedules[booking.car_id]
-        del schedule[bisect.bisect_left(schedule, booking.start_datetime, key=by_start)]
+        self.schedules[booking.car_id].remove(booking)
 
 
 CAR_FIELDS = ("brand", "model", "year", "color", "daily_price", "vin", "status", "dealer_id")
@@ -476,7 +549,7 @@ BOOKING_FIELDS = ("car_id", "customer_name", "customer_email", "start_datetime",
 def new_car(car_id, fields):
     """A Car record with its public JSON form rendered once, here."""
     data = {"id": car_id} | {name: fields[name] for name in CAR_FIELDS}
-    return Car(**data, json=to_json(CAR_SCHEMA.dump(data)))
+    return Car(**data, json=to_json(CAR_SCHEMA.dump(data)).encode())
 
 
 def plural(n, noun):
@@ -485,6 +558,11 @@ def plural(n, noun):
 
 def to_json(data):
     return json.dumps(data, separators=(",", ":"))
+
+
+def json_array(parts):
+    """A JSON array (bytes) from items that are already JSON (bytes)."""
+    return b"[" + b",".join(parts) + b"]"
 
 
 def store():
@@ -530,14 +608,18 @@ MIGRATIONS = {
         end_datetime TEXT NOT NULL,
         CHECK (end_datetime > start_datetime)
     );
-    CREATE INDEX bookings_by_car ON bookings (car_id, start_datetime);
     -- One row per changed record, in commit order: what other processes read to catch up.
+    -- Written by triggers, in the transaction of the change itself, whoever makes it.
     CREATE TABLE changes (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
         kind TEXT NOT NULL,
         id INTEGER NOT NULL
     );
-    """,
+    """ + "".join(f"""
+    CREATE TRIGGER {table}_{event.lower()} AFTER {event} ON {table}
+    BEGIN INSERT INTO changes (kind, id) VALUES ('{kind}', {row}.id); END;"""
+                  for kind, table in [("dealer", "dealers"), ("car", "cars"), ("booking", "bookings")]
+                  for event, row in [("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD")]),
 }
 # kind -> table and its columns besides id
 TABLES = {"dealer": ("dealers", ("name", "location")),
@@ -550,35 +632,41 @@ SYNCHRONOUS = ("full", "normal")
 
 
 class Database:
-    """One SQLite connection, used under the store's lock only.
+    """The database file (or memory) of one store, and its connections.
 
-    Autocommit mode (isolation_level=None): every transaction is written out as BEGIN ... COMMIT,
-    so that a check and its write sit in one transaction. Opening a file checks it (ours, not
-    newer, not damaged), upgrades its schema and puts it in WAL mode; any problem is a ConfigError.
+    `write` is used by one writer at a time (the store's write lock). On a file, each thread that
+    serves requests also has a read connection of its own (`reader()`), to see whether another
+    process has committed and to catch up, so that a reader never waits for a writer's COMMIT nor
+    for another reader. In memory there is only `write`, as no other process can write. Opening a
+    file checks it (ours, not newer, not damaged), upgrades its schema and puts it in WAL mode; any
+    problem is a ConfigError.
     """
 
     def __init__(self, path, synchronous="full", busy_timeout=5.0):
         self.path = path
         self.shared = path != MEMORY  # a file can have other processes (or apps) on it
-        self.last_change = None  # the change log's seq of this process's latest write
+        self.busy_timeout = busy_timeout
+        self._readers = threading.local()
+        self.write = Connection(path, busy_timeout, self._refusal)
         try:
-            self.conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
-                                        check_same_thread=False)
+            self.write.conn.execute("PRAGMA busy_timeout = 0")  # see Connection._begin_immediate
+            self._prepare(self.write.conn, synchronous)
         except sqlite3.Error as error:
-            raise ConfigError(f"DEALERSHIP_DATABASE={path!r} cannot be opened ({error}): "
-                              "check that its folder exists and is writable.") from None
-        try:
-            self._prepare(synchronous)
-        except sqlite3.Error as error:
-            self.conn.close()
+            self.write.conn.close()
             raise self._refusal(error) from None
         except ConfigError:
-            self.conn.close()
+            self.write.conn.close()
             raise
 
-    def _prepare(self, synchronous):
-        conn = self.conn
-        conn.execute("PRAGMA foreign_keys = ON")
+    def reader(self):
+        """This thread's read connection to the file, opened on first use."""
+        reader = getattr(self._readers, "connection", None)
+        if reader is None:
+            reader = self._readers.connection = Connection(self.path, self.busy_timeout, self._refusal)
+            reader.conn.execute("PRAGMA query_only = ON")
+        return reader
+
+    def _prepare(self, conn, synchronous):
         app_id = conn.execute("PRAGMA application_id").fetchone()[0]  # "not a database" shows here
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
@@ -601,24 +689,18 @@ class Database:
             self._upgrade()
 
     def _upgrade(self):
-        with self.transaction(write=True):
-            version = self.conn.execute("PRAGMA user_version").fetchone()[0]  # another process may have
+        with self.write.transaction(write=True) as db:
+            version = db.conn.execute("PRAGMA user_version").fetchone()[0]  # another process may have
             for step in range(version + 1, SCHEMA_VERSION + 1):
-                self._script(MIGRATIONS[step])
+                db.script(MIGRATIONS[step])
             if version == 0:
-                self.conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-                self.insert("dealer", SEED_DEALER)
-            self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            if version == 0:
-                log.info("%s: new database, schema version %d", self.path, SCHEMA_VERSION)
-            elif version < SCHEMA_VERSION:
-                log.info("%s: schema upgraded from version %d to %d", self.path, version, SCHEMA_VERSION)
-
-    def _script(self, script):
-        # executescript() would COMMIT first; one statement at a time stays in the transaction
-        for statement in script.split(";"):
-            if statement.strip():
-                self.conn.execute(statement)
+                db.conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                db.insert("dealer", SEED_DEALER)
+            db.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if version == 0:
+            log.info("%s: new database, schema version %d", self.path, SCHEMA_VERSION)
+        elif version < SCHEMA_VERSION:
+            log.info("%s: schema upgraded from version %d to %d", self.path, version, SCHEMA_VERSION)
 
     def _refusal(self, error):
         """A ConfigError for a file that cannot be used, saying what to do about it."""
@@ -633,101 +715,6 @@ class Database:
         else:
             what = f"cannot be used ({text}): check the file and the permissions of its folder"
         return ConfigError(f"DEALERSHIP_DATABASE={self.path!r} {what}.")
-
-    # -- transactions ---------------------------------------------------------------------------
-
-    @contextmanager
-    def transaction(self, write):
-        """BEGIN IMMEDIATE (the write lock, taken first) or BEGIN (a read snapshot) ... COMMIT;
-        ROLLBACK on any error. Inside another transaction, that one is used."""
-        if self.conn.in_transaction:
-            yield self
-            return
-        self.last_change = None
-        self.conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-        try:
-            yield self
-            self.conn.execute("COMMIT")
-        except BaseException:
-            self.rollback()
-            raise
-
-    def rollback(self):
-        if self.conn.in_transaction:
-            try:
-                self.conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass  # SQLite rolls back by itself when it cannot go on
-
-    # -- records --------------------------------------------------------------------------------
-
-    def insert(self, kind, fields):
-        """Insert a record and log the change; the database assigns the id."""
-        table, columns = TABLES[kind]
-        new_id = self.conn.execute(
-            f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
-            [stored(fields[name]) for name in columns]).lastrowid
-        self._log_change(kind, new_id)
-        return new_id
-
-    def update(self, kind, record_id, fields):
-        table, columns = TABLES[kind]
-        self.conn.execute(f"UPDATE {table} SET {', '.join(f'{name} = ?' for name in columns)} WHERE id = ?",
-                          [stored(fields[name]) for name in columns] + [record_id])
-        self._log_change(kind, record_id)
-
-    def delete(self, kind, record_id):
-        self.conn.execute(f"DELETE FROM {TABLES[kind][0]} WHERE id = ?", (record_id,))
-        self._log_change(kind, record_id)
-
-    def rows(self, kind, ids=None):
-        """Every row of a kind (bookings by car and start, the others by id) or, given ids, a dict
-        of id -> row, in id order, None for a record that is gone."""
-        table, columns = TABLES[kind]
-        select = f"SELECT id, {', '.join(columns)} FROM {table}"
-        if ids is None:
-            return self.conn.execute(select + (" ORDER BY car_id, start_datetime" if kind == "booking"
-                                               else " ORDER BY id"))
-        found = dict.fromkeys(ids)
-        for i in range(0, len(ids), 500):
-            chunk = ids[i:i + 500]
-            for row in self.conn.execute(f"{select} WHERE id IN ({', '.join('?' * len(chunk))})", chunk):
-                found[row[0]] = row
-        return found
-
-    def is_empty(self):
-        return self.conn.execute("SELECT NOT EXISTS (SELECT 1 FROM cars)").fetchone()[0]
-
-    def ping(self):
-        """A trivial read of the file: raises sqlite3.Error when the database does not answer."""
-        self.conn.execute("SELECT count(*) FROM (SELECT 1 FROM dealers LIMIT 1)").fetchone()
-
-    # -- the change log -------------------------------------------------------------------------
-
-    def _log_change(self, kind, record_id):
-        seq = self.conn.execute("INSERT INTO changes (kind, id) VALUES (?, ?)", (kind, record_id)).lastrowid
-        if seq % CHANGE_LOG_PRUNE_EVERY == 0:
-            self.conn.execute("DELETE FROM changes WHERE seq <= ?", (seq - CHANGE_LOG_KEEP,))
-        self.last_change = seq
-
-    def data_version(self):
-        """Changes whenever another connection has committed since the last call."""
-        return self.conn.execute("PRAGMA data_version").fetchone()[0]
-
-    def newest_change(self):
-        return self.conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]
-
-    def changes_since(self, seq):
-        """{kind: sorted ids} changed after `seq`, or None when the log no longer reaches back that far."""
-        oldest = self.conn.execute("SELECT min(seq) FROM changes").fetchone()[0]
-        if oldest is not None and oldest > seq + 1:
-            return None
-        changed = {}
-        for kind, record_id in self.conn.execute("SELECT kind, id FROM changes WHERE seq > ?", (seq,)):
-            changed.setdefault(kind, set()).add(record_id)
-        return {kind: sorted(ids) for kind, ids in changed.items()}
-
-    # -- backups --------------------------------------------------------------------------------
 
     def backup(self, target):
         """A consistent copy of the database at `target`, taken while the service runs (SQLite's
@@ -745,6 +732,139 @@ class Database:
             source.close()
         os.replace(partial, target)
         return counts
+
+
+class Connection:
+    """One SQLite connection in autocommit mode: every transaction is written out as BEGIN ...
+    COMMIT, so that a check and its write sit in one. Every SQL statement of the service is here."""
+
+    def __init__(self, path, busy_timeout, refusal):
+        self.busy_timeout = busy_timeout
+        self.seen_version = None  # PRAGMA data_version when the store last caught up through here
+        try:
+            self.conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
+                                        check_same_thread=False)
+            self.conn.execute("PRAGMA foreign_keys = ON")
+        except sqlite3.Error as error:
+            raise refusal(error) from None
+
+    # -- transactions ---------------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self, write):
+        """BEGIN IMMEDIATE (the write lock, taken first) or BEGIN (a read snapshot) ... COMMIT;
+        ROLLBACK on any error. Inside another transaction, that one is used."""
+        if self.conn.in_transaction:
+            yield self
+            return
+        if write:
+            self._begin_immediate()
+        else:
+            self.conn.execute("BEGIN")
+        try:
+            yield self
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.rollback()
+            raise
+
+    def _begin_immediate(self):
+        """Take the write lock, waiting up to the busy timeout while another process holds it.
+
+        SQLite's own wait sleeps 1, 2, 5, 10 ms and more between tries, far longer than a commit
+        takes; this one tries again after 0.1 ms, doubling to at most 2 ms. (The write connection's
+        own busy timeout is 0, so that SQLite answers at once.)"""
+        deadline, pause = time.monotonic() + self.busy_timeout, 0.0001
+        while True:
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as error:
+                if getattr(error, "sqlite_errorname", "") != "SQLITE_BUSY" or time.monotonic() >= deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.002)
+
+    def script(self, sql):
+        """Run statements one by one inside the transaction (executescript() would COMMIT first)."""
+        statement = ""
+        for part in sql.split(";"):
+            statement += part + ";"
+            if sqlite3.complete_statement(statement):
+                if statement.strip(" \n;"):
+                    self.conn.execute(statement)
+                statement = ""
+
+    def rollback(self):
+        if self.conn.in_transaction:
+            try:
+                self.conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # SQLite rolls back by itself when it cannot go on
+
+    # -- records --------------------------------------------------------------------------------
+
+    # One statement each, so one entry in the change log each (its triggers write it).
+
+    def insert(self, kind, fields):
+        """Insert a record; the database assigns the id."""
+        table, columns = TABLES[kind]
+        return self.conn.execute(
+            f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+            [stored(fields[name]) for name in columns]).lastrowid
+
+    def update(self, kind, record_id, fields):
+        table, columns = TABLES[kind]
+        self.conn.execute(f"UPDATE {table} SET {', '.join(f'{name} = ?' for name in columns)} WHERE id = ?",
+                          [stored(fields[name]) for name in columns] + [record_id])
+
+    def delete(self, kind, record_id):
+        self.conn.execute(f"DELETE FROM {TABLES[kind][0]} WHERE id = ?", (record_id,))
+
+    def rows(self, kind, ids=None):
+        """Every row of a kind by id or, given ids, a dict of id -> row in id order, None for a
+        record that is gone."""
+        table, columns = TABLES[kind]
+        select = f"SELECT id, {', '.join(columns)} FROM {table}"
+        if ids is None:
+            return self.conn.execute(select + " ORDER BY id")
+        found = dict.fromkeys(ids)
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            for row in self.conn.execute(f"{select} WHERE id IN ({', '.join('?' * len(chunk))})", chunk):
+                found[row[0]] = row
+        return found
+
+    def is_empty(self):
+        return self.conn.execute("SELECT NOT EXISTS (SELECT 1 FROM cars)").fetchone()[0]
+
+    def ping(self):
+        self.conn.execute("SELECT count(*) FROM (SELECT 1 FROM dealers LIMIT 1)").fetchone()
+
+    # -- the change log -------------------------------------------------------------------------
+
+    def prune(self, through):
+        """Forget the changes up to `through`; the newest is always kept."""
+        self.conn.execute("DELETE FROM changes WHERE seq <= ?", (through,))
+
+    def data_version(self):
+        """Changes whenever another connection has committed since the last call."""
+        return self.conn.execute("PRAGMA data_version").fetchone()[0]
+
+    def newest_change(self):
+        return self.conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]
+
+    def changes_since(self, seq):
+        """({kind: sorted ids} changed after `seq`, the newest seq), or None when the log no longer
+        reaches back that far."""
+        oldest = self.conn.execute("SELECT min(seq) FROM changes").fetchone()[0]
+        if oldest is not None and oldest > seq + 1:
+            return None
+        changed = {}
+        for seq, kind, record_id in self.conn.execute(
+                "SELECT seq, kind, id FROM changes WHERE seq > ? ORDER BY seq", (seq,)):
+            changed.setdefault(kind, set()).add(record_id)
+        return {kind: sorted(ids) for kind, ids in changed.items()}, seq
 
 
 def stored(value):
@@ -1084,13 +1204,13 @@ def no_content():
 
 
 def json_text(text, status=200, headers=None):
-    """A response from a body that is already JSON text."""
+    """A response from a body that is already JSON (text or bytes)."""
     return Response(text, status, headers, mimetype="application/json")
 
 
 def json_list(parts, headers=None):
-    """A JSON array from items that are already JSON text."""
-    return json_text("[" + ",".join(parts) + "]", headers=headers)
+    """A JSON array response from items that are already JSON (bytes)."""
+    return json_text(json_array(parts), headers=headers)
 
 
 def api_doc(tag, *, returns=None, many=False, status=200, body=None, query=None, errors=(), headers=()):
@@ -1160,6 +1280,9 @@ def create_car():
 def list_cars():
     """Cars ordered by id, optionally filtered by status, dealer and brand, and paged."""
     filters = query(CAR_QUERY)
+    if filters.keys() == {"offset"} and not filters["offset"]:  # the whole fleet: ready made
+        body, total = store().cars_json()
+        return json_text(body, headers={"X-Total-Count": str(total)})
     status, dealer_id = filters.get("status"), filters.get("dealer_id")
     brand = filters.get("brand", "").strip().casefold()
     cars = [car for car in list(store().cars.values())
@@ -1167,7 +1290,7 @@ def list_cars():
             and (dealer_id is None or car.dealer_id == dealer_id)
             and (not brand or car.brand.casefold() == brand)]
     page, headers = paged(cars, filters)
-    return json_list((car.json for car in page), headers)
+    return json_list([car.json for car in page], headers)
 
 
 @bp.get("/cars/<int:car_id>")
@@ -1268,7 +1391,7 @@ def available_cars():
     filters = query(AVAILABLE_CARS_QUERY)
     cars = store().free_cars(filters["start_datetime"], filters["end_datetime"], filters.get("dealer_id"))
     page, headers = paged(cars, filters)
-    return json_list((car.json for car in page), headers)
+    return json_list([car.json for car in page], headers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1465,7 +1588,7 @@ def open_database(app):
 def load_demo_data(database, zone):
     """Into a database without cars only: a second dealer, six cars (one in maintenance) and three
     bookings in the coming days. One transaction, so processes starting together load it once."""
-    with database.transaction(write=True) as db:
+    with database.write.transaction(write=True) as db:
         if not db.is_empty():
             return
         first = next(iter(db.rows("dealer")), None)
@@ -1521,10 +1644,8 @@ def create_app(config=None):
     @app.get("/health")
     def health():
         """Liveness: the service answers, and so does its database (a trivial read)."""
-        service = store()
         try:
-            with service.lock:
-                service.db.ping()
+            store().ping()
         except sqlite3.Error as error:
             response = problem(503, "Service Unavailable", f"The database does not answer: {error}.")
             response.headers["Retry-After"] = "5"

@@ -1060,7 +1060,7 @@ def test_the_file_is_in_wal_mode_with_the_durability_asked_for(database, tmp_pat
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     for setting, level in [("full", 2), ("normal", 1), ("NORMAL", 1)]:
         app = on_file(str(tmp_path / f"{setting}.sqlite3"), DEALERSHIP_SYNCHRONOUS=setting)
-        assert app.extensions["dealership"].db.conn.execute("PRAGMA synchronous").fetchone() == (level,)
+        assert app.extensions["dealership"].db.write.conn.execute("PRAGMA synchronous").fetchone() == (level,)
 
 
 def test_default_database_is_in_the_instance_folder(tmp_path):
@@ -1185,6 +1185,48 @@ def test_random_changes_through_two_apps_match_a_brute_force_oracle(database):
     assert state(apps[0]) == state(apps[1]) == state(on_file(database).test_client())
 
 
+def test_threads_writing_and_reading_through_two_apps_leave_one_consistent_state(database):
+    """Readers catch up (on their own connection) while writers of both apps commit: every app ends
+    with what the file holds, and no car is double-booked."""
+    apps = [on_file(database, DEALERSHIP_SYNCHRONOUS="normal") for _ in range(2)]
+    for n in range(4):
+        make_car(apps[0].test_client(), vin=vin(n))
+    base = datetime(2035, 1, 1, tzinfo=timezone.utc)
+
+    def work(i):
+        rng, client = random.Random(i), apps[i % 2].test_client()
+        mine, statuses = [], []
+        for _ in range(60):
+            start = base + timedelta(hours=rng.randrange(0, 100))
+            end = (start + timedelta(hours=rng.randrange(1, 8))).isoformat()
+            if i % 4 == 3:  # a reader
+                statuses.append(client.get(f"{API}/bookings/available-cars",
+                                           query_string=window(start.isoformat(), end)).status_code)
+                continue
+            roll = rng.random()
+            if mine and roll < 0.3:
+                response = client.delete(f"{API}/bookings/{mine.pop()}")
+            elif mine and roll < 0.6:
+                response = patch_booking(client, rng.choice(mine), start_datetime=start.isoformat(), end_datetime=end)
+            else:
+                response = book(client, rng.randrange(1, 5), start.isoformat(), end)
+                if response.status_code == 201:
+                    mine.append(response.get_json()["id"])
+            statuses.append(response.status_code)
+        return statuses
+
+    results = run_at_once(16, work)
+    assert {status for statuses in results for status in statuses} <= {200, 201, 204, 409}
+    final = state(on_file(database).test_client())
+    assert state(apps[0].test_client()) == state(apps[1].test_client()) == final
+    by_car = {}
+    for b in final["bookings"]:
+        by_car.setdefault(b["car_id"], []).append((b["start_datetime"], b["end_datetime"]))
+    for spans in by_car.values():
+        spans.sort()
+        assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:]))
+
+
 REFUSALS = [
     ("post", "/bookings", booking_body(1, "2030-01-15T11:00:00Z", "2030-01-15T13:00:00Z"), 409),
     ("post", "/bookings", booking_body(9), 404),
@@ -1269,7 +1311,7 @@ def test_a_busy_database_gives_503_and_changes_nothing(database):
 def test_a_full_disk_gives_503_and_changes_nothing(database):
     app = on_file(database)
     client = app.test_client()
-    db = app.extensions["dealership"].db
+    db = app.extensions["dealership"].db.write
     pages = db.conn.execute("PRAGMA page_count").fetchone()[0]
     db.conn.execute(f"PRAGMA max_page_count = {pages}")  # as if the disk were full from here on
     for n in range(1000):
@@ -1416,10 +1458,6 @@ def test_backup_of_a_memory_database_says_there_is_nothing_to_copy(app, tmp_path
 
 
 def test_embedding_keeps_the_host_as_it_was():
-    from flask import Flask
-
-    import dealership
-
     host = host_app("host")
 
     @host.get("/")
@@ -1527,10 +1565,6 @@ def test_docs_page_is_served_locally(client):
 
 
 def test_embedded_service_mounts_docs_only_when_asked():
-    from flask import Flask
-
-    import dealership
-
     plain = host_app("plain")
     dealership.init_app(plain)
     assert plain.test_client().get("/openapi.json").status_code == 404
