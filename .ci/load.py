@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
 """Load test: the production server under concurrent clients, on 127.0.0.1 only.
 
-    python .ci/load.py [--clients 32] [--seconds 20] [--cars 200]
+    python .ci/load.py [--processes 2] [--clients 32] [--seconds 20] [--cars 200]
 
-Starts waitress exactly as the README says (one process, several threads) on a free loopback port,
-fills --cars cars through the API, then runs --clients concurrent clients for --seconds, mixing
+Starts --processes waitress processes exactly as the README says, each with several threads on a
+free loopback port, all on one database file; fills --cars cars through the first, then runs
+--clients concurrent clients spread over every process for --seconds, mixing
 available-cars, GET /cars/{id}, new bookings (a third of them contending for a few hot car-and-range
 slots) and cancellations of bookings the client made. It fails unless there was no 5xx, no
 unexpected status and no connection error; every booking the clients were told was created (and did
 not cancel) is stored, no cancelled one is; no two stored bookings of one car overlap; and the
-server still answers /health. It prints requests per second and p50/p99 latency per request kind.
+servers still answer /health and every process answers the same cars and bookings. It prints requests
+per second and p50/p99 latency per request kind.
 Every request has a timeout, the run has a deadline, and the server is stopped however this exits.
 """
 import argparse
@@ -96,15 +98,16 @@ def main():
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--cars", type=int, default=200)
-    ap.add_argument("--threads", type=int, default=8, help="waitress worker threads")
+    ap.add_argument("--threads", type=int, default=8, help="waitress worker threads per process")
+    ap.add_argument("--processes", type=int, default=2, help="server processes on one database file")
     a = ap.parse_args()
 
-    with serve(threads=a.threads) as (base, server):
-        return drive(urlsplit(base).port, server, a)
+    with serve(threads=a.threads, processes=a.processes) as servers:
+        return drive([urlsplit(base).port for base, _ in servers], [server for _, server in servers], a)
 
 
-def drive(port, server, a):
-    setup = Client(port)
+def drive(ports, servers, a):
+    setup = Client(ports[0])
     car_ids = []
     for n in range(a.cars):
         status, car = setup.call("POST", f"{API}/cars", {
@@ -135,8 +138,8 @@ def drive(port, server, a):
 
     began = time.monotonic()
     deadline = began + a.seconds
-    threads = [threading.Thread(target=run_client, args=(port, car_ids, hot, deadline, seed, record), daemon=True)
-               for seed in range(a.clients)]
+    threads = [threading.Thread(target=run_client, args=(ports[seed % len(ports)], car_ids, hot, deadline, seed, record),
+                                daemon=True) for seed in range(a.clients)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -147,7 +150,7 @@ def drive(port, server, a):
 
     total = sum(len(v) for v in latencies.values())
     print(f"load: {a.clients} clients, {elapsed:.1f} s, {total} requests, {total / elapsed:.0f} requests/s "
-          f"(waitress, {a.threads} threads, {os.cpu_count()} cores)")
+          f"(waitress, {len(ports)} processes of {a.threads} threads on one database file, {os.cpu_count()} cores)")
     print(f"{'kind':8} {'count':>7} {'p50 ms':>8} {'p99 ms':>8}   statuses")
     for kind in EXPECTED:
         times = sorted(latencies[kind])
@@ -180,11 +183,18 @@ def drive(port, server, a):
                 problems.append(f"car {car_id}: bookings {id_a} and {id_b} overlap")
     print(f"load: {len(stored)} bookings stored, {len(created)} created, {len(cancelled)} cancelled, "
           f"{statuses['hot'][409] + statuses['book'][409]} refused with 409")
-    health, _ = setup.call("GET", "/health")
-    if health != 200:
-        problems.append(f"/health answered {health} at the end")
-    if server.poll() is not None:
-        problems.append(f"the server exited with {server.returncode}")
+    for port, server in zip(ports, servers):
+        reader = Client(port)
+        for path in (f"{API}/bookings", f"{API}/cars"):
+            status, seen = reader.call("GET", path)
+            expected = stored if path.endswith("bookings") else setup.call("GET", path)[1]
+            if status != 200 or seen != expected:
+                problems.append(f"the process on port {port} answers {path} differently from the first ({status})")
+        health, _ = reader.call("GET", "/health")
+        if health != 200:
+            problems.append(f"/health on port {port} answered {health} at the end")
+        if server.poll() is not None:
+            problems.append(f"the server on port {port} exited with {server.returncode}")
 
     for line in problems[:20]:
         print("load: FAIL " + line)

@@ -1,13 +1,17 @@
-"""The service under the README's production command, on a free loopback port, for the CI checks.
+"""The service under the README's production command, on free loopback ports, for the CI checks.
 
     with serve(threads=8, env={"DEALERSHIP_API_KEY": "k"}) as (base_url, server): ...
+    with serve(processes=2) as servers: ...            # [(base_url, server), ...] on one database file
+    server, base_url = start(database, threads=8)        # by hand, for a test that kills it
 
 Starts `waitress --listen=127.0.0.1:PORT --call dealership:create_app` from the project root with
-the caller's environment less any DEALERSHIP_* setting (plus `env`), waits for /health, and stops
-the server however the block exits. Its output goes to a log file whose path is printed at the end.
+the caller's environment less any DEALERSHIP_* setting (plus `env`), on a database file in a new
+temporary folder unless `env` names one, waits for /health, and stops every server however the
+block exits. Their output goes to log files whose paths are printed at the end.
 """
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -40,6 +44,8 @@ def wait_for(url, process, seconds=30):
 
 
 def stop(process):
+    if process.poll() is not None:
+        return
     process.terminate()
     try:
         process.wait(timeout=10)
@@ -48,18 +54,39 @@ def stop(process):
         process.wait()
 
 
-@contextlib.contextmanager
-def serve(threads=4, env=None):
+def start(database, threads=4, env=None):
+    """One waitress process on `database`, answering /health: (process, base_url). Stop it with stop()."""
     port = free_port()
     base = f"http://{HOST}:{port}"
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("DEALERSHIP_")} | (env or {})
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("DEALERSHIP_")}
+    clean |= {"DEALERSHIP_DATABASE": database} | (env or {})
     log = tempfile.NamedTemporaryFile("w+", prefix="dealership-server-", suffix=".log", delete=False)
     server = subprocess.Popen([sys.executable, "-m", "waitress", f"--listen={HOST}:{port}", f"--threads={threads}",
                                "--call", "dealership:create_app"], cwd=ROOT, env=clean, stdout=log,
                               stderr=subprocess.STDOUT)
+    server.log = log.name
     try:
         wait_for(f"{base}/health", server)
-        yield base, server
-    finally:
+    except BaseException:
         stop(server)
-        print(f"server log: {log.name}")
+        raise
+    return server, base
+
+
+@contextlib.contextmanager
+def serve(threads=4, env=None, processes=None):
+    """One server (yields (base_url, process)) or, with `processes`, that many on one database file
+    (yields a list of them)."""
+    folder = tempfile.mkdtemp(prefix="dealership-data-")
+    database = (env or {}).get("DEALERSHIP_DATABASE", os.path.join(folder, "dealership.sqlite3"))
+    servers = []
+    try:
+        for _ in range(processes or 1):
+            server, base = start(database, threads, env)
+            servers.append((base, server))
+        yield servers if processes else servers[0]
+    finally:
+        for _, server in servers:
+            stop(server)
+            print(f"server log: {server.log}")
+        shutil.rmtree(folder, ignore_errors=True)

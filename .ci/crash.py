@@ -1,0 +1,238 @@
+#!/usr/bin/env python3
+"""Crash test: kill -9 the production server mid-write, restart it, and check that nothing acknowledged is lost.
+
+    python .ci/crash.py [--rounds 3] [--clients 6] [--cars 20]
+
+Starts waitress as the README says, on a database file in a temporary folder, with the default
+durability (DEALERSHIP_SYNCHRONOUS=full). Each round, --clients clients book, reschedule and cancel
+as fast as they can; after a random 1 to 3 seconds the server gets SIGKILL, in the middle of their
+requests. The server is started again on the same file, and everything it holds is checked against
+what the clients were told:
+- every booking whose 201 was received is there, with the times of the last 200 received for it,
+  unless a later 204 removed it;
+- a request whose answer never came (cut off by the kill) left either nothing or its whole effect:
+  a booking nobody was told about is one of those requests' bodies, exactly;
+- no two bookings of one car overlap, and ids go on after the restart (a new booking's id is higher
+  than every id seen before).
+At least three rounds. Every request has a timeout and the run a deadline; the server is stopped
+however this exits.
+"""
+import argparse
+import http.client
+import json
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from datetime import datetime, timedelta, timezone
+from urllib.parse import urlsplit
+
+from serve import HOST, start, stop
+
+API = "/api/v1"
+T0 = datetime(2036, 1, 1, tzinfo=timezone.utc)
+KINDS = {"book": {201, 409}, "move": {200, 409}, "cancel": {204}}
+
+
+def call(conn, method, path, body=None):
+    data = None if body is None else json.dumps(body)
+    conn.request(method, path, data, {"Content-Type": "application/json"} if body is not None else {})
+    response = conn.getresponse()
+    payload = response.read()
+    return response.status, (json.loads(payload) if payload else None)
+
+
+def span(rng):
+    start = T0 + timedelta(hours=rng.randrange(0, 3000))
+    end = start + timedelta(hours=rng.choice([1, 2, 5, 24]))
+    return start.isoformat(), end.isoformat()
+
+
+class Client(threading.Thread):
+    """Books, moves and cancels until its connection breaks (the kill) or the deadline passes.
+
+    `told` holds what the server acknowledged, in order; `cut` the one request whose answer never came.
+    """
+
+    def __init__(self, name, port, car_ids, deadline, seed, mine):
+        super().__init__(daemon=True)
+        self.name, self.port, self.car_ids, self.deadline = name, port, car_ids, deadline
+        self.rng = random.Random(seed)
+        self.mine = mine  # ids of this client's bookings that exist, carried over rounds
+        self.told, self.cut, self.problems, self.serial = [], None, [], 0
+
+    def run(self):
+        conn = http.client.HTTPConnection(HOST, self.port, timeout=10)
+        while time.monotonic() < self.deadline:
+            roll = self.rng.random()
+            if roll < 0.5 or not self.mine:
+                self.serial += 1
+                start, end = span(self.rng)
+                body = {"car_id": self.rng.choice(self.car_ids), "customer_name": f"{self.name} #{self.serial}",
+                        "customer_email": "crash@example.com", "start_datetime": start, "end_datetime": end}
+                request = ("book", "POST", f"{API}/bookings", body)
+            elif roll < 0.8:
+                start, end = span(self.rng)
+                booking_id = self.rng.choice(self.mine)
+                request = ("move", "PATCH", f"{API}/bookings/{booking_id}", {"start_datetime": start, "end_datetime": end})
+            else:
+                booking_id = self.mine.pop(self.rng.randrange(len(self.mine)))
+                request = ("cancel", "DELETE", f"{API}/bookings/{booking_id}", None)
+            kind, method, path, body = request
+            try:
+                status, payload = call(conn, method, path, body)
+            except (OSError, http.client.HTTPException):
+                self.cut = request  # the kill: this request may or may not have been carried out
+                if kind == "cancel":
+                    self.mine.append(booking_id)
+                return
+            if status not in KINDS[kind]:
+                self.problems.append(f"{method} {path} answered {status}: {payload}")
+                return
+            self.told.append((kind, status, path, body, payload))
+            if kind == "book" and status == 201:
+                self.mine.append(payload["id"])
+
+
+def stored_bookings(base):
+    conn = http.client.HTTPConnection(HOST, urlsplit(base).port, timeout=30)
+    status, bookings = call(conn, "GET", f"{API}/bookings")
+    if status != 200:
+        sys.exit(f"crash: GET /bookings answered {status}")
+    return {b["id"]: b for b in bookings}
+
+
+def instant(text):
+    return datetime.fromisoformat(text)
+
+
+def same_times(booking, body):
+    return (instant(booking["start_datetime"]), instant(booking["end_datetime"])) == \
+        (instant(body["start_datetime"]), instant(body["end_datetime"]))
+
+
+def check(before, clients, after, problems):
+    """`before`: the bookings stored when the round began; `after`: those stored after the restart."""
+    expected = dict(before)  # id -> booking as the clients were last told
+    for client in clients:
+        for kind, status, path, body, payload in client.told:
+            if kind == "book" and status == 201:
+                expected[payload["id"]] = payload
+            elif kind == "move" and status == 200:
+                expected[payload["id"]] = payload
+            elif kind == "cancel":
+                expected.pop(int(path.rsplit("/", 1)[1]), None)
+    cut = [client.cut for client in clients if client.cut is not None]
+    cut_cancels = {int(path.rsplit("/", 1)[1]) for kind, _, path, _ in cut if kind == "cancel"}
+    cut_moves = defaultdict(list)
+    for kind, _, path, body in cut:
+        if kind == "move":
+            cut_moves[int(path.rsplit("/", 1)[1])].append(body)
+    cut_books = [body for kind, _, _, body in cut if kind == "book"]
+
+    for booking_id, booking in expected.items():
+        stored = after.get(booking_id)
+        if stored is None:
+            if booking_id not in cut_cancels:
+                problems.append(f"booking {booking_id} was acknowledged and is gone")
+        elif stored != booking and not any(same_times(stored, body) for body in cut_moves[booking_id]):
+            problems.append(f"booking {booking_id} is {stored}, but the clients were told {booking}")
+    for booking_id, stored in after.items():
+        if booking_id in expected:
+            continue
+        matches = [body for body in cut_books if body["customer_name"] == stored["customer_name"]]
+        if not matches or any(stored[k] != matches[0][k] for k in ("car_id", "customer_email")) \
+                or not same_times(stored, matches[0]):
+            problems.append(f"booking {booking_id} was never acknowledged and is not a cut-off request: {stored}")
+        else:
+            cut_books.remove(matches[0])
+    by_car = defaultdict(list)
+    for b in after.values():
+        by_car[b["car_id"]].append((instant(b["start_datetime"]), instant(b["end_datetime"]), b["id"]))
+    for car_id, spans in by_car.items():
+        spans.sort()
+        for (_, end_a, id_a), (start_b, _, id_b) in zip(spans, spans[1:]):
+            if start_b < end_a:
+                problems.append(f"car {car_id}: bookings {id_a} and {id_b} overlap")
+    return sum(len(client.told) for client in clients), len(cut)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--clients", type=int, default=6)
+    ap.add_argument("--cars", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=None)
+    a = ap.parse_args()
+    if a.rounds < 3:
+        sys.exit("crash: at least three kill/restart rounds")
+    seed = a.seed if a.seed is not None else random.randrange(1 << 30)
+    print(f"crash: seed {seed}")
+    rng = random.Random(seed)
+    folder = tempfile.mkdtemp(prefix="dealership-crash-")
+    database = f"{folder}/dealership.sqlite3"
+    server = None
+    problems = []
+    try:
+        server, base = start(database, threads=8)
+        conn = http.client.HTTPConnection(HOST, urlsplit(base).port, timeout=10)
+        car_ids = []
+        for n in range(a.cars):
+            status, car = call(conn, "POST", f"{API}/cars", {
+                "brand": "Skoda", "model": "Fabia", "year": 2024, "color": "Green", "daily_price": 39.0,
+                "vin": f"TMBEA6NJ1L{n:07d}", "dealer_id": 1})
+            if status != 201:
+                sys.exit(f"crash: filling cars failed with {status}: {car}")
+            car_ids.append(car["id"])
+        conn.close()
+        mine = defaultdict(list)
+        for round_ in range(1, a.rounds + 1):
+            before = stored_bookings(base)
+            deadline = time.monotonic() + 15
+            clients = [Client(f"r{round_}c{n}", urlsplit(base).port, car_ids, deadline, rng.random(), mine[n])
+                       for n in range(a.clients)]
+            for client in clients:
+                client.start()
+            time.sleep(rng.uniform(1, 3))
+            server.send_signal(signal.SIGKILL)
+            server.wait(timeout=10)
+            for client in clients:
+                client.join(timeout=20)
+            if any(client.is_alive() for client in clients):
+                problems.append(f"round {round_}: a client did not stop")
+            for client in clients:
+                problems.extend(f"round {round_}: {p}" for p in client.problems)
+            server, base = start(database, threads=8)
+            after = stored_bookings(base)
+            acknowledged, cut = check(before, clients, after, problems)
+            highest = max([0, *before, *after] + [p["id"] for c in clients for *_, p in c.told if p and "id" in p])
+            for ids in mine.values():  # a cut-off cancel may have been carried out, a cut-off booking too
+                ids[:] = [booking_id for booking_id in ids if booking_id in after]
+            conn = http.client.HTTPConnection(HOST, urlsplit(base).port, timeout=10)
+            status, fresh = call(conn, "POST", f"{API}/bookings", {
+                "car_id": car_ids[0], "customer_name": f"after round {round_}", "customer_email": "crash@example.com",
+                "start_datetime": (T0 + timedelta(days=400 + round_)).isoformat(),
+                "end_datetime": (T0 + timedelta(days=400 + round_, hours=1)).isoformat()})
+            conn.close()
+            if status != 201 or fresh["id"] <= highest:
+                problems.append(f"round {round_}: after the restart a new booking got {status} {fresh}; "
+                                f"the highest id seen was {highest}")
+            print(f"crash: round {round_}: killed after {acknowledged} acknowledged writes with {cut} requests "
+                  f"cut off; {len(after)} bookings stored after the restart, the next id {fresh.get('id')}")
+    finally:
+        if server is not None:
+            stop(server)
+            print(f"server log: {server.log}")
+        shutil.rmtree(folder, ignore_errors=True)
+    for line in problems[:20]:
+        print("crash: FAIL " + line)
+    print("crash: passed" if not problems else f"crash: failed with {len(problems)} problems")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
