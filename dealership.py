@@ -79,8 +79,11 @@ SETTINGS = {
 log = logging.getLogger("dealership")
 
 
-class ConfigError(ValueError):
-    """A setting, or a database file, that the service cannot start with."""
+class ConfigError(click.ClickException, ValueError):
+    """A setting, or a database file, that the service cannot start with.
+
+    A ClickException, so that `flask run` (and any Flask command) prints its one line, not a traceback.
+    """
 
 # ---------------------------------------------------------------------------------------------
 # Records: immutable, so a reader never sees half an update; a change stores a new record.
@@ -1577,11 +1580,15 @@ def open_database(app):
         raise ConfigError(f"DEALERSHIP_BUSY_TIMEOUT={timeout!r} must be a number of seconds from 0 to 3600.")
     path = os.fspath(path)
     if path != MEMORY:
-        path = os.path.join(app.instance_path, path)
+        path = os.path.join(app.instance_path, path)  # an absolute path stays as it is
+        folder = os.path.dirname(path)
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            if os.path.commonpath([app.instance_path, path]) == app.instance_path:
+                os.makedirs(folder, exist_ok=True)  # the instance folder is the service's to make
         except OSError as error:
             raise ConfigError(f"DEALERSHIP_DATABASE={path!r}: its folder cannot be made ({error}).") from None
+        if not os.path.isdir(folder):
+            raise ConfigError(f"DEALERSHIP_DATABASE={path!r}: the folder {folder!r} does not exist.")
     return Database(path, synchronous=str(synchronous).lower(), busy_timeout=timeout)
 
 

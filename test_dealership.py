@@ -5,6 +5,7 @@ import random
 import re
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from contextlib import closing, contextmanager
@@ -1410,6 +1411,25 @@ def test_a_damaged_file_refuses_to_start(database):
         f.write(b"\xff" * 16)  # the table's first page no longer makes sense
     with pytest.raises(dealership.ConfigError, match="is damaged.*restore"):
         on_file(database)
+
+
+def test_a_folder_that_does_not_exist_refuses_to_start(tmp_path):
+    with pytest.raises(dealership.ConfigError, match="does not exist"):
+        on_file(str(tmp_path / "missing" / "dealership.sqlite3"))
+    assert not (tmp_path / "missing").exists()  # only the instance folder is the service's to make
+
+
+def test_flask_run_refuses_a_bad_file_in_one_line(tmp_path):
+    bad = tmp_path / "notes.sqlite3"
+    bad.write_text("not a database\n" * 100)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEALERSHIP_")} | {"DEALERSHIP_DATABASE": str(bad)}
+    done = subprocess.run([sys.executable, "-m", "flask", "--app", "dealership", "run", "--port", "0"],
+                          cwd=os.path.dirname(os.path.abspath(dealership.__file__)), env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"Error: DEALERSHIP_DATABASE='{bad}' is not a SQLite database: point the setting at the service's own file.")
+    assert "Traceback" not in done.stderr
 
 
 def test_backup_writes_a_consistent_copy_while_the_service_runs(database, tmp_path):
