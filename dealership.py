@@ -63,6 +63,7 @@ FIRST_CAR_YEAR = 1886
 MAX_DAILY_PRICE = 1_000_000
 CAR_STATUSES = ("available", "maintenance")
 MAX_PAGE = 1000
+CLOCK_TOLERANCE = timedelta(minutes=1)  # how far in the past a new booking may start
 SEED_DEALER = {"name": "Oscar Mobility Main", "location": "Munich, Germany"}
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Every setting, with its default; create_app also reads each from the environment.
@@ -175,6 +176,14 @@ class Schedule:
     def busy_in(self, start, end):
         """The bookings that overlap [start, end) (micros), in time order."""
         return self.bookings[bisect.bisect_right(self.ends, start):bisect.bisect_left(self.starts, end)]
+
+
+def check_not_past(start, now):
+    """A booking may not start (or be moved to start) before now, give or take a minute for clocks
+    that differ: raised on start_datetime."""
+    if start < now - CLOCK_TOLERANCE:
+        raise ValidationError(f"Is in the past: a booking can start from now on "
+                              f"({now.replace(microsecond=0).isoformat()}).", field_name="start_datetime")
 
 
 def free_gaps(busy, start, end):
@@ -290,6 +299,7 @@ class Store:
     # -- bookings -------------------------------------------------------------------------------
 
     def add_booking(self, fields):
+        check_not_past(fields["start_datetime"], datetime.now(timezone.utc))
         with self._writing() as (db, then):
             self._check_bookable(fields["car_id"], fields["start_datetime"], fields["end_datetime"])
             booking = Booking(id=db.insert("booking", fields), **fields)
@@ -303,6 +313,8 @@ class Store:
             old = self.booking(booking_id)
             booking = replace(old, **changes)
             check_window({"start_datetime": booking.start_datetime, "end_datetime": booking.end_datetime})
+            if booking.start_datetime != old.start_datetime:  # a running booking may still change its end
+                check_not_past(booking.start_datetime, datetime.now(timezone.utc))
             if (booking.car_id, booking.start_datetime, booking.end_datetime) != \
                     (old.car_id, old.start_datetime, old.end_datetime):
                 self._check_bookable(booking.car_id, booking.start_datetime, booking.end_datetime, ignore=old)
@@ -1140,7 +1152,7 @@ def http_error(error):
 
 
 def validation_error(error):
-    messages = error.messages if isinstance(error.messages, dict) else {"_schema": error.messages}
+    messages = error.messages if isinstance(error.messages, dict) else {error.field_name: error.messages}
     return problem(422, "Unprocessable Content", f"Invalid input: {', '.join(sorted(messages))}.", messages)
 
 

@@ -66,13 +66,13 @@ def vin(n):
     return f"1HGBH41JXM{n:07d}"
 
 
-def booking_body(car_id, start="2030-01-15T10:00:00Z", end="2030-01-15T12:00:00Z", **changes):
+def booking_body(car_id, start="2035-01-15T10:00:00Z", end="2035-01-15T12:00:00Z", **changes):
     body = {"car_id": car_id, "customer_name": "Ada Lovelace", "customer_email": "ada@example.com",
             "start_datetime": start, "end_datetime": end}
     return body | changes
 
 
-def book(client, car_id, start="2030-01-15T10:00:00Z", end="2030-01-15T12:00:00Z", **changes):
+def book(client, car_id, start="2035-01-15T10:00:00Z", end="2035-01-15T12:00:00Z", **changes):
     return client.post(f"{API}/bookings", json=booking_body(car_id, start, end, **changes))
 
 
@@ -272,7 +272,7 @@ def test_delete_car(client):
 def test_delete_car_with_bookings_is_409_with_count(client):
     make_car(client)
     book(client, 1)
-    book(client, 1, "2030-02-01T00:00:00Z", "2030-02-02T00:00:00Z")
+    book(client, 1, "2035-02-01T00:00:00Z", "2035-02-02T00:00:00Z")
     body = assert_problem(client.delete(f"{API}/cars/1"), 409)
     assert "2 bookings" in body["detail"]
     assert client.get(f"{API}/cars/1").status_code == 200
@@ -334,15 +334,15 @@ def test_create_booking(client):
     assert response.headers["Location"] == f"{API}/bookings/1"
     assert response.get_json() == {"id": 1, "car_id": 1, "customer_name": "Ada Lovelace",
                                    "customer_email": "ada@example.com",
-                                   "start_datetime": "2030-01-15T10:00:00+00:00",
-                                   "end_datetime": "2030-01-15T12:00:00+00:00"}
+                                   "start_datetime": "2035-01-15T10:00:00+00:00",
+                                   "end_datetime": "2035-01-15T12:00:00+00:00"}
     assert client.get(f"{API}/bookings/1").get_json() == response.get_json()
 
 
 @pytest.mark.parametrize("field, value", [
     ("customer_name", ""), ("customer_name", "  "), ("customer_name", "x" * 201),
     ("customer_email", "not-an-email"), ("customer_email", ""), ("customer_email", 5),
-    ("start_datetime", "tomorrow"), ("start_datetime", "2030-13-01T00:00:00Z"), ("start_datetime", 1700000000),
+    ("start_datetime", "tomorrow"), ("start_datetime", "2035-13-01T00:00:00Z"), ("start_datetime", 1700000000),
     ("start_datetime", "9999-12-31T23:00:00-05:00"), ("end_datetime", "0001-01-01T00:00:00+01:00"),
     ("end_datetime", None), ("car_id", "1"), ("car_id", 0), ("id", 3),
 ])
@@ -360,10 +360,10 @@ def test_create_booking_requires_field(client, field):
     assert_problem(client.post(f"{API}/bookings", json=body), 422, field)
 
 
-@pytest.mark.parametrize("end", ["2030-01-15T10:00:00Z", "2030-01-15T09:00:00Z", "2030-01-15T11:00:00+02:00"])
+@pytest.mark.parametrize("end", ["2035-01-15T10:00:00Z", "2035-01-15T09:00:00Z", "2035-01-15T11:00:00+02:00"])
 def test_booking_end_not_after_start_is_422(client, end):
     make_car(client)
-    body = assert_problem(book(client, 1, "2030-01-15T10:00:00Z", end), 422, "end_datetime")
+    body = assert_problem(book(client, 1, "2035-01-15T10:00:00Z", end), 422, "end_datetime")
     assert "after" in body["errors"]["end_datetime"][0]
     assert client.get(f"{API}/bookings").get_json() == []
 
@@ -383,7 +383,7 @@ def test_booking_car_in_maintenance_is_409(client):
 def test_overlapping_booking_is_409_naming_the_booking(client):
     make_car(client)
     assert book(client, 1).status_code == 201
-    body = assert_problem(book(client, 1, "2030-01-15T11:00:00Z", "2030-01-15T13:00:00Z"), 409)
+    body = assert_problem(book(client, 1, "2035-01-15T11:00:00Z", "2035-01-15T13:00:00Z"), 409)
     assert "booking 1" in body["detail"]
     assert len(client.get(f"{API}/bookings").get_json()) == 1
 
@@ -398,25 +398,25 @@ def test_same_time_on_another_car_is_fine(client):
 def test_list_bookings_ordered_by_start_then_filtered(client):
     make_car(client, vin=vin(1))
     make_car(client, vin=vin(2))
-    book(client, 1, "2030-01-03T00:00:00Z", "2030-01-04T00:00:00Z")  # 1
-    book(client, 2, "2030-01-01T00:00:00Z", "2030-01-02T00:00:00Z")  # 2
-    book(client, 1, "2030-01-01T00:00:00Z", "2030-01-02T00:00:00Z")  # 3
+    book(client, 1, "2035-01-03T00:00:00Z", "2035-01-04T00:00:00Z")  # 1
+    book(client, 2, "2035-01-01T00:00:00Z", "2035-01-02T00:00:00Z")  # 2
+    book(client, 1, "2035-01-01T00:00:00Z", "2035-01-02T00:00:00Z")  # 3
     ids = lambda qs="": [b["id"] for b in client.get(f"{API}/bookings?{qs}").get_json()]  # noqa: E731
     assert ids() == [2, 3, 1]
     assert ids("car_id=1") == [3, 1]
     assert ids("car_id=9") == []
     # both bounds: overlapping [start, end); half-open, so touching is not overlapping
-    assert ids("start_datetime=2030-01-02T00:00:00Z&end_datetime=2030-01-03T00:00:00Z") == []
-    assert ids("start_datetime=2030-01-01T23:00:00Z&end_datetime=2030-01-03T00:00:01Z") == [2, 3, 1]
+    assert ids("start_datetime=2035-01-02T00:00:00Z&end_datetime=2035-01-03T00:00:00Z") == []
+    assert ids("start_datetime=2035-01-01T23:00:00Z&end_datetime=2035-01-03T00:00:01Z") == [2, 3, 1]
     # only start: starting at or after it; only end: ending at or before it
-    assert ids("start_datetime=2030-01-03T00:00:00Z") == [1]
-    assert ids("end_datetime=2030-01-02T00:00:00Z") == [2, 3]
-    assert ids("end_datetime=2030-01-01T23:59:59Z") == []
+    assert ids("start_datetime=2035-01-03T00:00:00Z") == [1]
+    assert ids("end_datetime=2035-01-02T00:00:00Z") == [2, 3]
+    assert ids("end_datetime=2035-01-01T23:59:59Z") == []
 
 
 @pytest.mark.parametrize("query_string, name", [
     ("car_id=x", "car_id"), ("start_datetime=soon", "start_datetime"),
-    ("start_datetime=2030-01-02T00:00:00Z&end_datetime=2030-01-01T00:00:00Z", "end_datetime"),
+    ("start_datetime=2035-01-02T00:00:00Z&end_datetime=2035-01-01T00:00:00Z", "end_datetime"),
     ("customer=bob", "customer"),
 ])
 def test_list_bookings_rejects_bad_query(client, query_string, name):
@@ -447,45 +447,84 @@ def test_cancel_unknown_booking_is_404(client):
 
 
 @pytest.mark.parametrize("start, stored", [
-    ("2030-01-15T10:00:00Z", "2030-01-15T10:00:00+00:00"),
-    ("2030-01-15T10:00:00+02:00", "2030-01-15T08:00:00+00:00"),
-    ("2030-01-15T10:00:00-05:30", "2030-01-15T15:30:00+00:00"),
-    ("2030-01-15T10:00:00", "2030-01-15T10:00:00+00:00"),  # no offset: UTC
-    ("2030-01-15T10:00:00.250Z", "2030-01-15T10:00:00.250000+00:00"),
+    ("2035-01-15T10:00:00Z", "2035-01-15T10:00:00+00:00"),
+    ("2035-01-15T10:00:00+02:00", "2035-01-15T08:00:00+00:00"),
+    ("2035-01-15T10:00:00-05:30", "2035-01-15T15:30:00+00:00"),
+    ("2035-01-15T10:00:00", "2035-01-15T10:00:00+00:00"),  # no offset: UTC
+    ("2035-01-15T10:00:00.250Z", "2035-01-15T10:00:00.250000+00:00"),
 ])
 def test_datetimes_are_stored_and_shown_in_utc(client, start, stored):
     make_car(client)
-    response = book(client, 1, start, "2030-01-16T00:00:00Z")
+    response = book(client, 1, start, "2035-01-16T00:00:00Z")
     assert response.status_code == 201
     assert response.get_json()["start_datetime"] == stored
 
 
 def test_same_instant_written_two_ways_clashes(client):
     make_car(client)
-    assert book(client, 1, "2030-01-15T10:00:00+02:00", "2030-01-15T12:00:00+02:00").status_code == 201
-    assert_problem(book(client, 1, "2030-01-15T08:00:00Z", "2030-01-15T09:00:00Z"), 409)
-    assert_problem(book(client, 1, "2030-01-15T09:59:59", "2030-01-15T10:00:00"), 409)  # naive is UTC
+    assert book(client, 1, "2035-01-15T10:00:00+02:00", "2035-01-15T12:00:00+02:00").status_code == 201
+    assert_problem(book(client, 1, "2035-01-15T08:00:00Z", "2035-01-15T09:00:00Z"), 409)
+    assert_problem(book(client, 1, "2035-01-15T09:59:59", "2035-01-15T10:00:00"), 409)  # naive is UTC
 
 
 def test_back_to_back_bookings_do_not_overlap(client):
     make_car(client)
-    assert book(client, 1, "2030-01-15T10:00:00Z", "2030-01-15T12:00:00Z").status_code == 201
-    assert book(client, 1, "2030-01-15T12:00:00Z", "2030-01-15T14:00:00Z").status_code == 201
-    assert book(client, 1, "2030-01-15T08:00:00Z", "2030-01-15T10:00:00Z").status_code == 201
+    assert book(client, 1, "2035-01-15T10:00:00Z", "2035-01-15T12:00:00Z").status_code == 201
+    assert book(client, 1, "2035-01-15T12:00:00Z", "2035-01-15T14:00:00Z").status_code == 201
+    assert book(client, 1, "2035-01-15T08:00:00Z", "2035-01-15T10:00:00Z").status_code == 201
     # the same edge written in another offset: 16:00+02:00 is 14:00Z
-    assert book(client, 1, "2030-01-15T16:00:00+02:00", "2030-01-15T15:00:00Z").status_code == 201
+    assert book(client, 1, "2035-01-15T16:00:00+02:00", "2035-01-15T15:00:00Z").status_code == 201
 
 
 @pytest.mark.parametrize("start, end", [
-    ("2030-01-15T11:59:59Z", "2030-01-15T14:00:00Z"),  # one second into the end
-    ("2030-01-15T08:00:00Z", "2030-01-15T10:00:01Z"),  # one second into the start
-    ("2030-01-15T10:30:00Z", "2030-01-15T11:00:00Z"),  # inside
-    ("2030-01-15T09:00:00Z", "2030-01-15T13:00:00Z"),  # around
+    ("2035-01-15T11:59:59Z", "2035-01-15T14:00:00Z"),  # one second into the end
+    ("2035-01-15T08:00:00Z", "2035-01-15T10:00:01Z"),  # one second into the start
+    ("2035-01-15T10:30:00Z", "2035-01-15T11:00:00Z"),  # inside
+    ("2035-01-15T09:00:00Z", "2035-01-15T13:00:00Z"),  # around
 ])
 def test_overlap_by_one_second_or_more_is_refused(client, start, end):
     make_car(client)
     book(client, 1)
     assert_problem(book(client, 1, start, end), 409)
+
+
+def from_now(**delta):
+    """An instant relative to now, as ISO 8601 with an offset."""
+    return (datetime.now(timezone.utc) + timedelta(**delta)).replace(microsecond=0).isoformat()
+
+
+def test_a_booking_cannot_start_in_the_past(client):
+    make_car(client)
+    body = assert_problem(book(client, 1, from_now(hours=-2), from_now(hours=2)), 422, "start_datetime")
+    assert "in the past" in body["errors"]["start_datetime"][0]
+    assert client.get(f"{API}/bookings").get_json() == []
+    assert book(client, 1, from_now(seconds=-30), from_now(hours=2)).status_code == 201  # a minute's tolerance
+    assert book(client, 1, from_now(days=1), from_now(days=2)).get_json()["id"] == 2  # the refusal used no id
+
+
+def test_a_booking_cannot_be_moved_into_the_past(client):
+    make_car(client)
+    booked = book(client, 1, from_now(days=1), from_now(days=2)).get_json()
+    assert_problem(patch_booking(client, 1, start_datetime=from_now(days=-1)), 422, "start_datetime")
+    assert client.get(f"{API}/bookings/1").get_json() == booked
+
+
+def test_a_running_booking_may_change_its_end_and_car_and_be_cancelled(database):
+    client = on_file(database).test_client()
+    make_car(client, vin=vin(1))
+    make_car(client, vin=vin(2))
+    with closing(sqlite3.connect(database)) as conn, conn:  # booked yesterday, running now
+        conn.execute("INSERT INTO bookings (car_id, customer_name, customer_email, start_datetime, end_datetime) "
+                     "VALUES (1, 'Ada Lovelace', 'ada@example.com', ?, ?)",
+                     (dealership.stored(datetime.now(timezone.utc) - timedelta(days=1)),
+                      dealership.stored(datetime.now(timezone.utc) + timedelta(days=1))))
+    running = on_file(database).test_client()
+    new_end = from_now(days=3)
+    assert patch_booking(running, 1, end_datetime=new_end).status_code == 200
+    assert patch_booking(running, 1, car_id=2).status_code == 200
+    assert_problem(patch_booking(running, 1, start_datetime=from_now(hours=-1)), 422, "start_datetime")
+    assert running.get(f"{API}/bookings/1").get_json()["car_id"] == 2
+    assert running.delete(f"{API}/bookings/1").status_code == 204
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,31 +537,31 @@ def test_available_cars(client):
     make_car(client, vin=vin(2))
     make_car(client, vin=vin(3), status="maintenance")
     make_car(client, vin=vin(4))
-    book(client, 2, "2030-01-15T10:00:00Z", "2030-01-15T12:00:00Z")
+    book(client, 2, "2035-01-15T10:00:00Z", "2035-01-15T12:00:00Z")
     url = f"{API}/bookings/available-cars"
-    response = client.get(url, query_string=window("2030-01-15T11:00:00Z", "2030-01-15T11:30:00Z"))
+    response = client.get(url, query_string=window("2035-01-15T11:00:00Z", "2035-01-15T11:30:00Z"))
     assert response.status_code == 200
     assert [car["id"] for car in response.get_json()] == [1, 4]
     assert response.get_json()[0] == client.get(f"{API}/cars/1").get_json()
-    touching = window("2030-01-15T12:00:00Z", "2030-01-15T13:00:00Z")
+    touching = window("2035-01-15T12:00:00Z", "2035-01-15T13:00:00Z")
     assert [car["id"] for car in client.get(url, query_string=touching).get_json()] == [1, 2, 4]
 
 
 def test_available_cars_accepts_an_unencoded_plus_in_the_offset(client):
     make_car(client)
-    book(client, 1, "2030-01-15T08:00:00Z", "2030-01-15T09:00:00Z")
-    url = f"{API}/bookings/available-cars?start_datetime=2030-01-15T10:00:00+02:00&end_datetime=2030-01-15T11:00:00+02:00"
+    book(client, 1, "2035-01-15T08:00:00Z", "2035-01-15T09:00:00Z")
+    url = f"{API}/bookings/available-cars?start_datetime=2035-01-15T10:00:00+02:00&end_datetime=2035-01-15T11:00:00+02:00"
     assert client.get(url).get_json() == []
 
 
 @pytest.mark.parametrize("params, name", [
     ({}, "start_datetime"),
-    ({"start_datetime": "2030-01-15T11:00:00Z"}, "end_datetime"),
-    (window("yesterday", "2030-01-15T11:00:00Z"), "start_datetime"),
-    (window("2030-01-15T11:00:00Z", "2030-01-15T11:00:00Z"), "end_datetime"),
-    (window("2030-01-15T11:00:00Z", "2030-01-15T10:00:00Z"), "end_datetime"),
-    (window("2030-01-15T11:00:00Z", "9999-12-31T23:00:00-05:00"), "end_datetime"),
-    (window("2030-01-15T11:00:00Z", "2030-01-15T12:00:00Z") | {"foo": "1"}, "foo"),
+    ({"start_datetime": "2035-01-15T11:00:00Z"}, "end_datetime"),
+    (window("yesterday", "2035-01-15T11:00:00Z"), "start_datetime"),
+    (window("2035-01-15T11:00:00Z", "2035-01-15T11:00:00Z"), "end_datetime"),
+    (window("2035-01-15T11:00:00Z", "2035-01-15T10:00:00Z"), "end_datetime"),
+    (window("2035-01-15T11:00:00Z", "9999-12-31T23:00:00-05:00"), "end_datetime"),
+    (window("2035-01-15T11:00:00Z", "2035-01-15T12:00:00Z") | {"foo": "1"}, "foo"),
 ])
 def test_available_cars_rejects_bad_window(client, params, name):
     assert_problem(client.get(f"{API}/bookings/available-cars", query_string=params), 422, name)
@@ -572,7 +611,7 @@ def test_two_cars_created_at_once_with_one_vin_get_one_201(app):
 
 def test_random_bookings_match_a_brute_force_oracle(client):
     rng = random.Random(20261124)
-    base = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    base = datetime(2035, 1, 1, tzinfo=timezone.utc)
     car_ids = [make_car(client, vin=vin(n))["id"] for n in range(6)]
     oracle = {}  # booking id -> (car id, start, end)
 
@@ -617,54 +656,54 @@ def calendar(client, car_id, start, end):
 
 def test_calendar_lists_busy_bookings_unclipped_and_free_gaps_clipped(client):
     make_car(client)
-    book(client, 1, "2030-01-01T08:00:00Z", "2030-01-01T10:00:00Z")  # 1: reaches into the window
-    book(client, 1, "2030-01-01T14:00:00Z", "2030-01-01T15:00:00Z")  # 2
-    book(client, 1, "2030-01-01T15:00:00Z", "2030-01-01T16:00:00Z")  # 3: back to back with 2
-    book(client, 1, "2030-01-02T00:00:00Z", "2030-01-02T01:00:00Z")  # 4: starts at the window's end
-    response = calendar(client, 1, "2030-01-01T09:00:00Z", "2030-01-02T00:00:00Z")
+    book(client, 1, "2035-01-01T08:00:00Z", "2035-01-01T10:00:00Z")  # 1: reaches into the window
+    book(client, 1, "2035-01-01T14:00:00Z", "2035-01-01T15:00:00Z")  # 2
+    book(client, 1, "2035-01-01T15:00:00Z", "2035-01-01T16:00:00Z")  # 3: back to back with 2
+    book(client, 1, "2035-01-02T00:00:00Z", "2035-01-02T01:00:00Z")  # 4: starts at the window's end
+    response = calendar(client, 1, "2035-01-01T09:00:00Z", "2035-01-02T00:00:00Z")
     assert response.status_code == 200
     assert response.get_json() == {
-        "car_id": 1, "start_datetime": "2030-01-01T09:00:00+00:00", "end_datetime": "2030-01-02T00:00:00+00:00",
+        "car_id": 1, "start_datetime": "2035-01-01T09:00:00+00:00", "end_datetime": "2035-01-02T00:00:00+00:00",
         "status": "available", "available": False,
         "busy": [
-            {"booking_id": 1, "start_datetime": "2030-01-01T08:00:00+00:00", "end_datetime": "2030-01-01T10:00:00+00:00"},
-            {"booking_id": 2, "start_datetime": "2030-01-01T14:00:00+00:00", "end_datetime": "2030-01-01T15:00:00+00:00"},
-            {"booking_id": 3, "start_datetime": "2030-01-01T15:00:00+00:00", "end_datetime": "2030-01-01T16:00:00+00:00"},
+            {"booking_id": 1, "start_datetime": "2035-01-01T08:00:00+00:00", "end_datetime": "2035-01-01T10:00:00+00:00"},
+            {"booking_id": 2, "start_datetime": "2035-01-01T14:00:00+00:00", "end_datetime": "2035-01-01T15:00:00+00:00"},
+            {"booking_id": 3, "start_datetime": "2035-01-01T15:00:00+00:00", "end_datetime": "2035-01-01T16:00:00+00:00"},
         ],
         "free": [
-            {"start_datetime": "2030-01-01T10:00:00+00:00", "end_datetime": "2030-01-01T14:00:00+00:00"},
-            {"start_datetime": "2030-01-01T16:00:00+00:00", "end_datetime": "2030-01-02T00:00:00+00:00"},
+            {"start_datetime": "2035-01-01T10:00:00+00:00", "end_datetime": "2035-01-01T14:00:00+00:00"},
+            {"start_datetime": "2035-01-01T16:00:00+00:00", "end_datetime": "2035-01-02T00:00:00+00:00"},
         ],
     }
 
 
 def test_calendar_of_a_free_car_is_one_gap(client):
     make_car(client)
-    body = calendar(client, 1, "2030-01-01T00:00:00Z", "2030-01-02T00:00:00Z").get_json()
+    body = calendar(client, 1, "2035-01-01T00:00:00Z", "2035-01-02T00:00:00Z").get_json()
     assert body["available"] is True and body["busy"] == []
-    assert body["free"] == [{"start_datetime": "2030-01-01T00:00:00+00:00", "end_datetime": "2030-01-02T00:00:00+00:00"}]
+    assert body["free"] == [{"start_datetime": "2035-01-01T00:00:00+00:00", "end_datetime": "2035-01-02T00:00:00+00:00"}]
 
 
 def test_calendar_fully_booked_has_no_zero_length_gap(client):
     make_car(client)
-    book(client, 1, "2030-01-01T00:00:00Z", "2030-01-01T12:00:00Z")
-    book(client, 1, "2030-01-01T12:00:00Z", "2030-01-02T00:00:00Z")
-    body = calendar(client, 1, "2030-01-01T00:00:00Z", "2030-01-02T00:00:00Z").get_json()
+    book(client, 1, "2035-01-01T00:00:00Z", "2035-01-01T12:00:00Z")
+    book(client, 1, "2035-01-01T12:00:00Z", "2035-01-02T00:00:00Z")
+    body = calendar(client, 1, "2035-01-01T00:00:00Z", "2035-01-02T00:00:00Z").get_json()
     assert [b["booking_id"] for b in body["busy"]] == [1, 2]
     assert body["free"] == [] and body["available"] is False
 
 
 def test_calendar_of_a_car_in_maintenance(client):
     make_car(client, status="maintenance")
-    body = calendar(client, 1, "2030-01-01T00:00:00Z", "2030-01-02T00:00:00Z").get_json()
+    body = calendar(client, 1, "2035-01-01T00:00:00Z", "2035-01-02T00:00:00Z").get_json()
     assert body["status"] == "maintenance"
     assert body["available"] is False and body["free"] == [] and body["busy"] == []
 
 
 def test_calendar_errors(client):
     make_car(client)
-    assert_problem(calendar(client, 9, "2030-01-01T00:00:00Z", "2030-01-02T00:00:00Z"), 404)
-    assert_problem(calendar(client, 1, "2030-01-02T00:00:00Z", "2030-01-01T00:00:00Z"), 422, "end_datetime")
+    assert_problem(calendar(client, 9, "2035-01-01T00:00:00Z", "2035-01-02T00:00:00Z"), 404)
+    assert_problem(calendar(client, 1, "2035-01-02T00:00:00Z", "2035-01-01T00:00:00Z"), 422, "end_datetime")
     assert_problem(client.get(f"{API}/cars/1/availability"), 422, "start_datetime", "end_datetime")
 
 
@@ -679,20 +718,20 @@ def patch_booking(client, booking_id, **changes):
 
 def test_reschedule_into_its_own_time(client):
     make_car(client)
-    book(client, 1, "2030-01-15T10:00:00Z", "2030-01-15T12:00:00Z")
-    response = patch_booking(client, 1, start_datetime="2030-01-15T11:00:00Z", end_datetime="2030-01-15T14:00:00Z")
+    book(client, 1, "2035-01-15T10:00:00Z", "2035-01-15T12:00:00Z")
+    response = patch_booking(client, 1, start_datetime="2035-01-15T11:00:00Z", end_datetime="2035-01-15T14:00:00Z")
     assert response.status_code == 200
-    assert response.get_json() | {} == {**booking_body(1, "2030-01-15T11:00:00+00:00", "2030-01-15T14:00:00+00:00"), "id": 1}
+    assert response.get_json() | {} == {**booking_body(1, "2035-01-15T11:00:00+00:00", "2035-01-15T14:00:00+00:00"), "id": 1}
     # the old slot is free again, the new one is taken
-    assert book(client, 1, "2030-01-15T10:00:00Z", "2030-01-15T11:00:00Z").status_code == 201
-    assert_problem(book(client, 1, "2030-01-15T13:00:00Z", "2030-01-15T15:00:00Z"), 409)
+    assert book(client, 1, "2035-01-15T10:00:00Z", "2035-01-15T11:00:00Z").status_code == 201
+    assert_problem(book(client, 1, "2035-01-15T13:00:00Z", "2035-01-15T15:00:00Z"), 409)
 
 
 def test_extend_a_booking(client):
     make_car(client)
     book(client, 1)
-    assert patch_booking(client, 1, end_datetime="2030-01-16T12:00:00Z").get_json()["end_datetime"] == \
-        "2030-01-16T12:00:00+00:00"
+    assert patch_booking(client, 1, end_datetime="2035-01-16T12:00:00Z").get_json()["end_datetime"] == \
+        "2035-01-16T12:00:00+00:00"
 
 
 def test_move_a_booking_to_another_car(client):
@@ -709,25 +748,25 @@ def test_edit_customer_only(client):
     book(client, 1)
     body = patch_booking(client, 1, customer_name=" Grace ", customer_email="grace@example.com").get_json()
     assert (body["customer_name"], body["customer_email"]) == ("Grace", "grace@example.com")
-    assert body["start_datetime"] == "2030-01-15T10:00:00+00:00"
+    assert body["start_datetime"] == "2035-01-15T10:00:00+00:00"
 
 
 @pytest.mark.parametrize("changes, status", [
-    ({"start_datetime": "2030-01-15T13:00:00Z"}, 422),  # after its stored end
-    ({"end_datetime": "2030-01-15T10:00:00Z"}, 422),  # zero length with its stored start
+    ({"start_datetime": "2035-01-15T13:00:00Z"}, 422),  # after its stored end
+    ({"end_datetime": "2035-01-15T10:00:00Z"}, 422),  # zero length with its stored start
     ({"customer_email": "nope"}, 422),
     ({"id": 5}, 422),
     ({"car_id": 9}, 404),
     ({"car_id": 2}, 409),  # the other car is busy then
     ({"car_id": 3}, 409),  # in maintenance
-    ({"end_datetime": "2030-01-16T11:00:00Z"}, 409),  # runs into booking 2
+    ({"end_datetime": "2035-01-16T11:00:00Z"}, 409),  # runs into booking 2
 ])
 def test_rejected_change_leaves_the_booking_as_it_was(client, changes, status):
     make_car(client, vin=vin(1))
     make_car(client, vin=vin(2))
     make_car(client, vin=vin(3), status="maintenance")
     before = book(client, 1).get_json()
-    book(client, 1, "2030-01-16T10:00:00Z", "2030-01-16T12:00:00Z")
+    book(client, 1, "2035-01-16T10:00:00Z", "2035-01-16T12:00:00Z")
     book(client, 2)
     assert_problem(patch_booking(client, 1, **changes), status)
     assert client.get(f"{API}/bookings/1").get_json() == before
@@ -737,8 +776,8 @@ def test_rejected_change_leaves_the_booking_as_it_was(client, changes, status):
 def test_conflict_on_change_names_the_other_booking(client):
     make_car(client)
     book(client, 1)
-    book(client, 1, "2030-01-16T10:00:00Z", "2030-01-16T12:00:00Z")
-    body = assert_problem(patch_booking(client, 1, end_datetime="2030-01-16T11:00:00Z"), 409)
+    book(client, 1, "2035-01-16T10:00:00Z", "2035-01-16T12:00:00Z")
+    body = assert_problem(patch_booking(client, 1, end_datetime="2035-01-16T11:00:00Z"), 409)
     assert "booking 2" in body["detail"]
 
 
@@ -789,7 +828,7 @@ def test_cars_and_available_cars_filter_by_dealer(client):
     make_car(client, vin=vin(1), dealer_id=1)
     make_car(client, vin=vin(2), dealer_id=2)
     assert [c["id"] for c in client.get(f"{API}/cars?dealer_id=2").get_json()] == [2]
-    params = window("2030-01-01T00:00:00Z", "2030-01-02T00:00:00Z")
+    params = window("2035-01-01T00:00:00Z", "2035-01-02T00:00:00Z")
     url = f"{API}/bookings/available-cars"
     assert [c["id"] for c in client.get(url, query_string=params | {"dealer_id": 1}).get_json()] == [1]
     assert_problem(client.get(url, query_string=params | {"dealer_id": "x"}), 422, "dealer_id")
@@ -814,7 +853,7 @@ def test_cars_paging_and_total_count(client):
 def test_bookings_paging_and_email_filter(client):
     make_car(client)
     for day, email in enumerate(["a@example.com", "B@Example.com", "b@example.com"], start=10):
-        book(client, 1, f"2030-01-{day}T00:00:00Z", f"2030-01-{day}T01:00:00Z", customer_email=email)
+        book(client, 1, f"2035-01-{day}T00:00:00Z", f"2035-01-{day}T01:00:00Z", customer_email=email)
     response = client.get(f"{API}/bookings?customer_email=b@EXAMPLE.com")
     assert [b["id"] for b in response.get_json()] == [2, 3]
     assert response.headers["X-Total-Count"] == "2"
@@ -845,39 +884,39 @@ def berlin():
 
 def test_naive_input_is_local_time_and_output_carries_the_zone(berlin):
     make_car(berlin)
-    body = book(berlin, 1, "2030-07-01T10:00:00", "2030-07-01T12:00:00").get_json()
-    assert body["start_datetime"] == "2030-07-01T10:00:00+02:00"  # summer time
+    body = book(berlin, 1, "2035-07-01T10:00:00", "2035-07-01T12:00:00").get_json()
+    assert body["start_datetime"] == "2035-07-01T10:00:00+02:00"  # summer time
     # with an offset the value is that instant, and it is shown in Berlin time
-    body = book(berlin, 1, "2030-01-15T10:00:00Z", "2030-01-15T11:00:00Z").get_json()
-    assert body["start_datetime"] == "2030-01-15T11:00:00+01:00"
-    assert_problem(book(berlin, 1, "2030-07-01T08:30:00Z", "2030-07-01T09:00:00Z"), 409)  # 10:30 local
+    body = book(berlin, 1, "2035-01-15T10:00:00Z", "2035-01-15T11:00:00Z").get_json()
+    assert body["start_datetime"] == "2035-01-15T11:00:00+01:00"
+    assert_problem(book(berlin, 1, "2035-07-01T08:30:00Z", "2035-07-01T09:00:00Z"), 409)  # 10:30 local
 
 
 def test_spring_forward_gap_is_422(berlin):
     make_car(berlin)
-    body = assert_problem(book(berlin, 1, "2030-03-31T02:30:00", "2030-03-31T04:00:00"), 422, "start_datetime")
+    body = assert_problem(book(berlin, 1, "2035-03-25T02:30:00", "2035-03-25T04:00:00"), 422, "start_datetime")
     assert "Europe/Berlin" in body["errors"]["start_datetime"][0]
     # the hour around the gap is fine: 01:59 is +01:00, 03:00 is +02:00, one minute apart
-    body = book(berlin, 1, "2030-03-31T01:59:00", "2030-03-31T03:00:00").get_json()
-    assert (body["start_datetime"], body["end_datetime"]) == ("2030-03-31T01:59:00+01:00", "2030-03-31T03:00:00+02:00")
+    body = book(berlin, 1, "2035-03-25T01:59:00", "2035-03-25T03:00:00").get_json()
+    assert (body["start_datetime"], body["end_datetime"]) == ("2035-03-25T01:59:00+01:00", "2035-03-25T03:00:00+02:00")
 
 
 def test_fall_back_hour_takes_the_first_occurrence(berlin):
     make_car(berlin)
-    body = book(berlin, 1, "2030-10-27T02:30:00", "2030-10-27T03:30:00").get_json()
+    body = book(berlin, 1, "2035-10-28T02:30:00", "2035-10-28T03:30:00").get_json()
     # 02:30 happens twice; the first (summer time) is meant. 03:30 is winter time: two hours later.
-    assert (body["start_datetime"], body["end_datetime"]) == ("2030-10-27T02:30:00+02:00", "2030-10-27T03:30:00+01:00")
-    assert_problem(book(berlin, 1, "2030-10-27T01:00:00Z", "2030-10-27T01:30:00Z"), 409)  # 02:00-02:30 +01:00
-    assert book(berlin, 1, "2030-10-27T02:30:00+01:00", "2030-10-27T03:00:00+01:00").status_code == 409
+    assert (body["start_datetime"], body["end_datetime"]) == ("2035-10-28T02:30:00+02:00", "2035-10-28T03:30:00+01:00")
+    assert_problem(book(berlin, 1, "2035-10-28T01:00:00Z", "2035-10-28T01:30:00Z"), 409)  # 02:00-02:30 +01:00
+    assert book(berlin, 1, "2035-10-28T02:30:00+01:00", "2035-10-28T03:00:00+01:00").status_code == 409
 
 
 def test_local_time_applies_to_queries(berlin):
     make_car(berlin)
-    book(berlin, 1, "2030-07-01T10:00:00", "2030-07-01T12:00:00")
+    book(berlin, 1, "2035-07-01T10:00:00", "2035-07-01T12:00:00")
     url = f"{API}/bookings/available-cars"
-    assert berlin.get(url, query_string=window("2030-07-01T11:00:00", "2030-07-01T11:30:00")).get_json() == []
-    assert len(berlin.get(url, query_string=window("2030-07-01T09:00:00Z", "2030-07-01T10:00:00Z")).get_json()) == 0
-    assert len(berlin.get(url, query_string=window("2030-07-01T10:00:00Z", "2030-07-01T11:00:00Z")).get_json()) == 1
+    assert berlin.get(url, query_string=window("2035-07-01T11:00:00", "2035-07-01T11:30:00")).get_json() == []
+    assert len(berlin.get(url, query_string=window("2035-07-01T09:00:00Z", "2035-07-01T10:00:00Z")).get_json()) == 0
+    assert len(berlin.get(url, query_string=window("2035-07-01T10:00:00Z", "2035-07-01T11:00:00Z")).get_json()) == 1
 
 
 def test_output_that_overflows_in_the_zone_is_422(berlin):
@@ -972,15 +1011,15 @@ def test_logs_name_ids_and_times_never_the_customer(client, caplog):
     with caplog.at_level("INFO", logger="dealership"):
         make_car(client)
         book(client, 1, customer_name="Secret Name", customer_email="secret@example.com")
-        patch_booking(client, 1, end_datetime="2030-01-15T13:00:00Z")
+        patch_booking(client, 1, end_datetime="2035-01-15T13:00:00Z")
         client.delete(f"{API}/bookings/1")
         client.delete(f"{API}/cars/1")
     lines = [r.getMessage() for r in caplog.records if r.name == "dealership"]
     assert lines == [
         "car 1 created: dealer 1, status available",
-        "booking 1 created: car 1, 2030-01-15T10:00:00+00:00 to 2030-01-15T12:00:00+00:00",
-        "booking 1 changed: car 1, 2030-01-15T10:00:00+00:00 to 2030-01-15T13:00:00+00:00",
-        "booking 1 cancelled: car 1, 2030-01-15T10:00:00+00:00 to 2030-01-15T13:00:00+00:00",
+        "booking 1 created: car 1, 2035-01-15T10:00:00+00:00 to 2035-01-15T12:00:00+00:00",
+        "booking 1 changed: car 1, 2035-01-15T10:00:00+00:00 to 2035-01-15T13:00:00+00:00",
+        "booking 1 cancelled: car 1, 2035-01-15T10:00:00+00:00 to 2035-01-15T13:00:00+00:00",
         "car 1 deleted",
     ]
     assert "Secret" not in caplog.text and "secret@" not in caplog.text
@@ -1019,9 +1058,9 @@ def test_data_survives_a_new_app_on_the_same_file(database):
     make_car(client, vin=vin(1))
     make_car(client, vin=vin(2), dealer_id=2, daily_price=49.95)
     book(client, 1)
-    book(client, 2, "2030-01-16T10:00:00+02:00", "2030-01-17T10:00:00+02:00")
-    patch_booking(client, 1, end_datetime="2030-01-15T18:00:00Z")
-    book(client, 1, "2030-02-01T10:00:00Z", "2030-02-01T12:00:00Z")
+    book(client, 2, "2035-01-16T10:00:00+02:00", "2035-01-17T10:00:00+02:00")
+    patch_booking(client, 1, end_datetime="2035-01-15T18:00:00Z")
+    book(client, 1, "2035-02-01T10:00:00Z", "2035-02-01T12:00:00Z")
     assert client.delete(f"{API}/bookings/3").status_code == 204
     make_car(client, vin=vin(3))
     assert client.delete(f"{API}/cars/3").status_code == 204
@@ -1029,26 +1068,26 @@ def test_data_survives_a_new_app_on_the_same_file(database):
 
     again = on_file(database).test_client()
     assert state(again) == before
-    assert again.get(f"{API}/bookings/1").get_json()["end_datetime"] == "2030-01-15T18:00:00+00:00"
+    assert again.get(f"{API}/bookings/1").get_json()["end_datetime"] == "2035-01-15T18:00:00+00:00"
     assert_problem(again.get(f"{API}/bookings/3"), 404)
     # ids continue where they were and are never reused, even those of deleted records
     assert make_car(again, vin=vin(3))["id"] == 4
-    assert book(again, 1, "2030-03-01T10:00:00Z", "2030-03-01T11:00:00Z").get_json()["id"] == 4
+    assert book(again, 1, "2035-03-01T10:00:00Z", "2035-03-01T11:00:00Z").get_json()["id"] == 4
 
 
 def test_times_are_stored_in_utc_and_the_database_guards_itself(database):
     client = on_file(database).test_client()
     make_car(client, vin=vin(1))
-    book(client, 1, "2030-01-15T10:00:00+02:00", "2030-01-15T12:00:00+02:00")
+    book(client, 1, "2035-01-15T10:00:00+02:00", "2035-01-15T12:00:00+02:00")
     rows = table_rows(database)
-    assert rows["bookings"][0][4:] == ("2030-01-15T08:00:00.000000+00:00", "2030-01-15T10:00:00.000000+00:00")
+    assert rows["bookings"][0][4:] == ("2035-01-15T08:00:00.000000+00:00", "2035-01-15T10:00:00.000000+00:00")
     with closing(sqlite3.connect(database)) as conn:
         conn.execute("PRAGMA foreign_keys = ON")
         for statement in [
             "INSERT INTO bookings (car_id, customer_name, customer_email, start_datetime, end_datetime) "
-            "VALUES (1, 'x', 'x@example.com', '2030-01-02T00:00:00.000000+00:00', '2030-01-01T00:00:00.000000+00:00')",
+            "VALUES (1, 'x', 'x@example.com', '2035-01-02T00:00:00.000000+00:00', '2035-01-01T00:00:00.000000+00:00')",
             "INSERT INTO bookings (car_id, customer_name, customer_email, start_datetime, end_datetime) "
-            "VALUES (99, 'x', 'x@example.com', '2030-01-01T00:00:00.000000+00:00', '2030-01-02T00:00:00.000000+00:00')",
+            "VALUES (99, 'x', 'x@example.com', '2035-01-01T00:00:00.000000+00:00', '2035-01-02T00:00:00.000000+00:00')",
             f"INSERT INTO cars (brand, model, year, color, daily_price, vin, status, dealer_id) "
             f"VALUES ('a', 'b', 2020, 'c', 1.0, '{vin(1)}', 'available', 1)",
         ]:
@@ -1101,8 +1140,8 @@ def test_two_apps_on_one_file_see_each_others_writes_at_once(database):
     assert a.post(f"{API}/dealers", json={"name": "North"}).status_code == 201
     assert [d["id"] for d in b.get(f"{API}/dealers").get_json()] == [1, 2]
     assert a.put(f"{API}/cars/2", json={"status": "maintenance"}).status_code == 200
-    assert b.get(f"{API}/bookings/available-cars", query_string=window("2030-01-01T00:00:00Z",
-                                                                        "2030-01-02T00:00:00Z")).get_json() == []
+    assert b.get(f"{API}/bookings/available-cars", query_string=window("2035-01-01T00:00:00Z",
+                                                                        "2035-01-02T00:00:00Z")).get_json() == []
     assert_problem(book(b, 2), 409)
     assert state(a) == state(b)
 
@@ -1229,11 +1268,11 @@ def test_threads_writing_and_reading_through_two_apps_leave_one_consistent_state
 
 
 REFUSALS = [
-    ("post", "/bookings", booking_body(1, "2030-01-15T11:00:00Z", "2030-01-15T13:00:00Z"), 409),
+    ("post", "/bookings", booking_body(1, "2035-01-15T11:00:00Z", "2035-01-15T13:00:00Z"), 409),
     ("post", "/bookings", booking_body(9), 404),
-    ("post", "/bookings", booking_body(1, end="2030-01-15T09:00:00Z"), 422),
-    ("patch", "/bookings/1", {"car_id": 2, "end_datetime": "2030-01-15T12:30:00Z"}, 409),
-    ("patch", "/bookings/1", {"end_datetime": "2030-01-15T09:00:00Z"}, 422),
+    ("post", "/bookings", booking_body(1, end="2035-01-15T09:00:00Z"), 422),
+    ("patch", "/bookings/1", {"car_id": 2, "end_datetime": "2035-01-15T12:30:00Z"}, 409),
+    ("patch", "/bookings/1", {"end_datetime": "2035-01-15T09:00:00Z"}, 422),
     ("post", "/cars", car_body(vin=vin(2)), 409),
     ("post", "/cars", car_body(vin=vin(5), dealer_id=7), 404),
     ("put", "/cars/2", {"vin": vin(1)}, 409),
@@ -1248,7 +1287,7 @@ def test_a_refusal_changes_neither_the_database_nor_the_dicts(database, method, 
     make_car(client, vin=vin(1))
     make_car(client, vin=vin(2))
     book(client, 1)
-    book(client, 2, "2030-01-15T12:00:00Z", "2030-01-15T14:00:00Z")
+    book(client, 2, "2035-01-15T12:00:00Z", "2035-01-15T14:00:00Z")
     before, rows = state(client), table_rows(database)
     assert_problem(getattr(client, method)(API + path, json=body), status)
     assert state(client) == before
@@ -1285,7 +1324,7 @@ def test_a_read_only_file_answers_reads_and_refuses_writes_with_503(database):
         client = on_file(database).test_client()
         before = state(client)
         assert len(before["bookings"]) == 1
-        for method, path, body in [("post", "/cars", car_body(vin=vin(2))), ("post", "/bookings", booking_body(1, "2030-02-01T10:00:00Z", "2030-02-01T11:00:00Z")),
+        for method, path, body in [("post", "/cars", car_body(vin=vin(2))), ("post", "/bookings", booking_body(1, "2035-02-01T10:00:00Z", "2035-02-01T11:00:00Z")),
                                    ("delete", "/bookings/1", None), ("patch", "/cars/1", {"color": "Red"})]:
             response = getattr(client, method)(API + path, json=body)
             assert "read-only" in assert_problem(response, 503)["detail"]

@@ -42,7 +42,7 @@ from flask import Flask, Response, request
 sys.path.insert(0, os.getcwd())
 from dealership import create_app  # noqa: E402
 
-T0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2035, 1, 1, tzinfo=timezone.utc)
 
 
 def rss_bytes():

@@ -3,8 +3,9 @@
 The OpenAPI document states each field on its own. Two rules span fields or stored state, and the
 document's description states them in words: `end_datetime` must be after `start_datetime`, and a
 date-time must be writable in UTC (year 1 with a positive offset, or year 9999 with a negative one,
-is not). So that the requests the fuzzer sends as valid are valid, this hook orders each pair of
-date-times it is about to send and keeps each inside that range; and since a PATCH of a booking is
+is not); and a booking may not start in the past. So that the requests the fuzzer sends as valid are
+valid, this hook orders each pair of date-times it is about to send, keeps each inside that range,
+and moves the start of a booking it writes to tomorrow if it was earlier; and since a PATCH of a booking is
 checked once merged with the stored booking, which the fuzzer cannot see, it drops a lone start or
 end from such a PATCH. Schemathesis re-judges each case after the hook, so a request that is still
 invalid is still tested as invalid.
@@ -20,7 +21,8 @@ from datetime import datetime, timedelta, timezone
 import schemathesis
 
 PAIR = ("start_datetime", "end_datetime")
-IN_RANGE = datetime(2030, 1, 1, tzinfo=timezone.utc)
+IN_RANGE = datetime(2035, 1, 1, tzinfo=timezone.utc)
+SOON = datetime.now(timezone.utc) + timedelta(days=1)
 
 
 def instant(value):
@@ -52,10 +54,21 @@ def in_order(data):
         data["start_datetime"], data["end_datetime"] = end.isoformat(), (start + timedelta(seconds=1)).isoformat()
 
 
+def not_past(data):
+    """Move a booking's start (and its end, if need be) to tomorrow if it is earlier, in place."""
+    start, end = (instant(data.get(key)) for key in PAIR)
+    if start is not None and start < SOON:
+        data["start_datetime"] = SOON.isoformat()
+        if end is not None and end <= SOON:
+            data["end_datetime"] = (SOON + timedelta(hours=1)).isoformat()
+
+
 @schemathesis.hook
 def before_call(ctx, case, **kwargs):
     in_order(case.query)
     in_order(case.body)
+    if "/bookings" in case.path and case.method.upper() in ("POST", "PATCH") and isinstance(case.body, dict):
+        not_past(case.body)
     if case.method.upper() not in ("PUT", "PATCH") or not isinstance(case.body, dict):
         return
     if "booking_id" in case.path:

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 from serve import HOST, serve
 
 API = "/api/v1"
-T0 = datetime(2031, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2036, 1, 1, tzinfo=timezone.utc)
 EXPECTED = {"avail": {200}, "car": {200}, "book": {201, 409}, "hot": {201, 409}, "cancel": {204}}
 
 
