@@ -576,8 +576,8 @@ def to_json(data):
 
 
 def json_array(parts):
-    """A JSON array (bytes) from items that are already JSON (bytes)."""
-    return b"[" + b",".join(parts) + b"]"
+    """A JSON array body (bytes, ending with a newline) from items that are already JSON (bytes)."""
+    return b"[" + b",".join(parts) + b"]\n"
 
 
 def store():
@@ -1139,7 +1139,7 @@ def problem(status, title, detail, errors=None):
     body = {"title": title, "status": status, "detail": detail}
     if errors is not None:
         body["errors"] = errors
-    return Response(to_json(PROBLEM_SCHEMA.dump(body)), status, mimetype="application/problem+json")
+    return json_text(to_json(PROBLEM_SCHEMA.dump(body)), status, mimetype="application/problem+json")
 
 
 def http_error(error):
@@ -1218,9 +1218,16 @@ def no_content():
     return response
 
 
-def json_text(text, status=200, headers=None):
-    """A response from a body that is already JSON (text or bytes)."""
-    return Response(text, status, headers, mimetype="application/json")
+def json_text(text, status=200, headers=None, mimetype="application/json"):
+    """A response from a body that is already JSON (text or bytes). Every body the service writes
+    ends with one newline, as curl users expect."""
+    newline = "\n" if isinstance(text, str) else b"\n"
+    return Response(text if text.endswith(newline) else text + newline, status, headers, mimetype=mimetype)
+
+
+def json_response(data, status=200, headers=None):
+    """A response from data a schema dumped, in the schema's field order (the id first)."""
+    return json_text(to_json(data), status, headers)
 
 
 def json_list(parts, headers=None):
@@ -1251,7 +1258,7 @@ def api_doc(tag, *, returns=None, many=False, status=200, body=None, query=None,
 def list_dealers():
     """All dealers, ordered by id."""
     dealers = list(store().dealers.values())
-    return DEALER_SCHEMA.dump(dealers, many=True), {"X-Total-Count": str(len(dealers))}
+    return json_response(DEALER_SCHEMA.dump(dealers, many=True), headers={"X-Total-Count": str(len(dealers))})
 
 
 @bp.post("/dealers")
@@ -1259,14 +1266,14 @@ def list_dealers():
 def create_dealer():
     """Add a dealer."""
     dealer = store().add_dealer(DEALER_SCHEMA.load(json_body()))
-    return DEALER_SCHEMA.dump(dealer), 201, {"Location": url_for(".get_dealer", dealer_id=dealer.id)}
+    return json_response(DEALER_SCHEMA.dump(dealer), 201, {"Location": url_for(".get_dealer", dealer_id=dealer.id)})
 
 
 @bp.get("/dealers/<int:dealer_id>")
 @api_doc("dealers", returns=DEALER_SCHEMA)
 def get_dealer(dealer_id):
     """One dealer."""
-    return DEALER_SCHEMA.dump(store().dealer(dealer_id))
+    return json_response(DEALER_SCHEMA.dump(store().dealer(dealer_id)))
 
 
 @bp.delete("/dealers/<int:dealer_id>")
@@ -1341,12 +1348,12 @@ def car_availability(car_id):
     start, end = window["start_datetime"], window["end_datetime"]
     car, busy = store().calendar(car_id, start, end)
     available = car.status == "available"
-    return CALENDAR_SCHEMA.dump({
+    return json_response(CALENDAR_SCHEMA.dump({
         "car_id": car.id, "start_datetime": start, "end_datetime": end, "status": car.status,
         "available": available and not busy, "busy": busy,
         "free": [{"start_datetime": s, "end_datetime": e} for s, e in free_gaps(busy, start, end)]
         if available else [],
-    })
+    }))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1360,7 +1367,8 @@ def car_availability(car_id):
 def create_booking():
     """Book a car for [start_datetime, end_datetime)."""
     booking = store().add_booking(BOOKING_SCHEMA.load(json_body()))
-    return BOOKING_SCHEMA.dump(booking), 201, {"Location": url_for(".get_booking", booking_id=booking.id)}
+    return json_response(BOOKING_SCHEMA.dump(booking), 201,
+                         {"Location": url_for(".get_booking", booking_id=booking.id)})
 
 
 @bp.get("/bookings")
@@ -1371,14 +1379,14 @@ def list_bookings():
     found = store().find_bookings(filters.get("car_id"), filters.get("start_datetime"),
                                   filters.get("end_datetime"), filters.get("customer_email"))
     page, headers = paged(found, filters)
-    return BOOKING_SCHEMA.dump(page, many=True), headers
+    return json_response(BOOKING_SCHEMA.dump(page, many=True), headers=headers)
 
 
 @bp.get("/bookings/<int:booking_id>")
 @api_doc("bookings", returns=BOOKING_SCHEMA)
 def get_booking(booking_id):
     """One booking."""
-    return BOOKING_SCHEMA.dump(store().booking(booking_id))
+    return json_response(BOOKING_SCHEMA.dump(store().booking(booking_id)))
 
 
 @bp.patch("/bookings/<int:booking_id>")
@@ -1387,7 +1395,7 @@ def change_booking(booking_id):
     """Reschedule or edit a booking in one step; on any error it stays exactly as it was."""
     store().booking(booking_id)
     changes = BOOKING_CHANGES.load(json_body())
-    return BOOKING_SCHEMA.dump(store().change_booking(booking_id, changes))
+    return json_response(BOOKING_SCHEMA.dump(store().change_booking(booking_id, changes)))
 
 
 @bp.delete("/bookings/<int:booking_id>")
@@ -1669,6 +1677,6 @@ def create_app(config=None):
             response = problem(503, "Service Unavailable", f"The database does not answer: {error}.")
             response.headers["Retry-After"] = "5"
             return response
-        return {"status": "ok", "database": "ok"}
+        return json_response({"status": "ok", "database": "ok"})
 
     return app

@@ -1,5 +1,6 @@
 """Tests for the dealership service, through the HTTP API of a fresh app per test."""
 import gc
+import json
 import os
 import random
 import re
@@ -280,6 +281,29 @@ def test_delete_car_with_bookings_is_409_with_count(client):
 
 def test_delete_unknown_car_is_404(client):
     assert_problem(client.delete(f"{API}/cars/1"), 404)
+
+
+def test_every_json_body_keeps_field_order_and_ends_with_one_newline(client):
+    make_car(client)
+    book(client, 1)
+    fields = {
+        f"{API}/cars/1": list(dealership.CarSchema().fields),
+        f"{API}/bookings/1": ["id", "car_id", "customer_name", "customer_email", "start_datetime", "end_datetime"],
+        f"{API}/dealers/1": ["id", "name", "location"],
+        f"{API}/cars/1/availability?start_datetime=2035-01-15T00:00:00Z&end_datetime=2035-01-16T00:00:00Z":
+            ["car_id", "start_datetime", "end_datetime", "status", "available", "busy", "free"],
+        f"{API}/cars/99": ["title", "status", "detail"],
+        "/health": ["status", "database"],
+    }
+    for path, names in fields.items():
+        text = client.get(path).get_data(as_text=True)
+        assert text.endswith("}\n") and not text.endswith("\n\n"), path
+        assert list(json.loads(text)) == names, path
+    for path in [f"{API}/cars", f"{API}/cars?limit=1", f"{API}/bookings", f"{API}/dealers",
+                 f"{API}/bookings/available-cars?start_datetime=2035-02-01T00:00:00Z&end_datetime=2035-02-02T00:00:00Z"]:
+        text = client.get(path).get_data(as_text=True)
+        assert text.endswith("]\n") and not text.endswith("\n\n"), path
+        assert list(json.loads(text)[0])[0] == "id", path
 
 
 # ---------------------------------------------------------------------------------------------
