@@ -39,7 +39,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import click
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
-from flask import Blueprint, Config, Flask, Response, current_app, request, url_for
+from flask import Blueprint, Config, Flask, Response, current_app, redirect, request, url_for
 from flask.cli import with_appcontext
 from flask_swagger_ui import get_swaggerui_blueprint
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
@@ -1071,6 +1071,15 @@ class CalendarSchema(Schema):
     free = fields.List(fields.Nested(SlotSchema))
 
 
+class IndexSchema(Schema):
+    """What GET {prefix}/ answers: where to start."""
+    name = fields.String(metadata={"description": "The service's name."})
+    version = fields.String(metadata={"description": "The API's version."})
+    links = fields.Dict(keys=fields.String(), values=fields.String(), metadata={
+        "description": "The collections, the available-cars search, and (when mounted) the OpenAPI "
+                       "document and the interactive docs, by name."})
+
+
 class ProblemSchema(Schema):
     """RFC 9457 problem details: the body of every error."""
     title = fields.String(required=True)
@@ -1122,6 +1131,7 @@ CAR_CHANGES = CarSchema(partial=True)
 BOOKING_SCHEMA = BookingSchema()
 BOOKING_CHANGES = BookingSchema(partial=True)
 PROBLEM_SCHEMA = ProblemSchema()
+INDEX_SCHEMA = IndexSchema()
 CALENDAR_SCHEMA = CalendarSchema()
 CAR_QUERY = CarQuery()
 BOOKING_QUERY = BookingQuery()
@@ -1246,6 +1256,22 @@ def api_doc(tag, *, returns=None, many=False, status=200, body=None, query=None,
                         "query": query, "errors": errors, "headers": headers}
         return view
     return attach
+
+
+# ---------------------------------------------------------------------------------------------
+# Routes: the API's front door
+# ---------------------------------------------------------------------------------------------
+
+
+@bp.get("/", strict_slashes=False)
+@api_doc("service", returns=INDEX_SCHEMA)
+def index():
+    """Where to start: the collections and the docs."""
+    links = {"cars": url_for(".list_cars"), "bookings": url_for(".list_bookings"),
+             "available_cars": url_for(".available_cars"), "dealers": url_for(".list_dealers")}
+    if DOCS in current_app.extensions:
+        links |= {"openapi": url_for(f"{docs_bp.name}.openapi_json"), "docs": docs_url()}
+    return json_response(INDEX_SCHEMA.dump({"name": "Dealership API", "version": API_VERSION, "links": links}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1526,7 +1552,13 @@ def operation(view, method, rule, secured, shared):
     return op
 
 
-docs_bp = Blueprint("dealership_docs", __name__)
+DOCS = "dealership_docs"
+docs_bp = Blueprint(DOCS, __name__)
+
+
+def docs_url():
+    """Where the interactive docs of the app handling this request are."""
+    return f"{request.script_root}{current_app.extensions[DOCS]}/docs"
 
 
 @docs_bp.get("/openapi.json")
@@ -1541,6 +1573,7 @@ def openapi_json():
 def init_docs(app, prefix=""):
     """Mount {prefix}/openapi.json and the Swagger UI page at {prefix}/docs (its assets come
     from the flask-swagger-ui package, so the page works offline)."""
+    app.extensions[DOCS] = prefix
     app.register_blueprint(docs_bp, url_prefix=prefix or None)
     app.register_blueprint(get_swaggerui_blueprint(f"{prefix}/docs", f"{prefix}/openapi.json", config={
         "app_name": "Dealership API", "tryItOutEnabled": True, "persistAuthorization": True}))
@@ -1667,6 +1700,11 @@ def create_app(config=None):
     init_app(app, docs_prefix="")
     # Routing misses (404, 405) happen before a blueprint is chosen: they need app-level handlers.
     app.register_error_handler(HTTPException, http_error)
+
+    @app.get("/")
+    def home():
+        """The front door of the standalone service: the interactive docs."""
+        return redirect(docs_url())
 
     @app.get("/health")
     def health():

@@ -105,6 +105,33 @@ def test_health(client):
     assert response.get_json() == {"status": "ok", "database": "ok"}
 
 
+def test_the_front_door_leads_to_the_docs_and_the_api_index_to_everything(client):
+    home = client.get("/")
+    assert (home.status_code, home.headers["Location"]) == (302, "/docs")
+    assert client.get("/docs").status_code == 200
+    for path in (API, f"{API}/"):
+        response = client.get(path)
+        assert response.status_code == 200
+        index = response.get_json()
+        assert index["name"] == "Dealership API" and index["version"] == dealership.API_VERSION
+        assert index["links"] == {"cars": f"{API}/cars", "bookings": f"{API}/bookings",
+                                  "available_cars": f"{API}/bookings/available-cars",
+                                  "dealers": f"{API}/dealers", "openapi": "/openapi.json", "docs": "/docs"}
+        for name, link in index["links"].items():
+            if name != "available_cars":
+                assert client.get(link).status_code == 200, link
+
+
+def test_an_embedded_service_leaves_the_root_to_its_host():
+    host = host_app("host")
+    dealership.init_app(host, url_prefix="/dealership/api/v1")
+    client = host.test_client()
+    assert client.get("/").status_code == 404  # the host's own, not a redirect
+    assert client.get("/dealership/api/v1").get_json()["links"] == {
+        "cars": "/dealership/api/v1/cars", "bookings": "/dealership/api/v1/bookings",
+        "available_cars": "/dealership/api/v1/bookings/available-cars", "dealers": "/dealership/api/v1/dealers"}
+
+
 def test_each_app_has_its_own_store():
     first, second = new_app().test_client(), new_app().test_client()
     make_car(first)
