@@ -24,6 +24,7 @@ State lives in memory, per app (``app.extensions["dealership"]``): serve it from
 """
 import bisect
 import hmac
+import inspect
 import json
 import logging
 import os
@@ -929,8 +930,8 @@ class Text(fields.String):
     service accept exactly the same strings.
     """
 
-    def __init__(self, *, pattern, error, **kwargs):
-        super().__init__(metadata={"pattern": pattern}, **kwargs)
+    def __init__(self, *, pattern, error, metadata=None, **kwargs):
+        super().__init__(metadata={"pattern": pattern} | (metadata or {}), **kwargs)
         self.regex, self.error = re.compile(pattern), error
 
     def _deserialize(self, value, attr, data, **kwargs):
@@ -1020,32 +1021,56 @@ def check_window(data):
         raise ValidationError("Must be after start_datetime.", field_name="end_datetime")
 
 
+def about(description, example=None):
+    """A field's metadata for the OpenAPI document: its rule in words, and an example that is valid
+    as it is (date-times get theirs when the document is made: a week ahead of today)."""
+    return {"description": description} | ({} if example is None else {"example": example})
+
+
+STRIPPED = "surrounding spaces are removed"
+
+
 class DealerSchema(Schema):
-    id = fields.Integer(dump_only=True)
-    name = text(200, required=True)
-    location = text(200, min_length=0, load_default="")
+    id = fields.Integer(dump_only=True, metadata=about("Given by the service; never reused."))
+    name = text(200, required=True, metadata=about(f"1 to 200 characters; {STRIPPED}.", "Oscar Mobility South"))
+    location = text(200, min_length=0, load_default="",
+                    metadata=about(f"Up to 200 characters, empty if left out; {STRIPPED}.", "Stuttgart, Germany"))
 
 
 class CarSchema(Schema):
-    id = fields.Integer(dump_only=True)
-    brand = text(100, required=True)
-    model = text(100, required=True)
-    year = fields.Integer(required=True, strict=True, validate=UpToNextYear())
-    color = text(100, required=True)
-    daily_price = JSONNumber(required=True, metadata={"exclusiveMinimum": True},
-                             validate=validate.Range(min=0, max=MAX_DAILY_PRICE, min_inclusive=False))
-    vin = Vin(required=True)
-    status = fields.String(load_default="available", validate=validate.OneOf(CAR_STATUSES))
-    dealer_id = fields.Integer(required=True, strict=True, validate=validate.Range(min=1))
+    id = fields.Integer(dump_only=True, metadata=about("Given by the service; never reused."))
+    brand = text(100, required=True, metadata=about(f"The make: 1 to 100 characters; {STRIPPED}.", "Volkswagen"))
+    model = text(100, required=True, metadata=about(f"1 to 100 characters; {STRIPPED}.", "Golf"))
+    year = fields.Integer(required=True, strict=True, validate=UpToNextYear(),
+                          metadata=about("Model year: a whole number from 1886 to next year.", 2024))
+    color = text(100, required=True, metadata=about(f"1 to 100 characters; {STRIPPED}.", "Grey"))
+    daily_price = JSONNumber(required=True, validate=validate.Range(min=0, max=MAX_DAILY_PRICE, min_inclusive=False),
+                             metadata={"exclusiveMinimum": True} | about(
+                                 "Price per day: a number above 0, at most 1,000,000.", 64.5))
+    vin = Vin(required=True, metadata=about(
+        "Vehicle identification number: 17 letters and digits, never I, O or Q; any case, stored upper "
+        "case; no two cars share one.", "WVWZZZ1KZAW123456"))
+    status = fields.String(load_default="available", validate=validate.OneOf(CAR_STATUSES), metadata=about(
+        "'available' (the default) or 'maintenance': a car in maintenance cannot be booked.", "available"))
+    dealer_id = fields.Integer(required=True, strict=True, validate=validate.Range(min=1),
+                               metadata=about("The dealer that owns the car; it must exist.", 1))
+
+
+START = ("When the booking starts: an ISO 8601 date-time with an offset (2030-06-01T09:00:00+02:00), "
+         "or without one for the dealership's time zone; not in the past.")
+END = ("When it ends, after the start. The booking holds [start, end): at this very instant the car "
+       "is free again.")
 
 
 class BookingSchema(Schema):
-    id = fields.Integer(dump_only=True)
-    car_id = fields.Integer(required=True, strict=True, validate=validate.Range(min=1))
-    customer_name = text(200, required=True)
-    customer_email = fields.Email(required=True, validate=validate.Length(max=254))
-    start_datetime = Instant(required=True)
-    end_datetime = Instant(required=True)
+    id = fields.Integer(dump_only=True, metadata=about("Given by the service; never reused."))
+    car_id = fields.Integer(required=True, strict=True, validate=validate.Range(min=1),
+                            metadata=about("The car to book; it must exist and be available.", 1))
+    customer_name = text(200, required=True, metadata=about(f"1 to 200 characters; {STRIPPED}.", "Ada Lovelace"))
+    customer_email = fields.Email(required=True, validate=validate.Length(max=254),
+                                  metadata=about("An e-mail address, at most 254 characters.", "ada@example.com"))
+    start_datetime = Instant(required=True, metadata=about(START))
+    end_datetime = Instant(required=True, metadata=about(END))
 
     @validates_schema
     def end_after_start(self, data, **kwargs):
@@ -1053,22 +1078,25 @@ class BookingSchema(Schema):
 
 
 class SlotSchema(Schema):
-    start_datetime = Instant()
-    end_datetime = Instant()
+    start_datetime = Instant(metadata=about("Start of the gap, in the dealership's time zone."))
+    end_datetime = Instant(metadata=about("End of the gap: the first instant that is not free."))
 
 
-class BusySchema(SlotSchema):
-    booking_id = fields.Integer(attribute="id")
+class BusySchema(Schema):
+    booking_id = fields.Integer(attribute="id", metadata=about("The booking that holds the car."))
+    start_datetime = Instant(metadata=about("Its start, not clipped to the window."))
+    end_datetime = Instant(metadata=about("Its end, not clipped to the window."))
 
 
 class CalendarSchema(Schema):
-    car_id = fields.Integer()
-    start_datetime = Instant()
-    end_datetime = Instant()
-    status = fields.String()
-    available = fields.Boolean()
-    busy = fields.List(fields.Nested(BusySchema))
-    free = fields.List(fields.Nested(SlotSchema))
+    car_id = fields.Integer(metadata=about("The car."))
+    start_datetime = Instant(metadata=about("The window asked for: its start."))
+    end_datetime = Instant(metadata=about("The window asked for: its end."))
+    status = fields.String(metadata=about("The car's status: 'available' or 'maintenance'."))
+    available = fields.Boolean(metadata=about("True when the car can be booked for the whole window."))
+    busy = fields.List(fields.Nested(BusySchema), metadata=about("The bookings that overlap the window, in time order."))
+    free = fields.List(fields.Nested(SlotSchema), metadata=about(
+        "The gaps inside the window, clipped to it; none for a car in maintenance."))
 
 
 class IndexSchema(Schema):
@@ -1082,30 +1110,35 @@ class IndexSchema(Schema):
 
 class ProblemSchema(Schema):
     """RFC 9457 problem details: the body of every error."""
-    title = fields.String(required=True)
-    status = fields.Integer(required=True)
-    detail = fields.String(required=True)
-    errors = fields.Dict(keys=fields.String(), values=fields.List(fields.String()),
-                         metadata={"description": "Each offending field or query parameter, with its messages."})
+    title = fields.String(required=True, metadata=about("The HTTP status in words."))
+    status = fields.Integer(required=True, metadata=about("The HTTP status code."))
+    detail = fields.String(required=True, metadata=about("What was wrong, and how to put it right."))
+    errors = fields.Dict(keys=fields.String(), values=fields.List(fields.String()), metadata=about(
+        "With 422: each offending field or query parameter, with its messages."))
 
 
 class PageQuery(Schema):
     """Paging for a list: without `limit`, every item from `offset` on."""
-    limit = fields.Integer(validate=validate.Range(min=1, max=MAX_PAGE))
-    offset = fields.Integer(load_default=0, validate=validate.Range(min=0))
+    limit = fields.Integer(validate=validate.Range(min=1, max=MAX_PAGE),
+                           metadata=about("At most this many items, 1 to 1000; all when left out.", 100))
+    offset = fields.Integer(load_default=0, validate=validate.Range(min=0),
+                            metadata=about("Skip this many items first.", 0))
 
 
 class CarQuery(PageQuery):
-    status = fields.String(validate=validate.OneOf(CAR_STATUSES))
-    dealer_id = fields.Integer(validate=validate.Range(min=1))
-    brand = fields.String()
+    status = fields.String(validate=validate.OneOf(CAR_STATUSES), metadata=about(
+        "Only cars with this status: 'available' or 'maintenance'.", "available"))
+    dealer_id = fields.Integer(validate=validate.Range(min=1), metadata=about("Only this dealer's cars.", 1))
+    brand = fields.String(metadata=about("Only this make, in any case.", "Volkswagen"))
 
 
 class BookingQuery(PageQuery):
-    car_id = fields.Integer(validate=validate.Range(min=1))
-    customer_email = fields.Email()
-    start_datetime = Instant()
-    end_datetime = Instant()
+    car_id = fields.Integer(validate=validate.Range(min=1), metadata=about("Only this car's bookings.", 1))
+    customer_email = fields.Email(metadata=about("Only this customer's bookings, in any case.", "ada@example.com"))
+    start_datetime = Instant(metadata=about(
+        "With end_datetime: bookings that overlap [start, end). Alone: bookings that start at or after it."))
+    end_datetime = Instant(metadata=about(
+        "With start_datetime: bookings that overlap [start, end). Alone: bookings that end at or before it."))
 
     @validates_schema
     def end_after_start(self, data, **kwargs):
@@ -1113,8 +1146,10 @@ class BookingQuery(PageQuery):
 
 
 class WindowQuery(Schema):
-    start_datetime = Instant(required=True)
-    end_datetime = Instant(required=True)
+    start_datetime = Instant(required=True, metadata=about(
+        "Start of the period: an ISO 8601 date-time with an offset, or without one for the "
+        "dealership's time zone. In a query string write + as %2B."))
+    end_datetime = Instant(required=True, metadata=about("End of the period, after its start; the period is [start, end)."))
 
     @validates_schema
     def end_after_start(self, data, **kwargs):
@@ -1122,7 +1157,7 @@ class WindowQuery(Schema):
 
 
 class AvailableCarsQuery(WindowQuery, PageQuery):
-    dealer_id = fields.Integer(validate=validate.Range(min=1))
+    dealer_id = fields.Integer(validate=validate.Range(min=1), metadata=about("Only this dealer's cars.", 1))
 
 
 DEALER_SCHEMA = DealerSchema()
@@ -1266,7 +1301,10 @@ def api_doc(tag, *, returns=None, many=False, status=200, body=None, query=None,
 @bp.get("/", strict_slashes=False)
 @api_doc("service", returns=INDEX_SCHEMA)
 def index():
-    """Where to start: the collections and the docs."""
+    """Where to start
+
+    The collections, the search for free cars and, when mounted, the docs.
+    """
     links = {"cars": url_for(".list_cars"), "bookings": url_for(".list_bookings"),
              "available_cars": url_for(".available_cars"), "dealers": url_for(".list_dealers")}
     if DOCS in current_app.extensions:
@@ -1282,7 +1320,10 @@ def index():
 @bp.get("/dealers")
 @api_doc("dealers", returns=DEALER_SCHEMA, many=True, headers=["X-Total-Count"])
 def list_dealers():
-    """All dealers, ordered by id."""
+    """List the dealers
+
+    Ordered by id.
+    """
     dealers = list(store().dealers.values())
     return json_response(DEALER_SCHEMA.dump(dealers, many=True), headers={"X-Total-Count": str(len(dealers))})
 
@@ -1290,7 +1331,7 @@ def list_dealers():
 @bp.post("/dealers")
 @api_doc("dealers", returns=DEALER_SCHEMA, status=201, body=DEALER_SCHEMA, headers=["Location"])
 def create_dealer():
-    """Add a dealer."""
+    """Add a dealer"""
     dealer = store().add_dealer(DEALER_SCHEMA.load(json_body()))
     return json_response(DEALER_SCHEMA.dump(dealer), 201, {"Location": url_for(".get_dealer", dealer_id=dealer.id)})
 
@@ -1298,14 +1339,17 @@ def create_dealer():
 @bp.get("/dealers/<int:dealer_id>")
 @api_doc("dealers", returns=DEALER_SCHEMA)
 def get_dealer(dealer_id):
-    """One dealer."""
+    """Get one dealer"""
     return json_response(DEALER_SCHEMA.dump(store().dealer(dealer_id)))
 
 
 @bp.delete("/dealers/<int:dealer_id>")
 @api_doc("dealers", status=204, errors=[409])
 def delete_dealer(dealer_id):
-    """Remove a dealer that has no cars."""
+    """Remove a dealer
+
+    Only a dealer that has no cars.
+    """
     store().delete_dealer(dealer_id)
     return no_content()
 
@@ -1318,7 +1362,7 @@ def delete_dealer(dealer_id):
 @bp.post("/cars")
 @api_doc("cars", returns=CAR_SCHEMA, status=201, body=CAR_SCHEMA, errors=[404, 409], headers=["Location"])
 def create_car():
-    """Add a car to the inventory."""
+    """Add a car to the inventory"""
     car = store().add_car(CAR_SCHEMA.load(json_body()))
     return json_text(car.json, 201, {"Location": url_for(".get_car", car_id=car.id)})
 
@@ -1326,7 +1370,10 @@ def create_car():
 @bp.get("/cars")
 @api_doc("cars", returns=CAR_SCHEMA, many=True, query=CAR_QUERY, headers=["X-Total-Count"])
 def list_cars():
-    """Cars ordered by id, optionally filtered by status, dealer and brand, and paged."""
+    """List the cars
+
+    Ordered by id, optionally filtered by status, dealer and brand, and paged.
+    """
     filters = query(CAR_QUERY)
     if filters.keys() == {"offset"} and not filters["offset"]:  # the whole fleet: ready made
         body, total = store().cars_json()
@@ -1344,14 +1391,17 @@ def list_cars():
 @bp.get("/cars/<int:car_id>")
 @api_doc("cars", returns=CAR_SCHEMA)
 def get_car(car_id):
-    """One car."""
+    """Get one car"""
     return json_text(store().car(car_id).json)
 
 
 @bp.route("/cars/<int:car_id>", methods=["PUT", "PATCH"])
 @api_doc("cars", returns=CAR_SCHEMA, body=CAR_CHANGES, errors=[409])
 def update_car(car_id):
-    """Change the fields given; the others keep their values."""
+    """Change a car
+
+    Only the fields given change; the others keep their values.
+    """
     store().car(car_id)  # an unknown car is a 404 before its body is judged
     changes = CAR_CHANGES.load(json_body())
     return json_text(store().update_car(car_id, changes).json)
@@ -1360,7 +1410,10 @@ def update_car(car_id):
 @bp.delete("/cars/<int:car_id>")
 @api_doc("cars", status=204, errors=[409])
 def delete_car(car_id):
-    """Remove a car that has no bookings."""
+    """Remove a car
+
+    Only a car that has no bookings.
+    """
     store().delete_car(car_id)
     return no_content()
 
@@ -1368,7 +1421,10 @@ def delete_car(car_id):
 @bp.get("/cars/<int:car_id>/availability")
 @api_doc("cars", returns=CALENDAR_SCHEMA, query=WINDOW_QUERY)
 def car_availability(car_id):
-    """One car's calendar in a window: the bookings that overlap it and the free gaps."""
+    """See when a car is busy or free
+
+    The bookings that overlap the period, and the free gaps inside it.
+    """
     store().car(car_id)
     window = query(WINDOW_QUERY)
     start, end = window["start_datetime"], window["end_datetime"]
@@ -1391,7 +1447,11 @@ def car_availability(car_id):
 @api_doc("bookings", returns=BOOKING_SCHEMA, status=201, body=BOOKING_SCHEMA, errors=[404, 409],
          headers=["Location"])
 def create_booking():
-    """Book a car for [start_datetime, end_datetime)."""
+    """Book a car
+
+    For the period from start_datetime up to end_datetime: it must not overlap another booking of
+    the car, nor start in the past.
+    """
     booking = store().add_booking(BOOKING_SCHEMA.load(json_body()))
     return json_response(BOOKING_SCHEMA.dump(booking), 201,
                          {"Location": url_for(".get_booking", booking_id=booking.id)})
@@ -1400,7 +1460,10 @@ def create_booking():
 @bp.get("/bookings")
 @api_doc("bookings", returns=BOOKING_SCHEMA, many=True, query=BOOKING_QUERY, headers=["X-Total-Count"])
 def list_bookings():
-    """Bookings ordered by start then id, filtered by car, customer and time range, and paged."""
+    """List the bookings
+
+    Ordered by start then id, filtered by car, customer and period, and paged.
+    """
     filters = query(BOOKING_QUERY)
     found = store().find_bookings(filters.get("car_id"), filters.get("start_datetime"),
                                   filters.get("end_datetime"), filters.get("customer_email"))
@@ -1411,14 +1474,17 @@ def list_bookings():
 @bp.get("/bookings/<int:booking_id>")
 @api_doc("bookings", returns=BOOKING_SCHEMA)
 def get_booking(booking_id):
-    """One booking."""
+    """Get one booking"""
     return json_response(BOOKING_SCHEMA.dump(store().booking(booking_id)))
 
 
 @bp.patch("/bookings/<int:booking_id>")
 @api_doc("bookings", returns=BOOKING_SCHEMA, body=BOOKING_CHANGES, errors=[409])
 def change_booking(booking_id):
-    """Reschedule or edit a booking in one step; on any error it stays exactly as it was."""
+    """Move or edit a booking
+
+    In one step: on any error the booking stays exactly as it was.
+    """
     store().booking(booking_id)
     changes = BOOKING_CHANGES.load(json_body())
     return json_response(BOOKING_SCHEMA.dump(store().change_booking(booking_id, changes)))
@@ -1427,7 +1493,10 @@ def change_booking(booking_id):
 @bp.delete("/bookings/<int:booking_id>")
 @api_doc("bookings", status=204)
 def cancel_booking(booking_id):
-    """Cancel a booking; its time is free again."""
+    """Cancel a booking
+
+    Its time is free again.
+    """
     store().cancel_booking(booking_id)
     return no_content()
 
@@ -1436,7 +1505,10 @@ def cancel_booking(booking_id):
 @api_doc("bookings", returns=CAR_SCHEMA, many=True, query=AVAILABLE_CARS_QUERY,
          headers=["X-Total-Count"])
 def available_cars():
-    """Cars that are available and have no booking overlapping the window, ordered by id."""
+    """Find the cars free for a whole period
+
+    Cars whose status is available and that have no booking overlapping the period, ordered by id.
+    """
     filters = query(AVAILABLE_CARS_QUERY)
     cars = store().free_cars(filters["start_datetime"], filters["end_datetime"], filters.get("dealer_id"))
     page, headers = paged(cars, filters)
@@ -1463,7 +1535,17 @@ ERROR_MEANINGS = {
     413: "The body is larger than DEALERSHIP_MAX_CONTENT_LENGTH.",
     415: "The body is not sent as application/json.",
     422: "A field or query parameter is invalid, missing or unknown; `errors` lists each.",
+    503: "The database refused the write (busy, read-only or full); nothing changed. Retry after `Retry-After`.",
 }
+# The operations in the order a newcomer needs them: a car must exist before it can be booked.
+TAGS = {"cars": "The inventory: add, list, change and remove cars, and see when one is busy or free.",
+        "bookings": "Book a car for a period, find the cars free for a period, move or cancel a booking.",
+        "dealers": "The dealers that own the cars.",
+        "service": "Where to start."}
+# What the example of a change (PUT/PATCH) shows: what a user would change first. A test loads
+# every example through its schema, so a renamed field cannot leave one behind.
+CHANGE_EXAMPLES = {"Car": lambda window: {"color": "Red", "daily_price": 69.9},
+                   "Booking": lambda window: {"end_datetime": window["end_datetime"] + timedelta(days=1)}}
 RESPONSE_HEADERS = {
     "Location": {"description": "The URL of the new resource.", "required": True, "schema": {"type": "string"}},
     "X-Total-Count": {"description": "The number of items before paging.", "required": True,
@@ -1481,26 +1563,95 @@ def schema_name(schema):
 
 
 def openapi_document(app):
-    """The OpenAPI 3 document of the service's routes as mounted on `app`."""
+    """The OpenAPI 3 document of the service's routes as mounted on `app` (in a request to it: the
+    examples are written in its dealership's time zone)."""
     spec = APISpec(title="Dealership API", version=API_VERSION, openapi_version="3.0.3",
                    info={"description": API_DESCRIPTION},
                    plugins=[MarshmallowPlugin(schema_name_resolver=schema_name)])
+    for name, description in TAGS.items():
+        spec.tag({"name": name, "description": description})
     spec.components.schema("Problem", schema=ProblemSchema)
     secured = bool(app.config["DEALERSHIP_API_KEY"])
     if secured:
         spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
+    examples = Examples(example_window(store().zone))
+    rules = [rule for rule in app.url_map.iter_rules() if rule.endpoint.partition(".")[0] == bp.name]
+    rules.sort(key=lambda r: (list(TAGS).index(app.view_functions[r.endpoint].api_doc["tag"]), r.rule))
     paths = {}
-    for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
-        if rule.endpoint.partition(".")[0] != bp.name:
-            continue
+    for rule in rules:
         view = app.view_functions[rule.endpoint]
         methods = sorted(rule.methods - {"HEAD", "OPTIONS"})
         paths.setdefault(_PATH_ARGUMENT.sub(r"{\1}", rule.rule), {}).update(
-            {method.lower(): operation(view, method, rule, secured, len(methods) > 1) for method in methods})
+            {method.lower(): operation(view, method, rule, secured, len(methods) > 1, examples)
+             for method in methods})
     add_links(paths)
     for path, operations in paths.items():
         spec.path(path=path, operations=operations)
-    return spec.to_dict()
+    document = spec.to_dict()
+    for operations in document["paths"].values():  # a query parameter's example beside its description
+        for op in operations.values():
+            for parameter in op["parameters"]:
+                if parameter["in"] == "query":
+                    moment = examples.window.get(parameter["name"])
+                    example = parameter["schema"].pop("example", None)
+                    parameter["example"] = example if moment is None else moment.isoformat()
+    return document
+
+
+def example_window(zone):
+    """The period every example uses: a week ahead of today, 09:00 to 09:00 two days later, in the
+    dealership's zone (so it is never in the past and is written with the zone's offset)."""
+    start = datetime.now(zone).replace(hour=9, minute=0, second=0, microsecond=0) + timedelta(days=7)
+    return {"start_datetime": start, "end_datetime": start + timedelta(days=2)}
+
+
+class Examples:
+    """Examples that look like what the service says, made from the schemas it says it with: a
+    request body from each field's own example, a response by dumping that through its schema."""
+
+    def __init__(self, window):
+        self.window = window
+        car = {"id": 1} | self.body(CAR_SCHEMA)
+        booking = {"id": 1} | self.body(BOOKING_SCHEMA)
+        start, end = window["start_datetime"], window["end_datetime"]
+        self.responses = {
+            CarSchema: CAR_SCHEMA.dump(car),
+            BookingSchema: BOOKING_SCHEMA.dump(booking | window),
+            DealerSchema: DEALER_SCHEMA.dump({"id": 1} | SEED_DEALER),
+            CalendarSchema: CALENDAR_SCHEMA.dump({
+                "car_id": 1, "start_datetime": start - timedelta(days=1), "end_datetime": end + timedelta(days=1),
+                "status": "available", "available": False, "busy": [booking | window],
+                "free": [{"start_datetime": start - timedelta(days=1), "end_datetime": start},
+                         {"start_datetime": end, "end_datetime": end + timedelta(days=1)}]}),
+            IndexSchema: INDEX_SCHEMA.dump({"name": "Dealership API", "version": API_VERSION, "links": {
+                "cars": f"{API_PREFIX}/cars", "bookings": f"{API_PREFIX}/bookings"}}),
+        }
+        vin_error = CAR_SCHEMA.fields["vin"].error
+        show = store().show
+        self.problems = {code: {"title": title, "status": code, "detail": detail} | extra for code, title, detail, extra in [
+            (400, "Bad Request", "The body is not valid JSON.", {}),
+            (401, "Unauthorized", "This request changes data: send 'Authorization: Bearer <API key>'.", {}),
+            (404, "Not Found", "There is no car with id 7.", {}),
+            (409, "Conflict", f"Car 1 is already booked from {show(start)} to {show(end)} by booking 1.", {}),
+            (413, "Request Entity Too Large", "The body is larger than the limit of 1048576 bytes.", {}),
+            (415, "Unsupported Media Type", "Send the body as JSON with 'Content-Type: application/json'.", {}),
+            (422, "Unprocessable Content", "Invalid input: vin.", {"errors": {"vin": [vin_error]}}),
+            (503, "Service Unavailable", "The database is busy: another process held it for longer than "
+                                         "DEALERSHIP_BUSY_TIMEOUT. Nothing was changed; try again.", {}),
+        ]}
+
+    def body(self, schema):
+        """A request body for `schema`, each value from its field (a date-time from the window)."""
+        if schema.partial:
+            values = CHANGE_EXAMPLES[schema_name(type(schema))](self.window)
+        else:
+            values = {name: self.window[name] if isinstance(field, Instant) else field.metadata["example"]
+                      for name, field in schema.load_fields.items()}
+        return {name: value.isoformat() if isinstance(value, datetime) else value for name, value in values.items()}
+
+    def response(self, schema, many):
+        example = self.responses[type(schema)]
+        return [example] if many else example
 
 
 def add_links(paths):
@@ -1518,9 +1669,9 @@ def add_links(paths):
                     for op in item_operations.values()})
 
 
-def operation(view, method, rule, secured, shared):
+def operation(view, method, rule, secured, shared, examples):
     doc = view.api_doc
-    summary, _, description = (view.__doc__ or "").strip().partition("\n")
+    summary, _, description = inspect.cleandoc(view.__doc__ or "").partition("\n")
     op = {"tags": [doc["tag"]], "summary": summary,
           "operationId": f"{view.__name__}_{method.lower()}" if shared else view.__name__,
           "parameters": [{"in": "path", "name": name, "required": True, "schema": {"type": "integer", "minimum": 1}}
@@ -1535,20 +1686,22 @@ def operation(view, method, rule, secured, shared):
         op["parameters"].append({"in": "query", "schema": doc["query"]})
         errors.add(422)
     if doc["body"] is not None:
-        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": doc["body"]}}}
+        op["requestBody"] = {"required": True, "content": {"application/json": {
+            "schema": doc["body"], "example": examples.body(doc["body"])}}}
         errors.update((400, 413, 415, 422))
     if method in WRITE_METHODS:
-        errors.add(401)
+        errors.update((401, 503))
         if secured:
             op["security"] = [{"bearer": []}]
     success = {"description": summary, "headers": {name: RESPONSE_HEADERS[name] for name in doc["headers"]}}
     if doc["returns"] is not None:
         schema = {"type": "array", "items": doc["returns"]} if doc["many"] else doc["returns"]
-        success["content"] = {"application/json": {"schema": schema}}
+        success["content"] = {"application/json": {"schema": schema,
+                                                   "example": examples.response(doc["returns"], doc["many"])}}
     op["responses"][str(doc["status"])] = success
     for code in sorted(errors):
-        op["responses"][str(code)] = {"description": ERROR_MEANINGS[code],
-                                      "content": {"application/problem+json": {"schema": "Problem"}}}
+        op["responses"][str(code)] = {"description": ERROR_MEANINGS[code], "content": {
+            "application/problem+json": {"schema": "Problem", "example": examples.problems[code]}}}
     return op
 
 
@@ -1563,10 +1716,11 @@ def docs_url():
 
 @docs_bp.get("/openapi.json")
 def openapi_json():
-    """The OpenAPI document, made once per app."""
+    """The OpenAPI document, made once a day per app (its examples are a week ahead of today)."""
     cache = current_app.extensions.setdefault("dealership_openapi", {})
-    if "document" not in cache:
-        cache["document"] = to_json(openapi_document(current_app))
+    today = datetime.now(timezone.utc).date()
+    if cache.get("day") != today:
+        cache["document"], cache["day"] = to_json(openapi_document(current_app)), today
     return json_text(cache["document"])
 
 
@@ -1576,7 +1730,8 @@ def init_docs(app, prefix=""):
     app.extensions[DOCS] = prefix
     app.register_blueprint(docs_bp, url_prefix=prefix or None)
     app.register_blueprint(get_swaggerui_blueprint(f"{prefix}/docs", f"{prefix}/openapi.json", config={
-        "app_name": "Dealership API", "tryItOutEnabled": True, "persistAuthorization": True}))
+        "app_name": "Dealership API", "tryItOutEnabled": True, "persistAuthorization": True,
+        "layout": "BaseLayout"}))  # without the "Explore" bar, which invites loading another document
     app.add_url_rule(f"{prefix}/docs", endpoint="swagger_ui.show")  # /docs itself, not only /docs/
 
 

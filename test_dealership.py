@@ -1636,7 +1636,7 @@ def test_openapi_document_comes_from_the_schemas(client):
     assert {p["name"] for p in listing["parameters"]} == set(dealership.CarQuery().fields)
     assert listing["responses"]["200"]["headers"]["X-Total-Count"]["required"] is True
     booking = document["paths"]["/api/v1/bookings"]["post"]["responses"]
-    assert set(booking) == {"201", "400", "401", "404", "409", "413", "415", "422"}
+    assert set(booking) == {"201", "400", "401", "404", "409", "413", "415", "422", "503"}
     assert booking["422"]["content"]["application/problem+json"]["schema"] == {"$ref": "#/components/schemas/Problem"}
     assert booking["201"]["links"]["get_booking"]["parameters"] == {"booking_id": "$response.body#/id"}
 
@@ -1659,6 +1659,91 @@ def test_text_patterns_mean_what_the_service_does():
 def test_names_that_are_only_whitespace_or_too_long_are_422(client, name):
     make_car(client)
     assert_problem(book(client, 1, customer_name=name), 422, "customer_name")
+
+
+def operations(document):
+    for path, methods in document["paths"].items():
+        for method, op in methods.items():
+            yield path, method, op
+
+
+def query_example(op):
+    return {p["name"]: p["example"] for p in op["parameters"] if p["in"] == "query"}
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Europe/Berlin"])
+def test_every_example_in_the_document_is_accepted_by_the_schema_the_route_uses(zone):
+    app = new_app({"DEALERSHIP_TIMEZONE": zone})
+    document = app.test_client().get("/openapi.json").get_json()
+    views = {(openapi_path(rule.rule), method.lower()): app.view_functions[rule.endpoint]
+             for rule in app.url_map.iter_rules() if rule.endpoint.startswith("dealership.") for method in rule.methods}
+    checked = 0
+    with app.test_request_context():
+        for path, method, op in operations(document):
+            doc = views[path, method].api_doc
+            if "requestBody" in op:
+                doc["body"].load(op["requestBody"]["content"]["application/json"]["example"])
+                checked += 1
+            if doc["query"] is not None:
+                example = query_example(op)
+                assert set(example) == set(doc["query"].fields), path  # every query parameter has one
+                doc["query"].load(example)
+                checked += 1
+    assert checked == 10  # six bodies, four query strings
+
+
+def test_every_field_and_parameter_says_its_rule_in_words(client):
+    document = client.get("/openapi.json").get_json()
+    for name, schema in document["components"]["schemas"].items():
+        for field, prop in schema["properties"].items():
+            assert prop.get("description"), (name, field)
+    for path, method, op in operations(document):
+        assert op["summary"] and not op["summary"].endswith("."), (path, method)
+        for parameter in op["parameters"]:
+            assert parameter["in"] == "path" or parameter.get("description"), (path, parameter["name"])
+    assert [tag["name"] for tag in document["tags"]] == ["cars", "bookings", "dealers", "service"]
+    assert [op["tags"][0] for _, _, op in operations(document)] == sorted(
+        (op["tags"][0] for _, _, op in operations(document)), key=["cars", "bookings", "dealers", "service"].index)
+
+
+def test_the_examples_used_in_order_work_and_the_errors_look_like_the_real_ones(client):
+    """What a newcomer does on the docs page: create the example car, book it, look for free cars."""
+    document = client.get("/openapi.json").get_json()
+    ops = {(method, path): op for path, method, op in operations(document)}
+
+    def example(method, path):
+        return ops[method, API + path]["requestBody"]["content"]["application/json"]["example"]
+
+    def problem_example(method, path, code):
+        return ops[method, API + path]["responses"][code]["content"]["application/problem+json"]["example"]
+
+    car = client.post(f"{API}/cars", json=example("post", "/cars"))
+    assert car.status_code == 201
+    assert car.get_json() == ops["get", API + "/cars/{car_id}"]["responses"]["200"]["content"]["application/json"]["example"]
+    booking = client.post(f"{API}/bookings", json=example("post", "/bookings"))
+    assert booking.status_code == 201
+    assert booking.get_json() == ops["post", API + "/bookings"]["responses"]["201"]["content"]["application/json"]["example"]
+    window = query_example(ops["get", API + "/bookings/available-cars"])
+    free = client.get(f"{API}/bookings/available-cars", query_string=window)
+    assert free.status_code == 200 and free.get_json() == []  # the example car is booked in the example window
+    assert client.get(f"{API}/cars/1/availability",
+                      query_string=query_example(ops["get", API + "/cars/{car_id}/availability"])).status_code == 200
+    assert client.get(f"{API}/bookings", query_string=query_example(ops["get", API + "/bookings"])).get_json() == [
+        booking.get_json()]
+    # the error examples quote what the service says
+    again = client.post(f"{API}/bookings", json=example("post", "/bookings"))
+    assert again.get_json() == problem_example("post", "/bookings", "409")
+    bad_vin = client.post(f"{API}/cars", json=example("post", "/cars") | {"vin": "I" * 17})
+    assert bad_vin.get_json() == problem_example("post", "/cars", "422")
+    assert client.get(f"{API}/cars/7").get_json() == problem_example("get", "/cars/{car_id}", "404")
+    assert client.post(f"{API}/cars", data="x", content_type="text/plain").get_json() == problem_example(
+        "post", "/cars", "415")
+    assert client.post(f"{API}/cars", data="{", content_type="application/json").get_json() == problem_example(
+        "post", "/cars", "400")
+    # and the changes
+    assert client.patch(f"{API}/bookings/1", json=example("patch", "/bookings/{booking_id}")).status_code == 200
+    assert client.put(f"{API}/cars/1", json=example("put", "/cars/{car_id}")).status_code == 200
+    assert client.post(f"{API}/dealers", json=example("post", "/dealers")).status_code == 201
 
 
 def test_docs_page_is_served_locally(client):
