@@ -1525,7 +1525,11 @@ Date-times are ISO 8601. A value with an offset (`Z`, `+02:00`) is that instant;
 local time in the dealership's zone (`DEALERSHIP_TIMEZONE`, UTC unless set), and responses carry that
 zone's offset. Booking intervals are half-open, `[start, end)`: a booking that ends at 10:00 and another
 that starts at 10:00 on the same car do not overlap, while one second of overlap is a 409. `end_datetime`
-must be after `start_datetime`. Every error is `application/problem+json`."""
+must be after `start_datetime`, and a booking cannot start in the past. Every error is
+`application/problem+json`.
+
+Start with **POST /api/v1/cars**, then **POST /api/v1/bookings**: press "Try it out" and Execute, and
+the examples filled in create a car and book it for a week from now."""
 
 ERROR_MEANINGS = {
     400: "The body is not valid JSON, or not a JSON object.",
@@ -1809,7 +1813,8 @@ def load_demo_data(database, zone):
         first = next(iter(db.rows("dealer")), None)
         main = first[0] if first else db.insert("dealer", SEED_DEALER)
         north = db.insert("dealer", {"name": "Oscar Mobility North", "location": "Hamburg, Germany"})
-        cars = [("Toyota", "Corolla", 2024, "White", 59.9, "JTDBR32E720123456", "available", main),
+        # VINs unlike the README's and the docs' examples, which can then be tried on a demo too
+        cars = [("Toyota", "Corolla", 2024, "White", 59.9, "JTDBR32E720654321", "available", main),
                 ("Volkswagen", "Golf", 2023, "Grey", 64.5, "WVWZZZ1KZ6W612345", "available", main),
                 ("BMW", "320i", 2022, "Black", 89.0, "WBA8E9C50GK123456", "maintenance", main),
                 ("Mercedes-Benz", "C 200", 2024, "Silver", 95.0, "WDD2050421R123456", "available", north),
