@@ -1345,6 +1345,7 @@ def test_a_refusal_changes_neither_the_database_nor_the_dicts(database, method, 
     assert table_rows(database) == rows
     assert state(on_file(database).test_client()) == before
     assert make_car(client, vin=vin(3))["id"] == 3  # and no id was used up
+    assert book(client, 3).get_json()["id"] == 3
 
 
 @contextmanager

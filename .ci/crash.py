@@ -31,7 +31,7 @@ from collections import defaultdict
 from datetime import datetime, timedelta, timezone
 from urllib.parse import urlsplit
 
-from serve import HOST, start, stop
+from serve import HOST, start, stop, verdict
 
 API = "/api/v1"
 T0 = datetime(2036, 1, 1, tzinfo=timezone.utc)
@@ -228,10 +228,7 @@ def main():
             stop(server)
             print(f"server log: {server.log}")
         shutil.rmtree(folder, ignore_errors=True)
-    for line in problems[:20]:
-        print("crash: FAIL " + line)
-    print("crash: passed" if not problems else f"crash: failed with {len(problems)} problems")
-    return 1 if problems else 0
+    return verdict("crash", problems)
 
 
 if __name__ == "__main__":

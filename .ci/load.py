@@ -27,7 +27,7 @@ from collections import defaultdict
 from datetime import datetime, timedelta, timezone
 from urllib.parse import urlsplit
 
-from serve import HOST, serve
+from serve import HOST, serve, verdict
 
 API = "/api/v1"
 T0 = datetime(2036, 1, 1, tzinfo=timezone.utc)
@@ -196,10 +196,7 @@ def drive(ports, servers, a):
         if server.poll() is not None:
             problems.append(f"the server on port {port} exited with {server.returncode}")
 
-    for line in problems[:20]:
-        print("load: FAIL " + line)
-    print("load: passed" if not problems else f"load: failed with {len(problems)} problems")
-    return 1 if problems else 0
+    return verdict("load", problems)
 
 
 if __name__ == "__main__":

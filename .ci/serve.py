@@ -90,3 +90,11 @@ def serve(threads=4, env=None, processes=None):
             stop(server)
             print(f"server log: {server.log}")
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def verdict(name, problems):
+    """Print the problems a check found (the first 20) and its verdict; return its exit code."""
+    for line in problems[:20]:
+        print(f"{name}: FAIL {line}")
+    print(f"{name}: passed" if not problems else f"{name}: failed with {len(problems)} problems")
+    return 1 if problems else 0
