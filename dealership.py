@@ -481,17 +481,22 @@ class Store:
         db.seen_version = version
 
     def _reload(self, db):
-        """Every dict built afresh from the database, in one read transaction (under the lock)."""
+        """Every dict built afresh from the database, in one read transaction (under the lock), and
+        swapped in at the end: a lookup that takes no lock never sees a dict half filled."""
         with db.transaction(write=False):
-            db.seen_version, self._seen = db.data_version(), db.newest_change()
-            self.dealers = {row[0]: Dealer(*row) for row in db.rows("dealer")}
-            self.cars, self.car_by_vin, self.schedules = {}, {}, {}
-            self._offerable = self._cars_json = None  # made again when next asked for
+            version, seen = db.data_version(), db.newest_change()
+            dealers = {row[0]: Dealer(*row) for row in db.rows("dealer")}
+            cars, car_by_vin, schedules, bookings = {}, {}, {}, {}
             for row in db.rows("car"):
-                self._put_car(car_from_row(row))
-            self.bookings = {}
+                car = cars[row[0]] = car_from_row(row)
+                car_by_vin[car.vin], schedules[car.id] = car.id, Schedule()
             for row in db.rows("booking"):
-                self._put_booking(booking_from_row(row))
+                booking = bookings[row[0]] = booking_from_row(row)
+                schedules[booking.car_id].add(booking)
+        self.dealers, self.cars, self.car_by_vin, self.schedules, self.bookings = \
+            dealers, cars, car_by_vin, schedules, bookings
+        self._offerable = self._cars_json = None  # made again when next asked for
+        db.seen_version, self._seen = version, seen
 
     def _apply(self, db, changed):
         """Bring each changed record to its state in the database: dealers and cars first (a new
@@ -665,8 +670,8 @@ class Database:
         self._readers = threading.local()
         self.write = Connection(path, busy_timeout, self._refusal)
         try:
-            self.write.conn.execute("PRAGMA busy_timeout = 0")  # see Connection._begin_immediate
             self._prepare(self.write.conn, synchronous)
+            self.write.conn.execute("PRAGMA busy_timeout = 0")  # see Connection._begin_immediate
         except sqlite3.Error as error:
             self.write.conn.close()
             raise self._refusal(error) from None
