@@ -598,6 +598,32 @@ def test_available_cars(client):
     assert [car["id"] for car in client.get(url, query_string=touching).get_json()] == [1, 2, 4]
 
 
+@pytest.mark.parametrize("zone", ["UTC", "Europe/Berlin"])
+def test_the_fast_reading_of_a_search_period_agrees_with_the_schema(zone):
+    """available-cars reads its common query without the schema: on every input, the same answer."""
+    app = new_app({"DEALERSHIP_TIMEZONE": zone})
+    values = ["2035-01-15T10:00:00Z", "2035-01-15T10:00:00+02:00", "2035-01-15T10:00:00.5Z",
+              "2035-01-15T10:00:00.123456-05:30", "2035-01-15T10:00:00.1234567Z", "2035-02-29T10:00:00Z",
+              "2036-02-29T10:00:00Z", "2035-01-15T24:00:00Z", "2035-01-15T10:00:00", "2035-01-15T10:00Z",
+              "2035-01-15", "2035-01-15T10:00:00z", "2035-01-15t10:00:00Z", "2035-01-15T10:00:00 02:00",
+              "2035-01-15T10:00:00+14:00", "0001-01-01T00:00:00+01:00", "9999-12-31T23:00:00-05:00",
+              "9998-12-31T23:00:00Z", "0002-01-01T00:00:00Z", "2035-03-25T02:30:00", "x", ""]
+    for start in values:
+        for end in values + ["2035-01-16T10:00:00Z", "2035-01-15T10:00:00.000001Z"]:
+            for extra in ({}, {"limit": "2"}):
+                args = {"start_datetime": start, "end_datetime": end} | extra
+                with app.test_request_context(query_string=args):
+                    try:
+                        expected = dealership.query(dealership.AVAILABLE_CARS_QUERY)
+                    except dealership.ValidationError as error:
+                        expected = error.messages
+                    try:
+                        got = dealership.window_query(dealership.AVAILABLE_CARS_QUERY)
+                    except dealership.ValidationError as error:
+                        got = error.messages
+                assert got == expected, args
+
+
 def test_available_cars_accepts_an_unencoded_plus_in_the_offset(client):
     make_car(client)
     book(client, 1, "2035-01-15T08:00:00Z", "2035-01-15T09:00:00Z")
