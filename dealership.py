@@ -45,6 +45,7 @@ from flask.cli import with_appcontext
 from flask_swagger_ui import get_swaggerui_blueprint
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 from werkzeug.datastructures import WWWAuthenticate
+from werkzeug.routing import IntegerConverter
 from werkzeug.exceptions import (BadRequest, Conflict, HTTPException, NotFound, RequestEntityTooLarge,
                                  ServiceUnavailable, Unauthorized, UnsupportedMediaType, default_exceptions)
 
@@ -64,6 +65,7 @@ FIRST_CAR_YEAR = 1886
 MAX_DAILY_PRICE = 1_000_000
 CAR_STATUSES = ("available", "maintenance")
 MAX_PAGE = 1000
+MAX_ERRORS = 20  # offending fields listed in one 422
 CLOCK_TOLERANCE = timedelta(minutes=1)  # how far in the past a new booking may start
 SEED_DEALER = {"name": "Oscar Mobility Main", "location": "Munich, Germany"}
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -965,6 +967,17 @@ class Vin(Text):
         return super()._deserialize(value, attr, data, **kwargs).upper()
 
 
+class Count(fields.Integer):
+    """A whole number in a query string: ASCII digits only (int() would also take '１０', '1_0' and ' 10')."""
+
+    default_error_messages = {"invalid": "Must be a whole number written with the digits 0 to 9."}
+
+    def _validated(self, value):
+        if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+            raise self.make_error("invalid", input=value)
+        return super()._validated(value)
+
+
 class JSONNumber(fields.Float):
     """A JSON number: a string such as "100" is refused, not converted."""
 
@@ -1124,21 +1137,21 @@ class ProblemSchema(Schema):
 
 class PageQuery(Schema):
     """Paging for a list: without `limit`, every item from `offset` on."""
-    limit = fields.Integer(validate=validate.Range(min=1, max=MAX_PAGE),
+    limit = Count(validate=validate.Range(min=1, max=MAX_PAGE),
                            metadata=about("At most this many items, 1 to 1000; all when left out.", 100))
-    offset = fields.Integer(load_default=0, validate=validate.Range(min=0),
+    offset = Count(load_default=0, validate=validate.Range(min=0),
                             metadata=about("Skip this many items first.", 0))
 
 
 class CarQuery(PageQuery):
     status = fields.String(validate=validate.OneOf(CAR_STATUSES), metadata=about(
         "Only cars with this status: 'available' or 'maintenance'.", "available"))
-    dealer_id = fields.Integer(validate=validate.Range(min=1), metadata=about("Only this dealer's cars.", 1))
+    dealer_id = Count(validate=validate.Range(min=1), metadata=about("Only this dealer's cars.", 1))
     brand = fields.String(metadata=about("Only this make, in any case.", "Volkswagen"))
 
 
 class BookingQuery(PageQuery):
-    car_id = fields.Integer(validate=validate.Range(min=1), metadata=about("Only this car's bookings.", 1))
+    car_id = Count(validate=validate.Range(min=1), metadata=about("Only this car's bookings.", 1))
     customer_email = fields.Email(metadata=about("Only this customer's bookings, in any case.", "ada@example.com"))
     start_datetime = Instant(metadata=about(
         "With end_datetime: bookings that overlap [start, end). Alone: bookings that start at or after it."))
@@ -1162,7 +1175,7 @@ class WindowQuery(Schema):
 
 
 class AvailableCarsQuery(WindowQuery, PageQuery):
-    dealer_id = fields.Integer(validate=validate.Range(min=1), metadata=about("Only this dealer's cars.", 1))
+    dealer_id = Count(validate=validate.Range(min=1), metadata=about("Only this dealer's cars.", 1))
 
 
 DEALER_SCHEMA = DealerSchema()
@@ -1182,7 +1195,22 @@ AVAILABLE_CARS_QUERY = AvailableCarsQuery()
 # HTTP helpers and errors: every error is application/problem+json (RFC 9457)
 # ---------------------------------------------------------------------------------------------
 
-bp = Blueprint(EXTENSION, __name__)
+class Digits(IntegerConverter):
+    """A path id, <digits:car_id>: ASCII digits only (Werkzeug's int takes other scripts' digits
+    too, so that /cars/１ would be car 1)."""
+    regex = r"[0-9]+"
+
+
+class ServiceBlueprint(Blueprint):
+    """The API's blueprint: its URLs are taken as written. Werkzeug would otherwise answer
+    POST /api/v1//cars with a redirect to /api/v1/cars on whatever host the request named."""
+
+    def add_url_rule(self, rule, endpoint=None, view_func=None, **options):
+        options.setdefault("merge_slashes", False)
+        super().add_url_rule(rule, endpoint, view_func, **options)
+
+
+bp = ServiceBlueprint(EXTENSION, __name__)
 
 
 def problem(status, title, detail, errors=None):
@@ -1202,8 +1230,13 @@ def http_error(error):
 
 
 def validation_error(error):
+    """422 listing each offending field with its messages: at most MAX_ERRORS of them (a body of a
+    million unknown keys must not come back three times as large), and how many more there were."""
     messages = error.messages if isinstance(error.messages, dict) else {error.field_name: error.messages}
-    return problem(422, "Unprocessable Content", f"Invalid input: {', '.join(sorted(messages))}.", messages)
+    names = sorted(messages, key=str)
+    shown = {name: messages[name] for name in names[:MAX_ERRORS]}
+    more = f" and {len(names) - MAX_ERRORS} more" if len(names) > MAX_ERRORS else ""
+    return problem(422, "Unprocessable Content", f"Invalid input: {', '.join(map(str, shown))}{more}.", shown)
 
 
 # By code as well as by class: Flask looks a handler up by code first, in the blueprint and then in
@@ -1246,13 +1279,19 @@ def json_body():
         raise RequestEntityTooLarge(f"The body is larger than the limit of {limit} bytes.") from None
     except BadRequest:
         raise BadRequest("The body is not valid JSON.") from None
+    except RecursionError:  # arrays or objects nested hundreds deep: no field of ours is
+        raise BadRequest("The body is not valid JSON for this service: it is nested too deeply.") from None
     if not isinstance(body, dict):
         raise BadRequest("The body must be a JSON object.")
     return body
 
 
 def query(schema):
-    """The query string, validated by `schema`; a bad or unknown parameter is a 422."""
+    """The query string, validated by `schema`; a bad, unknown or repeated parameter is a 422."""
+    repeated = {name: ["Given more than once: give it once."] for name, values in request.args.lists()
+                if len(values) > 1}
+    if repeated:
+        raise ValidationError(repeated)
     return schema.load(request.args.to_dict())
 
 
@@ -1266,7 +1305,8 @@ def window_query(schema):
     message. The result is the same either way (a test compares the two on many inputs)."""
     args = request.args
     start, end = args.get("start_datetime"), args.get("end_datetime")
-    if len(args) == 2 and start and end and FULL_DATETIME.fullmatch(start) and FULL_DATETIME.fullmatch(end):
+    if len(args) == 2 and start and end and FULL_DATETIME.fullmatch(start) and FULL_DATETIME.fullmatch(end) \
+            and len(args.getlist("start_datetime")) == 1 == len(args.getlist("end_datetime")):
         try:
             start, end = datetime.fromisoformat(start), datetime.fromisoformat(end)
         except ValueError:  # a day or hour that does not exist: the schema says which
@@ -1364,14 +1404,14 @@ def create_dealer():
     return json_response(DEALER_SCHEMA.dump(dealer), 201, {"Location": url_for(".get_dealer", dealer_id=dealer.id)})
 
 
-@bp.get("/dealers/<int:dealer_id>")
+@bp.get("/dealers/<digits:dealer_id>")
 @api_doc("dealers", returns=DEALER_SCHEMA)
 def get_dealer(dealer_id):
     """Get one dealer"""
     return json_response(DEALER_SCHEMA.dump(store().dealer(dealer_id)))
 
 
-@bp.delete("/dealers/<int:dealer_id>")
+@bp.delete("/dealers/<digits:dealer_id>")
 @api_doc("dealers", status=204, errors=[409])
 def delete_dealer(dealer_id):
     """Remove a dealer
@@ -1416,14 +1456,14 @@ def list_cars():
     return json_list([car.json for car in page], headers)
 
 
-@bp.get("/cars/<int:car_id>")
+@bp.get("/cars/<digits:car_id>")
 @api_doc("cars", returns=CAR_SCHEMA)
 def get_car(car_id):
     """Get one car"""
     return json_text(store().car(car_id).json)
 
 
-@bp.route("/cars/<int:car_id>", methods=["PUT", "PATCH"])
+@bp.route("/cars/<digits:car_id>", methods=["PUT", "PATCH"])
 @api_doc("cars", returns=CAR_SCHEMA, body=CAR_CHANGES, errors=[409])
 def update_car(car_id):
     """Change a car
@@ -1435,7 +1475,7 @@ def update_car(car_id):
     return json_text(store().update_car(car_id, changes).json)
 
 
-@bp.delete("/cars/<int:car_id>")
+@bp.delete("/cars/<digits:car_id>")
 @api_doc("cars", status=204, errors=[409])
 def delete_car(car_id):
     """Remove a car
@@ -1446,7 +1486,7 @@ def delete_car(car_id):
     return no_content()
 
 
-@bp.get("/cars/<int:car_id>/availability")
+@bp.get("/cars/<digits:car_id>/availability")
 @api_doc("cars", returns=CALENDAR_SCHEMA, query=WINDOW_QUERY)
 def car_availability(car_id):
     """See when a car is busy or free
@@ -1499,14 +1539,14 @@ def list_bookings():
     return json_response(BOOKING_SCHEMA.dump(page, many=True), headers=headers)
 
 
-@bp.get("/bookings/<int:booking_id>")
+@bp.get("/bookings/<digits:booking_id>")
 @api_doc("bookings", returns=BOOKING_SCHEMA)
 def get_booking(booking_id):
     """Get one booking"""
     return json_response(BOOKING_SCHEMA.dump(store().booking(booking_id)))
 
 
-@bp.patch("/bookings/<int:booking_id>")
+@bp.patch("/bookings/<digits:booking_id>")
 @api_doc("bookings", returns=BOOKING_SCHEMA, body=BOOKING_CHANGES, errors=[409])
 def change_booking(booking_id):
     """Move or edit a booking
@@ -1518,7 +1558,7 @@ def change_booking(booking_id):
     return json_response(BOOKING_SCHEMA.dump(store().change_booking(booking_id, changes)))
 
 
-@bp.delete("/bookings/<int:booking_id>")
+@bp.delete("/bookings/<digits:booking_id>")
 @api_doc("bookings", status=204)
 def cancel_booking(booking_id):
     """Cancel a booking
@@ -1800,6 +1840,8 @@ def init_app(app, url_prefix=API_PREFIX, docs_prefix=None):
     if not app.config["DEALERSHIP_API_KEY"]:
         log.warning("DEALERSHIP_API_KEY is not set: anyone who can reach the service can change its data.")
     app.extensions[EXTENSION] = service
+    if app.url_map.converters.setdefault("digits", Digits) is not Digits:
+        raise ConfigError("The app already has a URL converter named 'digits'; the service needs its own.")
     app.register_blueprint(bp, url_prefix=url_prefix)
     app.cli.add_command(backup_command)
     if docs_prefix is not None:

@@ -239,6 +239,30 @@ def test_list_cars_rejects_bad_filter(client, query_string):
     assert_problem(client.get(f"{API}/cars?{query_string}"), 422, name)
 
 
+@pytest.mark.parametrize("query_string, name", [
+    ("limit=1&limit=abc", "limit"), ("limit=1&limit=1", "limit"), ("status=available&status=maintenance", "status"),
+    ("limit=%EF%BC%91", "limit"), ("limit=1_0", "limit"), ("limit=%201", "limit"), ("dealer_id=+1", "dealer_id"),
+    ("offset=%D9%A1", "offset")])
+def test_a_repeated_or_oddly_written_query_parameter_is_422_naming_it(client, query_string, name):
+    make_car(client)
+    assert_problem(client.get(f"{API}/cars?{query_string}"), 422, name)
+
+
+def test_an_id_in_other_digits_is_404_and_changes_nothing(client):
+    car = make_car(client)
+    for path in ("/cars/%EF%BC%91", "/cars/%D9%A1", "/cars/%F0%9D%9F%8F"):  # fullwidth, Arabic-Indic, bold 1
+        assert_problem(client.get(API + path), 404)
+        assert_problem(client.put(API + path, json={"color": "Red"}), 404)
+    assert client.get(f"{API}/cars/1").get_json() == car
+
+
+def test_a_doubled_slash_is_404_not_a_redirect_to_another_host(client):
+    response = client.post(f"{API}//cars", json=car_body(), headers={"Host": "evil.example"})
+    assert_problem(response, 404)
+    assert "Location" not in response.headers
+    assert client.get(f"{API}/cars").get_json() == []
+
+
 def test_get_unknown_car_is_404(client):
     body = assert_problem(client.get(f"{API}/cars/5"), 404)
     assert "5" in body["detail"]
@@ -348,6 +372,23 @@ def test_body_that_is_not_a_json_object_is_400(client, data):
 def test_body_that_is_not_json_is_415(client, content_type):
     response = client.post(f"{API}/bookings", data=b"car_id=1", content_type=content_type)
     assert_problem(response, 415)
+
+
+@pytest.mark.parametrize("data", ["[" * 980 + "]" * 980, "[" * 100_000, '{"a":' * 5000 + "1" + "}" * 5000,
+                                  '{"brand": ' + "[" * 3000 + "]" * 3000 + "}"])
+def test_a_body_nested_however_deep_is_400_not_500(client, data):
+    response = client.post(f"{API}/cars", data=data, content_type="application/json")
+    assert response.status_code in (400, 422)
+    assert_problem(response, response.status_code)
+    assert client.get(f"{API}/cars").get_json() == []
+
+
+def test_a_422_lists_at_most_20_fields_and_says_how_many_more(client):
+    response = client.post(f"{API}/cars", json={f"unknown{n:05d}": n for n in range(5000)})
+    body = assert_problem(response, 422)
+    assert len(body["errors"]) == 20
+    assert body["detail"].endswith(" and 4987 more.")  # 5,000 unknown and 7 missing fields, 20 shown
+    assert len(response.data) < 3000
 
 
 def test_body_over_the_limit_is_413(client):
