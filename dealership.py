@@ -40,7 +40,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import click
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
-from flask import Blueprint, Config, Flask, Response, current_app, redirect, request, url_for
+from flask import Blueprint, Flask, Response, current_app, redirect, request, url_for
 from flask.cli import with_appcontext
 from flask_swagger_ui import get_swaggerui_blueprint
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
@@ -69,17 +69,6 @@ MAX_ERRORS = 20  # offending fields listed in one 422
 CLOCK_TOLERANCE = timedelta(minutes=1)  # how far in the past a new booking may start
 SEED_DEALER = {"name": "Oscar Mobility Main", "location": "Munich, Germany"}
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-# Every setting, with its default; create_app also reads each from the environment.
-SETTINGS = {
-    "DEALERSHIP_TIMEZONE": "UTC",
-    "DEALERSHIP_API_KEY": None,
-    "DEALERSHIP_MAX_CONTENT_LENGTH": 1024 * 1024,
-    "DEALERSHIP_DEMO_DATA": False,
-    "DEALERSHIP_DATABASE": "dealership.sqlite3",  # in the app's instance folder; ":memory:" for none
-    "DEALERSHIP_SYNCHRONOUS": "full",
-    "DEALERSHIP_BUSY_TIMEOUT": 5,
-}
-
 log = logging.getLogger("dealership")
 
 
@@ -92,6 +81,92 @@ class ConfigError(click.ClickException, ValueError):
 # ---------------------------------------------------------------------------------------------
 # Records: immutable, so a reader never sees half an update; a change stores a new record.
 # ---------------------------------------------------------------------------------------------
+
+
+# -- reading settings: each from a string (the environment) or a Python value (a config mapping) --
+
+
+def boolean(name, value):
+    if isinstance(value, bool):
+        return value
+    words = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+    if isinstance(value, (str, int)) and str(value).lower() in words:
+        return words[str(value).lower()]
+    raise ConfigError(f"{name}={value!r} must be one of 1, 0, true, false, yes, no, on, off.")
+
+
+def whole_number(minimum):
+    def read(name, value):
+        if isinstance(value, str) and value.isascii() and value.isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"{name}={value!r} must be a whole number of at least {minimum}.")
+        return value
+    return read
+
+
+def seconds(name, value):
+    try:
+        number = float(value) if isinstance(value, str) else value
+    except ValueError:
+        number = None
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 <= number <= 3600:
+        raise ConfigError(f"{name}={value!r} must be a number of seconds from 0 to 3600.")
+    return number
+
+
+def one_of(*choices):
+    def read(name, value):
+        if not isinstance(value, str) or value.lower() not in choices:
+            raise ConfigError(f"{name}={value!r} must be one of: {', '.join(choices)}.")
+        return value.lower()
+    return read
+
+
+def zone_name(name, value):
+    try:
+        ZoneInfo(str(value))
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a region folder such as "Europe"
+        raise ConfigError(f"{name}={value!r} is not a known time zone: "
+                          "use an IANA name such as 'Europe/Berlin' or 'UTC'.") from None
+    return str(value)
+
+
+def text_setting(name, value):
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{name}={value!r} must be a non-empty text.")
+    return value
+
+
+def optional(read):
+    """None or the empty string mean the setting is not set."""
+    return lambda name, value: None if value is None or value == "" else read(name, value)
+
+
+def api_key(name, value):
+    """The key as written, never parsed: one that no client could send is refused."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be text, not {type(value).__name__} {value!r}.")
+    if value != value.strip() or not all(" " <= c <= "~" for c in value) or len(value) < 16:
+        raise ConfigError(f"{name} must be at least 16 printable ASCII characters, with no space or tab at "
+                          "either end (it is sent as 'Authorization: Bearer <key>').")
+    return value
+
+
+# Every setting: its default, and how its value is read. create_app reads each from the environment
+# as the string it is there (never parsed as JSON), then from its config mapping.
+SETTINGS = {
+    "DEALERSHIP_TIMEZONE": ("UTC", zone_name),
+    "DEALERSHIP_API_KEY": (None, optional(api_key)),
+    "DEALERSHIP_MAX_CONTENT_LENGTH": (1024 * 1024, whole_number(1)),
+    "DEALERSHIP_DEMO_DATA": (False, boolean),
+    "DEALERSHIP_DATABASE": ("dealership.sqlite3", text_setting),  # in the instance folder; ":memory:" for none
+    "DEALERSHIP_SYNCHRONOUS": ("full", one_of("full", "normal")),
+    "DEALERSHIP_BUSY_TIMEOUT": (5, seconds),
+}
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -651,7 +726,6 @@ TABLES = {"dealer": ("dealers", ("name", "location")),
 # The change log keeps this many changes; a process further behind than that reloads in full.
 CHANGE_LOG_KEEP = 10_000
 CHANGE_LOG_PRUNE_EVERY = 500  # changes between two prunings
-SYNCHRONOUS = ("full", "normal")
 
 
 class Database:
@@ -1812,14 +1886,6 @@ def init_docs(app, prefix=""):
 # ---------------------------------------------------------------------------------------------
 
 
-def read_zone(name):
-    try:
-        return ZoneInfo(str(name))
-    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a region folder such as "Europe"
-        raise ConfigError(f"DEALERSHIP_TIMEZONE={name!r} is not a known time zone: "
-                          "use an IANA name such as 'Europe/Berlin' or 'UTC'.") from None
-
-
 def init_app(app, url_prefix=API_PREFIX, docs_prefix=None):
     """Give `app` its own store on its database and mount the API at `url_prefix`.
 
@@ -1827,12 +1893,9 @@ def init_app(app, url_prefix=API_PREFIX, docs_prefix=None):
     Settings are read from app.config (see SETTINGS); a bad one, or a database file that cannot be
     used, raises ConfigError. Registers the `backup` CLI command.
     """
-    for name, default in SETTINGS.items():
-        app.config.setdefault(name, default)
-    limit = app.config["DEALERSHIP_MAX_CONTENT_LENGTH"]
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise ConfigError(f"DEALERSHIP_MAX_CONTENT_LENGTH={limit!r} must be a positive number of bytes.")
-    zone = read_zone(app.config["DEALERSHIP_TIMEZONE"])
+    for name, (default, read) in SETTINGS.items():
+        app.config[name] = read(name, app.config.get(name, default))
+    zone = ZoneInfo(app.config["DEALERSHIP_TIMEZONE"])
     database = open_database(app)
     if app.config["DEALERSHIP_DEMO_DATA"]:
         load_demo_data(database, zone)
@@ -1852,15 +1915,7 @@ def init_app(app, url_prefix=API_PREFIX, docs_prefix=None):
 def open_database(app):
     """The Database that DEALERSHIP_DATABASE names: a path relative to the instance folder (made if
     missing), an absolute path, or ":memory:"."""
-    path, synchronous = app.config["DEALERSHIP_DATABASE"], app.config["DEALERSHIP_SYNCHRONOUS"]
-    timeout = app.config["DEALERSHIP_BUSY_TIMEOUT"]
-    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
-        raise ConfigError(f"DEALERSHIP_DATABASE={path!r} must be a file path or ':memory:'.")
-    if str(synchronous).lower() not in SYNCHRONOUS:
-        raise ConfigError(f"DEALERSHIP_SYNCHRONOUS={synchronous!r} must be 'full' or 'normal'.")
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout <= 3600:
-        raise ConfigError(f"DEALERSHIP_BUSY_TIMEOUT={timeout!r} must be a number of seconds from 0 to 3600.")
-    path = os.fspath(path)
+    path = app.config["DEALERSHIP_DATABASE"]
     if path != MEMORY:
         path = os.path.join(app.instance_path, path)  # an absolute path stays as it is
         folder = os.path.dirname(path)
@@ -1871,7 +1926,7 @@ def open_database(app):
             raise ConfigError(f"DEALERSHIP_DATABASE={path!r}: its folder cannot be made ({error}).") from None
         if not os.path.isdir(folder):
             raise ConfigError(f"DEALERSHIP_DATABASE={path!r}: the folder {folder!r} does not exist.")
-    return Database(path, synchronous=str(synchronous).lower(), busy_timeout=timeout)
+    return Database(path, app.config["DEALERSHIP_SYNCHRONOUS"], app.config["DEALERSHIP_BUSY_TIMEOUT"])
 
 
 def load_demo_data(database, zone):
@@ -1923,9 +1978,7 @@ def create_app(config=None):
     """
     app = Flask(__name__)
     app.logger.setLevel(logging.INFO)  # the "dealership" logger: one line per change
-    from_env = Config(app.root_path)
-    from_env.from_prefixed_env("DEALERSHIP")
-    app.config.update({f"DEALERSHIP_{name}": value for name, value in from_env.items()})
+    app.config.update({name: os.environ[name] for name in SETTINGS if name in os.environ})
     app.config.update(config or {})
     init_app(app, docs_prefix="")
     # Routing misses (404, 405) happen before a blueprint is chosen: they need app-level handlers.

@@ -1056,17 +1056,53 @@ def test_unknown_zone_refuses_to_start(zone):
 def test_settings_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("DEALERSHIP_TIMEZONE", "Europe/Berlin")
     monkeypatch.setenv("DEALERSHIP_MAX_CONTENT_LENGTH", "300")
-    monkeypatch.setenv("DEALERSHIP_API_KEY", "12345")
+    monkeypatch.setenv("DEALERSHIP_API_KEY", "1234567890123456")  # digits: still text, never a number
     app = new_app()
     assert app.config["DEALERSHIP_TIMEZONE"] == "Europe/Berlin"
     client = app.test_client()
-    auth = {"Authorization": "Bearer 12345"}
+    auth = {"Authorization": "Bearer 1234567890123456"}
     assert client.post(f"{API}/cars", json=car_body(), headers=auth).status_code == 201
     assert_problem(client.post(f"{API}/cars", json=car_body(brand="x" * 300), headers=auth), 413)
 
 
+@pytest.mark.parametrize("value", ["0", "false", "null", "[]", "{}", "1.10", "1e3", "true", " padded-key-of-many-chars",
+                                   "key-of-many-chars ", "key-of-many-chärs", "key-of-many\tchars", "short-key"])
+def test_an_api_key_no_client_could_send_refuses_to_start(monkeypatch, value):
+    monkeypatch.setenv("DEALERSHIP_API_KEY", value)
+    with pytest.raises(dealership.ConfigError, match="DEALERSHIP_API_KEY must be at least 16 printable ASCII"):
+        new_app()
+
+
+def test_an_api_key_is_taken_as_written(monkeypatch, caplog):
+    monkeypatch.setenv("DEALERSHIP_API_KEY", "[1, 2, 3, 4, 5, 6]")  # JSON to some, text here
+    client = new_app().test_client()
+    assert client.post(f"{API}/cars", json=car_body(), headers={"Authorization": "Bearer [1, 2, 3, 4, 5, 6]"}).status_code == 201
+    monkeypatch.setenv("DEALERSHIP_API_KEY", "")  # empty: not set
+    with caplog.at_level("WARNING", logger="dealership"):
+        assert new_app().test_client().post(f"{API}/cars", json=car_body(vin=vin(2))).status_code == 201
+    assert "DEALERSHIP_API_KEY is not set" in caplog.text
+
+
+@pytest.mark.parametrize("value, loaded", [("1", True), ("true", True), ("YES", True), ("On", True),
+                                           ("0", False), ("false", False), ("no", False), ("OFF", False)])
+def test_booleans_read_as_words(monkeypatch, value, loaded):
+    monkeypatch.setenv("DEALERSHIP_DEMO_DATA", value)
+    assert bool(new_app().test_client().get(f"{API}/cars").get_json()) is loaded
+
+
+@pytest.mark.parametrize("name, value", [
+    ("DEALERSHIP_DEMO_DATA", "maybe"), ("DEALERSHIP_DEMO_DATA", "2"), ("DEALERSHIP_MAX_CONTENT_LENGTH", "1e3"),
+    ("DEALERSHIP_MAX_CONTENT_LENGTH", "-5"), ("DEALERSHIP_MAX_CONTENT_LENGTH", "1_000"), ("DEALERSHIP_MAX_CONTENT_LENGTH", "0"),
+    ("DEALERSHIP_BUSY_TIMEOUT", "soon"), ("DEALERSHIP_BUSY_TIMEOUT", "-1"), ("DEALERSHIP_SYNCHRONOUS", "off"),
+    ("DEALERSHIP_TIMEZONE", "Mars/Olympus")])
+def test_a_setting_that_is_not_what_it_should_be_refuses_to_start_naming_it(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(dealership.ConfigError, match=name):
+        new_app()
+
+
 def test_config_mapping_wins_over_the_environment(monkeypatch):
-    monkeypatch.setenv("DEALERSHIP_API_KEY", "from-env")
+    monkeypatch.setenv("DEALERSHIP_API_KEY", "from-the-environment")
     client = new_app({"DEALERSHIP_API_KEY": None}).test_client()
     assert client.post(f"{API}/cars", json=car_body()).status_code == 201
 
@@ -1078,11 +1114,11 @@ def test_bad_body_limit_refuses_to_start():
 
 @pytest.fixture
 def locked():
-    return new_app({"DEALERSHIP_API_KEY": "s3cret"}).test_client()
+    return new_app({"DEALERSHIP_API_KEY": "s3cret-key-for-tests"}).test_client()
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic czNjcmV0"},
-                                     {"Authorization": "s3cret"}, {"Authorization": "Bearer s3cret2"},
+                                     {"Authorization": "s3cret-key-for-tests"}, {"Authorization": "Bearer s3cret-key-for-tests2"},
                                      {"Authorization": "Bearer"}])
 def test_writes_without_the_key_are_401_and_change_nothing(locked, headers):
     for method, path, body in [("post", "/cars", car_body()), ("put", "/cars/1", {"color": "Red"}),
@@ -1096,7 +1132,7 @@ def test_writes_without_the_key_are_401_and_change_nothing(locked, headers):
 
 
 def test_writes_with_the_key_work_and_reads_stay_open(locked):
-    auth = {"Authorization": "Bearer s3cret"}
+    auth = {"Authorization": "Bearer s3cret-key-for-tests"}
     assert locked.post(f"{API}/cars", json=car_body(), headers=auth).status_code == 201
     assert locked.get(f"{API}/cars/1").status_code == 200
     assert locked.get(f"{API}/bookings").status_code == 200
@@ -1110,7 +1146,7 @@ def test_open_service_warns_once_at_start(caplog):
         "DEALERSHIP_API_KEY is not set: anyone who can reach the service can change its data."]
     caplog.clear()
     with caplog.at_level("WARNING", logger="dealership"):
-        new_app({"DEALERSHIP_API_KEY": "k"})
+        new_app({"DEALERSHIP_API_KEY": "a-key-of-16-chars"})
     assert caplog.records == []
 
 
@@ -1711,7 +1747,7 @@ def test_openapi_document_comes_from_the_schemas(client):
 
 def test_openapi_document_declares_the_api_key_only_when_set(client):
     assert "security" not in client.get("/openapi.json").get_json()["paths"]["/api/v1/cars"]["post"]
-    locked = new_app({"DEALERSHIP_API_KEY": "k"}).test_client().get("/openapi.json").get_json()
+    locked = new_app({"DEALERSHIP_API_KEY": "a-key-of-16-chars"}).test_client().get("/openapi.json").get_json()
     assert locked["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
     assert locked["paths"]["/api/v1/cars"]["post"]["security"] == [{"bearer": []}]
     assert "security" not in locked["paths"]["/api/v1/cars"]["get"]

@@ -16,7 +16,7 @@ import sys
 
 from serve import serve
 
-KEY = "fuzz-key"
+KEY = "fuzz-key-0123456789"
 
 
 def main():
