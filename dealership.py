@@ -56,6 +56,7 @@ from werkzeug.exceptions import (BadRequest, Conflict, HTTPException, NotFound, 
 API_PREFIX = "/api/v1"
 API_VERSION = "1.0.0"
 EXTENSION = "dealership"
+REFUSALS = "dealership_refusals"
 # Whitespace as str.strip() sees it, spelled out: "\s" means less in the ECMA regexes that OpenAPI
 # clients use, and patterns here must mean the same to the service and to its document.
 WS = r"\t\n\u000b\u000c\r\u001c-\u001f \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
@@ -1321,17 +1322,47 @@ bp.register_error_handler(HTTPException, http_error)
 bp.register_error_handler(ValidationError, validation_error)
 
 
+def needs_key(method, view):
+    """With DEALERSHIP_API_KEY set: every write needs it, and so do the reads of bookings, which hold
+    customers' names and e-mail addresses. Cars, dealers, available-cars and calendars stay open."""
+    return method in WRITE_METHODS or view.api_doc["personal"]
+
+
 @bp.before_request
 def require_api_key():
-    """With DEALERSHIP_API_KEY set, a request that changes data must carry it as a Bearer token."""
+    """With DEALERSHIP_API_KEY set, a request that needs it must carry it as a Bearer token."""
     key = current_app.config["DEALERSHIP_API_KEY"]
-    if not key or request.method not in WRITE_METHODS:
+    view = current_app.view_functions.get(request.endpoint)
+    if not key or view is None or not needs_key(request.method, view):
         return
     auth = request.authorization
     token = auth.token if auth is not None and auth.type == "bearer" and auth.token else ""
-    if not hmac.compare_digest(token.encode(), str(key).encode()):
-        raise Unauthorized("This request changes data: send 'Authorization: Bearer <API key>'.",
-                           www_authenticate=WWWAuthenticate("bearer", {"realm": "dealership"}))
+    if hmac.compare_digest(token.encode(), key.encode()):
+        return
+    current_app.extensions[REFUSALS].note(request.remote_addr, request.method, request.path)
+    what = "changes data" if request.method in WRITE_METHODS else "reads customers' names and e-mail addresses"
+    raise Unauthorized(f"{'The API key does not match' if token else 'No API key was sent'}: this request "
+                       f"{what}, so send 'Authorization: Bearer <API key>'.",
+                       www_authenticate=WWWAuthenticate("bearer", {"realm": "dealership"}))
+
+
+class Refusals:
+    """Refused API keys, logged as warnings with the client's address, method and path (never the
+    key), at most one line per address a minute, so that a guesser cannot fill the log."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.last = {}  # address -> when its last refusal was logged
+
+    def note(self, address, method, path, every=60.0):
+        now = time.monotonic()
+        with self.lock:
+            if now - self.last.get(address, -every) < every:
+                return
+            if len(self.last) > 10_000:  # forget those not seen for a minute
+                self.last = {a: t for a, t in self.last.items() if now - t < every}
+            self.last[address] = now
+        log.warning("refused API key from %s: %s %s", address, method, path)
 
 
 @bp.before_request
@@ -1422,15 +1453,16 @@ def json_list(parts, headers=None):
     return json_text(json_array(parts), headers=headers)
 
 
-def api_doc(tag, *, returns=None, many=False, status=200, body=None, query=None, errors=(), headers=()):
+def api_doc(tag, *, returns=None, many=False, status=200, body=None, query=None, errors=(), headers=(),
+            personal=False):
     """Record what the OpenAPI document says of a route: the schemas are the ones the route uses.
 
     Errors that follow from the route's shape are added by the document itself: 404 for a path id,
-    400/413/415/422 for a body, 422 for a query, 401 for a write.
+    400/413/415/422 for a body, 422 for a query, 401 for a write or a `personal` read (see needs_key).
     """
     def attach(view):
         view.api_doc = {"tag": tag, "returns": returns, "many": many, "status": status, "body": body,
-                        "query": query, "errors": errors, "headers": headers}
+                        "query": query, "errors": errors, "headers": headers, "personal": personal}
         return view
     return attach
 
@@ -1600,7 +1632,8 @@ def create_booking():
 
 
 @bp.get("/bookings")
-@api_doc("bookings", returns=BOOKING_SCHEMA, many=True, query=BOOKING_QUERY, headers=["X-Total-Count"])
+@api_doc("bookings", returns=BOOKING_SCHEMA, many=True, query=BOOKING_QUERY, headers=["X-Total-Count"],
+         personal=True)
 def list_bookings():
     """List the bookings
 
@@ -1614,7 +1647,7 @@ def list_bookings():
 
 
 @bp.get("/bookings/<digits:booking_id>")
-@api_doc("bookings", returns=BOOKING_SCHEMA)
+@api_doc("bookings", returns=BOOKING_SCHEMA, personal=True)
 def get_booking(booking_id):
     """Get one booking"""
     return json_response(BOOKING_SCHEMA.dump(store().booking(booking_id)))
@@ -1675,7 +1708,8 @@ the examples filled in create a car and book it for a week from now."""
 
 ERROR_MEANINGS = {
     400: "The body is not valid JSON, or not a JSON object.",
-    401: "DEALERSHIP_API_KEY is set and the request does not carry 'Authorization: Bearer <key>'.",
+    401: "DEALERSHIP_API_KEY is set and the request does not carry it as 'Authorization: Bearer <key>' "
+         "(every write, and the reads of bookings).",
     404: "No such resource, or a car or dealer that the body names does not exist.",
     409: "A clash with the stored data; `detail` names what it clashes with.",
     413: "The body is larger than DEALERSHIP_MAX_CONTENT_LENGTH.",
@@ -1776,7 +1810,8 @@ class Examples:
         show = store().show
         self.problems = {code: {"title": title, "status": code, "detail": detail} | extra for code, title, detail, extra in [
             (400, "Bad Request", "The body is not valid JSON.", {}),
-            (401, "Unauthorized", "This request changes data: send 'Authorization: Bearer <API key>'.", {}),
+            (401, "Unauthorized", "No API key was sent: this request changes data, so send "
+                                  "'Authorization: Bearer <API key>'.", {}),
             (404, "Not Found", "There is no car with id 7.", {}),
             (409, "Conflict", f"Car 1 is already booked from {show(start)} to {show(end)} by booking 1.", {}),
             (413, "Request Entity Too Large", "The body is larger than the limit of 1048576 bytes.", {}),
@@ -1836,7 +1871,9 @@ def operation(view, method, rule, secured, shared, examples):
             "schema": doc["body"], "example": examples.body(doc["body"])}}}
         errors.update((400, 413, 415, 422))
     if method in WRITE_METHODS:
-        errors.update((401, 503))
+        errors.add(503)
+    if needs_key(method, view):
+        errors.add(401)
         if secured:
             op["security"] = [{"bearer": []}]
     success = {"description": summary, "headers": {name: RESPONSE_HEADERS[name] for name in doc["headers"]}}
@@ -1903,6 +1940,7 @@ def init_app(app, url_prefix=API_PREFIX, docs_prefix=None):
     if not app.config["DEALERSHIP_API_KEY"]:
         log.warning("DEALERSHIP_API_KEY is not set: anyone who can reach the service can change its data.")
     app.extensions[EXTENSION] = service
+    app.extensions[REFUSALS] = Refusals()
     if app.url_map.converters.setdefault("digits", Digits) is not Digits:
         raise ConfigError("The app already has a URL converter named 'digits'; the service needs its own.")
     app.register_blueprint(bp, url_prefix=url_prefix)

@@ -1131,12 +1131,46 @@ def test_writes_without_the_key_are_401_and_change_nothing(locked, headers):
     assert len(locked.get(f"{API}/dealers").get_json()) == 1
 
 
-def test_writes_with_the_key_work_and_reads_stay_open(locked):
+def test_writes_with_the_key_work_and_reads_other_than_bookings_stay_open(locked):
     auth = {"Authorization": "Bearer s3cret-key-for-tests"}
     assert locked.post(f"{API}/cars", json=car_body(), headers=auth).status_code == 201
-    assert locked.get(f"{API}/cars/1").status_code == 200
-    assert locked.get(f"{API}/bookings").status_code == 200
-    assert locked.delete(f"{API}/cars/1", headers=auth).status_code == 204
+    assert locked.post(f"{API}/bookings", json=booking_body(1), headers=auth).status_code == 201
+    for path in ("/cars", "/cars/1", "/dealers", "/dealers/1", "/cars/1/availability?" + WINDOW, "",
+                 "/bookings/available-cars?" + WINDOW):
+        assert locked.get(API + path).status_code == 200, path
+    calendar = locked.get(f"{API}/cars/1/availability?" + WINDOW).get_json()
+    assert calendar["busy"] == [{"booking_id": 1, "start_datetime": "2035-01-15T10:00:00+00:00",
+                                 "end_datetime": "2035-01-15T12:00:00+00:00"}]  # ids and times only
+    assert locked.get(f"{API}/bookings", headers=auth).status_code == 200
+    assert locked.get(f"{API}/bookings/1", headers=auth).get_json()["customer_name"] == "Ada Lovelace"
+    assert locked.delete(f"{API}/bookings/1", headers=auth).status_code == 204
+
+
+WINDOW = "start_datetime=2035-01-15T00:00:00Z&end_datetime=2035-01-16T00:00:00Z"
+
+
+@pytest.mark.parametrize("path", ["/bookings", "/bookings/1", "/bookings?customer_email=ada@example.com"])
+def test_reading_bookings_needs_the_key_when_one_is_set(locked, path, caplog):
+    auth = {"Authorization": "Bearer s3cret-key-for-tests"}
+    locked.post(f"{API}/cars", json=car_body(), headers=auth)
+    locked.post(f"{API}/bookings", json=booking_body(1), headers=auth)
+    missing = assert_problem(locked.get(API + path), 401)
+    assert missing["detail"].startswith("No API key was sent: this request reads customers' names")
+    wrong = assert_problem(locked.get(API + path, headers={"Authorization": "Bearer guess-guess-guess"}), 401)
+    assert wrong["detail"].startswith("The API key does not match")
+    assert "Ada" not in str(missing) + str(wrong)
+    assert locked.get(API + path, headers=auth).status_code == 200
+
+
+def test_refused_keys_are_logged_once_a_minute_per_client_never_the_key(locked, caplog):
+    with caplog.at_level("WARNING", logger="dealership"):
+        for _ in range(5):
+            locked.post(f"{API}/cars", json=car_body(), headers={"Authorization": "Bearer guess-guess-guess"})
+        locked.get(f"{API}/bookings", environ_base={"REMOTE_ADDR": "192.0.2.7"})
+    lines = [r.getMessage() for r in caplog.records if r.name == "dealership" and "refused" in r.getMessage()]
+    assert lines == ["refused API key from 127.0.0.1: POST /api/v1/cars",
+                     "refused API key from 192.0.2.7: GET /api/v1/bookings"]
+    assert "guess" not in caplog.text
 
 
 def test_open_service_warns_once_at_start(caplog):
