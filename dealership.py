@@ -1063,20 +1063,36 @@ class JSONNumber(fields.Float):
 
 
 class Instant(fields.DateTime):
-    """An ISO 8601 date-time read as an aware UTC instant and written in the store's zone.
+    """An RFC 3339 date-time read as an aware UTC instant and written in the store's zone.
 
-    A value without an offset is taken in the store's zone (UTC unless configured).
+    YYYY-MM-DDTHH:MM:SS, up to six digits of fraction, then Z or +HH:MM / -HH:MM; T and Z in either
+    case. Without an offset it is taken in the store's zone (UTC unless configured). Nothing else:
+    no week dates, basic format, date alone, comma fraction or offset with seconds. In a query
+    string (`in_query`), an unencoded "+" arrives as a space, and "10:00:00 02:00" means "+02:00".
     """
 
-    default_error_messages = {"range": "Date-time is out of the supported range.",
-                              "gap": "{input} does not exist in {zone}: the clocks skip that hour."}
-    # In a query string an unencoded "+" arrives as a space: "10:00:00 02:00" means "+02:00".
-    _PLUS_AS_SPACE = re.compile(r"(T\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?) (\d{2}(?::?\d{2})?)$")
+    default_error_messages = {
+        "invalid": "Not an RFC 3339 date-time: write it as 2030-06-01T09:00:00+02:00 (or with Z for UTC, "
+                   "or with no offset for the dealership's time zone).",
+        "range": "Date-time is out of the supported range.",
+        "gap": "{input} does not exist in {zone}: the clocks skip that hour."}
+    FORM = re.compile(r"(\d{4}-\d\d-\d\d)[Tt](\d\d:\d\d:\d\d(?:\.\d{1,6})?)([Zz]|[+-]\d\d:\d\d)?")
+    PLUS_AS_SPACE = re.compile(r"(T\d\d:\d\d:\d\d(?:\.\d{1,6})?) (\d\d:\d\d)$", re.IGNORECASE)
+
+    def __init__(self, *, in_query=False, **kwargs):
+        super().__init__(**kwargs)
+        self.in_query = in_query
 
     def _deserialize(self, value, attr, data, **kwargs):
-        if isinstance(value, str):
-            value = self._PLUS_AS_SPACE.sub(r"\1+\2", value)
-        moment = super()._deserialize(value, attr, data, **kwargs)
+        if not isinstance(value, str):
+            raise self.make_error("invalid")
+        if self.in_query:
+            value = self.PLUS_AS_SPACE.sub(r"\1+\2", value)
+        form = self.FORM.fullmatch(value)
+        try:
+            moment = datetime.fromisoformat(f"{form[1]}T{form[2]}{(form[3] or '').upper()}")
+        except (TypeError, ValueError):  # no match, or a day or hour that does not exist
+            raise self.make_error("invalid") from None
         zone = store().zone
         try:
             if moment.tzinfo is None:
@@ -1228,9 +1244,9 @@ class CarQuery(PageQuery):
 class BookingQuery(PageQuery):
     car_id = Count(validate=validate.Range(min=1), metadata=about("Only this car's bookings.", 1))
     customer_email = fields.Email(metadata=about("Only this customer's bookings, in any case.", "ada@example.com"))
-    start_datetime = Instant(metadata=about(
+    start_datetime = Instant(in_query=True, metadata=about(
         "With end_datetime: bookings that overlap [start, end). Alone: bookings that start at or after it."))
-    end_datetime = Instant(metadata=about(
+    end_datetime = Instant(in_query=True, metadata=about(
         "With start_datetime: bookings that overlap [start, end). Alone: bookings that end at or before it."))
 
     @validates_schema
@@ -1239,10 +1255,11 @@ class BookingQuery(PageQuery):
 
 
 class WindowQuery(Schema):
-    start_datetime = Instant(required=True, metadata=about(
+    start_datetime = Instant(in_query=True, required=True, metadata=about(
         "Start of the period: an ISO 8601 date-time with an offset, or without one for the "
         "dealership's time zone. In a query string write + as %2B."))
-    end_datetime = Instant(required=True, metadata=about("End of the period, after its start; the period is [start, end)."))
+    end_datetime = Instant(in_query=True, required=True, metadata=about(
+        "End of the period, after its start; the period is [start, end)."))
 
     @validates_schema
     def end_after_start(self, data, **kwargs):

@@ -552,6 +552,36 @@ def test_datetimes_are_stored_and_shown_in_utc(client, start, stored):
     assert response.get_json()["start_datetime"] == stored
 
 
+@pytest.mark.parametrize("start, stored", [
+    ("2035-06-01T09:00:00Z", "2035-06-01T09:00:00+00:00"), ("2035-06-01t09:00:00z", "2035-06-01T09:00:00+00:00"),
+    ("2035-06-01T09:00:00.5+02:00", "2035-06-01T07:00:00.500000+00:00"),
+    ("2035-06-01T09:00:00.123456-05:30", "2035-06-01T14:30:00.123456+00:00"), ("2035-06-01T09:00:00", "2035-06-01T09:00:00+00:00")])
+def test_rfc_3339_date_times_are_accepted(client, start, stored):
+    make_car(client)
+    response = book(client, 1, start, "2035-06-02T09:00:00Z")
+    assert response.status_code == 201, response.get_json()
+    assert response.get_json()["start_datetime"] == stored
+
+
+@pytest.mark.parametrize("start", ["2035-W22-5", "20350601T090000Z", "2035-06-01T09Z", "2035-06-01T09:00Z", "2035-06-01",
+                                   "2035-06-01T09:00:00,5Z", "2035-06-01T09:00:00+02:00:30", "2035-06-01T09:00:00.123456789Z",
+                                   "2035-06-01 09:00:00Z", "2035-06-01T09:00:00+0200", "2035-06-31T09:00:00Z",
+                                   "2035-06-01T09:00:00 02:00", " 2035-06-01T09:00:00Z", "2035-06-01T25:00:00Z", 20350601])
+def test_other_date_time_forms_are_422_showing_the_form_to_use(client, start):
+    make_car(client)
+    body = assert_problem(book(client, 1, start, "2035-06-02T09:00:00Z"), 422, "start_datetime")
+    assert "2030-06-01T09:00:00+02:00" in body["errors"]["start_datetime"][0]
+    assert client.get(f"{API}/bookings").get_json() == []
+
+
+def test_an_unencoded_plus_is_read_as_a_plus_in_query_strings_only(client):
+    make_car(client)
+    assert_problem(book(client, 1, "2035-06-01T09:00:00 02:00", "2035-06-02T09:00:00Z"), 422, "start_datetime")
+    response = client.get(f"{API}/bookings/available-cars?start_datetime=2035-06-01T09:00:00 02:00"
+                          "&end_datetime=2035-06-01T10:00:00 02:00")
+    assert response.status_code == 200 and len(response.get_json()) == 1
+
+
 def test_same_instant_written_two_ways_clashes(client):
     make_car(client)
     assert book(client, 1, "2035-01-15T10:00:00+02:00", "2035-01-15T12:00:00+02:00").status_code == 201
