@@ -32,12 +32,14 @@ import re
 import sqlite3
 import threading
 import time
+import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import click
+import email_validator
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, Flask, Response, current_app, redirect, request, url_for
@@ -57,12 +59,21 @@ API_PREFIX = "/api/v1"
 API_VERSION = "1.0.0"
 EXTENSION = "dealership"
 REFUSALS = "dealership_refusals"
-# Whitespace as str.strip() sees it, spelled out: "\s" means less in the ECMA regexes that OpenAPI
-# clients use, and patterns here must mean the same to the service and to its document.
-WS = r"\t\n\u000b\u000c\r\u001c-\u001f \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-# 17 characters, any case, surrounding whitespace allowed; I, O and Q never occur in a VIN.
-VIN_PATTERN = rf"^[{WS}]*[A-HJ-NPR-Za-hj-npr-z0-9]{{17}}[{WS}]*$"
+# What text may hold, spelled out as regex classes that mean the same to the service (Python) and to
+# the ECMA regexes that clients of the OpenAPI document use (and simple enough for fuzzers to generate
+# from). A lone surrogate is refused in code as well: it is not a character, and no JSON Schema
+# pattern can name it the same way in both dialects.
+CONTROLS = r"\u0000-\u001f\u007f-\u009f"  # Unicode category Cc: tab and newline included
+SPACES = r" \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"  # whitespace other than Cc: str.strip()'s
+FORMATS = (r"\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e\u200b-\u200f\u202a-\u202e"
+           r"\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb")  # category Cf below U+FFFF: zero-width, bidi...
+CHAR = rf"[^{CONTROLS}]"
+VISIBLE = rf"[^{CONTROLS}{SPACES}{FORMATS}]"
+LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
+# 17 characters, any case, surrounding spaces allowed; I, O and Q never occur in a VIN.
+VIN_PATTERN = rf"^[{SPACES}]*[A-HJ-NPR-Za-hj-npr-z0-9]{{17}}[{SPACES}]*$"
 FIRST_CAR_YEAR = 1886
+MIN_DAILY_PRICE = 0.01  # a cent: 5e-324 is no price
 MAX_DAILY_PRICE = 1_000_000
 CAR_STATUSES = ("available", "maintenance")
 MAX_PAGE = 1000
@@ -1006,7 +1017,8 @@ def storage_error(path, error):
 
 
 class Text(fields.String):
-    """A string checked against `pattern` as sent, then stored with surrounding whitespace stripped.
+    """A string checked against `pattern` as sent, then stored with surrounding spaces stripped and
+    in Unicode's composed form (NFC), so that one text is stored one way.
 
     The pattern is also the field's `pattern` in the OpenAPI document, so the document and the
     service accept exactly the same strings.
@@ -1018,17 +1030,21 @@ class Text(fields.String):
 
     def _deserialize(self, value, attr, data, **kwargs):
         value = super()._deserialize(value, attr, data, **kwargs)
-        if not self.regex.search(value):
+        if not self.regex.search(value) or LONE_SURROGATE.search(value):
             raise ValidationError(self.error)
-        return value.strip()
+        return unicodedata.normalize("NFC", value.strip())
 
 
 def text(max_length, min_length=1, **kwargs):
-    """A Text of `min_length` (0 or 1) to `max_length` characters once stripped."""
-    core = rf"[^{WS}](?:[\s\S]{{0,{max_length - 2}}}[^{WS}])?"
-    pattern = rf"^[{WS}]*{core}[{WS}]*$" if min_length else rf"^[{WS}]*(?:{core})?[{WS}]*$"
-    return Text(pattern=pattern, error=f"Must be {min_length} to {max_length} characters, "
-                "not counting surrounding whitespace.", **kwargs)
+    """A Text of at most `max_length` characters with no control character (tab and newline
+    included) nor lone surrogate, and at least one character that is neither whitespace nor an
+    invisible format character; with `min_length` 0, it may also be empty. Stored stripped of
+    surrounding spaces. (A regex with no lookahead, so that fuzzers can generate from it.)"""
+    core = rf"{CHAR}*{VISIBLE}{CHAR}*"
+    pattern = rf"^{core}$" if min_length else rf"^(?:{core})?$"
+    return Text(pattern=pattern, validate=validate.Length(max=max_length), error=(
+        f"Must be {'1' if min_length else '0'} to {max_length} characters with no control character (tab and "
+        "newline included), and not only spaces or invisible format characters."), **kwargs)
 
 
 class Vin(Text):
@@ -1040,6 +1056,24 @@ class Vin(Text):
 
     def _deserialize(self, value, attr, data, **kwargs):
         return super()._deserialize(value, attr, data, **kwargs).upper()
+
+
+class EmailAddress(fields.String):
+    """An e-mail address, checked and normalized by email-validator (syntax only: no network look-up).
+
+    Internationalized domains are IDNA-checked and stored normalized; a@localhost, an IP address
+    after the @ and invisible characters are refused. Filters compare these normalized forms.
+    """
+
+    def __init__(self, *, metadata=None, **kwargs):
+        super().__init__(metadata={"format": "email"} | (metadata or {}), **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        value = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            return email_validator.validate_email(value, check_deliverability=False).normalized
+        except email_validator.EmailNotValidError as error:
+            raise ValidationError(f"Not a valid e-mail address: {error}") from None
 
 
 class Count(fields.Integer):
@@ -1153,9 +1187,8 @@ class CarSchema(Schema):
     year = fields.Integer(required=True, strict=True, validate=UpToNextYear(),
                           metadata=about("Model year: a whole number from 1886 to next year.", 2024))
     color = text(100, required=True, metadata=about(f"1 to 100 characters; {STRIPPED}.", "Grey"))
-    daily_price = JSONNumber(required=True, validate=validate.Range(min=0, max=MAX_DAILY_PRICE, min_inclusive=False),
-                             metadata={"exclusiveMinimum": True} | about(
-                                 "Price per day: a number above 0, at most 1,000,000.", 64.5))
+    daily_price = JSONNumber(required=True, validate=validate.Range(min=MIN_DAILY_PRICE, max=MAX_DAILY_PRICE),
+                             metadata=about("Price per day: a number from 0.01 to 1,000,000.", 64.5))
     vin = Vin(required=True, metadata=about(
         "Vehicle identification number: 17 letters and digits, never I, O or Q; any case, stored upper "
         "case; no two cars share one.", "WVWZZZ1KZAW123456"))
@@ -1176,7 +1209,7 @@ class BookingSchema(Schema):
     car_id = fields.Integer(required=True, strict=True, validate=validate.Range(min=1),
                             metadata=about("The car to book; it must exist and be available.", 1))
     customer_name = text(200, required=True, metadata=about(f"1 to 200 characters; {STRIPPED}.", "Ada Lovelace"))
-    customer_email = fields.Email(required=True, validate=validate.Length(max=254),
+    customer_email = EmailAddress(required=True, validate=validate.Length(max=254),
                                   metadata=about("An e-mail address, at most 254 characters.", "ada@example.com"))
     start_datetime = Instant(required=True, metadata=about(START))
     end_datetime = Instant(required=True, metadata=about(END))
@@ -1243,7 +1276,7 @@ class CarQuery(PageQuery):
 
 class BookingQuery(PageQuery):
     car_id = Count(validate=validate.Range(min=1), metadata=about("Only this car's bookings.", 1))
-    customer_email = fields.Email(metadata=about("Only this customer's bookings, in any case.", "ada@example.com"))
+    customer_email = EmailAddress(metadata=about("Only this customer's bookings, in any case.", "ada@example.com"))
     start_datetime = Instant(in_query=True, metadata=about(
         "With end_datetime: bookings that overlap [start, end). Alone: bookings that start at or after it."))
     end_datetime = Instant(in_query=True, metadata=about(

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import unicodedata
 from contextlib import closing, contextmanager
 from datetime import datetime, timedelta, timezone
 
@@ -1818,15 +1819,61 @@ def test_openapi_document_declares_the_api_key_only_when_set(client):
 
 
 def test_text_patterns_mean_what_the_service_does():
-    # The document's patterns spell whitespace out, so that they match str.strip() in any regex dialect.
-    whitespace = re.compile(f"[{dealership.WS}]")
-    assert all(bool(whitespace.match(chr(c))) == chr(c).isspace() for c in range(0x110000))
+    """The document's patterns spell their classes out, so that they mean the same in any regex dialect:
+    checked here against Unicode's own categories, code point by code point."""
+    classes = {name: re.compile(f"[{getattr(dealership, name)}]") for name in ("CONTROLS", "SPACES", "FORMATS")}
+    for code in range(0x110000):
+        c, category = chr(code), unicodedata.category(chr(code))
+        assert bool(classes["CONTROLS"].match(c)) == (category == "Cc"), hex(code)
+        assert bool(classes["SPACES"].match(c)) == (c.isspace() and category != "Cc"), hex(code)
+        assert bool(classes["FORMATS"].match(c)) == (category == "Cf" and code < 0x10000), hex(code)
 
 
-@pytest.mark.parametrize("name", ["\u0085", "\u3000\t", "x" * 201, " " + "x" * 201])
-def test_names_that_are_only_whitespace_or_too_long_are_422(client, name):
+@pytest.mark.parametrize("name", ["\u0085", "\u3000\u2003", "x" * 201, " " + "x" * 201, "Ada\tLovelace", "Ada\nLovelace",
+                                  "Ada\x00", "\u200b", "\u202e\u202d", " \ufeff\u200d ", "\ud800", "Ada\udc00"])
+def test_text_that_is_not_text_is_422(client, name):
     make_car(client)
     assert_problem(book(client, 1, customer_name=name), 422, "customer_name")
+    assert client.get(f"{API}/bookings").get_json() == []
+
+
+@pytest.mark.parametrize("name, stored", [("  Zoe\u0308 Saldan\u0303a ", "Zo\u00eb Salda\u00f1a"), ("\U0001F697", "\U0001F697"),
+                                          ("\u202bשלום\u202c", "\u202bשלום\u202c"), ("x" * 200, "x" * 200)])
+def test_text_is_stored_stripped_and_composed(client, name, stored):
+    make_car(client)
+    response = book(client, 1, customer_name=name)
+    assert response.status_code == 201, response.get_json()
+    assert response.get_json()["customer_name"] == stored
+
+
+@pytest.mark.parametrize("email", ["a@localhost", "a@[127.0.0.1]", "a@ex\u200bample.com", "a..b@example.com",
+                                   "a@example", "not an address", "a@-example.com"])
+def test_email_addresses_that_cannot_be_mailed_are_422(client, email):
+    make_car(client)
+    body = assert_problem(book(client, 1, customer_email=email), 422, "customer_email")
+    assert body["errors"]["customer_email"][0].startswith("Not a valid e-mail address")
+
+
+@pytest.mark.parametrize("email, stored", [("Ada@Example.COM", "Ada@example.com"), ("a@\uff11\uff12.com", "a@12.com"),
+                                           ("a@xn--bcher-kva.de", "a@bücher.de"), ("ü@example.com", "ü@example.com")])
+def test_email_addresses_are_stored_normalized_and_filtered_that_way(client, email, stored):
+    make_car(client)
+    response = book(client, 1, customer_email=email)
+    assert response.status_code == 201, response.get_json()
+    assert response.get_json()["customer_email"] == stored
+    assert len(client.get(f"{API}/bookings", query_string={"customer_email": email}).get_json()) == 1
+    assert len(client.get(f"{API}/bookings", query_string={"customer_email": stored.upper()}).get_json()) == 1
+
+
+def test_a_daily_price_is_at_least_a_cent(client):
+    assert_problem(client.post(f"{API}/cars", json=car_body(daily_price=5e-324)), 422, "daily_price")
+    assert_problem(client.post(f"{API}/cars", json=car_body(daily_price=0.009)), 422, "daily_price")
+    assert client.post(f"{API}/cars", json=car_body(daily_price=0.01)).status_code == 201
+
+
+def test_an_optional_text_may_be_empty_but_not_invisible(client):
+    assert client.post(f"{API}/dealers", json={"name": "North", "location": ""}).status_code == 201
+    assert_problem(client.post(f"{API}/dealers", json={"name": "North", "location": "\u200b"}), 422, "location")
 
 
 def operations(document):

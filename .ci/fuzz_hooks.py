@@ -5,7 +5,9 @@ document's description states them in words: `end_datetime` must be after `start
 date-time must be writable in UTC (year 1 with a positive offset, or year 9999 with a negative one,
 is not); and a booking may not start in the past. So that the requests the fuzzer sends as valid are
 valid, this hook orders each pair of date-times it is about to send, keeps each inside that range,
-and moves the start of a booking it writes to tomorrow if it was earlier; and since a PATCH of a booking is
+and moves the start of a booking it writes to tomorrow if it was earlier. An e-mail address whose
+domain is a special-use name (.test, .local, .invalid...; email-validator refuses them, as mail cannot
+go there) gets .com instead, in a body or a query. And since a PATCH of a booking is
 checked once merged with the stored booking, which the fuzzer cannot see, it drops a lone start or
 end from such a PATCH. Schemathesis re-judges each case after the hook, so a request that is still
 invalid is still tested as invalid.
@@ -18,6 +20,7 @@ the unit tests cover moving a car or a booking. Every check stays on.
 """
 from datetime import datetime, timedelta, timezone
 
+import email_validator
 import schemathesis
 
 PAIR = ("start_datetime", "end_datetime")
@@ -63,10 +66,21 @@ def not_past(data):
             data["end_datetime"] = (SOON + timedelta(hours=1)).isoformat()
 
 
+def mailable(data):
+    """Give a generated e-mail address on a special-use domain an ordinary one, in place."""
+    if isinstance(data, dict) and isinstance(data.get("customer_email"), str):
+        local, at, domain = data["customer_email"].rpartition("@")
+        head, dot, last = domain.rpartition(".")
+        if at and last.lower() in email_validator.SPECIAL_USE_DOMAIN_NAMES:
+            data["customer_email"] = f"{local}@{head + dot if dot else domain + '.'}com"
+
+
 @schemathesis.hook
 def before_call(ctx, case, **kwargs):
     in_order(case.query)
     in_order(case.body)
+    mailable(case.query)
+    mailable(case.body)
     if "/bookings" in case.path and case.method.upper() in ("POST", "PATCH") and isinstance(case.body, dict):
         not_past(case.body)
     if case.method.upper() not in ("PUT", "PATCH") or not isinstance(case.body, dict):
