@@ -1017,6 +1017,74 @@ def test_bad_paging_is_422(client, path, query_string, name):
     assert_problem(client.get(f"{API}{path}?{query_string}"), 422, name)
 
 
+def test_bookings_come_a_page_at_a_time_with_links_that_keep_the_filters(client):
+    make_car(client, vin=vin(1))
+    make_car(client, vin=vin(2))
+    base = datetime(2035, 1, 1, tzinfo=timezone.utc)
+    for n in range(130):
+        book(client, 1 + n % 2, (base + timedelta(hours=n)).isoformat(), (base + timedelta(hours=n, minutes=30)).isoformat())
+    first = client.get(f"{API}/bookings")
+    assert [b["id"] for b in first.get_json()] == list(range(1, 101))  # the default page
+    assert first.headers["X-Total-Count"] == "130"
+    assert first.headers["Link"] == f'<{API}/bookings?offset=100&limit=100>; rel="next"'
+    last = client.get(first.headers["Link"].split(">")[0][1:])
+    assert [b["id"] for b in last.get_json()] == list(range(101, 131))
+    assert last.headers["Link"] == f'<{API}/bookings?offset=0&limit=100>; rel="prev"'
+    middle = client.get(f"{API}/bookings?car_id=2&start_datetime=2035-01-01T10:00:00Z&limit=5&offset=5")
+    assert [b["id"] for b in middle.get_json()] == [22, 24, 26, 28, 30]
+    assert middle.headers["X-Total-Count"] == "60"
+    assert middle.headers["Link"] == (
+        f'<{API}/bookings?car_id=2&start_datetime=2035-01-01T10%3A00%3A00Z&limit=5&offset=10>; rel="next", '
+        f'<{API}/bookings?car_id=2&start_datetime=2035-01-01T10%3A00%3A00Z&limit=5&offset=0>; rel="prev"')
+    assert_problem(client.get(f"{API}/bookings?limit=1001"), 422, "limit")
+    cars = client.get(f"{API}/cars")
+    assert len(cars.get_json()) == 2 and "Link" not in cars.headers  # a fleet comes whole unless paged
+    assert client.get(f"{API}/cars?limit=1").headers["Link"] == f'<{API}/cars?limit=1&offset=1>; rel="next"'
+
+
+def test_every_way_to_list_bookings_matches_a_brute_force_oracle(client):
+    rng = random.Random(99)
+    base = datetime(2035, 1, 1, tzinfo=timezone.utc)
+    for n in range(3):
+        make_car(client, vin=vin(n))
+    booked = []
+    for _ in range(120):
+        start = base + timedelta(hours=rng.randrange(0, 300))
+        end = start + timedelta(hours=rng.randrange(1, 30))
+        email = rng.choice(["ada@example.com", "Grace@Example.com", "alan@example.org"])
+        response = book(client, rng.randrange(1, 4), start.isoformat(), end.isoformat(), customer_email=email)
+        if response.status_code == 201:
+            booked.append(response.get_json() | {"start": start, "end": end})
+    for booking in rng.sample(booked, 20):
+        assert client.delete(f"{API}/bookings/{booking['id']}").status_code == 204
+        booked.remove(booking)
+    for _ in range(200):
+        query, keep = {}, lambda b: True
+        if rng.random() < 0.3:
+            car_id = rng.randrange(1, 4)
+            query["car_id"], keep = car_id, lambda b, k=keep, c=car_id: k(b) and b["car_id"] == c
+        if rng.random() < 0.3:
+            email = rng.choice(["ADA@example.com", "grace@example.com", "nobody@example.com"])
+            query["customer_email"] = email
+            keep = lambda b, k=keep, e=email: k(b) and b["customer_email"].casefold() == e.casefold()
+        start, end = base + timedelta(hours=rng.randrange(-10, 320)), None
+        roll = rng.random()
+        if roll < 0.3:
+            query["start_datetime"], keep = start.isoformat(), lambda b, k=keep, s=start: k(b) and b["start"] >= s
+        elif roll < 0.6:
+            query["end_datetime"], keep = start.isoformat(), lambda b, k=keep, e=start: k(b) and b["end"] <= e
+        elif roll < 0.8:
+            end = start + timedelta(hours=rng.randrange(1, 50))
+            query |= {"start_datetime": start.isoformat(), "end_datetime": end.isoformat()}
+            keep = lambda b, k=keep, s=start, e=end: k(b) and b["start"] < e and s < b["end"]
+        query |= {"limit": rng.choice([1, 7, 100]), "offset": rng.choice([0, 3, 50])}
+        expected = sorted((b for b in booked if keep(b)), key=lambda b: (b["start"], b["id"]))
+        response = client.get(f"{API}/bookings", query_string=query)
+        assert response.headers["X-Total-Count"] == str(len(expected)), query
+        page = expected[query["offset"]:query["offset"] + query["limit"]]
+        assert [b["id"] for b in response.get_json()] == [b["id"] for b in page], query
+
+
 def test_bad_email_filter_is_422(client):
     assert_problem(client.get(f"{API}/bookings?customer_email=not-mail"), 422, "customer_email")
 
@@ -1260,8 +1328,12 @@ def on_file(path, **settings):
 
 
 def state(client):
-    """Everything a client can read, to compare before and after."""
-    return {name: client.get(f"{API}/{name}").get_json() for name in ("dealers", "cars", "bookings")}
+    """Everything a client can read, to compare before and after (every page of the bookings)."""
+    found = {name: client.get(f"{API}/{name}").get_json() for name in ("dealers", "cars")}
+    found["bookings"] = []
+    while page := client.get(f"{API}/bookings?limit=1000&offset={len(found['bookings'])}").get_json():
+        found["bookings"] += page
+    return found
 
 
 def table_rows(path):
@@ -1720,7 +1792,7 @@ def test_backup_writes_a_consistent_copy_while_the_service_runs(database, tmp_pa
     with closing(sqlite3.connect(copy)) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)  # one self-contained file
     restored = on_file(copy).test_client()
-    booked = restored.get(f"{API}/bookings").get_json()
+    booked = state(restored)["bookings"]
     assert f"{len(booked)} booking" in result.output and booked
     assert [b["id"] for b in booked] == list(range(1, len(booked) + 1))  # a prefix of what was written
 

@@ -31,7 +31,7 @@ from collections import defaultdict
 from datetime import datetime, timedelta, timezone
 from urllib.parse import urlsplit
 
-from serve import HOST, start, stop, verdict
+from serve import HOST, every_booking, start, stop, verdict
 
 API = "/api/v1"
 T0 = datetime(2036, 1, 1, tzinfo=timezone.utc)
@@ -100,7 +100,7 @@ class Client(threading.Thread):
 
 def stored_bookings(base):
     conn = http.client.HTTPConnection(HOST, urlsplit(base).port, timeout=30)
-    status, bookings = call(conn, "GET", f"{API}/bookings")
+    status, bookings = every_booking(lambda path: call(conn, "GET", path))
     if status != 200:
         sys.exit(f"crash: GET /bookings answered {status}")
     return {b["id"]: b for b in bookings}

@@ -27,7 +27,7 @@ from collections import defaultdict
 from datetime import datetime, timedelta, timezone
 from urllib.parse import urlsplit
 
-from serve import HOST, serve, verdict
+from serve import HOST, every_booking, serve, verdict
 
 API = "/api/v1"
 T0 = datetime(2036, 1, 1, tzinfo=timezone.utc)
@@ -161,7 +161,7 @@ def drive(ports, servers, a):
         print(f"{kind:8} {len(times):7d} {statistics.median(times) * 1000:8.2f} {p99 * 1000:8.2f}   {codes}")
 
     # what is stored must be what the clients were told, and no car may be double-booked
-    status, stored = setup.call("GET", f"{API}/bookings")
+    status, stored = every_booking(lambda path: setup.call("GET", path))
     if status != 200:
         problems.append(f"GET /bookings answered {status}")
         stored = []
@@ -185,9 +185,9 @@ def drive(ports, servers, a):
           f"{statuses['hot'][409] + statuses['book'][409]} refused with 409")
     for port, server in zip(ports, servers):
         reader = Client(port)
-        for path in (f"{API}/bookings", f"{API}/cars"):
-            status, seen = reader.call("GET", path)
-            expected = stored if path.endswith("bookings") else setup.call("GET", path)[1]
+        for path, (status, seen), expected in [
+                (f"{API}/bookings", every_booking(lambda path: reader.call("GET", path)), stored),
+                (f"{API}/cars", reader.call("GET", f"{API}/cars"), setup.call("GET", f"{API}/cars")[1])]:
             if status != 200 or seen != expected:
                 problems.append(f"the process on port {port} answers {path} differently from the first ({status})")
         health, _ = reader.call("GET", "/health")

@@ -98,3 +98,16 @@ def verdict(name, problems):
         print(f"{name}: FAIL {line}")
     print(f"{name}: passed" if not problems else f"{name}: failed with {len(problems)} problems")
     return 1 if problems else 0
+
+
+def every_booking(get):
+    """Every stored booking, page by page (the service answers at most 1,000 a page): `get(path)`
+    answers (status, JSON). Returns (the first status that was not 200, or 200; the bookings)."""
+    found = []
+    while True:
+        status, page = get(f"/api/v1/bookings?limit=1000&offset={len(found)}")
+        if status != 200:
+            return status, found
+        found += page
+        if len(page) < 1000:
+            return status, found
