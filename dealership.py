@@ -1312,6 +1312,8 @@ class CarQuery(PageQuery):
 
 
 class BookingQuery(PageQuery):
+    limit = Count(validate=validate.Range(min=1, max=MAX_PAGE), metadata=about(
+        f"At most this many bookings, 1 to 1000; {DEFAULT_PAGE} when left out (follow the Link header).", 100))
     car_id = Count(validate=validate.Range(min=1), metadata=about("Only this car's bookings.", 1))
     customer_email = EmailAddress(metadata=about("Only this customer's bookings, in any case.", "ada@example.com"))
     start_datetime = Instant(in_query=True, metadata=about(
@@ -1646,7 +1648,7 @@ def create_car():
 
 
 @bp.get("/cars")
-@api_doc("cars", returns=CAR_SCHEMA, many=True, query=CAR_QUERY, headers=["X-Total-Count"])
+@api_doc("cars", returns=CAR_SCHEMA, many=True, query=CAR_QUERY, headers=["X-Total-Count", "Link"])
 def list_cars():
     """List the cars
 
@@ -1736,7 +1738,7 @@ def create_booking():
 
 
 @bp.get("/bookings")
-@api_doc("bookings", returns=BOOKING_SCHEMA, many=True, query=BOOKING_QUERY, headers=["X-Total-Count"],
+@api_doc("bookings", returns=BOOKING_SCHEMA, many=True, query=BOOKING_QUERY, headers=["X-Total-Count", "Link"],
          personal=True)
 def list_bookings():
     """List the bookings
@@ -1782,7 +1784,7 @@ def cancel_booking(booking_id):
 
 @bp.get("/bookings/available-cars")
 @api_doc("bookings", returns=CAR_SCHEMA, many=True, query=AVAILABLE_CARS_QUERY,
-         headers=["X-Total-Count"])
+         headers=["X-Total-Count", "Link"])
 def available_cars():
     """Find the cars free for a whole period
 
@@ -1834,6 +1836,9 @@ RESPONSE_HEADERS = {
     "Location": {"description": "The URL of the new resource.", "required": True, "schema": {"type": "string"}},
     "X-Total-Count": {"description": "The number of items before paging.", "required": True,
                       "schema": {"type": "integer", "minimum": 0}},
+    "Link": {"description": "With a page (always for bookings, with `limit` for the others): RFC 8288 links "
+                            "to the next and previous pages, with the same filters.",
+             "schema": {"type": "string"}},
 }
 _PATH_ARGUMENT = re.compile(r"<(?:\w+:)?(\w+)>")
 _PATH_TEMPLATE = re.compile(r"{(\w+)}")
