@@ -41,6 +41,7 @@ from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import click
+import flask.logging
 import email_validator
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
@@ -2118,6 +2119,20 @@ def backup_command(path):
                f"{plural(counts['cars'], 'car')}, {plural(counts['bookings'], 'booking')}.")
 
 
+class OneLine(logging.StreamHandler):
+    """Flask's own log line on stderr, but only while the root logger has no handler: a server or a
+    host that sets up logging (waitress calls logging.basicConfig() once the app is made) gets each
+    line once, through its own handler, instead of twice."""
+
+    def emit(self, record):
+        if not logging.getLogger().handlers:
+            super().emit(record)
+
+
+ONE_LINE = OneLine(flask.logging.wsgi_errors_stream)
+ONE_LINE.setFormatter(flask.logging.default_handler.formatter)
+
+
 def create_app(config=None):
     """A standalone app: the API under /api/v1, /openapi.json, /docs, /health, and JSON for every error.
 
@@ -2125,6 +2140,9 @@ def create_app(config=None):
     """
     app = Flask(__name__)
     app.logger.setLevel(logging.INFO)  # the "dealership" logger: one line per change
+    if flask.logging.default_handler in app.logger.handlers:  # put there by Flask: see OneLine
+        app.logger.removeHandler(flask.logging.default_handler)
+        app.logger.addHandler(ONE_LINE)
     app.config.update({name: os.environ[name] for name in SETTINGS if name in os.environ})
     app.config.update(config or {})
     init_app(app, docs_prefix="")

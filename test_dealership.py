@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import unicodedata
+import urllib.request
 from contextlib import closing, contextmanager
 from datetime import datetime, timedelta, timezone
 
@@ -1292,6 +1293,36 @@ def test_demo_data():
     assert len(client.get(f"{API}/dealers").get_json()) == 2
     assert len(client.get(f"{API}/bookings").get_json()) >= 2
     assert new_app().test_client().get(f"{API}/cars").get_json() == []  # off by default
+
+
+def test_under_waitress_each_event_is_logged_once(tmp_path):
+    """waitress sets up the root logger after the app is made; the service's line must not come twice."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEALERSHIP_")} | {
+        "DEALERSHIP_DATABASE": str(tmp_path / "d.sqlite3")}
+    root = os.path.dirname(os.path.abspath(dealership.__file__))
+    server = subprocess.Popen([sys.executable, "-m", "waitress", f"--listen=127.0.0.1:{port}", "--call",
+                               "dealership:create_app"], cwd=root, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "the server did not start"
+                time.sleep(0.2)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{API}/cars", json.dumps(car_body()).encode(),
+                                         {"Content-Type": "application/json"})
+        urllib.request.urlopen(request, timeout=10).close()
+    finally:
+        server.terminate()
+        output = server.communicate(timeout=10)[0]
+    assert output.count("car 1 created: dealer 1, status available") == 1, output
 
 
 def test_logs_name_ids_and_times_never_the_customer(client, caplog):
