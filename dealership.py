@@ -2055,6 +2055,7 @@ def init_app(app, url_prefix=API_PREFIX, docs_prefix=None):
         raise ConfigError("The app already has a URL converter named 'digits'; the service needs its own.")
     app.register_blueprint(bp, url_prefix=url_prefix)
     app.cli.add_command(backup_command)
+    app.cli.add_command(serve_command)
     if docs_prefix is not None:
         init_docs(app, docs_prefix)
     return service
@@ -2101,6 +2102,31 @@ def load_demo_data(database, zone):
                                   "customer_email": f"demo-{who}@example.com", "start_datetime": start,
                                   "end_datetime": start + timedelta(days=length)})
     log.info("%s: demo data loaded", database.path)
+
+
+SERVE_CONNECTIONS = 1000  # open connections waitress accepts: far above its threads, so idle ones lock nobody out
+SERVE_IDLE_SECONDS = 30  # a connection that sends nothing for this long is closed
+
+
+@click.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="The address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="The port.")
+@click.option("--threads", default=8, show_default=True, type=click.IntRange(1, 1000), help="Worker threads.")
+@with_appcontext
+def serve_command(host, port, threads):
+    """Serve the app in production with waitress, with limits that follow the service's own.
+
+    No body larger than DEALERSHIP_MAX_CONTENT_LENGTH is read or spooled; many idle or slow
+    connections do not lock other clients out; waitress's queue-depth warnings stay out of the log.
+    """
+    import waitress
+
+    logging.getLogger("waitress").setLevel(logging.INFO)  # "Serving on ..."
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    app = current_app._get_current_object()
+    waitress.serve(app, host=host, port=port, threads=threads, ident="dealership",
+                   max_request_body_size=app.config["DEALERSHIP_MAX_CONTENT_LENGTH"],
+                   connection_limit=SERVE_CONNECTIONS, channel_timeout=SERVE_IDLE_SECONDS)
 
 
 @click.command("backup")

@@ -54,16 +54,22 @@ def stop(process):
         process.wait()
 
 
-def start(database, threads=4, env=None):
-    """One waitress process on `database`, answering /health: (process, base_url). Stop it with stop()."""
+def start(database, threads=4, env=None, command="waitress"):
+    """One server process on `database`, answering /health: (process, base_url). Stop it with stop().
+
+    `command` "waitress" is `waitress-serve --call dealership:create_app`; "serve" is
+    `flask --app dealership serve`, the service's own production command.
+    """
     port = free_port()
     base = f"http://{HOST}:{port}"
     clean = {k: v for k, v in os.environ.items() if not k.startswith("DEALERSHIP_")}
     clean |= {"DEALERSHIP_DATABASE": database} | (env or {})
     log = tempfile.NamedTemporaryFile("w+", prefix="dealership-server-", suffix=".log", delete=False)
-    server = subprocess.Popen([sys.executable, "-m", "waitress", f"--listen={HOST}:{port}", f"--threads={threads}",
-                               "--call", "dealership:create_app"], cwd=ROOT, env=clean, stdout=log,
-                              stderr=subprocess.STDOUT)
+    argv = {"waitress": ["-m", "waitress", f"--listen={HOST}:{port}", f"--threads={threads}", "--call",
+                         "dealership:create_app"],
+            "serve": ["-m", "flask", "--app", "dealership", "serve", "--host", HOST, "--port", str(port),
+                      "--threads", str(threads)]}[command]
+    server = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=clean, stdout=log, stderr=subprocess.STDOUT)
     server.log = log.name
     try:
         wait_for(f"{base}/health", server)
@@ -74,7 +80,7 @@ def start(database, threads=4, env=None):
 
 
 @contextlib.contextmanager
-def serve(threads=4, env=None, processes=None):
+def serve(threads=4, env=None, processes=None, command="waitress"):
     """One server (yields (base_url, process)) or, with `processes`, that many on one database file
     (yields a list of them)."""
     folder = tempfile.mkdtemp(prefix="dealership-data-")
@@ -82,7 +88,7 @@ def serve(threads=4, env=None, processes=None):
     servers = []
     try:
         for _ in range(processes or 1):
-            server, base = start(database, threads, env)
+            server, base = start(database, threads, env, command)
             servers.append((base, server))
         yield servers if processes else servers[0]
     finally:

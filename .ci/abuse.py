@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""Abuse test: what a hostile client can do to `flask --app dealership serve`, on 127.0.0.1 only.
+
+    python .ci/abuse.py
+
+Starts the service's own production command on a free loopback port, with its temporary folder
+(where waitress spools large bodies) in a folder of its own, and shows, bounded in time and count:
+1. 150 idle connections (connected, sending nothing) do not stop a fresh client from being answered
+   within 1 s;
+2. 60 connections that send one header line every 2 s do not either;
+3. a 64 MiB chunked body to POST /api/v1/cars is refused (413, or the connection closed) without
+   more than the service's body limit reaching the disk: the spool folder is watched throughout;
+4. 2,000 requests with bodies nested from 1 to 100,000 deep, arrays and objects, give no 5xx.
+Every socket has a timeout, the run has a deadline, and the server is stopped however this exits.
+"""
+import http.client
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+
+from serve import HOST, serve, verdict
+
+LIMIT = 1024 * 1024  # DEALERSHIP_MAX_CONTENT_LENGTH's default, which serve passes on to waitress
+
+
+def fresh_client_seconds(port):
+    """How long a new client waits for /health (at most 10 s)."""
+    began = time.monotonic()
+    conn = http.client.HTTPConnection(HOST, port, timeout=10)
+    try:
+        conn.request("GET", "/health")
+        status = conn.getresponse().status
+    except (OSError, http.client.HTTPException):
+        return float("inf")
+    finally:
+        conn.close()
+    return time.monotonic() - began if status == 200 else float("inf")
+
+
+def open_idle(port, count):
+    sockets = []
+    for _ in range(count):
+        s = socket.create_connection((HOST, port), timeout=5)
+        sockets.append(s)
+    return sockets
+
+
+def slow_headers(port, count, stop):
+    """`count` clients that start a request and then send one header line every 2 s until `stop`."""
+    sockets = open_idle(port, count)
+    for s in sockets:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+
+    def drip():
+        n = 0
+        while not stop.wait(2):
+            n += 1
+            for s in sockets:
+                try:
+                    s.sendall(f"X-Slow-{n}: {n}\r\n".encode())
+                except OSError:
+                    pass
+    thread = threading.Thread(target=drip, daemon=True)
+    thread.start()
+    return sockets, thread
+
+
+def spool_size(folder):
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(root, name))
+            except OSError:
+                pass
+    return total
+
+
+def huge_chunked_body(port, spool, problems):
+    """Send 64 MiB in 64 KiB chunks; watch the spool folder while doing so."""
+    largest, answer = 0, None
+    s = socket.create_connection((HOST, port), timeout=10)
+    try:
+        s.sendall(b"POST /api/v1/cars HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n")
+        chunk = b"%x\r\n%s\r\n" % (65536, b"[" * 65536)
+        for n in range(1024):
+            try:
+                s.sendall(chunk)
+            except OSError:
+                break  # the server closed the connection: refused
+            if n % 16 == 0:
+                largest = max(largest, spool_size(spool))
+        try:
+            s.sendall(b"0\r\n\r\n")
+        except OSError:
+            pass
+        try:
+            answer = s.recv(200).split(b"\r\n", 1)[0].decode(errors="replace")
+        except OSError:
+            answer = "connection closed"
+    finally:
+        s.close()
+    largest = max(largest, spool_size(spool))
+    print(f"abuse: 64 MiB chunked body: {answer or 'connection closed'}; at most {largest:,} bytes spooled")
+    if answer and "413" not in answer and "closed" not in answer:
+        problems.append(f"the 64 MiB body was answered {answer!r}, not 413")
+    if largest > 2 * LIMIT:
+        problems.append(f"{largest:,} bytes of the 64 MiB body reached the disk")
+
+
+def nested_bodies(port, problems):
+    conn = http.client.HTTPConnection(HOST, port, timeout=10)
+    statuses = {}
+    for n in range(2000):
+        depth = [1, 10, 100, 500, 980, 1000, 5000, 100_000][n % 8]
+        body = ("[" * depth + "]" * depth) if n % 2 else ('{"a":' * depth + "1" + "}" * depth)
+        if len(body) > LIMIT:
+            body = body[:LIMIT]  # as deep as the limit lets it be, and then not valid JSON
+        path = "/api/v1/cars" if n % 3 else "/api/v1/bookings"
+        try:
+            conn.request("POST", path, body.encode(), {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            response.read()
+            statuses[response.status] = statuses.get(response.status, 0) + 1
+        except (OSError, http.client.HTTPException) as error:
+            problems.append(f"nested body {n} (depth {depth}): {error!r}")
+            conn.close()
+            conn = http.client.HTTPConnection(HOST, port, timeout=10)
+    conn.close()
+    print(f"abuse: 2,000 nested bodies answered {dict(sorted(statuses.items()))}")
+    if any(status >= 500 for status in statuses):
+        problems.append(f"nested bodies gave 5xx: {statuses}")
+
+
+def main():
+    problems = []
+    spool = tempfile.mkdtemp(prefix="dealership-spool-")
+    try:
+        with serve(threads=8, command="serve", env={"TMPDIR": spool}) as (base, server):
+            port = int(base.rsplit(":", 1)[1])
+            idle = open_idle(port, 150)
+            try:
+                waited = fresh_client_seconds(port)
+                print(f"abuse: with 150 idle connections open, a fresh client was answered in {waited:.3f} s")
+                if waited > 1:
+                    problems.append(f"150 idle connections kept a fresh client waiting {waited:.1f} s")
+            finally:
+                for s in idle:
+                    s.close()
+
+            stop = threading.Event()
+            slow, dripping = slow_headers(port, 60, stop)
+            try:
+                time.sleep(5)  # two drips in
+                waited = fresh_client_seconds(port)
+                print(f"abuse: with 60 slow-header clients, a fresh client was answered in {waited:.3f} s")
+                if waited > 1:
+                    problems.append(f"60 slow-header connections kept a fresh client waiting {waited:.1f} s")
+            finally:
+                stop.set()
+                dripping.join(timeout=10)
+                for s in slow:
+                    s.close()
+
+            huge_chunked_body(port, spool, problems)
+            nested_bodies(port, problems)
+            if fresh_client_seconds(port) > 1 or server.poll() is not None:
+                problems.append("the server does not answer at the end")
+    finally:
+        shutil.rmtree(spool, ignore_errors=True)
+    return verdict("abuse", problems)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
