@@ -9,7 +9,8 @@ Starts the service's own production command on a free loopback port, with its te
    within 1 s;
 2. 60 connections that send one header line every 2 s do not either;
 3. a 64 MiB chunked body to POST /api/v1/cars is refused (413, or the connection closed) without
-   more than the service's body limit reaching the disk: the spool folder is watched throughout;
+   more than the service's body limit reaching the disk: the server's files in the spool folder
+   (deleted ones too, through /proc) are watched throughout;
 4. 2,000 requests with bodies nested from 1 to 100,000 deep, arrays and objects, give no 5xx.
 Every socket has a timeout, the run has a deadline, and the server is stopped however this exits.
 """
@@ -69,18 +70,21 @@ def slow_headers(port, count, stop):
     return sockets, thread
 
 
-def spool_size(folder):
+def spool_size(folder, pid):
+    """Bytes in the server's files under `folder`, deleted ones included: waitress spools a large body
+    to an anonymous temporary file, which only the process's open descriptors still show (Linux)."""
     total = 0
-    for root, _, files in os.walk(folder):
-        for name in files:
-            try:
-                total += os.path.getsize(os.path.join(root, name))
-            except OSError:
-                pass
+    fds = f"/proc/{pid}/fd"
+    for fd in os.listdir(fds) if os.path.isdir(fds) else ():
+        try:
+            if os.readlink(os.path.join(fds, fd)).startswith(folder):
+                total += os.stat(os.path.join(fds, fd)).st_size
+        except OSError:
+            pass
     return total
 
 
-def huge_chunked_body(port, spool, problems):
+def huge_chunked_body(port, spool, pid, problems):
     """Send 64 MiB in 64 KiB chunks; watch the spool folder while doing so."""
     largest, answer = 0, None
     s = socket.create_connection((HOST, port), timeout=10)
@@ -94,7 +98,7 @@ def huge_chunked_body(port, spool, problems):
             except OSError:
                 break  # the server closed the connection: refused
             if n % 16 == 0:
-                largest = max(largest, spool_size(spool))
+                largest = max(largest, spool_size(spool, pid))
         try:
             s.sendall(b"0\r\n\r\n")
         except OSError:
@@ -105,7 +109,7 @@ def huge_chunked_body(port, spool, problems):
             answer = "connection closed"
     finally:
         s.close()
-    largest = max(largest, spool_size(spool))
+    largest = max(largest, spool_size(spool, pid))
     print(f"abuse: 64 MiB chunked body: {answer or 'connection closed'}; at most {largest:,} bytes spooled")
     if answer and "413" not in answer and "closed" not in answer:
         problems.append(f"the 64 MiB body was answered {answer!r}, not 413")
@@ -167,7 +171,7 @@ def main():
                 for s in slow:
                     s.close()
 
-            huge_chunked_body(port, spool, problems)
+            huge_chunked_body(port, spool, server.pid, problems)
             nested_bodies(port, problems)
             if fresh_client_seconds(port) > 1 or server.poll() is not None:
                 problems.append("the server does not answer at the end")
