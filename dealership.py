@@ -36,24 +36,28 @@ import time
 import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from urllib.parse import urlencode
 from datetime import datetime, timedelta, timezone
+from urllib.parse import urlencode
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import click
-import flask.logging
 import email_validator
+import flask.logging
+import limits
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, Flask, Response, current_app, redirect, request, url_for
 from flask.cli import with_appcontext
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
 from flask_swagger_ui import get_swaggerui_blueprint
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
-from werkzeug.datastructures import WWWAuthenticate
 from sortedcontainers import SortedList
-from werkzeug.routing import IntegerConverter
+from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import (BadRequest, Conflict, HTTPException, NotFound, RequestEntityTooLarge,
                                  ServiceUnavailable, Unauthorized, UnsupportedMediaType, default_exceptions)
+from werkzeug.middleware.proxy_fix import ProxyFix
+from werkzeug.routing import IntegerConverter
 
 # ---------------------------------------------------------------------------------------------
 # Constants
@@ -157,6 +161,15 @@ def text_setting(name, value):
     return value
 
 
+def rate_limit(name, value):
+    try:
+        limits.parse_many(value)
+    except (ValueError, TypeError):
+        raise ConfigError(f"{name}={value!r} is not a rate limit: write it as '300/minute' or "
+                          "'10/second;300/minute'.") from None
+    return value
+
+
 def optional(read):
     """None or the empty string mean the setting is not set."""
     return lambda name, value: None if value is None or value == "" else read(name, value)
@@ -182,6 +195,10 @@ SETTINGS = {
     "DEALERSHIP_DATABASE": ("dealership.sqlite3", text_setting),  # in the instance folder; ":memory:" for none
     "DEALERSHIP_SYNCHRONOUS": ("full", one_of("full", "normal")),
     "DEALERSHIP_BUSY_TIMEOUT": (5, seconds),
+    "DEALERSHIP_RATE_LIMIT": (None, optional(rate_limit)),  # such as "300/minute", per client address
+    "DEALERSHIP_REFUSED_KEY_LIMIT": ("10/minute", rate_limit),  # refused API keys per client address, then 429
+    "DEALERSHIP_RATELIMIT_STORAGE_URI": ("memory://", text_setting),  # Flask-Limiter's counts: shared, if need be
+    "DEALERSHIP_PROXIES": (0, whole_number(0)),  # trusted proxies in front, whose X-Forwarded-For tells the client
 }
 
 
@@ -1418,12 +1435,17 @@ def needs_key(method, view):
     return method in WRITE_METHODS or view.api_doc["personal"]
 
 
+def key_required():
+    """Whether the request being handled must carry the API key."""
+    view = current_app.view_functions.get(request.endpoint)
+    return bool(current_app.config["DEALERSHIP_API_KEY"]) and view is not None and needs_key(request.method, view)
+
+
 @bp.before_request
 def require_api_key():
     """With DEALERSHIP_API_KEY set, a request that needs it must carry it as a Bearer token."""
     key = current_app.config["DEALERSHIP_API_KEY"]
-    view = current_app.view_functions.get(request.endpoint)
-    if not key or view is None or not needs_key(request.method, view):
+    if not key_required():
         return
     auth = request.authorization
     token = auth.token if auth is not None and auth.type == "bearer" and auth.token else ""
@@ -1822,6 +1844,8 @@ ERROR_MEANINGS = {
     413: "The body is larger than DEALERSHIP_MAX_CONTENT_LENGTH.",
     415: "The body is not sent as application/json.",
     422: "A field or query parameter is invalid, missing or unknown; `errors` lists each.",
+    429: "Too many refused API keys (or, with DEALERSHIP_RATE_LIMIT, requests) from this address; "
+         "retry after `Retry-After`.",
     503: "The database refused the write (busy, read-only or full); nothing changed. Retry after `Retry-After`.",
 }
 # The operations in the order a newcomer needs them: a car must exist before it can be booked.
@@ -1872,7 +1896,8 @@ def openapi_document(app):
         view = app.view_functions[rule.endpoint]
         methods = sorted(rule.methods - {"HEAD", "OPTIONS"})
         paths.setdefault(_PATH_ARGUMENT.sub(r"{\1}", rule.rule), {}).update(
-            {method.lower(): operation(view, method, rule, secured, len(methods) > 1, examples)
+            {method.lower(): operation(view, method, rule, secured, len(methods) > 1, examples,
+                                       bool(app.config["DEALERSHIP_RATE_LIMIT"]))
              for method in methods})
     add_links(paths)
     for path, operations in paths.items():
@@ -1927,6 +1952,7 @@ class Examples:
             (413, "Request Entity Too Large", "The body is larger than the limit of 1048576 bytes.", {}),
             (415, "Unsupported Media Type", "Send the body as JSON with 'Content-Type: application/json'.", {}),
             (422, "Unprocessable Content", "Invalid input: vin.", {"errors": {"vin": [vin_error]}}),
+            (429, "Too Many Requests", "Too many refused API keys from this address: wait before trying again.", {}),
             (503, "Service Unavailable", "The database is busy: another process held it for longer than "
                                          "DEALERSHIP_BUSY_TIMEOUT. Nothing was changed; try again.", {}),
         ]}
@@ -1960,7 +1986,7 @@ def add_links(paths):
                     for op in item_operations.values()})
 
 
-def operation(view, method, rule, secured, shared, examples):
+def operation(view, method, rule, secured, shared, examples, limited):
     doc = view.api_doc
     summary, _, description = inspect.cleandoc(view.__doc__ or "").partition("\n")
     op = {"tags": [doc["tag"]], "summary": summary,
@@ -1982,8 +2008,10 @@ def operation(view, method, rule, secured, shared, examples):
         errors.update((400, 413, 415, 422))
     if method in WRITE_METHODS:
         errors.add(503)
+    if limited:
+        errors.add(429)
     if needs_key(method, view):
-        errors.add(401)
+        errors.update((401, 429))
         if secured:
             op["security"] = [{"bearer": []}]
     success = {"description": summary, "headers": {name: RESPONSE_HEADERS[name] for name in doc["headers"]}}
@@ -2051,6 +2079,7 @@ def init_app(app, url_prefix=API_PREFIX, docs_prefix=None):
         log.warning("DEALERSHIP_API_KEY is not set: anyone who can reach the service can change its data.")
     app.extensions[EXTENSION] = service
     app.extensions[REFUSALS] = Refusals()
+    init_limits(app)
     if app.url_map.converters.setdefault("digits", Digits) is not Digits:
         raise ConfigError("The app already has a URL converter named 'digits'; the service needs its own.")
     app.register_blueprint(bp, url_prefix=url_prefix)
@@ -2059,6 +2088,20 @@ def init_app(app, url_prefix=API_PREFIX, docs_prefix=None):
     if docs_prefix is not None:
         init_docs(app, docs_prefix)
     return service
+
+
+def init_limits(app):
+    """The app's own Flask-Limiter (two apps share no counts): refused API keys are throttled per
+    client address, and DEALERSHIP_RATE_LIMIT, when set, limits every request to the API."""
+    limiter = Limiter(get_remote_address, storage_uri=app.config["DEALERSHIP_RATELIMIT_STORAGE_URI"],
+                      headers_enabled=True, swallow_errors=True)
+    limiter.init_app(app)
+    limiter.limit(app.config["DEALERSHIP_REFUSED_KEY_LIMIT"], deduct_when=lambda response: response.status_code == 401,
+                  exempt_when=lambda: not key_required(), scope="refused API keys",
+                  error_message="Too many refused API keys from this address: wait before trying again.")(bp)
+    if app.config["DEALERSHIP_RATE_LIMIT"]:
+        limiter.limit(app.config["DEALERSHIP_RATE_LIMIT"], scope="requests",
+                      error_message="Too many requests from this address: wait before trying again.")(bp)
 
 
 def open_database(app):
@@ -2172,6 +2215,9 @@ def create_app(config=None):
     app.config.update({name: os.environ[name] for name in SETTINGS if name in os.environ})
     app.config.update(config or {})
     init_app(app, docs_prefix="")
+    proxies = app.config["DEALERSHIP_PROXIES"]
+    if proxies:  # the client's address and scheme as the trusted proxies in front say
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=proxies)
     # Routing misses (404, 405) happen before a blueprint is chosen: they need app-level handlers.
     app.register_error_handler(HTTPException, http_error)
 

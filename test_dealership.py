@@ -1262,6 +1262,39 @@ def test_reading_bookings_needs_the_key_when_one_is_set(locked, path, caplog):
     assert locked.get(API + path, headers=auth).status_code == 200
 
 
+def test_ten_refused_keys_a_minute_then_429_for_that_address_only(locked):
+    wrong, right = {"Authorization": "Bearer guess-guess-guess"}, {"Authorization": "Bearer s3cret-key-for-tests"}
+    for _ in range(10):
+        assert_problem(locked.post(f"{API}/dealers", json={"name": "X"}, headers=wrong), 401)
+    throttled = locked.post(f"{API}/dealers", json={"name": "X"}, headers=right)
+    assert "refused API keys" in assert_problem(throttled, 429)["detail"]
+    assert int(throttled.headers["Retry-After"]) > 0
+    assert locked.get(f"{API}/cars").status_code == 200  # what needs no key is not held up
+    elsewhere = locked.post(f"{API}/dealers", json={"name": "X"}, headers=right, environ_base={"REMOTE_ADDR": "192.0.2.9"})
+    assert elsewhere.status_code == 201
+    assert len(locked.get(f"{API}/dealers").get_json()) == 2  # the throttled request changed nothing
+    fresh = new_app({"DEALERSHIP_API_KEY": "s3cret-key-for-tests"}).test_client()  # another app counts apart
+    assert_problem(fresh.post(f"{API}/dealers", json={"name": "X"}, headers=wrong), 401)
+
+
+def test_a_general_rate_limit_per_address_and_addresses_through_trusted_proxies_only():
+    limited = new_app({"DEALERSHIP_RATE_LIMIT": "3/minute"}).test_client()
+    assert [limited.get(f"{API}/cars").status_code for _ in range(4)] == [200, 200, 200, 429]
+    assert limited.get("/health").status_code == 200  # outside the API
+    # without DEALERSHIP_PROXIES a client cannot pose as another address
+    spoofing = [limited.get(f"{API}/cars", headers={"X-Forwarded-For": f"192.0.2.{n}"}).status_code for n in range(2)]
+    assert spoofing == [429, 429]
+    behind = new_app({"DEALERSHIP_RATE_LIMIT": "1/minute", "DEALERSHIP_PROXIES": 1}).test_client()
+    assert [behind.get(f"{API}/cars", headers={"X-Forwarded-For": f"192.0.2.{n % 2}"}).status_code
+            for n in range(4)] == [200, 200, 429, 429]
+
+
+@pytest.mark.parametrize("value", ["lots", "300/fortnight", "-1/minute"])
+def test_a_bad_rate_limit_refuses_to_start(value):
+    with pytest.raises(dealership.ConfigError, match="DEALERSHIP_RATE_LIMIT"):
+        new_app({"DEALERSHIP_RATE_LIMIT": value})
+
+
 def test_refused_keys_are_logged_once_a_minute_per_client_never_the_key(locked, caplog):
     with caplog.at_level("WARNING", logger="dealership"):
         for _ in range(5):
@@ -1908,7 +1941,7 @@ def test_openapi_document_comes_from_the_schemas(client):
     assert {p["name"] for p in listing["parameters"]} == set(dealership.CarQuery().fields)
     assert listing["responses"]["200"]["headers"]["X-Total-Count"]["required"] is True
     booking = document["paths"]["/api/v1/bookings"]["post"]["responses"]
-    assert set(booking) == {"201", "400", "401", "404", "409", "413", "415", "422", "503"}
+    assert set(booking) == {"201", "400", "401", "404", "409", "413", "415", "422", "429", "503"}
     assert booking["422"]["content"]["application/problem+json"]["schema"] == {"$ref": "#/components/schemas/Problem"}
     assert booking["201"]["links"]["get_booking"]["parameters"] == {"booking_id": "$response.body#/id"}
 
