@@ -1,26 +1,31 @@
 """Car dealership inventory and booking service: one Flask module.
 
 Dealers own cars; customers book a car for a date-time range, and the service never books one car
-twice for overlapping times. It answers "which cars are free between X and Y?" as well.
+twice for overlapping times. It answers "which cars are free between X and Y?" and "when is this car
+busy or free?" as well.
 
-Run it for a local demo (the interactive docs are then at http://127.0.0.1:5000/docs):
+Run it for a local demo (the interactive docs are then at http://127.0.0.1:5000/docs), and in
+production (waitress, with limits that follow the service's own):
 
     flask --app dealership run
+    flask --app dealership serve --port 8000
 
 Embed it in a larger Flask app:
 
     import dealership
     dealership.init_app(app, url_prefix="/api/v1")  # docs_prefix="" also mounts /openapi.json, /docs
 
-Time rules: date-times are ISO 8601. A value with an offset is that instant; a value without one
+Time rules: date-times are RFC 3339. A value with an offset is that instant; a value without one
 is local time in DEALERSHIP_TIMEZONE (UTC unless set). Every comparison is between instants, and
 responses carry the offset of that zone. Booking intervals are half-open, [start, end): a booking
-that ends at 10:00 and one that starts at 10:00 do not overlap.
+that ends at 10:00 and one that starts at 10:00 do not overlap. No booking starts in the past.
 
-Settings (DEALERSHIP_TIMEZONE, DEALERSHIP_API_KEY, ...) come from the config mapping given to
-create_app, or from environment variables of the same names.
+Settings (DEALERSHIP_TIMEZONE, DEALERSHIP_API_KEY, DEALERSHIP_DATABASE, ...: see SETTINGS) come
+from the config mapping given to create_app, or from environment variables of the same names.
 
-State lives in memory, per app (``app.extensions["dealership"]``): serve it from one process.
+Every request is answered from dicts in memory, per app (``app.extensions["dealership"]``); every
+change is written first to a SQLite file (DEALERSHIP_DATABASE), which several processes on one
+machine may share: each catches up with the others' changes before it answers.
 """
 import bisect
 import functools
@@ -2057,6 +2062,51 @@ def init_docs(app, prefix=""):
 
 
 # ---------------------------------------------------------------------------------------------
+# CLI commands, registered by init_app: serve (production) and backup
+# ---------------------------------------------------------------------------------------------
+
+SERVE_CONNECTIONS = 1000  # open connections waitress accepts: far above its threads, so idle ones lock nobody out
+SERVE_IDLE_SECONDS = 30  # a connection that sends nothing for this long is closed
+
+
+@click.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="The address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="The port.")
+@click.option("--threads", default=8, show_default=True, type=click.IntRange(1, 1000), help="Worker threads.")
+@with_appcontext
+def serve_command(host, port, threads):
+    """Serve the app in production with waitress, with limits that follow the service's own.
+
+    No body larger than DEALERSHIP_MAX_CONTENT_LENGTH is read or spooled; many idle or slow
+    connections do not lock other clients out; waitress's queue-depth warnings stay out of the log.
+    """
+    import waitress
+
+    logging.getLogger("waitress").setLevel(logging.INFO)  # "Serving on ..."
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    app = current_app._get_current_object()
+    waitress.serve(app, host=host, port=port, threads=threads, ident="dealership",
+                   max_request_body_size=app.config["DEALERSHIP_MAX_CONTENT_LENGTH"],
+                   connection_limit=SERVE_CONNECTIONS, channel_timeout=SERVE_IDLE_SECONDS)
+
+
+@click.command("backup")
+@click.argument("path", type=click.Path(dir_okay=False, writable=True))
+@with_appcontext
+def backup_command(path):
+    """Copy the service's database to PATH, consistently, while the service keeps running."""
+    database = store().db
+    if not database.shared:
+        raise click.ClickException("DEALERSHIP_DATABASE is ':memory:': there is no file to back up.")
+    try:
+        counts = database.backup(path)
+    except (sqlite3.Error, OSError) as error:
+        raise click.ClickException(f"Could not back up {database.path} to {path}: {error}") from None
+    click.echo(f"Backed up {database.path} to {path}: {plural(counts['dealers'], 'dealer')}, "
+               f"{plural(counts['cars'], 'car')}, {plural(counts['bookings'], 'booking')}.")
+
+
+# ---------------------------------------------------------------------------------------------
 # Wiring: init_app mounts the service on any Flask app; create_app builds the standalone one
 # ---------------------------------------------------------------------------------------------
 
@@ -2092,7 +2142,10 @@ def init_app(app, url_prefix=API_PREFIX, docs_prefix=None):
 
 def init_limits(app):
     """The app's own Flask-Limiter (two apps share no counts): refused API keys are throttled per
-    client address, and DEALERSHIP_RATE_LIMIT, when set, limits every request to the API."""
+    client address, and DEALERSHIP_RATE_LIMIT, when set, limits every request to the API. Only when
+    there is something to limit: Flask-Limiter's checks cost some 0.06 ms on every request."""
+    if not app.config["DEALERSHIP_API_KEY"] and not app.config["DEALERSHIP_RATE_LIMIT"]:
+        return
     limiter = Limiter(get_remote_address, storage_uri=app.config["DEALERSHIP_RATELIMIT_STORAGE_URI"],
                       headers_enabled=True, swallow_errors=True)
     limiter.init_app(app)
@@ -2145,47 +2198,6 @@ def load_demo_data(database, zone):
                                   "customer_email": f"demo-{who}@example.com", "start_datetime": start,
                                   "end_datetime": start + timedelta(days=length)})
     log.info("%s: demo data loaded", database.path)
-
-
-SERVE_CONNECTIONS = 1000  # open connections waitress accepts: far above its threads, so idle ones lock nobody out
-SERVE_IDLE_SECONDS = 30  # a connection that sends nothing for this long is closed
-
-
-@click.command("serve")
-@click.option("--host", default="127.0.0.1", show_default=True, help="The address to listen on.")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="The port.")
-@click.option("--threads", default=8, show_default=True, type=click.IntRange(1, 1000), help="Worker threads.")
-@with_appcontext
-def serve_command(host, port, threads):
-    """Serve the app in production with waitress, with limits that follow the service's own.
-
-    No body larger than DEALERSHIP_MAX_CONTENT_LENGTH is read or spooled; many idle or slow
-    connections do not lock other clients out; waitress's queue-depth warnings stay out of the log.
-    """
-    import waitress
-
-    logging.getLogger("waitress").setLevel(logging.INFO)  # "Serving on ..."
-    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
-    app = current_app._get_current_object()
-    waitress.serve(app, host=host, port=port, threads=threads, ident="dealership",
-                   max_request_body_size=app.config["DEALERSHIP_MAX_CONTENT_LENGTH"],
-                   connection_limit=SERVE_CONNECTIONS, channel_timeout=SERVE_IDLE_SECONDS)
-
-
-@click.command("backup")
-@click.argument("path", type=click.Path(dir_okay=False, writable=True))
-@with_appcontext
-def backup_command(path):
-    """Copy the service's database to PATH, consistently, while the service keeps running."""
-    database = store().db
-    if not database.shared:
-        raise click.ClickException("DEALERSHIP_DATABASE is ':memory:': there is no file to back up.")
-    try:
-        counts = database.backup(path)
-    except (sqlite3.Error, OSError) as error:
-        raise click.ClickException(f"Could not back up {database.path} to {path}: {error}") from None
-    click.echo(f"Backed up {database.path} to {path}: {plural(counts['dealers'], 'dealer')}, "
-               f"{plural(counts['cars'], 'car')}, {plural(counts['bookings'], 'booking')}.")
 
 
 class OneLine(logging.StreamHandler):
