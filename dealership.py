@@ -778,11 +778,16 @@ MIGRATIONS = {
         kind TEXT NOT NULL,
         id INTEGER NOT NULL
     );
-    """ + "".join(f"""
+    """,
+}
+# The triggers that fill the change log, by schema version: on a file only, as in memory no other
+# process reads the log.
+CHANGE_LOG_TRIGGERS = {
+    1: "".join(f"""
     CREATE TRIGGER {table}_{event.lower()} AFTER {event} ON {table}
     BEGIN INSERT INTO changes (kind, id) VALUES ('{kind}', {row}.id); END;"""
-                  for kind, table in [("dealer", "dealers"), ("car", "cars"), ("booking", "bookings")]
-                  for event, row in [("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD")]),
+               for kind, table in [("dealer", "dealers"), ("car", "cars"), ("booking", "bookings")]
+               for event, row in [("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD")]),
 }
 # kind -> table and its columns besides id
 TABLES = {"dealer": ("dealers", ("name", "location")),
@@ -855,6 +860,8 @@ class Database:
             version = db.conn.execute("PRAGMA user_version").fetchone()[0]  # another process may have
             for step in range(version + 1, SCHEMA_VERSION + 1):
                 db.script(MIGRATIONS[step])
+                if self.shared:
+                    db.script(CHANGE_LOG_TRIGGERS[step])
             if version == 0:
                 db.conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                 db.insert("dealer", SEED_DEALER)
