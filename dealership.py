@@ -33,6 +33,7 @@ import hmac
 import inspect
 import json
 import logging
+import operator
 import os
 import re
 import sqlite3
@@ -42,6 +43,7 @@ import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
+from decimal import ROUND_HALF_UP, Decimal
 from urllib.parse import urlencode
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -92,8 +94,9 @@ CAR_STATUSES = ("available", "maintenance")
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100  # bookings answered without a limit: a store can hold millions
 MAX_ERRORS = 20  # offending fields listed in one 422
+MAX_TURNAROUND = 1440  # minutes: a day
 CLOCK_TOLERANCE = timedelta(minutes=1)  # how far in the past a new booking may start
-SEED_DEALER = {"name": "Oscar Mobility Main", "location": "Munich, Germany"}
+SEED_DEALER = {"name": "Oscar Mobility Main", "location": "Munich, Germany", "turnaround_minutes": 0}
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 log = logging.getLogger("dealership")
 
@@ -105,7 +108,7 @@ class ConfigError(click.ClickException, ValueError):
     """
 
 # ---------------------------------------------------------------------------------------------
-# Records: immutable, so a reader never sees half an update; a change stores a new record.
+# Settings
 # ---------------------------------------------------------------------------------------------
 
 
@@ -175,6 +178,13 @@ def rate_limit(name, value):
     return value
 
 
+def currency_code(name, value):
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z]{3}", value):
+        raise ConfigError(f"{name}={value!r} must be an ISO 4217 currency code of three letters, such as "
+                          "'EUR', 'USD' or 'GBP'.")
+    return value.upper()
+
+
 def optional(read):
     """None or the empty string mean the setting is not set."""
     return lambda name, value: None if value is None or value == "" else read(name, value)
@@ -204,7 +214,13 @@ SETTINGS = {
     "DEALERSHIP_REFUSED_KEY_LIMIT": ("10/minute", rate_limit),  # refused API keys per client address, then 429
     "DEALERSHIP_RATELIMIT_STORAGE_URI": ("memory://", text_setting),  # Flask-Limiter's counts: shared, if need be
     "DEALERSHIP_PROXIES": (0, whole_number(0)),  # trusted proxies in front, whose X-Forwarded-For tells the client
+    "DEALERSHIP_CURRENCY": ("EUR", currency_code),  # what prices are in: shown beside them, never converted
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# Records: immutable, so a reader never sees half an update; a change stores a new record.
+# ---------------------------------------------------------------------------------------------
 
 
 
@@ -213,6 +229,7 @@ class Dealer:
     id: int
     name: str
     location: str
+    turnaround_minutes: int  # the least gap between two entries of the schedule of each of its cars
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,7 +254,17 @@ class Booking:
     customer_email: str
     start_datetime: datetime  # aware, UTC
     end_datetime: datetime  # aware, UTC
+    total_cents: int  # the price, fixed when the booking is made or moved
 
+
+@dataclass(frozen=True, slots=True)
+class MaintenanceWindow:
+    """A period in which a car is in the workshop: it sits in the car's schedule beside its bookings."""
+    id: int
+    car_id: int
+    start_datetime: datetime  # aware, UTC
+    end_datetime: datetime  # aware, UTC
+    note: str
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,40 +286,55 @@ def micros(instant):
     return (instant - EPOCH) // MICROSECOND
 
 
-class Schedule:
-    """One car's bookings sorted by start, with their starts and ends as integers (micros) beside them.
+MINUTE = 60_000_000  # micros
+DAY = 24 * 60 * MINUTE
 
-    A car's bookings never overlap, so sorted by start they are sorted by end too: an overlap check
-    is one binary search over plain integers, with no key function and no record touched.
+
+class Schedule:
+    """One car's schedule: its bookings and maintenance windows (entries) sorted by start, with their
+    starts and ends as integers (micros) beside them.
+
+    Entries never overlap, so sorted by start they are sorted by end too: an overlap check is one
+    binary search over plain integers, with no key function and no record touched. A turnaround of
+    `pad` micros is checked as an overlap with the range widened by `pad` on both sides.
     """
-    __slots__ = ("bookings", "starts", "ends")
+    __slots__ = ("entries", "starts", "ends")
 
     def __init__(self):
-        self.bookings, self.starts, self.ends = [], [], []
+        self.entries, self.starts, self.ends = [], [], []
 
-    def __len__(self):
-        return len(self.bookings)
-
-    def add(self, booking):
-        start = micros(booking.start_datetime)
+    def add(self, entry):
+        start = micros(entry.start_datetime)
         i = bisect.bisect_left(self.starts, start)
-        self.bookings.insert(i, booking)
+        self.entries.insert(i, entry)
         self.starts.insert(i, start)
-        self.ends.insert(i, micros(booking.end_datetime))
+        self.ends.insert(i, micros(entry.end_datetime))
 
-    def remove(self, booking):
-        i = bisect.bisect_left(self.starts, micros(booking.start_datetime))
-        del self.bookings[i], self.starts[i], self.ends[i]
+    def remove(self, entry):
+        i = bisect.bisect_left(self.starts, micros(entry.start_datetime))
+        del self.entries[i], self.starts[i], self.ends[i]
 
-    def clash(self, start, end):
-        """The booking that overlaps [start, end) (micros), or None: only the last booking that
-        starts before `end` can reach into the range."""
-        i = bisect.bisect_left(self.starts, end)
-        return self.bookings[i - 1] if i and self.ends[i - 1] > start else None
+    def near(self, start, end, pad=0):
+        """The entries that overlap [start - pad, end + pad) (micros), in time order."""
+        return self.entries[bisect.bisect_right(self.ends, start - pad):bisect.bisect_left(self.starts, end + pad)]
 
-    def busy_in(self, start, end):
-        """The bookings that overlap [start, end) (micros), in time order."""
-        return self.bookings[bisect.bisect_right(self.ends, start):bisect.bisect_left(self.starts, end)]
+    def bookings(self):
+        return [entry for entry in self.entries if type(entry) is Booking]
+
+    def windows(self):
+        return [entry for entry in self.entries if type(entry) is MaintenanceWindow]
+
+
+def earliest_start(starts, ends, after, before, length, pad):
+    """The earliest start at or after `after` of a free period of `length` that ends by `before`, in a
+    schedule (its starts and ends, micros) whose entries need `pad` free on either side; or None.
+    One binary search, then a step over each entry in the way."""
+    i = bisect.bisect_right(ends, after - pad)  # entries before i are done (with their pad) by `after`
+    start, n = after, len(starts)
+    while i < n and starts[i] - pad < start + length and start + length <= before:
+        start = ends[i] + pad  # ends only grow: each entry in the way pushes the start later
+        i += 1
+    return start if start + length <= before else None
 
 
 ID_SPAN = 1 << 63  # ids are below it (SQLite's integer keys are)
@@ -311,16 +353,45 @@ def check_not_past(start, now):
                               f"({now.replace(microsecond=0).isoformat()}).", field_name="start_datetime")
 
 
-def free_gaps(busy, start, end):
-    """The gaps of [start, end) that no interval in `busy` (sorted, non-overlapping) covers."""
+def free_gaps(entries, start, end, pad=timedelta(0)):
+    """The gaps of [start, end) that no entry (sorted, non-overlapping), widened by `pad` on both
+    sides, covers: where a booking could go."""
     gaps, cursor = [], start
-    for booking in busy:
-        if booking.start_datetime > cursor:
-            gaps.append((cursor, booking.start_datetime))
-        cursor = max(cursor, booking.end_datetime)
+    for entry in entries:
+        if entry.start_datetime - pad > cursor:
+            gaps.append((cursor, min(entry.start_datetime - pad, end)))
+        cursor = max(cursor, entry.end_datetime + pad)
     if cursor < end:
         gaps.append((cursor, end))
     return gaps
+
+
+def rental_days(start, end):
+    """The number of started 24-hour periods in [start, end): at least one."""
+    return max(1, -(-(micros(end) - micros(start)) // DAY))
+
+
+def price_cents(daily_price, start, end):
+    """The price of [start, end): the daily price times the started days, in decimal, rounded to
+    whole cents (half up)."""
+    total = Decimal(repr(daily_price)) * rental_days(start, end)
+    return int((total * 100).quantize(Decimal(1), ROUND_HALF_UP))
+
+
+# An ISO 8601 duration of days, hours and minutes: P3D, PT4H, P1DT12H, PT90M. (No lookahead, so that
+# the OpenAPI document can state it and fuzzers generate from it.)
+DURATION_PATTERN = r"^P(?:\d{1,5}D(?:T(?:\d{1,7}H(?:\d{1,9}M)?|\d{1,9}M))?|T(?:\d{1,7}H(?:\d{1,9}M)?|\d{1,9}M))$"
+DURATION = re.compile(DURATION_PATTERN)
+MIN_SLOT, MAX_SLOT = timedelta(minutes=15), timedelta(days=90)
+LATEST_SLOT_END = datetime(9999, 1, 1, tzinfo=timezone.utc)  # far enough from the end of the calendar to be written in any zone
+
+
+def parse_duration(text):
+    """A timedelta from an ISO 8601 duration of days, hours and minutes, or None."""
+    if not DURATION.fullmatch(text):
+        return None
+    units = {"D": "days", "H": "hours", "M": "minutes"}
+    return timedelta(**{units[unit]: int(number) for number, unit in re.findall(r"(\d+)([DHM])", text)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,8 +407,9 @@ class Store:
     A writer holds `lock` only to check and write its SQL, not while SQLite waits for another
     process or syncs the commit to disk."""
 
-    def __init__(self, database, zone=timezone.utc):
+    def __init__(self, database, zone=timezone.utc, currency="EUR"):
         self.zone = zone  # naive input is read in this zone, and output is written in it
+        self.currency = currency  # shown beside every price
         self.lock = threading.Lock()
         self.write_lock = threading.Lock()
         self.db = database
@@ -364,12 +436,33 @@ class Store:
         except KeyError:
             raise NotFound(f"There is no booking with id {booking_id}.") from None
 
+    def window(self, car_id, window_id):
+        window = self.windows.get(window_id)
+        if window is None or window.car_id != car_id:
+            self.car(car_id)
+            raise NotFound(f"Car {car_id} has no maintenance window with id {window_id}.")
+        return window
+
+    def pad(self, car):
+        """The turnaround of a car's dealer, in micros: the least gap around each entry of its schedule."""
+        return self.dealers[car.dealer_id].turnaround_minutes * MINUTE
+
     # -- dealers --------------------------------------------------------------------------------
 
     def add_dealer(self, fields):
         with self._writing() as (db, then):
             dealer = Dealer(id=db.insert("dealer", fields), **fields)
             then(self._put_dealer, dealer)
+        return dealer
+
+    def update_dealer(self, dealer_id, changes):
+        """A change of turnaround applies to bookings and windows made or moved from now on; the
+        schedules as they stand stay valid."""
+        with self._writing() as (db, then):
+            dealer = replace(self.dealer(dealer_id), **changes)
+            db.update("dealer", dealer_id, {name: getattr(dealer, name) for name in DEALER_FIELDS})
+            then(self._put_dealer, dealer)
+        log.info("dealer %d changed: %s", dealer_id, ", ".join(sorted(changes)) or "nothing")
         return dealer
 
     def delete_dealer(self, dealer_id):
@@ -388,34 +481,44 @@ class Store:
         with self._writing() as (db, then):
             self.dealer(fields["dealer_id"])
             self._check_vin_free(fields["vin"])
-            car = new_car(db.insert("car", fields), fields)
+            car = self.new_car(db.insert("car", fields), fields)
             then(self._put_car, car)
         log.info("car %d created: dealer %d, status %s", car.id, car.dealer_id, car.status)
         return car
 
     def update_car(self, car_id, changes):
+        """Bookings keep the price they were made at, and the turnaround they were checked with."""
         with self._writing() as (db, then):
             old = self.car(car_id)
             if "dealer_id" in changes:
                 self.dealer(changes["dealer_id"])
             if changes.get("vin", old.vin) != old.vin:
                 self._check_vin_free(changes["vin"])
-            car = new_car(car_id, {name: getattr(old, name) for name in CAR_FIELDS} | changes)
+            car = self.new_car(car_id, {name: getattr(old, name) for name in CAR_FIELDS} | changes)
             db.update("car", car_id, {name: getattr(car, name) for name in CAR_FIELDS})
             then(self._put_car, car)
         log.info("car %d changed: %s", car_id, ", ".join(sorted(changes)) or "nothing")
         return car
 
     def delete_car(self, car_id):
+        """Only a car with no bookings; its maintenance windows go with it."""
         with self._writing() as (db, then):
             self.car(car_id)
-            booked = len(self.schedules[car_id])
+            schedule = self.schedules[car_id]
+            booked = len(schedule.bookings())
             if booked:
                 raise Conflict(f"Car {car_id} has {plural(booked, 'booking')}; "
                                "cancel them before deleting the car.")
+            for window in schedule.windows():
+                db.delete("window", window.id)
             db.delete("car", car_id)
             then(self._drop_car, car_id)
         log.info("car %d deleted", car_id)
+
+    def new_car(self, car_id, fields):
+        """A Car record with its public JSON form rendered once, here."""
+        data = {"id": car_id} | {name: fields[name] for name in CAR_FIELDS}
+        return Car(**data, json=to_json(CAR_SCHEMA.dump(data | {"currency": self.currency})).encode())
 
     def _check_vin_free(self, vin):
         if vin in self.car_by_vin:
@@ -426,14 +529,17 @@ class Store:
     def add_booking(self, fields):
         check_not_past(fields["start_datetime"], datetime.now(timezone.utc))
         with self._writing() as (db, then):
-            self._check_bookable(fields["car_id"], fields["start_datetime"], fields["end_datetime"])
+            car = self._check_bookable(fields["car_id"], fields["start_datetime"], fields["end_datetime"])
+            fields = fields | {"total_cents": price_cents(car.daily_price, fields["start_datetime"],
+                                                          fields["end_datetime"])}
             booking = Booking(id=db.insert("booking", fields), **fields)
             then(self._put_booking, booking)
         self._log("created", booking)
         return booking
 
     def change_booking(self, booking_id, changes):
-        """Apply `changes` to a booking in one step, checked against every other booking."""
+        """Apply `changes` to a booking in one step, checked against the rest of the car's schedule.
+        A move, or a change of car, prices the booking again at the car's price of today."""
         with self._writing() as (db, then):
             old = self.booking(booking_id)
             booking = replace(old, **changes)
@@ -442,7 +548,9 @@ class Store:
                 check_not_past(booking.start_datetime, datetime.now(timezone.utc))
             if (booking.car_id, booking.start_datetime, booking.end_datetime) != \
                     (old.car_id, old.start_datetime, old.end_datetime):
-                self._check_bookable(booking.car_id, booking.start_datetime, booking.end_datetime, ignore=old)
+                car = self._check_bookable(booking.car_id, booking.start_datetime, booking.end_datetime, ignore=old)
+                booking = replace(booking, total_cents=price_cents(car.daily_price, booking.start_datetime,
+                                                                   booking.end_datetime))
             db.update("booking", booking_id, {name: getattr(booking, name) for name in BOOKING_FIELDS})
             then(self._put_booking, booking)
         self._log("changed", booking)
@@ -456,34 +564,132 @@ class Store:
         self._log("cancelled", booking)
 
     def _check_bookable(self, car_id, start, end, ignore=None):
+        """The car, if [start, end) can be booked on it: it is available, and the period, widened by
+        its dealer's turnaround, overlaps no other entry of its schedule. Else 404 or 409."""
         car = self.car(car_id)
         if car.status != "available":
             raise Conflict(f"Car {car.id} is in {car.status} and cannot be booked.")
-        for other in self.schedules[car.id].busy_in(micros(start), micros(end)):
+        for other in self.schedules[car.id].near(micros(start), micros(end), self.pad(car)):
             if other is not ignore:
-                raise Conflict(f"Car {car.id} is already booked from {self.show(other.start_datetime)} "
-                               f"to {self.show(other.end_datetime)} by booking {other.id}.")
+                raise Conflict(self._clash(car, start, end, other))
+        return car
+
+    def _clash(self, car, start, end, other):
+        """Why [start, end) cannot go on `car` beside the entry `other`: an overlap, or too little turnaround."""
+        show, name = self.show, describe(other)
+        if overlaps(start, end, other.start_datetime, other.end_datetime):
+            if type(other) is Booking:
+                return f"Car {car.id} is already booked from {show(other.start_datetime)} to " \
+                       f"{show(other.end_datetime)} by {name}."
+            return f"Car {car.id} is in maintenance from {show(other.start_datetime)} to " \
+                   f"{show(other.end_datetime)} ({name})."
+        turnaround = self.dealers[car.dealer_id].turnaround_minutes
+        why = f"dealer {car.dealer_id} needs {plural(turnaround, 'minute')} of turnaround between two entries " \
+              "of a car's schedule"
+        pad = timedelta(minutes=turnaround)
+        if other.end_datetime <= start:
+            return f"Car {car.id} is not ready until {show(other.end_datetime + pad)}: {name} ends at " \
+                   f"{show(other.end_datetime)}, and {why}."
+        return f"Car {car.id} must be back by {show(other.start_datetime - pad)}, ready for {name} at " \
+               f"{show(other.start_datetime)}: {why}."
 
     def _log(self, what, booking):
         # ids and times only: never the customer's name or e-mail
         log.info("booking %d %s: car %d, %s to %s", booking.id, what, booking.car_id,
                  self.show(booking.start_datetime), self.show(booking.end_datetime))
 
+    # -- maintenance windows --------------------------------------------------------------------
+
+    def add_window(self, car_id, fields):
+        """A maintenance window on a car: it may not overlap, nor come within the turnaround of, a
+        booking or another window. The 409 names up to 10 of the bookings in the way."""
+        check_not_past(fields["start_datetime"], datetime.now(timezone.utc))
+        with self._writing() as (db, then):
+            car = self.car(car_id)
+            start, end = fields["start_datetime"], fields["end_datetime"]
+            hits = self.schedules[car_id].near(micros(start), micros(end), self.pad(car))
+            in_the_way = [entry for entry in hits if type(entry) is Booking]
+            if in_the_way:
+                shown = in_the_way[:MAX_NAMED]
+                named = "; ".join(f"{entry.id} ({self.show(entry.start_datetime)} to {self.show(entry.end_datetime)})"
+                                  for entry in shown)
+                more = f", and {len(in_the_way) - len(shown)} more" if len(in_the_way) > len(shown) else ""
+                raise Conflict(f"The window would hit {plural(len(in_the_way), 'booking')} of car {car_id} "
+                               f"(with dealer {car.dealer_id}'s {plural(self.pad(car) // MINUTE, 'minute')} of "
+                               f"turnaround): {named}{more}. Move or cancel them first.")
+            if hits:
+                raise Conflict(self._clash(car, start, end, hits[0]))
+            fields = fields | {"car_id": car_id}
+            window = MaintenanceWindow(id=db.insert("window", fields), **fields)
+            then(self._put_window, window)
+        log.info("maintenance window %d created: car %d, %s to %s", window.id, car_id,
+                 self.show(window.start_datetime), self.show(window.end_datetime))
+        return window
+
+    def delete_window(self, car_id, window_id):
+        with self._writing() as (db, then):
+            self.window(car_id, window_id)
+            db.delete("window", window_id)
+            then(self._drop_window, window_id)
+        log.info("maintenance window %d deleted: car %d", window_id, car_id)
+
+    def car_windows(self, car_id):
+        with self.lock:
+            self.car(car_id)
+            return self.schedules[car_id].windows()
+
     # -- queries: under the lock too, so a reader never sees a schedule mid-change --------------
 
+    def _offer(self):
+        """The cars that can be offered (status available) grouped by their turnaround (micros), each
+        with its schedule's starts and ends: made once after each change of a car or dealer."""
+        if self._offerable is None:
+            groups = {}
+            for car in self.cars.values():
+                if car.status == "available":
+                    schedule = self.schedules[car.id]
+                    groups.setdefault(self.pad(car), []).append((car, schedule.starts, schedule.ends))
+            self._offerable = groups
+        return self._offerable
+
     def free_cars(self, start, end, dealer_id=None):
-        """Cars whose status is available and that have no booking overlapping [start, end)."""
+        """Cars whose status is available and whose schedule, widened by their dealer's turnaround,
+        has no entry overlapping [start, end), by id."""
         start, end = micros(start), micros(end)
         with self.lock:
-            if self._offerable is None:
-                self._offerable = [(car, self.schedules[car.id].starts, self.schedules[car.id].ends)
-                                   for car in self.cars.values() if car.status == "available"]
-            offerable = self._offerable
-            if dealer_id is not None:
-                offerable = [entry for entry in offerable if entry[0].dealer_id == dealer_id]
-            # Schedule.clash, inlined: a method call per car would double the cost of this loop
-            return [car for car, starts, ends in offerable
-                    if not ((i := bisect.bisect_left(starts, end)) and ends[i - 1] > start)]
+            groups = self._offer()
+            found = []
+            for pad, offerable in groups.items():
+                if dealer_id is not None:
+                    offerable = [entry for entry in offerable if entry[0].dealer_id == dealer_id]
+                low, high = start - pad, end + pad
+                # Schedule.near, inlined: a method call per car would double the cost of this loop
+                found += [car for car, starts, ends in offerable
+                          if not ((i := bisect.bisect_left(starts, high)) and ends[i - 1] > low)]
+        if len(groups) > 1:
+            found.sort(key=car_id_of)
+        return found
+
+    def free_slots(self, length, after, before, dealer_id=None, brand=None, car_id=None):
+        """For each car that can be offered and matches the filters, the earliest period of `length`
+        that starts at or after `after`, ends by `before` and can be booked: (start, end, car), by
+        start then car id."""
+        length, after, before = length // MICROSECOND, micros(after), micros(before)
+        brand = brand.strip().casefold() if brand else None
+        found = []
+        with self.lock:
+            for pad, offerable in self._offer().items():
+                for car, starts, ends in offerable:
+                    if (car_id is not None and car.id != car_id) or \
+                            (dealer_id is not None and car.dealer_id != dealer_id) or \
+                            (brand is not None and car.brand.casefold() != brand):
+                        continue
+                    start = earliest_start(starts, ends, after, before, length, pad)
+                    if start is not None:
+                        found.append((start, car.id, car))
+        found.sort(key=lambda slot: slot[:2])
+        return [(EPOCH + start * MICROSECOND, EPOCH + (start + length) * MICROSECOND, car)
+                for start, _, car in found]
 
     def cars_json(self):
         """Every car as one JSON array (bytes) and their count, made once after each change of a car."""
@@ -493,10 +699,23 @@ class Store:
             return self._cars_json
 
     def calendar(self, car_id, start, end):
-        """One car and its bookings that overlap [start, end), read together."""
+        """One car, its entries that overlap [start, end), and the gaps in it where a booking could go
+        (none for a car in maintenance), read together."""
         with self.lock:
             car = self.car(car_id)
-            return car, self.schedules[car_id].busy_in(micros(start), micros(end))
+            pad = self.pad(car)
+            schedule = self.schedules[car_id]
+            near = schedule.near(micros(start), micros(end), pad)
+            entries = schedule.near(micros(start), micros(end))
+        free = free_gaps(near, start, end, timedelta(microseconds=pad)) if car.status == "available" else []
+        return car, entries, free, not near and car.status == "available"
+
+    def quote(self, car_id, start, end):
+        """What booking [start, end) on a car costs, and whether it can be booked now (as the calendar says)."""
+        car, _, _, available = self.calendar(car_id, start, end)
+        return {"car_id": car.id, "start_datetime": start, "end_datetime": end, "days": rental_days(start, end),
+                "daily_price": car.daily_price, "total_cents": price_cents(car.daily_price, start, end),
+                "available": available}
 
     def find_bookings(self, offset, limit, car_id=None, start=None, end=None, email=None):
         """One page of the bookings, ordered by start then id, and how many there are in all:
@@ -509,7 +728,7 @@ class Store:
                 keys = self.by_start[first + offset:first + offset + limit]
                 return [self.bookings[key % ID_SPAN] for key in keys], len(self.by_start) - first
             if car_id is not None:
-                found = list(self.schedules[car_id].bookings) if car_id in self.schedules else []
+                found = self.schedules[car_id].bookings() if car_id in self.schedules else []
             elif email is not None:
                 found = [self.bookings[i] for i in self.by_email.get(email.casefold(), ())]
             else:  # only those that start before `end` can end by it
@@ -583,10 +802,11 @@ class Store:
                     with self.lock:
                         if self.db.shared:
                             self._catch_up(db)
-                        # Caught up, so the log ends at _seen; a write is one statement, one entry.
-                        seq = self._seen + 1
+                        db.written = 0
                         yield db, lambda change, record: changes.append((change, record))
-                    if seq % CHANGE_LOG_PRUNE_EVERY == 0:
+                        # Caught up, so the log ended at _seen; each statement wrote one entry.
+                        seq = self._seen + db.written
+                    if seq // CHANGE_LOG_PRUNE_EVERY != self._seen // CHANGE_LOG_PRUNE_EVERY:
                         db.prune(seq - CHANGE_LOG_KEEP)
             except sqlite3.Error as error:
                 raise storage_error(self.db.path, error) from None
@@ -619,37 +839,47 @@ class Store:
         with db.transaction(write=False):
             version, seen = db.data_version(), db.newest_change()
             dealers = {row[0]: Dealer(*row) for row in db.rows("dealer")}
-            cars, car_by_vin, schedules, bookings, by_email = {}, {}, {}, {}, {}
+            cars, car_by_vin, schedules, bookings, by_email, windows = {}, {}, {}, {}, {}, {}
             for row in db.rows("car"):
-                car = cars[row[0]] = car_from_row(row)
+                car = cars[row[0]] = self.car_from_row(row)
                 car_by_vin[car.vin], schedules[car.id] = car.id, Schedule()
             for row in db.rows("booking"):
                 booking = bookings[row[0]] = booking_from_row(row)
                 schedules[booking.car_id].add(booking)
                 by_email.setdefault(booking.customer_email.casefold(), set()).add(booking.id)
+            for row in db.rows("window"):
+                window = windows[row[0]] = window_from_row(row)
+                schedules[window.car_id].add(window)
             by_start = SortedList(order_key(b.start_datetime, b.id) for b in bookings.values())
         self.dealers, self.cars, self.car_by_vin, self.schedules, self.bookings, self.by_start, self.by_email = \
             dealers, cars, car_by_vin, schedules, bookings, by_start, by_email
+        self.windows = windows
         self._offerable = self._cars_json = None  # made again when next asked for
         db.seen_version, self._seen = version, seen
 
     def _apply(self, db, changed):
         """Bring each changed record to its state in the database: dealers and cars first (a new
-        booking may need them), bookings out of their schedules before any goes back in (a move may
-        swap two), and removed cars and dealers last (their bookings and cars went first)."""
+        booking may need them), bookings and windows out of their schedules before any goes back in
+        (a move may swap two), and removed cars and dealers last (their bookings and cars went first)."""
         rows = {kind: db.rows(kind, ids) for kind, ids in changed.items()}
         for row in rows.get("dealer", {}).values():
             if row is not None:
                 self._put_dealer(Dealer(*row))
         for row in rows.get("car", {}).values():
             if row is not None:
-                self._put_car(car_from_row(row))
+                self._put_car(self.car_from_row(row))
         for booking_id in rows.get("booking", {}):
             if booking_id in self.bookings:
                 self._drop_booking(booking_id)
+        for window_id in rows.get("window", {}):
+            if window_id in self.windows:
+                self._drop_window(window_id)
         for row in rows.get("booking", {}).values():
             if row is not None:
                 self._put_booking(booking_from_row(row))
+        for row in rows.get("window", {}).values():
+            if row is not None:
+                self._put_window(window_from_row(row))
         for car_id, row in rows.get("car", {}).items():
             if row is None and car_id in self.cars:
                 self._drop_car(car_id)
@@ -661,6 +891,7 @@ class Store:
 
     def _put_dealer(self, dealer):
         self.dealers[dealer.id] = dealer
+        self._offerable = None  # its turnaround may have changed
 
     def _drop_dealer(self, dealer_id):
         del self.dealers[dealer_id]
@@ -681,7 +912,8 @@ class Store:
         car = self.cars.pop(car_id)
         if self.car_by_vin.get(car.vin) == car_id:
             del self.car_by_vin[car.vin]
-        del self.schedules[car_id]
+        for window in self.schedules.pop(car_id).windows():
+            del self.windows[window.id]
         self._offerable = self._cars_json = None
 
     def _put_booking(self, booking):
@@ -696,6 +928,17 @@ class Store:
     def _drop_booking(self, booking_id):
         self._unschedule(self.bookings.pop(booking_id))
 
+    def _put_window(self, window):
+        self.windows[window.id] = window
+        self.schedules[window.car_id].add(window)
+
+    def _drop_window(self, window_id):
+        window = self.windows.pop(window_id)
+        self.schedules[window.car_id].remove(window)
+
+    def car_from_row(self, row):
+        return self.new_car(row[0], dict(zip(CAR_FIELDS, row[1:])))
+
     def _unschedule(self, booking):
         self.schedules[booking.car_id].remove(booking)
         self.by_start.remove(order_key(booking.start_datetime, booking.id))
@@ -705,14 +948,19 @@ class Store:
             del self.by_email[booking.customer_email.casefold()]
 
 
+DEALER_FIELDS = ("name", "location", "turnaround_minutes")
 CAR_FIELDS = ("brand", "model", "year", "color", "daily_price", "vin", "status", "dealer_id")
-BOOKING_FIELDS = ("car_id", "customer_name", "customer_email", "start_datetime", "end_datetime")
+BOOKING_FIELDS = ("car_id", "customer_name", "customer_email", "start_datetime", "end_datetime", "total_cents")
+WINDOW_FIELDS = ("car_id", "start_datetime", "end_datetime", "note")
+MAX_NAMED = 10  # bookings a refused maintenance window names
+car_id_of = operator.attrgetter("id")
 
 
-def new_car(car_id, fields):
-    """A Car record with its public JSON form rendered once, here."""
-    data = {"id": car_id} | {name: fields[name] for name in CAR_FIELDS}
-    return Car(**data, json=to_json(CAR_SCHEMA.dump(data)).encode())
+def describe(entry):
+    """An entry of a schedule in words: 'booking 7', or 'maintenance window 2: brake check'."""
+    if type(entry) is Booking:
+        return f"booking {entry.id}"
+    return f"maintenance window {entry.id}" + (f": {entry.note}" if entry.note else "")
 
 
 def plural(n, noun):
@@ -740,7 +988,7 @@ def store():
 
 MEMORY = ":memory:"
 APPLICATION_ID = 0x4445_4C52  # "DELR", written in the file's header: this is a dealership database
-SCHEMA_VERSION = 1  # PRAGMA user_version
+SCHEMA_VERSION = 2  # PRAGMA user_version
 # Each step takes the schema from the version before it to its own; a new file runs them all.
 # Plain SQL that PostgreSQL accepts too, but for AUTOINCREMENT (ids never reused, even after a delete).
 MIGRATIONS = {
@@ -779,20 +1027,39 @@ MIGRATIONS = {
         id INTEGER NOT NULL
     );
     """,
+    # Maintenance windows, dealers' turnaround, and the price of each booking (whole cents, fixed when
+    # it is made or moved: bookings made before this version are priced at their car's price of today).
+    2: """
+    ALTER TABLE dealers ADD COLUMN turnaround_minutes INTEGER NOT NULL DEFAULT 0
+        CHECK (turnaround_minutes BETWEEN 0 AND 1440);
+    ALTER TABLE bookings ADD COLUMN total_cents INTEGER NOT NULL DEFAULT 0 CHECK (total_cents >= 0);
+    CREATE TABLE maintenance_windows (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        car_id INTEGER NOT NULL REFERENCES cars (id),
+        start_datetime TEXT NOT NULL,
+        end_datetime TEXT NOT NULL,
+        note TEXT NOT NULL DEFAULT '',
+        CHECK (end_datetime > start_datetime)
+    );
+    """,
 }
 # The triggers that fill the change log, by schema version: on a file only, as in memory no other
 # process reads the log.
-CHANGE_LOG_TRIGGERS = {
-    1: "".join(f"""
+def change_log_triggers(tables):
+    return "".join(f"""
     CREATE TRIGGER {table}_{event.lower()} AFTER {event} ON {table}
     BEGIN INSERT INTO changes (kind, id) VALUES ('{kind}', {row}.id); END;"""
-               for kind, table in [("dealer", "dealers"), ("car", "cars"), ("booking", "bookings")]
-               for event, row in [("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD")]),
-}
+                   for kind, table in tables
+                   for event, row in [("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD")])
+
+
+CHANGE_LOG_TRIGGERS = {1: change_log_triggers([("dealer", "dealers"), ("car", "cars"), ("booking", "bookings")]),
+                       2: change_log_triggers([("window", "maintenance_windows")])}
 # kind -> table and its columns besides id
-TABLES = {"dealer": ("dealers", ("name", "location")),
+TABLES = {"dealer": ("dealers", DEALER_FIELDS),
           "car": ("cars", CAR_FIELDS),
-          "booking": ("bookings", BOOKING_FIELDS)}
+          "booking": ("bookings", BOOKING_FIELDS),
+          "window": ("maintenance_windows", WINDOW_FIELDS)}
 # The change log keeps this many changes; a process further behind than that reloads in full.
 CHANGE_LOG_KEEP = 10_000
 CHANGE_LOG_PRUNE_EVERY = 500  # changes between two prunings
@@ -862,6 +1129,8 @@ class Database:
                 db.script(MIGRATIONS[step])
                 if self.shared:
                     db.script(CHANGE_LOG_TRIGGERS[step])
+                if step == 2:
+                    db.price_old_bookings()
             if version == 0:
                 db.conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                 db.insert("dealer", SEED_DEALER)
@@ -909,6 +1178,7 @@ class Connection:
 
     def __init__(self, path, busy_timeout, refusal):
         self.busy_timeout = busy_timeout
+        self.written = 0  # records written since the store's write began (one change-log entry each)
         self.seen_version = None  # PRAGMA data_version when the store last caught up through here
         try:
             self.conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
@@ -973,21 +1243,24 @@ class Connection:
 
     # -- records --------------------------------------------------------------------------------
 
-    # One statement each, so one entry in the change log each (its triggers write it).
+    # One record each, so one entry in the change log each (its triggers write it).
 
     def insert(self, kind, fields):
         """Insert a record; the database assigns the id."""
         table, columns = TABLES[kind]
+        self.written += 1
         return self.conn.execute(
             f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
             [stored(fields[name]) for name in columns]).lastrowid
 
     def update(self, kind, record_id, fields):
         table, columns = TABLES[kind]
+        self.written += 1
         self.conn.execute(f"UPDATE {table} SET {', '.join(f'{name} = ?' for name in columns)} WHERE id = ?",
                           [stored(fields[name]) for name in columns] + [record_id])
 
     def delete(self, kind, record_id):
+        self.written += 1
         self.conn.execute(f"DELETE FROM {TABLES[kind][0]} WHERE id = ?", (record_id,))
 
     def rows(self, kind, ids=None):
@@ -1003,6 +1276,14 @@ class Connection:
             for row in self.conn.execute(f"{select} WHERE id IN ({', '.join('?' * len(chunk))})", chunk):
                 found[row[0]] = row
         return found
+
+    def price_old_bookings(self):
+        """Schema 2: each booking made before prices, priced at its car's daily price of today."""
+        prices = dict(self.conn.execute("SELECT id, daily_price FROM cars"))
+        for booking_id, car_id, start, end in list(self.conn.execute(
+                "SELECT id, car_id, start_datetime, end_datetime FROM bookings")):
+            cents = price_cents(prices[car_id], datetime.fromisoformat(start), datetime.fromisoformat(end))
+            self.conn.execute("UPDATE bookings SET total_cents = ? WHERE id = ?", (cents, booking_id))
 
     def is_empty(self):
         return self.conn.execute("SELECT NOT EXISTS (SELECT 1 FROM cars)").fetchone()[0]
@@ -1043,13 +1324,14 @@ def stored(value):
     return value
 
 
-def car_from_row(row):
-    return new_car(row[0], dict(zip(CAR_FIELDS, row[1:])))
-
-
 def booking_from_row(row):
-    booking_id, car_id, name, email, start, end = row
-    return Booking(booking_id, car_id, name, email, datetime.fromisoformat(start), datetime.fromisoformat(end))
+    booking_id, car_id, name, email, start, end, cents = row
+    return Booking(booking_id, car_id, name, email, datetime.fromisoformat(start), datetime.fromisoformat(end), cents)
+
+
+def window_from_row(row):
+    window_id, car_id, start, end, note = row
+    return MaintenanceWindow(window_id, car_id, datetime.fromisoformat(start), datetime.fromisoformat(end), note)
 
 
 def storage_error(path, error):
@@ -1209,6 +1491,32 @@ class Instant(fields.DateTime):
         return None if value is None else store().show(value)
 
 
+class Money(fields.Float):
+    """A price held in whole cents, written as a JSON number of the currency (12990 -> 129.9)."""
+
+    def _serialize(self, value, attr, obj, **kwargs):
+        return None if value is None else value / 100
+
+
+class Currency(fields.String):
+    """The service's currency (DEALERSHIP_CURRENCY), written beside a price: the store's, unless the
+    data dumped names one (a car's JSON is rendered while its store is being made)."""
+
+    def serialize(self, attr, obj, accessor=None, **kwargs):
+        return (obj.get("currency") if isinstance(obj, dict) else None) or store().currency
+
+
+class Duration(fields.String):
+    """An ISO 8601 duration of days, hours and minutes (P3D, PT4H, P1DT12H), read as a timedelta."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        length = parse_duration(super()._deserialize(value, attr, data, **kwargs))
+        if length is None or not MIN_SLOT <= length <= MAX_SLOT:
+            raise ValidationError("Must be an ISO 8601 duration of days, hours and minutes from 15 minutes "
+                                  "to 90 days, such as P3D (three days), PT4H (four hours) or P1DT12H.")
+        return length
+
+
 class UpToNextYear(validate.Range):
     """FIRST_CAR_YEAR to next calendar year; `max` is read at each use, so it moves on 1 January."""
 
@@ -1245,6 +1553,11 @@ class DealerSchema(Schema):
     name = text(200, required=True, metadata=about(f"1 to 200 characters; {STRIPPED}.", "Oscar Mobility South"))
     location = text(200, min_length=0, load_default="",
                     metadata=about(f"Up to 200 characters, empty if left out; {STRIPPED}.", "Stuttgart, Germany"))
+    turnaround_minutes = fields.Integer(strict=True, load_default=0, validate=validate.Range(min=0, max=MAX_TURNAROUND),
+                                        metadata=about(
+        "Minutes from 0 (the default) to 1440 that each of the dealer's cars needs between two entries of its "
+        "schedule (cleaning, a check): a booking ending at 10:00 with 60 leaves the car bookable from 11:00. "
+        "A change applies to bookings and windows made or moved from then on; existing ones stay valid.", 60))
 
 
 class CarSchema(Schema):
@@ -1263,6 +1576,7 @@ class CarSchema(Schema):
         "'available' (the default) or 'maintenance': a car in maintenance cannot be booked.", "available"))
     dealer_id = fields.Integer(required=True, strict=True, validate=validate.Range(min=1),
                                metadata=about("The dealer that owns the car; it must exist.", 1))
+    currency = Currency(dump_only=True, metadata=about("The currency of daily_price (DEALERSHIP_CURRENCY).", "EUR"))
 
 
 START = ("When the booking starts: an ISO 8601 date-time with an offset (2030-06-01T09:00:00+02:00), "
@@ -1280,10 +1594,49 @@ class BookingSchema(Schema):
                                   metadata=about("An e-mail address, at most 254 characters.", "ada@example.com"))
     start_datetime = Instant(required=True, metadata=about(START))
     end_datetime = Instant(required=True, metadata=about(END))
+    total_price = Money(attribute="total_cents", dump_only=True, metadata=about(
+        "The car's daily_price times the started 24-hour periods (at least one), rounded to cents: fixed "
+        "when the booking is made, and priced again only when it is moved or changes car.", 129.0))
+    currency = Currency(dump_only=True, metadata=about("The currency of total_price.", "EUR"))
 
     @validates_schema
     def end_after_start(self, data, **kwargs):
         check_window(data)
+
+
+class MaintenanceWindowSchema(Schema):
+    id = fields.Integer(dump_only=True, metadata=about("Given by the service; never reused."))
+    car_id = fields.Integer(dump_only=True, metadata=about("The car, as in the path."))
+    start_datetime = Instant(required=True, metadata=about(
+        "When the car goes into the workshop: as a booking's start, not in the past."))
+    end_datetime = Instant(required=True, metadata=about("When it is back, after the start: [start, end)."))
+    note = text(200, min_length=0, load_default="", metadata=about(
+        f"What is done, up to 200 characters, empty if left out; {STRIPPED}.", "Brake check"))
+
+    @validates_schema
+    def end_after_start(self, data, **kwargs):
+        check_window(data)
+
+
+class QuoteSchema(Schema):
+    car_id = fields.Integer(metadata=about("The car."))
+    start_datetime = Instant(metadata=about("The period asked for: its start."))
+    end_datetime = Instant(metadata=about("The period asked for: its end."))
+    days = fields.Integer(metadata=about("Started 24-hour periods in it: at least one.", 2))
+    daily_price = fields.Float(metadata=about("The car's price per day, today.", 64.5))
+    total_price = Money(attribute="total_cents", metadata=about(
+        "daily_price times days, rounded to cents: what a booking made now would cost.", 129.0))
+    currency = Currency(metadata=about("The currency of the prices.", "EUR"))
+    available = fields.Boolean(metadata=about(
+        "True when the car can be booked for the period now (as its availability says).", True))
+
+
+class OfferSchema(Schema):
+    car_id = fields.Integer(metadata=about("The car."))
+    start_datetime = Instant(metadata=about("The earliest start at which the car is free for the duration."))
+    end_datetime = Instant(metadata=about("start_datetime plus the duration."))
+    total_price = Money(attribute="total_cents", metadata=about("What booking this slot costs.", 129.0))
+    currency = Currency(metadata=about("The currency of total_price.", "EUR"))
 
 
 class SlotSchema(Schema):
@@ -1297,15 +1650,26 @@ class BusySchema(Schema):
     end_datetime = Instant(metadata=about("Its end, not clipped to the window."))
 
 
+class WindowInCalendarSchema(Schema):
+    window_id = fields.Integer(attribute="id", metadata=about("The maintenance window."))
+    start_datetime = Instant(metadata=about("Its start, not clipped to the period."))
+    end_datetime = Instant(metadata=about("Its end, not clipped to the period."))
+    note = fields.String(metadata=about("What is done."))
+
+
 class CalendarSchema(Schema):
     car_id = fields.Integer(metadata=about("The car."))
-    start_datetime = Instant(metadata=about("The window asked for: its start."))
-    end_datetime = Instant(metadata=about("The window asked for: its end."))
+    start_datetime = Instant(metadata=about("The period asked for: its start."))
+    end_datetime = Instant(metadata=about("The period asked for: its end."))
     status = fields.String(metadata=about("The car's status: 'available' or 'maintenance'."))
-    available = fields.Boolean(metadata=about("True when the car can be booked for the whole window."))
-    busy = fields.List(fields.Nested(BusySchema), metadata=about("The bookings that overlap the window, in time order."))
+    turnaround_minutes = fields.Integer(metadata=about("Its dealer's turnaround: the least gap around each entry."))
+    available = fields.Boolean(metadata=about("True when the car can be booked for the whole period."))
+    busy = fields.List(fields.Nested(BusySchema), metadata=about("The bookings that overlap the period, in time order."))
+    maintenance = fields.List(fields.Nested(WindowInCalendarSchema), metadata=about(
+        "The maintenance windows that overlap the period, in time order."))
     free = fields.List(fields.Nested(SlotSchema), metadata=about(
-        "The gaps inside the window, clipped to it; none for a car in maintenance."))
+        "The gaps inside the period where a booking could go, clipped to it: outside every booking and "
+        "window and their turnaround; none for a car in maintenance."))
 
 
 class IndexSchema(Schema):
@@ -1372,7 +1736,31 @@ class AvailableCarsQuery(WindowQuery, PageQuery):
     dealer_id = Count(validate=validate.Range(min=1), metadata=about("Only this dealer's cars.", 1))
 
 
+class SlotQuery(PageQuery):
+    duration = Duration(required=True, metadata=about(
+        "How long the car is needed: an ISO 8601 duration of days, hours and minutes from 15 minutes to "
+        "90 days (P3D, PT4H, P1DT12H).", "P3D") | {"pattern": DURATION_PATTERN})
+    after = Instant(in_query=True, metadata=about(
+        "The earliest start wanted; now when left out (a time already past counts as now)."))
+    before = Instant(in_query=True, metadata=about(
+        "The slot must end by then; `after` plus 90 days when left out."))
+    dealer_id = Count(validate=validate.Range(min=1), metadata=about("Only this dealer's cars.", 1))
+    brand = fields.String(metadata=about("Only this make, in any case.", "Volkswagen"))
+    car_id = Count(validate=validate.Range(min=1), metadata=about("Only this car.", 1))
+
+    @validates_schema
+    def before_after_after(self, data, **kwargs):
+        after, before = data.get("after"), data.get("before")
+        if after is not None and before is not None and before <= after:
+            raise ValidationError("Must be after `after`.", field_name="before")
+
+
 DEALER_SCHEMA = DealerSchema()
+DEALER_CHANGES = DealerSchema(partial=True)
+WINDOW_SCHEMA = MaintenanceWindowSchema()
+QUOTE_SCHEMA = QuoteSchema()
+OFFER_SCHEMA = OfferSchema()
+SLOT_QUERY = SlotQuery()
 CAR_SCHEMA = CarSchema()
 CAR_CHANGES = CarSchema(partial=True)
 BOOKING_SCHEMA = BookingSchema()
@@ -1381,6 +1769,7 @@ PROBLEM_SCHEMA = ProblemSchema()
 INDEX_SCHEMA = IndexSchema()
 CALENDAR_SCHEMA = CalendarSchema()
 CAR_QUERY = CarQuery()
+PAGE_QUERY = PageQuery()
 BOOKING_QUERY = BookingQuery()
 WINDOW_QUERY = WindowQuery()
 AVAILABLE_CARS_QUERY = AvailableCarsQuery()
@@ -1492,7 +1881,8 @@ class Refusals:
 @bp.before_request
 def catch_up():
     """Answer from dicts that hold what every process has committed. A POST or DELETE reads
-    nothing before its own write transaction, which catches up in any case."""
+    nothing before its own write transaction, which catches up in any case (a route that does read
+    first calls sync itself)."""
     if request.method not in ("POST", "DELETE"):
         store().sync()
 
@@ -1621,7 +2011,8 @@ def index():
     The collections, the search for free cars and, when mounted, the docs.
     """
     links = {"cars": url_for(".list_cars"), "bookings": url_for(".list_bookings"),
-             "available_cars": url_for(".available_cars"), "dealers": url_for(".list_dealers")}
+             "available_cars": url_for(".available_cars"), "available_slots": url_for(".available_slots"),
+             "dealers": url_for(".list_dealers")}
     if DOCS in current_app.extensions:
         links |= {"openapi": url_for(f"{docs_bp.name}.openapi_json"), "docs": docs_url()}
     return json_response(INDEX_SCHEMA.dump({"name": "Dealership API", "version": API_VERSION, "links": links}))
@@ -1656,6 +2047,19 @@ def create_dealer():
 def get_dealer(dealer_id):
     """Get one dealer"""
     return json_response(DEALER_SCHEMA.dump(store().dealer(dealer_id)))
+
+
+@bp.patch("/dealers/<digits:dealer_id>")
+@api_doc("dealers", returns=DEALER_SCHEMA, body=DEALER_CHANGES)
+def update_dealer(dealer_id):
+    """Change a dealer
+
+    Only the fields given change. A new turnaround applies to bookings and maintenance windows made or
+    moved from then on; the ones that exist stay valid.
+    """
+    store().dealer(dealer_id)
+    changes = DEALER_CHANGES.load(json_body())
+    return json_response(DEALER_SCHEMA.dump(store().update_dealer(dealer_id, changes)))
 
 
 @bp.delete("/dealers/<digits:dealer_id>")
@@ -1738,19 +2142,82 @@ def delete_car(car_id):
 def car_availability(car_id):
     """See when a car is busy or free
 
-    The bookings that overlap the period, and the free gaps inside it.
+    The bookings and maintenance windows that overlap the period, and the gaps inside it where a
+    booking could go (with the dealer's turnaround kept free around each entry).
     """
     store().car(car_id)
     window = query(WINDOW_QUERY)
     start, end = window["start_datetime"], window["end_datetime"]
-    car, busy = store().calendar(car_id, start, end)
-    available = car.status == "available"
+    car, entries, free, available = store().calendar(car_id, start, end)
     return json_response(CALENDAR_SCHEMA.dump({
         "car_id": car.id, "start_datetime": start, "end_datetime": end, "status": car.status,
-        "available": available and not busy, "busy": busy,
-        "free": [{"start_datetime": s, "end_datetime": e} for s, e in free_gaps(busy, start, end)]
-        if available else [],
+        "turnaround_minutes": store().dealers[car.dealer_id].turnaround_minutes, "available": available,
+        "busy": [entry for entry in entries if type(entry) is Booking],
+        "maintenance": [entry for entry in entries if type(entry) is MaintenanceWindow],
+        "free": [{"start_datetime": s, "end_datetime": e} for s, e in free],
     }))
+
+
+@bp.get("/cars/<digits:car_id>/quote")
+@api_doc("cars", returns=QUOTE_SCHEMA, query=WINDOW_QUERY)
+def quote(car_id):
+    """Price a booking
+
+    What booking the car for the period would cost now, and whether it can be booked; nothing is booked.
+    """
+    store().car(car_id)
+    window = query(WINDOW_QUERY)
+    return json_response(QUOTE_SCHEMA.dump(store().quote(car_id, window["start_datetime"], window["end_datetime"])))
+
+
+# ---------------------------------------------------------------------------------------------
+# Routes: maintenance windows
+# ---------------------------------------------------------------------------------------------
+
+
+@bp.get("/cars/<digits:car_id>/maintenance-windows")
+@api_doc("maintenance", returns=WINDOW_SCHEMA, many=True, query=PAGE_QUERY, headers=["X-Total-Count", "Link"])
+def list_windows(car_id):
+    """List a car's maintenance windows
+
+    In time order, past ones included.
+    """
+    filters = query(PAGE_QUERY)
+    page, headers = paged(store().car_windows(car_id), filters)
+    return json_response(WINDOW_SCHEMA.dump(page, many=True), headers=headers)
+
+
+@bp.post("/cars/<digits:car_id>/maintenance-windows")
+@api_doc("maintenance", returns=WINDOW_SCHEMA, status=201, body=WINDOW_SCHEMA, errors=[409], headers=["Location"])
+def create_window(car_id):
+    """Take a car out of service for a period
+
+    No booking can be made over the window, nor within the dealer's turnaround of it. The window may
+    not overlap a booking or another window: the 409 names the bookings in the way.
+    """
+    store().sync()  # unlike other POSTs, this one reads before it writes (see catch_up)
+    store().car(car_id)  # an unknown car is a 404 before its body is judged
+    window = store().add_window(car_id, WINDOW_SCHEMA.load(json_body()))
+    return json_response(WINDOW_SCHEMA.dump(window), 201,
+                         {"Location": url_for(".get_window", car_id=car_id, window_id=window.id)})
+
+
+@bp.get("/cars/<digits:car_id>/maintenance-windows/<digits:window_id>")
+@api_doc("maintenance", returns=WINDOW_SCHEMA)
+def get_window(car_id, window_id):
+    """Get one maintenance window"""
+    return json_response(WINDOW_SCHEMA.dump(store().window(car_id, window_id)))
+
+
+@bp.delete("/cars/<digits:car_id>/maintenance-windows/<digits:window_id>")
+@api_doc("maintenance", status=204)
+def delete_window(car_id, window_id):
+    """Remove a maintenance window
+
+    Its time can be booked again.
+    """
+    store().delete_window(car_id, window_id)
+    return no_content()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1831,6 +2298,30 @@ def available_cars():
     return json_list([car.json for car in page], headers)
 
 
+@bp.get("/bookings/available-slots")
+@api_doc("bookings", returns=OFFER_SCHEMA, many=True, query=SLOT_QUERY, headers=["X-Total-Count", "Link"])
+def available_slots():
+    """Find when a car is free for a duration
+
+    For each car that can be booked and matches the filters, the earliest period of the duration that
+    starts at or after `after` and ends by `before` with the dealer's turnaround kept free around it;
+    ordered by start, then car id. Cars with no such period are left out. Booking a slot succeeds
+    unless someone else takes it first.
+    """
+    filters = query(SLOT_QUERY)
+    now = datetime.now(timezone.utc)
+    after = min(max(filters.get("after", now), now), LATEST_SLOT_END)
+    before = min(filters["before"] if "before" in filters else after + MAX_SLOT, LATEST_SLOT_END)
+    length = filters["duration"]
+    slots = store().free_slots(length, after, before, filters.get("dealer_id"), filters.get("brand"),
+                               filters.get("car_id"))
+    page, headers = paged(slots, filters)
+    return json_response(OFFER_SCHEMA.dump([
+        {"car_id": car.id, "start_datetime": start, "end_datetime": end,
+         "total_cents": price_cents(car.daily_price, start, end)} for start, end, car in page], many=True),
+        headers=headers)
+
+
 # ---------------------------------------------------------------------------------------------
 # The OpenAPI document, made from the routes' own schemas, and the interactive docs
 # ---------------------------------------------------------------------------------------------
@@ -1861,13 +2352,16 @@ ERROR_MEANINGS = {
     503: "The database refused the write (busy, read-only or full); nothing changed. Retry after `Retry-After`.",
 }
 # The operations in the order a newcomer needs them: a car must exist before it can be booked.
-TAGS = {"cars": "The inventory: add, list, change and remove cars, and see when one is busy or free.",
-        "bookings": "Book a car for a period, find the cars free for a period, move or cancel a booking.",
-        "dealers": "The dealers that own the cars.",
+TAGS = {"cars": "The inventory: add, list, change and remove cars, see when one is busy or free, price a booking.",
+        "bookings": "Book a car for a period, find the cars free for a period or the earliest free slot, move or "
+                    "cancel a booking.",
+        "maintenance": "Take a car out of service for a period: no booking can be made over it.",
+        "dealers": "The dealers that own the cars, and the turnaround their cars need between bookings.",
         "service": "Where to start."}
 # What the example of a change (PUT/PATCH) shows: what a user would change first. A test loads
 # every example through its schema, so a renamed field cannot leave one behind.
 CHANGE_EXAMPLES = {"Car": lambda window: {"color": "Red", "daily_price": 69.9},
+                   "Dealer": lambda window: {"turnaround_minutes": 60},
                    "Booking": lambda window: {"end_datetime": window["end_datetime"] + timedelta(days=1)}}
 RESPONSE_HEADERS = {
     "Location": {"description": "The URL of the new resource.", "required": True, "schema": {"type": "string"}},
@@ -1915,11 +2409,13 @@ def openapi_document(app):
     for path, operations in paths.items():
         spec.path(path=path, operations=operations)
     document = spec.to_dict()
+    window = examples.window
+    moments = window | {"after": window["start_datetime"], "before": window["start_datetime"] + timedelta(days=30)}
     for operations in document["paths"].values():  # a query parameter's example beside its description
         for op in operations.values():
             for parameter in op["parameters"]:
                 if parameter["in"] == "query":
-                    moment = examples.window.get(parameter["name"])
+                    moment = moments.get(parameter["name"])
                     example = parameter["schema"].pop("example", None)
                     parameter["example"] = example if moment is None else moment.isoformat()
     return document
@@ -1939,17 +2435,27 @@ class Examples:
     def __init__(self, window):
         self.window = window
         car = {"id": 1} | self.body(CAR_SCHEMA)
-        booking = {"id": 1} | self.body(BOOKING_SCHEMA)
         start, end = window["start_datetime"], window["end_datetime"]
+        price = price_cents(car["daily_price"], start, end)
+        booking = {"id": 1} | self.body(BOOKING_SCHEMA) | window | {"total_cents": price}
+        workshop = {"id": 1, "car_id": 1, "note": "Brake check", "start_datetime": end + timedelta(days=1),
+                    "end_datetime": end + timedelta(days=1, hours=4)}
         self.responses = {
             CarSchema: CAR_SCHEMA.dump(car),
-            BookingSchema: BOOKING_SCHEMA.dump(booking | window),
-            DealerSchema: DEALER_SCHEMA.dump({"id": 1} | SEED_DEALER),
+            BookingSchema: BOOKING_SCHEMA.dump(booking),
+            DealerSchema: DEALER_SCHEMA.dump({"id": 1} | SEED_DEALER | {"turnaround_minutes": 60}),
             CalendarSchema: CALENDAR_SCHEMA.dump({
-                "car_id": 1, "start_datetime": start - timedelta(days=1), "end_datetime": end + timedelta(days=1),
-                "status": "available", "available": False, "busy": [booking | window],
-                "free": [{"start_datetime": start - timedelta(days=1), "end_datetime": start},
-                         {"start_datetime": end, "end_datetime": end + timedelta(days=1)}]}),
+                "car_id": 1, "start_datetime": start - timedelta(days=1), "end_datetime": end + timedelta(days=2),
+                "status": "available", "turnaround_minutes": 60, "available": False, "busy": [booking],
+                "maintenance": [workshop],
+                "free": [{"start_datetime": start - timedelta(days=1), "end_datetime": start - timedelta(hours=1)},
+                         {"start_datetime": end + timedelta(hours=1), "end_datetime": end + timedelta(hours=23)},
+                         {"start_datetime": end + timedelta(days=1, hours=5),
+                          "end_datetime": end + timedelta(days=2)}]}),
+            MaintenanceWindowSchema: WINDOW_SCHEMA.dump(workshop),
+            QuoteSchema: QUOTE_SCHEMA.dump({"car_id": 1, "days": rental_days(start, end), "total_cents": price,
+                                            "daily_price": car["daily_price"], "available": True} | window),
+            OfferSchema: OFFER_SCHEMA.dump({"car_id": 1, "total_cents": price} | window),
             IndexSchema: INDEX_SCHEMA.dump({"name": "Dealership API", "version": API_VERSION, "links": {
                 "cars": f"{API_PREFIX}/cars", "bookings": f"{API_PREFIX}/bookings"}}),
         }
@@ -2131,7 +2637,7 @@ def init_app(app, url_prefix=API_PREFIX, docs_prefix=None):
     database = open_database(app)
     if app.config["DEALERSHIP_DEMO_DATA"]:
         load_demo_data(database, zone)
-    service = Store(database, zone=zone)
+    service = Store(database, zone=zone, currency=app.config["DEALERSHIP_CURRENCY"])
     if not app.config["DEALERSHIP_API_KEY"]:
         log.warning("DEALERSHIP_API_KEY is not set: anyone who can reach the service can change its data.")
     app.extensions[EXTENSION] = service
@@ -2182,14 +2688,15 @@ def open_database(app):
 
 
 def load_demo_data(database, zone):
-    """Into a database without cars only: a second dealer, six cars (one in maintenance) and three
-    bookings in the coming days. One transaction, so processes starting together load it once."""
+    """Into a database without cars only: a second dealer (with an hour of turnaround), six cars (one
+    in maintenance), three bookings and a maintenance window in the coming days. One transaction, so processes starting together load it once."""
     with database.write.transaction(write=True) as db:
         if not db.is_empty():
             return
         first = next(iter(db.rows("dealer")), None)
         main = first[0] if first else db.insert("dealer", SEED_DEALER)
-        north = db.insert("dealer", {"name": "Oscar Mobility North", "location": "Hamburg, Germany"})
+        north = db.insert("dealer", {"name": "Oscar Mobility North", "location": "Hamburg, Germany",
+                                     "turnaround_minutes": 60})
         # VINs unlike the README's and the docs' examples, which can then be tried on a demo too
         cars = [("Toyota", "Corolla", 2024, "White", 59.9, "JTDBR32E720654321", "available", main),
                 ("Volkswagen", "Golf", 2023, "Grey", 64.5, "WVWZZZ1KZ6W612345", "available", main),
@@ -2201,9 +2708,13 @@ def load_demo_data(database, zone):
         today = datetime.now(zone).replace(hour=9, minute=0, second=0, microsecond=0)
         for car, days_ahead, length, who in [(0, 1, 2, "a"), (3, 2, 1, "b"), (1, 5, 3, "c")]:
             start = (today + timedelta(days=days_ahead)).astimezone(timezone.utc)
+            end = start + timedelta(days=length)
             db.insert("booking", {"car_id": car_ids[car], "customer_name": f"Demo Customer {who.upper()}",
                                   "customer_email": f"demo-{who}@example.com", "start_datetime": start,
-                                  "end_datetime": start + timedelta(days=length)})
+                                  "end_datetime": end, "total_cents": price_cents(cars[car][4], start, end)})
+        service = (today + timedelta(days=3)).astimezone(timezone.utc)
+        db.insert("window", {"car_id": car_ids[4], "start_datetime": service,
+                             "end_datetime": service + timedelta(hours=4), "note": "Brake check"})
     log.info("%s: demo data loaded", database.path)
 
 

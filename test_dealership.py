@@ -118,9 +118,10 @@ def test_the_front_door_leads_to_the_docs_and_the_api_index_to_everything(client
         assert index["name"] == "Dealership API" and index["version"] == dealership.API_VERSION
         assert index["links"] == {"cars": f"{API}/cars", "bookings": f"{API}/bookings",
                                   "available_cars": f"{API}/bookings/available-cars",
+                                  "available_slots": f"{API}/bookings/available-slots",
                                   "dealers": f"{API}/dealers", "openapi": "/openapi.json", "docs": "/docs"}
         for name, link in index["links"].items():
-            if name != "available_cars":
+            if name not in ("available_cars", "available_slots"):
                 assert client.get(link).status_code == 200, link
 
 
@@ -131,7 +132,8 @@ def test_an_embedded_service_leaves_the_root_to_its_host():
     assert client.get("/").status_code == 404  # the host's own, not a redirect
     assert client.get("/dealership/api/v1").get_json()["links"] == {
         "cars": "/dealership/api/v1/cars", "bookings": "/dealership/api/v1/bookings",
-        "available_cars": "/dealership/api/v1/bookings/available-cars", "dealers": "/dealership/api/v1/dealers"}
+        "available_cars": "/dealership/api/v1/bookings/available-cars",
+        "available_slots": "/dealership/api/v1/bookings/available-slots", "dealers": "/dealership/api/v1/dealers"}
 
 
 def test_each_app_has_its_own_store():
@@ -143,7 +145,7 @@ def test_each_app_has_its_own_store():
 
 def test_seed_dealer(client):
     assert client.get(f"{API}/dealers").get_json() == [
-        {"id": 1, "name": "Oscar Mobility Main", "location": "Munich, Germany"}]
+        {"id": 1, "name": "Oscar Mobility Main", "location": "Munich, Germany", "turnaround_minutes": 0}]
     response = client.get(f"{API}/dealers/1")
     assert response.status_code == 200
     assert response.get_json()["name"] == "Oscar Mobility Main"
@@ -165,7 +167,7 @@ def test_create_car(client):
     assert response.headers["Location"] == f"{API}/cars/1"
     assert response.get_json() == {"id": 1, "brand": "Toyota", "model": "Camry", "year": 2023,
                                    "color": "Blue", "daily_price": 100.0, "vin": "1HGBH41JXMN109186",
-                                   "status": "available", "dealer_id": 1}
+                                   "status": "available", "dealer_id": 1, "currency": "EUR"}
     assert client.get(f"{API}/cars/1").get_json() == response.get_json()
 
 
@@ -281,7 +283,7 @@ def test_update_car_partially(client):
     make_car(client)
     response = client.put(f"{API}/cars/1", json={"color": " Red ", "status": "maintenance"})
     assert response.status_code == 200
-    assert response.get_json() | {} == car_body(color="Red") | {"id": 1, "status": "maintenance"}
+    assert response.get_json() == car_body(color="Red") | {"id": 1, "status": "maintenance", "currency": "EUR"}
     assert client.get(f"{API}/cars/1").get_json()["color"] == "Red"
 
 
@@ -339,12 +341,18 @@ def test_delete_unknown_car_is_404(client):
 def test_every_json_body_keeps_field_order_and_ends_with_one_newline(client):
     make_car(client)
     book(client, 1)
+    client.post(f"{API}/cars/1/maintenance-windows", json=window("2035-01-20T10:00:00Z", "2035-01-20T12:00:00Z"))
     fields = {
         f"{API}/cars/1": list(dealership.CarSchema().fields),
-        f"{API}/bookings/1": ["id", "car_id", "customer_name", "customer_email", "start_datetime", "end_datetime"],
-        f"{API}/dealers/1": ["id", "name", "location"],
+        f"{API}/bookings/1": ["id", "car_id", "customer_name", "customer_email", "start_datetime", "end_datetime",
+                              "total_price", "currency"],
+        f"{API}/dealers/1": ["id", "name", "location", "turnaround_minutes"],
         f"{API}/cars/1/availability?start_datetime=2035-01-15T00:00:00Z&end_datetime=2035-01-16T00:00:00Z":
-            ["car_id", "start_datetime", "end_datetime", "status", "available", "busy", "free"],
+            ["car_id", "start_datetime", "end_datetime", "status", "turnaround_minutes", "available", "busy",
+             "maintenance", "free"],
+        f"{API}/cars/1/quote?start_datetime=2035-01-15T00:00:00Z&end_datetime=2035-01-16T00:00:00Z":
+            ["car_id", "start_datetime", "end_datetime", "days", "daily_price", "total_price", "currency", "available"],
+        f"{API}/cars/1/maintenance-windows/1": ["id", "car_id", "start_datetime", "end_datetime", "note"],
         f"{API}/cars/99": ["title", "status", "detail"],
         "/health": ["status", "database"],
     }
@@ -353,10 +361,14 @@ def test_every_json_body_keeps_field_order_and_ends_with_one_newline(client):
         assert text.endswith("}\n") and not text.endswith("\n\n"), path
         assert list(json.loads(text)) == names, path
     for path in [f"{API}/cars", f"{API}/cars?limit=1", f"{API}/bookings", f"{API}/dealers",
-                 f"{API}/bookings/available-cars?start_datetime=2035-02-01T00:00:00Z&end_datetime=2035-02-02T00:00:00Z"]:
+                 f"{API}/bookings/available-cars?start_datetime=2035-02-01T00:00:00Z&end_datetime=2035-02-02T00:00:00Z",
+                 f"{API}/cars/1/maintenance-windows"]:
         text = client.get(path).get_data(as_text=True)
         assert text.endswith("]\n") and not text.endswith("\n\n"), path
         assert list(json.loads(text)[0])[0] == "id", path
+    text = client.get(f"{API}/bookings/available-slots?duration=PT1H&after=2035-01-15T09:00:00Z").get_data(as_text=True)
+    assert text.endswith("]\n") and list(json.loads(text)[0]) == ["car_id", "start_datetime", "end_datetime",
+                                                                   "total_price", "currency"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,7 +441,8 @@ def test_create_booking(client):
     assert response.get_json() == {"id": 1, "car_id": 1, "customer_name": "Ada Lovelace",
                                    "customer_email": "ada@example.com",
                                    "start_datetime": "2035-01-15T10:00:00+00:00",
-                                   "end_datetime": "2035-01-15T12:00:00+00:00"}
+                                   "end_datetime": "2035-01-15T12:00:00+00:00",
+                                   "total_price": 100.0, "currency": "EUR"}
     assert client.get(f"{API}/bookings/1").get_json() == response.get_json()
 
 
@@ -755,6 +768,494 @@ def test_two_cars_created_at_once_with_one_vin_get_one_201(app):
 
 
 # ---------------------------------------------------------------------------------------------
+# Operations: maintenance windows, turnaround, prices, and the earliest free slot
+# ---------------------------------------------------------------------------------------------
+
+
+def open_window(client, car_id, start, end, **fields):
+    return client.post(f"{API}/cars/{car_id}/maintenance-windows", json=window(start, end) | fields)
+
+
+def set_turnaround(client, minutes, dealer_id=1):
+    response = client.patch(f"{API}/dealers/{dealer_id}", json={"turnaround_minutes": minutes})
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()
+
+
+def test_a_maintenance_window_is_created_listed_read_and_removed(client):
+    make_car(client)
+    response = open_window(client, 1, "2035-01-20T08:00:00Z", "2035-01-20T12:00:00Z", note=" Brake check ")
+    assert response.status_code == 201
+    assert response.headers["Location"] == f"{API}/cars/1/maintenance-windows/1"
+    made = {"id": 1, "car_id": 1, "start_datetime": "2035-01-20T08:00:00+00:00",
+            "end_datetime": "2035-01-20T12:00:00+00:00", "note": "Brake check"}
+    assert response.get_json() == made
+    assert client.get(f"{API}/cars/1/maintenance-windows/1").get_json() == made
+    second = open_window(client, 1, "2035-01-10T08:00:00Z", "2035-01-10T09:00:00Z").get_json()
+    assert second["note"] == ""
+    listed = client.get(f"{API}/cars/1/maintenance-windows")
+    assert listed.headers["X-Total-Count"] == "2"
+    assert [w["id"] for w in listed.get_json()] == [2, 1]  # in time order
+    assert [w["id"] for w in client.get(f"{API}/cars/1/maintenance-windows?limit=1&offset=1").get_json()] == [1]
+    assert client.delete(f"{API}/cars/1/maintenance-windows/1").status_code == 204
+    assert_problem(client.get(f"{API}/cars/1/maintenance-windows/1"), 404)
+    assert [w["id"] for w in client.get(f"{API}/cars/1/maintenance-windows").get_json()] == [2]
+    assert book(client, 1, "2035-01-20T08:00:00Z", "2035-01-20T12:00:00Z").status_code == 201  # free again
+
+
+def test_a_window_belongs_to_its_car_and_an_unknown_car_has_none(client):
+    make_car(client, vin=vin(1))
+    make_car(client, vin=vin(2))
+    open_window(client, 1, "2035-01-20T08:00:00Z", "2035-01-20T12:00:00Z")
+    assert "Car 2 has no maintenance window with id 1" in assert_problem(
+        client.get(f"{API}/cars/2/maintenance-windows/1"), 404)["detail"]
+    assert_problem(client.delete(f"{API}/cars/2/maintenance-windows/1"), 404)
+    assert "no car with id 9" in assert_problem(client.get(f"{API}/cars/9/maintenance-windows"), 404)["detail"]
+    assert "no car with id 9" in assert_problem(client.get(f"{API}/cars/9/maintenance-windows/1"), 404)["detail"]
+    assert len(client.get(f"{API}/cars/1/maintenance-windows").get_json()) == 1
+
+
+@pytest.mark.parametrize("body, name", [
+    (window("2035-01-20T12:00:00Z", "2035-01-20T08:00:00Z"), "end_datetime"),
+    (window("2035-01-20T12:00:00Z", "2035-01-20T12:00:00Z"), "end_datetime"),
+    ({"end_datetime": "2035-01-20T12:00:00Z"}, "start_datetime"),
+    (window("2035-01-20T08:00:00Z", "soon"), "end_datetime"),
+    (window("2035-01-20T08:00:00Z", "2035-01-20T12:00:00Z") | {"note": "x" * 201}, "note"),
+    (window("2035-01-20T08:00:00Z", "2035-01-20T12:00:00Z") | {"note": "a\nb"}, "note"),
+    (window("2035-01-20T08:00:00Z", "2035-01-20T12:00:00Z") | {"car_id": 1}, "car_id"),
+    (window("2035-01-20T08:00:00Z", "2035-01-20T12:00:00Z") | {"id": 4}, "id"),
+])
+def test_a_bad_window_is_422_naming_the_field(client, body, name):
+    make_car(client)
+    assert_problem(client.post(f"{API}/cars/1/maintenance-windows", json=body), 422, name)
+    assert client.get(f"{API}/cars/1/maintenance-windows").get_json() == []
+
+
+def test_a_window_cannot_start_in_the_past(client):
+    make_car(client)
+    start, end = from_now(hours=-2), from_now(hours=2)
+    assert_problem(open_window(client, 1, start, end), 422, "start_datetime")
+    assert open_window(client, 1, from_now(minutes=1), end).status_code == 201
+
+
+def test_a_booking_over_a_window_is_409_naming_the_window(client):
+    make_car(client)
+    open_window(client, 1, "2035-01-20T08:00:00Z", "2035-01-20T12:00:00Z", note="Brake check")
+    body = assert_problem(book(client, 1, "2035-01-20T11:00:00Z", "2035-01-20T15:00:00Z"), 409)
+    assert body["detail"] == ("Car 1 is in maintenance from 2035-01-20T08:00:00+00:00 to 2035-01-20T12:00:00+00:00 "
+                              "(maintenance window 1: Brake check).")
+    # half-open: back to back with the window is fine without turnaround
+    assert book(client, 1, "2035-01-20T12:00:00Z", "2035-01-20T15:00:00Z").status_code == 201
+    assert book(client, 1, "2035-01-20T06:00:00Z", "2035-01-20T08:00:00Z").status_code == 201
+    # and a move onto the window is refused, leaving the booking as it was
+    assert_problem(patch_booking(client, 1, start_datetime="2035-01-20T10:00:00Z"), 409)
+    assert client.get(f"{API}/bookings/1").get_json()["start_datetime"] == "2035-01-20T12:00:00+00:00"
+
+
+def test_a_window_over_bookings_is_409_naming_ten_of_them_and_the_count(client):
+    make_car(client)
+    for hour in range(12):
+        assert book(client, 1, f"2035-01-20T{hour:02}:00:00Z", f"2035-01-20T{hour:02}:30:00Z").status_code == 201
+    body = assert_problem(open_window(client, 1, "2035-01-20T00:15:00Z", "2035-01-21T00:00:00Z"), 409)
+    assert body["detail"].startswith("The window would hit 12 bookings of car 1")
+    for booking_id in range(1, 11):
+        assert f"{booking_id} (2035-01-20T{booking_id - 1:02}:00:00+00:00 to " in body["detail"]
+    assert "11 (" not in body["detail"] and "and 2 more" in body["detail"]
+    assert client.get(f"{API}/cars/1/maintenance-windows").get_json() == []
+    body = assert_problem(open_window(client, 1, "2035-01-20T11:15:00Z", "2035-01-20T13:00:00Z"), 409)
+    assert "hit 1 booking of car 1" in body["detail"] and "12 (2035-01-20T11:00:00+00:00" in body["detail"]
+
+
+def test_windows_may_not_overlap_each_other(client):
+    make_car(client)
+    open_window(client, 1, "2035-01-20T08:00:00Z", "2035-01-20T12:00:00Z")
+    body = assert_problem(open_window(client, 1, "2035-01-20T10:00:00Z", "2035-01-20T14:00:00Z"), 409)
+    assert "maintenance window 1" in body["detail"]
+    assert open_window(client, 1, "2035-01-20T12:00:00Z", "2035-01-20T14:00:00Z").status_code == 201
+
+
+def test_a_car_in_maintenance_status_may_get_windows_and_deleting_a_car_removes_them(client):
+    make_car(client, status="maintenance")
+    assert open_window(client, 1, "2035-01-20T08:00:00Z", "2035-01-20T12:00:00Z").status_code == 201
+    assert client.delete(f"{API}/cars/1").status_code == 204
+    assert_problem(client.get(f"{API}/cars/1/maintenance-windows"), 404)
+    make_car(client)
+    assert client.get(f"{API}/cars/2/maintenance-windows").get_json() == []
+    assert open_window(client, 2, "2035-01-20T08:00:00Z", "2035-01-20T12:00:00Z").get_json()["id"] == 2
+
+
+def test_windows_and_turnaround_shape_available_cars_and_the_calendar(client):
+    set_turnaround(client, 60)
+    make_car(client, vin=vin(1))
+    make_car(client, vin=vin(2))
+    book(client, 1, "2035-01-20T08:00:00Z", "2035-01-20T10:00:00Z")
+    open_window(client, 2, "2035-01-20T14:00:00Z", "2035-01-20T16:00:00Z", note="Tyres")
+
+    def free(start, end):
+        return [car["id"] for car in client.get(f"{API}/bookings/available-cars",
+                                                 query_string=window(start, end)).get_json()]
+
+    assert free("2035-01-20T10:00:00Z", "2035-01-20T11:00:00Z") == [2]  # car 1 is being cleaned
+    assert free("2035-01-20T11:00:00Z", "2035-01-20T12:00:00Z") == [1, 2]
+    assert free("2035-01-20T12:00:00Z", "2035-01-20T13:30:00Z") == [1]  # car 2 must be ready for the workshop
+    assert free("2035-01-20T15:00:00Z", "2035-01-20T16:00:00Z") == [1]
+    assert free("2035-01-20T17:00:00Z", "2035-01-20T18:00:00Z") == [1, 2]
+    body = calendar(client, 2, "2035-01-20T00:00:00Z", "2035-01-21T00:00:00Z").get_json()
+    assert body["turnaround_minutes"] == 60 and body["available"] is False and body["busy"] == []
+    assert body["maintenance"] == [{"window_id": 1, "start_datetime": "2035-01-20T14:00:00+00:00",
+                                    "end_datetime": "2035-01-20T16:00:00+00:00", "note": "Tyres"}]
+    assert body["free"] == [
+        {"start_datetime": "2035-01-20T00:00:00+00:00", "end_datetime": "2035-01-20T13:00:00+00:00"},
+        {"start_datetime": "2035-01-20T17:00:00+00:00", "end_datetime": "2035-01-21T00:00:00+00:00"}]
+    # a booking whose turnaround reaches into the period narrows its free gap, though it is not busy in it
+    body = calendar(client, 1, "2035-01-20T10:00:00Z", "2035-01-20T12:00:00Z").get_json()
+    assert body["busy"] == [] and body["available"] is False
+    assert body["free"] == [{"start_datetime": "2035-01-20T11:00:00+00:00", "end_datetime": "2035-01-20T12:00:00+00:00"}]
+
+
+def test_turnaround_refuses_back_to_back_bookings_and_says_when_the_car_is_ready(client):
+    make_car(client)
+    book(client, 1, "2035-01-20T08:00:00Z", "2035-01-20T10:00:00Z")
+    assert book(client, 1, "2035-01-20T10:00:00Z", "2035-01-20T11:00:00Z").status_code == 201  # no turnaround yet
+    client.delete(f"{API}/bookings/2")
+    assert set_turnaround(client, 60) == {"id": 1, "name": "Oscar Mobility Main", "location": "Munich, Germany",
+                                          "turnaround_minutes": 60}
+    body = assert_problem(book(client, 1, "2035-01-20T10:00:00Z", "2035-01-20T11:00:00Z"), 409)
+    assert body["detail"] == ("Car 1 is not ready until 2035-01-20T11:00:00+00:00: booking 1 ends at "
+                              "2035-01-20T10:00:00+00:00, and dealer 1 needs 60 minutes of turnaround between two "
+                              "entries of a car's schedule.")
+    body = assert_problem(book(client, 1, "2035-01-20T06:00:00Z", "2035-01-20T07:30:00Z"), 409)
+    assert body["detail"].startswith("Car 1 must be back by 2035-01-20T07:00:00+00:00, ready for booking 1 at "
+                                     "2035-01-20T08:00:00+00:00")
+    assert book(client, 1, "2035-01-20T11:00:00Z", "2035-01-20T12:00:00Z").status_code == 201
+    assert book(client, 1, "2035-01-20T06:00:00Z", "2035-01-20T07:00:00Z").status_code == 201
+
+
+def test_turnaround_between_a_booking_and_a_window_both_ways(client):
+    set_turnaround(client, 30)
+    make_car(client)
+    book(client, 1, "2035-01-20T08:00:00Z", "2035-01-20T10:00:00Z")
+    body = assert_problem(open_window(client, 1, "2035-01-20T10:15:00Z", "2035-01-20T12:00:00Z"), 409)
+    assert "hit 1 booking" in body["detail"] and "30 minutes of turnaround" in body["detail"]
+    assert open_window(client, 1, "2035-01-20T10:30:00Z", "2035-01-20T12:00:00Z").status_code == 201
+    body = assert_problem(book(client, 1, "2035-01-20T12:10:00Z", "2035-01-20T13:00:00Z"), 409)
+    assert "not ready until 2035-01-20T12:30:00+00:00: maintenance window 1 ends at" in body["detail"]
+    assert book(client, 1, "2035-01-20T12:30:00Z", "2035-01-20T13:00:00Z").status_code == 201
+
+
+def test_a_change_of_turnaround_keeps_existing_bookings_and_applies_to_moves(client):
+    make_car(client)
+    book(client, 1, "2035-01-20T08:00:00Z", "2035-01-20T10:00:00Z")
+    book(client, 1, "2035-01-20T10:00:00Z", "2035-01-20T11:00:00Z")
+    set_turnaround(client, 120)
+    assert len(client.get(f"{API}/bookings").get_json()) == 2  # still valid, still there
+    assert patch_booking(client, 2, customer_name="Grace Hopper").status_code == 200  # not a move
+    assert_problem(patch_booking(client, 2, end_datetime="2035-01-20T11:30:00Z"), 409)  # a move is checked
+    assert patch_booking(client, 2, start_datetime="2035-01-20T12:00:00Z",
+                         end_datetime="2035-01-20T13:00:00Z").status_code == 200
+    other = client.post(f"{API}/dealers", json={"name": "North", "turnaround_minutes": 15}).get_json()
+    assert other["turnaround_minutes"] == 15
+    make_car(client, vin=vin(2), dealer_id=other["id"])
+    book(client, 2, "2035-01-20T08:00:00Z", "2035-01-20T10:00:00Z")
+    assert book(client, 2, "2035-01-20T10:15:00Z", "2035-01-20T11:00:00Z").status_code == 201
+
+
+@pytest.mark.parametrize("body, name", [({"turnaround_minutes": 1441}, "turnaround_minutes"),
+                                        ({"turnaround_minutes": -1}, "turnaround_minutes"),
+                                        ({"turnaround_minutes": "60"}, "turnaround_minutes"),
+                                        ({"turnaround_minutes": 1.5}, "turnaround_minutes"),
+                                        ({"turnaround_minutes": None}, "turnaround_minutes"),
+                                        ({"name": " "}, "name"), ({"id": 3}, "id")])
+def test_a_bad_change_of_a_dealer_is_422_and_changes_nothing(client, body, name):
+    assert_problem(client.patch(f"{API}/dealers/1", json=body), 422, name)
+    assert client.get(f"{API}/dealers/1").get_json()["turnaround_minutes"] == 0
+    assert_problem(client.post(f"{API}/dealers", json={"name": "A"} | body), 422, name)
+
+
+def test_a_dealer_changes_only_what_is_given(client):
+    response = client.patch(f"{API}/dealers/1", json={"name": " Main ", "turnaround_minutes": 1440})
+    assert response.get_json() == {"id": 1, "name": "Main", "location": "Munich, Germany", "turnaround_minutes": 1440}
+    assert client.patch(f"{API}/dealers/1", json={}).get_json()["turnaround_minutes"] == 1440
+    assert_problem(client.patch(f"{API}/dealers/9", json={}), 404)
+
+
+@pytest.mark.parametrize("length, days, price", [
+    (timedelta(minutes=1), 1, 100.0), (timedelta(hours=23, minutes=59), 1, 100.0), (timedelta(hours=24), 1, 100.0),
+    (timedelta(hours=24, minutes=1), 2, 200.0), (timedelta(days=3), 3, 300.0), (timedelta(days=3, seconds=1), 4, 400.0),
+])
+def test_a_booking_costs_the_daily_price_per_started_day(client, length, days, price):
+    make_car(client)
+    start = datetime(2035, 1, 20, 9, tzinfo=timezone.utc)
+    body = book(client, 1, start.isoformat(), (start + length).isoformat()).get_json()
+    assert (body["total_price"], body["currency"]) == (price, "EUR")
+    quote = client.get(f"{API}/cars/1/quote", query_string=window(start.isoformat(), (start + length).isoformat()))
+    assert (quote.get_json()["days"], quote.get_json()["total_price"]) == (days, price)
+
+
+def test_prices_are_decimal_and_rounded_half_up_to_cents(client):
+    make_car(client, daily_price=33.335)
+    assert book(client, 1, "2035-01-20T09:00:00Z", "2035-01-23T09:00:00Z").get_json()["total_price"] == 100.01
+    make_car(client, vin=vin(2), daily_price=0.1)
+    assert book(client, 2, "2035-01-20T09:00:00Z", "2035-01-23T09:00:00Z").get_json()["total_price"] == 0.3
+
+
+def test_a_price_is_fixed_when_booked_and_set_again_only_by_a_move(client):
+    make_car(client, vin=vin(1), daily_price=50.0)
+    make_car(client, vin=vin(2), daily_price=80.0)
+    book(client, 1, "2035-01-20T09:00:00Z", "2035-01-22T09:00:00Z")
+    assert client.patch(f"{API}/cars/1", json={"daily_price": 70.0}).status_code == 200
+    assert client.get(f"{API}/bookings/1").get_json()["total_price"] == 100.0  # as booked
+    assert patch_booking(client, 1, customer_name="Grace").get_json()["total_price"] == 100.0  # not a move
+    assert patch_booking(client, 1, end_datetime="2035-01-23T09:00:00Z").get_json()["total_price"] == 210.0
+    assert patch_booking(client, 1, car_id=2).get_json()["total_price"] == 240.0
+    assert_problem(patch_booking(client, 1, car_id=9), 404)
+    assert client.get(f"{API}/bookings/1").get_json()["total_price"] == 240.0
+
+
+def test_the_currency_is_configurable_and_shown_beside_every_price():
+    client = new_app({"DEALERSHIP_CURRENCY": "usd"}).test_client()
+    assert make_car(client)["currency"] == "USD"
+    assert book(client, 1).get_json()["currency"] == "USD"
+    assert client.get(f"{API}/cars/1/quote", query_string=window("2035-02-01T09:00:00Z", "2035-02-02T09:00:00Z")
+                      ).get_json()["currency"] == "USD"
+    for bad in ["EURO", "E1R", "", "€"]:
+        with pytest.raises(dealership.ConfigError, match="DEALERSHIP_CURRENCY"):
+            new_app({"DEALERSHIP_CURRENCY": bad})
+
+
+def test_a_quote_prices_without_booking_and_says_whether_the_car_is_free(client):
+    make_car(client, daily_price=64.5)
+    period = window("2035-01-20T09:00:00+01:00", "2035-01-22T10:00:00+01:00")
+    response = client.get(f"{API}/cars/1/quote", query_string=period)
+    assert response.get_json() == {"car_id": 1, "start_datetime": "2035-01-20T08:00:00+00:00",
+                                   "end_datetime": "2035-01-22T09:00:00+00:00", "days": 3, "daily_price": 64.5,
+                                   "total_price": 193.5, "currency": "EUR", "available": True}
+    assert client.get(f"{API}/bookings").get_json() == []
+    book(client, 1, "2035-01-21T09:00:00Z", "2035-01-21T10:00:00Z")
+    assert client.get(f"{API}/cars/1/quote", query_string=period).get_json()["available"] is False
+    assert_problem(client.get(f"{API}/cars/9/quote", query_string=period), 404)
+    assert_problem(client.get(f"{API}/cars/1/quote", query_string=window("2035-01-22T09:00:00Z",
+                                                                         "2035-01-20T09:00:00Z")), 422, "end_datetime")
+    assert_problem(client.get(f"{API}/cars/1/quote"), 422, "start_datetime", "end_datetime")
+
+
+def slots(client, **query):
+    response = client.get(f"{API}/bookings/available-slots", query_string=query)
+    assert response.status_code == 200, response.get_json()
+    return response
+
+
+def test_available_slots_finds_each_cars_earliest_free_period(client):
+    set_turnaround(client, 60)
+    north = client.post(f"{API}/dealers", json={"name": "North"}).get_json()["id"]
+    make_car(client, vin=vin(1), brand="Toyota")
+    make_car(client, vin=vin(2), brand="Skoda", daily_price=50.0)
+    make_car(client, vin=vin(3), brand="Skoda", dealer_id=north)
+    make_car(client, vin=vin(4), status="maintenance")
+    book(client, 1, "2035-01-20T09:00:00Z", "2035-01-22T09:00:00Z")
+    book(client, 1, "2035-01-24T09:00:00Z", "2035-01-25T09:00:00Z")  # the gap between is too short for 3 days
+    open_window(client, 2, "2035-01-20T08:00:00Z", "2035-01-20T20:00:00Z")
+    response = slots(client, duration="P3D", after="2035-01-20T09:00:00Z")
+    assert response.headers["X-Total-Count"] == "3"
+    assert response.get_json() == [
+        {"car_id": 3, "start_datetime": "2035-01-20T09:00:00+00:00", "end_datetime": "2035-01-23T09:00:00+00:00",
+         "total_price": 300.0, "currency": "EUR"},
+        {"car_id": 2, "start_datetime": "2035-01-20T21:00:00+00:00", "end_datetime": "2035-01-23T21:00:00+00:00",
+         "total_price": 150.0, "currency": "EUR"},
+        {"car_id": 1, "start_datetime": "2035-01-25T10:00:00+00:00", "end_datetime": "2035-01-28T10:00:00+00:00",
+         "total_price": 300.0, "currency": "EUR"},
+    ]
+    # a shorter stay fits into car 1's gap, with its hour of turnaround on both sides
+    assert slots(client, duration="P1DT22H", after="2035-01-20T09:00:00Z", car_id=1).get_json()[0][
+        "start_datetime"] == "2035-01-22T10:00:00+00:00"
+    assert slots(client, duration="P1DT22H1M", after="2035-01-20T09:00:00Z", car_id=1).get_json()[0][
+        "start_datetime"] == "2035-01-25T10:00:00+00:00"
+    assert [s["car_id"] for s in slots(client, duration="P3D", after="2035-01-20T09:00:00Z", brand="skoda").get_json()] == [3, 2]
+    assert [s["car_id"] for s in slots(client, duration="P3D", after="2035-01-20T09:00:00Z",
+                                       dealer_id=1).get_json()] == [2, 1]
+    paged = slots(client, duration="P3D", after="2035-01-20T09:00:00Z", limit=1, offset=1)
+    assert [s["car_id"] for s in paged.get_json()] == [2] and 'rel="next"' in paged.headers["Link"]
+    # `before` leaves out a car whose earliest slot ends later
+    assert [s["car_id"] for s in slots(client, duration="P3D", after="2035-01-20T09:00:00Z",
+                                       before="2035-01-27T00:00:00Z").get_json()] == [3, 2]
+    # booking a returned slot succeeds
+    for slot in response.get_json():
+        assert book(client, slot["car_id"], slot["start_datetime"], slot["end_datetime"]).status_code == 201
+
+
+def test_available_slots_start_no_earlier_than_now_and_look_90_days_ahead_by_default(client):
+    make_car(client)
+    before = datetime.now(timezone.utc)
+    first = slots(client, duration="PT4H").get_json()[0]
+    start = datetime.fromisoformat(first["start_datetime"])
+    assert before <= start <= datetime.now(timezone.utc)
+    assert book(client, 1, first["start_datetime"], first["end_datetime"]).status_code == 201
+    past = slots(client, duration="PT4H", after=(before - timedelta(days=3)).isoformat()).get_json()[0]
+    assert datetime.fromisoformat(past["start_datetime"]) >= datetime.fromisoformat(first["end_datetime"])
+    # a car booked for the next 90 days has no slot in the default search, but one after it
+    far = (before + timedelta(days=100)).replace(microsecond=0)
+    assert book(client, 1, first["end_datetime"], (before + timedelta(days=95)).isoformat()).status_code == 201
+    assert slots(client, duration="PT4H").get_json() == []
+    assert slots(client, duration="PT4H", before=far.isoformat()).get_json()[0]["car_id"] == 1
+
+
+@pytest.mark.parametrize("query, name", [
+    ({}, "duration"), ({"duration": "P1W"}, "duration"), ({"duration": "PT10M"}, "duration"),
+    ({"duration": "P91D"}, "duration"), ({"duration": "3 days"}, "duration"), ({"duration": "P1DT"}, "duration"),
+    ({"duration": "PT1H30S"}, "duration"), ({"duration": "P1.5D"}, "duration"), ({"duration": "p3d"}, "duration"),
+    ({"duration": "P3D", "after": "2035-01-20T09:00:00Z", "before": "2035-01-20T09:00:00Z"}, "before"),
+    ({"duration": "P3D", "after": "tomorrow"}, "after"), ({"duration": "P3D", "car_id": "0"}, "car_id"),
+    ({"duration": "P3D", "limit": "0"}, "limit"), ({"duration": "P3D", "color": "red"}, "color"),
+])
+def test_a_bad_slot_search_is_422_with_an_example(client, query, name):
+    body = assert_problem(client.get(f"{API}/bookings/available-slots", query_string=query), 422, name)
+    if name == "duration" and query:
+        assert "such as P3D" in body["errors"]["duration"][0]
+
+
+def test_available_slots_reach_the_end_of_the_calendar_without_error(client):
+    make_car(client)
+    assert slots(client, duration="P90D", after="9998-12-30T00:00:00Z").get_json() == []
+    assert len(slots(client, duration="P1D", after="9998-12-01T00:00:00Z").get_json()) == 1
+    assert slots(client, duration="P1D", after="9999-12-31T00:00:00-05:00").get_json() == []
+
+
+def earliest_by_brute_force(entries, pad, after, before, length):
+    """The earliest start at or after `after`: either `after` itself or the end of an entry plus the
+    pad, whichever first leaves [start, start + length) clear of every entry widened by the pad."""
+    candidates = sorted({after} | {end + pad for _, end in entries if end + pad > after})
+    for start in candidates:
+        if start + length <= before and all(not (s - pad < start + length and start < e + pad) for s, e in entries):
+            return start
+    return None
+
+
+def test_slot_search_matches_a_brute_force_oracle_over_random_schedules():
+    rng = random.Random(20261125)
+    base = datetime(2035, 1, 1, tzinfo=timezone.utc)
+    for round_ in range(300):
+        client = new_app().test_client()
+        turnaround = rng.choice([0, 0, 15, 60, 240])
+        set_turnaround(client, turnaround)
+        cars = [make_car(client, vin=vin(n), daily_price=10.0 + n)["id"] for n in range(rng.randrange(1, 4))]
+        entries = {car_id: [] for car_id in cars}
+        for _ in range(rng.randrange(0, 12)):
+            car_id = rng.choice(cars)
+            start = base + timedelta(minutes=15 * rng.randrange(0, 4 * 24 * 10))
+            end = start + timedelta(minutes=15 * rng.randrange(1, 4 * 36))
+            response = open_window(client, car_id, start.isoformat(), end.isoformat()) if rng.random() < 0.3 else \
+                book(client, car_id, start.isoformat(), end.isoformat())
+            if response.status_code == 201:
+                entries[car_id].append((start, end))
+        after = base + timedelta(minutes=15 * rng.randrange(0, 4 * 24 * 10))
+        before = after + timedelta(hours=rng.randrange(1, 24 * 12))
+        length = timedelta(minutes=15 * rng.randrange(1, 4 * 24 * 3))
+        pad = timedelta(minutes=turnaround)
+        expected = sorted((start, car_id) for car_id in cars
+                          if (start := earliest_by_brute_force(entries[car_id], pad, after, before, length)))
+        duration = f"P{length.days}DT{length.seconds // 60}M" if length.days else f"PT{length.seconds // 60}M"
+        found = slots(client, duration=duration, after=after.isoformat(), before=before.isoformat()).get_json()
+        assert [(datetime.fromisoformat(s["start_datetime"]), s["car_id"]) for s in found] == expected, round_
+        for slot in found:
+            assert datetime.fromisoformat(slot["end_datetime"]) - datetime.fromisoformat(slot["start_datetime"]) == length
+            assert book(client, slot["car_id"], slot["start_datetime"], slot["end_datetime"]).status_code == 201
+
+
+def test_windows_and_turnaround_cross_between_two_apps_on_one_file(database):
+    first, second = on_file(database).test_client(), on_file(database).test_client()
+    make_car(first)
+    assert open_window(first, 1, "2035-01-20T08:00:00Z", "2035-01-20T12:00:00Z").status_code == 201
+    assert_problem(book(second, 1, "2035-01-20T11:00:00Z", "2035-01-20T13:00:00Z"), 409)
+    assert second.get(f"{API}/cars/1/maintenance-windows/1").status_code == 200
+    set_turnaround(second, 60)
+    assert_problem(book(first, 1, "2035-01-20T12:30:00Z", "2035-01-20T13:00:00Z"), 409)
+    assert [car["id"] for car in first.get(f"{API}/bookings/available-cars", query_string=window(
+        "2035-01-20T12:30:00Z", "2035-01-20T13:00:00Z")).get_json()] == []
+    assert second.delete(f"{API}/cars/1/maintenance-windows/1").status_code == 204
+    assert book(first, 1, "2035-01-20T11:00:00Z", "2035-01-20T13:00:00Z").status_code == 201
+    assert second.delete(f"{API}/bookings/1").status_code == 204
+    open_window(first, 1, "2035-01-21T08:00:00Z", "2035-01-21T12:00:00Z")
+    assert second.delete(f"{API}/cars/1").status_code == 204  # its window goes with it
+    assert_problem(first.get(f"{API}/cars/1/maintenance-windows"), 404)
+    assert table_rows(database)["maintenance_windows"] == []
+    assert state(on_file(database).test_client()) == state(first) == state(second)
+
+
+def test_threads_booking_and_opening_windows_on_one_car_through_two_apps_never_break_a_rule(database):
+    apps = [on_file(database), on_file(database)]
+    client = apps[0].test_client()
+    set_turnaround(client, 30)
+    make_car(client)
+    base = datetime(2035, 3, 1, tzinfo=timezone.utc)
+
+    def worker(i):
+        rng = random.Random(i)
+        made = 0
+        for _ in range(40):
+            start = base + timedelta(minutes=15 * rng.randrange(0, 4 * 48))
+            end = start + timedelta(minutes=15 * rng.randrange(1, 12))
+            target = apps[i % 2].test_client()
+            response = open_window(target, 1, start.isoformat(), end.isoformat()) if i % 3 == 0 else \
+                book(target, 1, start.isoformat(), end.isoformat(), customer_email=f"t{i}@example.com")
+            assert response.status_code in (201, 409), response.get_json()
+            made += response.status_code == 201
+        return made
+
+    made = run_at_once(8, worker)
+    rows = table_rows(database)
+    entries = sorted([(row[4], row[5]) for row in rows["bookings"]] + [(row[2], row[3]) for row in rows["maintenance_windows"]])
+    assert len(entries) == sum(made) > 1
+    gap = timedelta(minutes=30)
+    spans = [(datetime.fromisoformat(s), datetime.fromisoformat(e)) for s, e in entries]
+    assert all(later[0] >= earlier[1] + gap for earlier, later in zip(spans, spans[1:]))
+    fresh = state(on_file(database).test_client())
+    assert fresh == state(apps[0].test_client()) == state(apps[1].test_client())
+    assert len(fresh["bookings"]) + len(fresh["windows"][1]) == len(entries)
+
+
+def write_version_1_file(path):
+    """A database file as the previous version of the service wrote it: schema 1, with its change log."""
+    with closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("BEGIN")
+        statement = ""
+        for part in (dealership.MIGRATIONS[1] + dealership.CHANGE_LOG_TRIGGERS[1]).split(";"):
+            statement += part + ";"
+            if sqlite3.complete_statement(statement):
+                conn.execute(statement)
+                statement = ""
+        conn.execute(f"PRAGMA application_id = {dealership.APPLICATION_ID}")
+        conn.execute("INSERT INTO dealers (name, location) VALUES ('Oscar Mobility Main', 'Munich, Germany')")
+        conn.execute("INSERT INTO cars (brand, model, year, color, daily_price, vin, status, dealer_id) "
+                     f"VALUES ('Toyota', 'Camry', 2023, 'Blue', 64.5, '{vin(1)}', 'available', 1)")
+        for start, end in [("2035-01-20T09:00:00", "2035-01-22T10:00:00"), ("2035-02-01T09:00:00", "2035-02-01T10:00:00")]:
+            conn.execute("INSERT INTO bookings (car_id, customer_name, customer_email, start_datetime, end_datetime) "
+                         "VALUES (1, 'Ada', 'ada@example.com', ?, ?)", (f"{start}.000000+00:00", f"{end}.000000+00:00"))
+        conn.execute("PRAGMA user_version = 1")
+        conn.execute("COMMIT")
+
+
+def test_a_file_of_schema_version_1_is_upgraded_and_keeps_every_booking(database, caplog):
+    write_version_1_file(database)
+    caplog.set_level("INFO", logger="dealership")
+    client = on_file(database).test_client()
+    assert "schema upgraded from version 1 to 2" in caplog.text
+    with closing(sqlite3.connect(database)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (2,)
+    bookings = client.get(f"{API}/bookings").get_json()
+    assert [(b["id"], b["start_datetime"], b["total_price"]) for b in bookings] == [
+        (1, "2035-01-20T09:00:00+00:00", 193.5), (2, "2035-02-01T09:00:00+00:00", 64.5)]
+    assert client.get(f"{API}/dealers/1").get_json()["turnaround_minutes"] == 0
+    # the new table and its change log work across apps
+    other = on_file(database).test_client()
+    assert open_window(client, 1, "2035-01-25T08:00:00Z", "2035-01-25T12:00:00Z").status_code == 201
+    assert_problem(book(other, 1, "2035-01-25T09:00:00Z", "2035-01-25T10:00:00Z"), 409)
+    assert book(other, 1, "2035-01-26T09:00:00Z", "2035-01-26T10:00:00Z").get_json()["id"] == 3
+    # and opening it again changes nothing
+    assert state(on_file(database).test_client()) == state(client)
+
+
+# ---------------------------------------------------------------------------------------------
 # Randomized: every answer against a brute-force oracle
 # ---------------------------------------------------------------------------------------------
 
@@ -814,12 +1315,13 @@ def test_calendar_lists_busy_bookings_unclipped_and_free_gaps_clipped(client):
     assert response.status_code == 200
     assert response.get_json() == {
         "car_id": 1, "start_datetime": "2035-01-01T09:00:00+00:00", "end_datetime": "2035-01-02T00:00:00+00:00",
-        "status": "available", "available": False,
+        "status": "available", "turnaround_minutes": 0, "available": False,
         "busy": [
             {"booking_id": 1, "start_datetime": "2035-01-01T08:00:00+00:00", "end_datetime": "2035-01-01T10:00:00+00:00"},
             {"booking_id": 2, "start_datetime": "2035-01-01T14:00:00+00:00", "end_datetime": "2035-01-01T15:00:00+00:00"},
             {"booking_id": 3, "start_datetime": "2035-01-01T15:00:00+00:00", "end_datetime": "2035-01-01T16:00:00+00:00"},
         ],
+        "maintenance": [],
         "free": [
             {"start_datetime": "2035-01-01T10:00:00+00:00", "end_datetime": "2035-01-01T14:00:00+00:00"},
             {"start_datetime": "2035-01-01T16:00:00+00:00", "end_datetime": "2035-01-02T00:00:00+00:00"},
@@ -871,7 +1373,8 @@ def test_reschedule_into_its_own_time(client):
     book(client, 1, "2035-01-15T10:00:00Z", "2035-01-15T12:00:00Z")
     response = patch_booking(client, 1, start_datetime="2035-01-15T11:00:00Z", end_datetime="2035-01-15T14:00:00Z")
     assert response.status_code == 200
-    assert response.get_json() | {} == {**booking_body(1, "2035-01-15T11:00:00+00:00", "2035-01-15T14:00:00+00:00"), "id": 1}
+    assert response.get_json() == {**booking_body(1, "2035-01-15T11:00:00+00:00", "2035-01-15T14:00:00+00:00"), "id": 1,
+                                   "total_price": 100.0, "currency": "EUR"}
     # the old slot is free again, the new one is taken
     assert book(client, 1, "2035-01-15T10:00:00Z", "2035-01-15T11:00:00Z").status_code == 201
     assert_problem(book(client, 1, "2035-01-15T13:00:00Z", "2035-01-15T15:00:00Z"), 409)
@@ -952,7 +1455,8 @@ def test_create_and_delete_dealer(client):
     response = client.post(f"{API}/dealers", json={"name": " Oscar Mobility North ", "location": "Hamburg"})
     assert response.status_code == 201
     assert response.headers["Location"] == f"{API}/dealers/2"
-    assert response.get_json() == {"id": 2, "name": "Oscar Mobility North", "location": "Hamburg"}
+    assert response.get_json() == {"id": 2, "name": "Oscar Mobility North", "location": "Hamburg",
+                                   "turnaround_minutes": 0}
     assert client.post(f"{API}/dealers", json={"name": "No Location"}).get_json()["location"] == ""
     assert client.delete(f"{API}/dealers/2").status_code == 204
     assert_problem(client.get(f"{API}/dealers/2"), 404)
@@ -1397,6 +1901,8 @@ def state(client):
     found["bookings"] = []
     while page := client.get(f"{API}/bookings?limit=1000&offset={len(found['bookings'])}").get_json():
         found["bookings"] += page
+    found["windows"] = {car["id"]: client.get(f"{API}/cars/{car['id']}/maintenance-windows").get_json()
+                        for car in found["cars"]}
     return found
 
 
@@ -1404,7 +1910,7 @@ def table_rows(path):
     """Every row of the service's tables, read with a connection of its own."""
     with closing(sqlite3.connect(path)) as conn:
         return {table: conn.execute(f"SELECT * FROM {table} ORDER BY id").fetchall()
-                for table in ("dealers", "cars", "bookings")}
+                for table in ("dealers", "cars", "bookings", "maintenance_windows")}
 
 
 def test_data_survives_a_new_app_on_the_same_file(database):
@@ -1435,7 +1941,7 @@ def test_times_are_stored_in_utc_and_the_database_guards_itself(database):
     make_car(client, vin=vin(1))
     book(client, 1, "2035-01-15T10:00:00+02:00", "2035-01-15T12:00:00+02:00")
     rows = table_rows(database)
-    assert rows["bookings"][0][4:] == ("2035-01-15T08:00:00.000000+00:00", "2035-01-15T10:00:00.000000+00:00")
+    assert rows["bookings"][0][4:] == ("2035-01-15T08:00:00.000000+00:00", "2035-01-15T10:00:00.000000+00:00", 10000)
     with closing(sqlite3.connect(database)) as conn:
         conn.execute("PRAGMA foreign_keys = ON")
         for statement in [
@@ -1633,6 +2139,17 @@ REFUSALS = [
     ("put", "/cars/2", {"vin": vin(1)}, 409),
     ("delete", "/cars/1", None, 409),
     ("delete", "/dealers/1", None, 409),
+    ("post", "/cars/1/maintenance-windows", window("2035-01-15T11:00:00Z", "2035-01-15T13:00:00Z"), 409),
+    ("post", "/cars/2/maintenance-windows", window("2035-01-16T11:00:00Z", "2035-01-16T13:00:00Z"), 409),
+    ("post", "/cars/9/maintenance-windows", window("2035-01-16T11:00:00Z", "2035-01-16T13:00:00Z"), 404),
+    ("post", "/cars/1/maintenance-windows", window("2035-01-17T11:00:00Z", "2035-01-17T13:00:00Z") | {"note": "x" * 201}, 422),
+    ("post", "/bookings", booking_body(2, "2035-01-16T11:00:00Z", "2035-01-16T13:00:00Z"), 409),
+    ("patch", "/bookings/1", {"car_id": 2, "start_datetime": "2035-01-16T09:00:00Z",
+                              "end_datetime": "2035-01-16T10:30:00Z"}, 409),
+    ("delete", "/cars/2/maintenance-windows/9", None, 404),
+    ("delete", "/cars/1/maintenance-windows/1", None, 404),
+    ("patch", "/dealers/1", {"turnaround_minutes": 1441}, 422),
+    ("patch", "/dealers/9", {"turnaround_minutes": 5}, 404),
 ]
 
 
@@ -1643,6 +2160,8 @@ def test_a_refusal_changes_neither_the_database_nor_the_dicts(database, method, 
     make_car(client, vin=vin(2))
     book(client, 1)
     book(client, 2, "2035-01-15T12:00:00Z", "2035-01-15T14:00:00Z")
+    assert client.post(f"{API}/cars/2/maintenance-windows",
+                       json=window("2035-01-16T10:00:00Z", "2035-01-16T12:00:00Z")).status_code == 201
     before, rows = state(client), table_rows(database)
     assert_problem(getattr(client, method)(API + path, json=body), status)
     assert state(client) == before
@@ -1650,6 +2169,8 @@ def test_a_refusal_changes_neither_the_database_nor_the_dicts(database, method, 
     assert state(on_file(database).test_client()) == before
     assert make_car(client, vin=vin(3))["id"] == 3  # and no id was used up
     assert book(client, 3).get_json()["id"] == 3
+    assert client.post(f"{API}/cars/3/maintenance-windows",
+                       json=window("2035-01-16T10:00:00Z", "2035-01-16T12:00:00Z")).get_json()["id"] == 2
 
 
 @contextmanager
@@ -2040,7 +2561,7 @@ def test_every_example_in_the_document_is_accepted_by_the_schema_the_route_uses(
                 assert set(example) == set(doc["query"].fields), path  # every query parameter has one
                 doc["query"].load(example)
                 checked += 1
-    assert checked == 10  # six bodies, four query strings
+    assert checked == 15  # eight bodies, seven query strings
 
 
 def test_every_field_and_parameter_says_its_rule_in_words(client):
@@ -2052,9 +2573,10 @@ def test_every_field_and_parameter_says_its_rule_in_words(client):
         assert op["summary"] and not op["summary"].endswith("."), (path, method)
         for parameter in op["parameters"]:
             assert parameter["in"] == "path" or parameter.get("description"), (path, parameter["name"])
-    assert [tag["name"] for tag in document["tags"]] == ["cars", "bookings", "dealers", "service"]
+    tags = ["cars", "bookings", "maintenance", "dealers", "service"]
+    assert [tag["name"] for tag in document["tags"]] == tags
     assert [op["tags"][0] for _, _, op in operations(document)] == sorted(
-        (op["tags"][0] for _, _, op in operations(document)), key=["cars", "bookings", "dealers", "service"].index)
+        (op["tags"][0] for _, _, op in operations(document)), key=tags.index)
 
 
 def test_the_examples_used_in_order_work_and_the_errors_look_like_the_real_ones(client):
