@@ -1741,7 +1741,7 @@ class SlotQuery(PageQuery):
         "How long the car is needed: an ISO 8601 duration of days, hours and minutes from 15 minutes to "
         "90 days (P3D, PT4H, P1DT12H).", "P3D") | {"pattern": DURATION_PATTERN})
     after = Instant(in_query=True, metadata=about(
-        "The earliest start wanted; now when left out (a time already past counts as now)."))
+        "The earliest start wanted; when left out, or already past, the next whole minute from now."))
     before = Instant(in_query=True, metadata=about(
         "The slot must end by then; `after` plus 90 days when left out."))
     dealer_id = Count(validate=validate.Range(min=1), metadata=about("Only this dealer's cars.", 1))
@@ -2310,6 +2310,7 @@ def available_slots():
     """
     filters = query(SLOT_QUERY)
     now = datetime.now(timezone.utc)
+    now = now.replace(second=0, microsecond=0) + timedelta(minutes=1)  # a start people can read
     after = min(max(filters.get("after", now), now), LATEST_SLOT_END)
     before = min(filters["before"] if "before" in filters else after + MAX_SLOT, LATEST_SLOT_END)
     length = filters["duration"]

@@ -1088,7 +1088,8 @@ def test_available_slots_start_no_earlier_than_now_and_look_90_days_ahead_by_def
     before = datetime.now(timezone.utc)
     first = slots(client, duration="PT4H").get_json()[0]
     start = datetime.fromisoformat(first["start_datetime"])
-    assert before <= start <= datetime.now(timezone.utc)
+    assert before <= start <= datetime.now(timezone.utc) + timedelta(minutes=1)
+    assert start.second == start.microsecond == 0  # the next whole minute
     assert book(client, 1, first["start_datetime"], first["end_datetime"]).status_code == 201
     past = slots(client, duration="PT4H", after=(before - timedelta(days=3)).isoformat()).get_json()[0]
     assert datetime.fromisoformat(past["start_datetime"]) >= datetime.fromisoformat(first["end_datetime"])
