@@ -345,11 +345,11 @@ def order_key(start, booking_id):
     return micros(start) * ID_SPAN + booking_id
 
 
-def check_not_past(start, now):
-    """A booking may not start (or be moved to start) before now, give or take a minute for clocks
-    that differ: raised on start_datetime."""
+def check_not_past(start, now, what="booking"):
+    """A booking (or window) may not start (or be moved to start) before now, give or take a minute
+    for clocks that differ: raised on start_datetime."""
     if start < now - CLOCK_TOLERANCE:
-        raise ValidationError(f"Is in the past: a booking can start from now on "
+        raise ValidationError(f"Is in the past: a {what} can start from now on "
                               f"({now.replace(microsecond=0).isoformat()}).", field_name="start_datetime")
 
 
@@ -603,7 +603,7 @@ class Store:
     def add_window(self, car_id, fields):
         """A maintenance window on a car: it may not overlap, nor come within the turnaround of, a
         booking or another window. The 409 names up to 10 of the bookings in the way."""
-        check_not_past(fields["start_datetime"], datetime.now(timezone.utc))
+        check_not_past(fields["start_datetime"], datetime.now(timezone.utc), "maintenance window")
         with self._writing() as (db, then):
             car = self.car(car_id)
             start, end = fields["start_datetime"], fields["end_datetime"]
@@ -2492,16 +2492,18 @@ class Examples:
 
 def add_links(paths):
     """Link each 201 of a POST to the operations on the resource it made ({collection}/{id}...),
-    so that clients and stateful fuzzers can follow the new id."""
+    so that clients and stateful fuzzers can follow the new id (and the ids the POST's own path named)."""
     for path, operations in paths.items():
         created = operations.get("post", {}).get("responses", {}).get("201")
         if created is None:
             continue
+        given = _PATH_TEMPLATE.findall(path)
         for item_path, item_operations in paths.items():
             names = _PATH_TEMPLATE.findall(item_path)
-            if item_path.startswith(path + "/{") and len(names) == 1:
+            if item_path.startswith(path + "/{") and len(names) == len(given) + 1:
+                parameters = {name: f"$request.path.{name}" for name in given} | {names[-1]: "$response.body#/id"}
                 created.setdefault("links", {}).update({
-                    op["operationId"]: {"operationId": op["operationId"], "parameters": {names[0]: "$response.body#/id"}}
+                    op["operationId"]: {"operationId": op["operationId"], "parameters": parameters}
                     for op in item_operations.values()})
 
 

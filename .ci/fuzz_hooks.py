@@ -5,7 +5,9 @@ document's description states them in words: `end_datetime` must be after `start
 date-time must be writable in UTC (year 1 with a positive offset, or year 9999 with a negative one,
 is not); and a booking may not start in the past. So that the requests the fuzzer sends as valid are
 valid, this hook orders each pair of date-times it is about to send, keeps each inside that range,
-and moves the start of a booking it writes to tomorrow if it was earlier. An e-mail address whose
+and moves the start of a booking or maintenance window it writes to tomorrow if it was earlier. A
+slot search's duration outside 15 minutes to 90 days (a bound no JSON Schema keyword puts on an ISO
+8601 duration; the parameter's description states it) is brought to the nearer end. An e-mail address whose
 domain is a special-use name (.test, .local, .invalid...; email-validator refuses them, as mail cannot
 go there) gets .com instead, in a body or a query. And since a PATCH of a booking is
 checked once merged with the stored booking, which the fuzzer cannot see, it drops a lone start or
@@ -18,6 +20,7 @@ fuzzer's `ensure_resource_availability` check reads that 404 as "the resource I 
 on those updates the hook leaves out the reference (`dealer_id` of a car, `car_id` of a booking);
 the unit tests cover moving a car or a booking. Every check stays on.
 """
+import re
 from datetime import datetime, timedelta, timezone
 
 import email_validator
@@ -45,16 +48,18 @@ def instant(value):
 
 
 def in_order(data):
-    """Put a generated pair of date-times in range and in order, in place."""
+    """Put each generated pair of date-times (a period, or a slot search's after and before) in
+    range and in order, in place."""
     if not isinstance(data, dict):
         return
-    moments = {key: instant(data.get(key)) for key in PAIR}
-    for key, moment in moments.items():
-        if moment is not None:
-            data[key] = moment.isoformat()
-    start, end = moments["start_datetime"], moments["end_datetime"]
-    if start is not None and end is not None and end <= start:
-        data["start_datetime"], data["end_datetime"] = end.isoformat(), (start + timedelta(seconds=1)).isoformat()
+    for first, last in (PAIR, ("after", "before")):
+        moments = {key: instant(data.get(key)) for key in (first, last)}
+        for key, moment in moments.items():
+            if moment is not None:
+                data[key] = moment.isoformat()
+        start, end = moments[first], moments[last]
+        if start is not None and end is not None and end <= start:
+            data[first], data[last] = end.isoformat(), (start + timedelta(seconds=1)).isoformat()
 
 
 def not_past(data):
@@ -75,14 +80,27 @@ def mailable(data):
             data["customer_email"] = f"{local}@{head + dot if dot else domain + '.'}com"
 
 
+def slot_length(query):
+    """Bring a generated slot duration (ISO 8601, which JSON Schema can match but not bound) into
+    15 minutes to 90 days, in place."""
+    if not isinstance(query, dict) or not isinstance(query.get("duration"), str):
+        return
+    units = {"D": 1440, "H": 60, "M": 1}
+    minutes = sum(int(n) * units[u] for n, u in re.findall(r"(\d+)([DHM])", query["duration"]))
+    if re.fullmatch(r"P[0-9DTHM]+", query["duration"]) and not 15 <= minutes <= 90 * 1440:
+        query["duration"] = "PT15M" if minutes < 15 else "P90D"
+
+
 @schemathesis.hook
 def before_call(ctx, case, **kwargs):
     in_order(case.query)
     in_order(case.body)
     mailable(case.query)
     mailable(case.body)
-    if "/bookings" in case.path and case.method.upper() in ("POST", "PATCH") and isinstance(case.body, dict):
+    if ("/bookings" in case.path or "/maintenance-windows" in case.path) and \
+            case.method.upper() in ("POST", "PATCH") and isinstance(case.body, dict):
         not_past(case.body)
+    slot_length(case.query)
     if case.method.upper() not in ("PUT", "PATCH") or not isinstance(case.body, dict):
         return
     if "booking_id" in case.path:
