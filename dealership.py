@@ -671,25 +671,30 @@ class Store:
         return found
 
     def free_slots(self, length, after, before, dealer_id=None, brand=None, car_id=None):
-        """For each car that can be offered and matches the filters, the earliest period of `length`
-        that starts at or after `after`, ends by `before` and can be booked: (start, end, car), by
-        start then car id."""
+        """For each car that can be offered and matches the filters, the earliest start (micros) of a
+        period of `length` that starts at or after `after`, ends by `before` and can be booked:
+        (start, car) by start, then car id."""
         length, after, before = length // MICROSECOND, micros(after), micros(before)
         brand = brand.strip().casefold() if brand else None
         found = []
+        if after + length > before:
+            return found
         with self.lock:
             for pad, offerable in self._offer().items():
+                if car_id is not None or dealer_id is not None or brand is not None:
+                    offerable = [entry for entry in offerable if (car_id is None or entry[0].id == car_id)
+                                 and (dealer_id is None or entry[0].dealer_id == dealer_id)
+                                 and (brand is None or entry[0].brand.casefold() == brand)]
+                low, high = after - pad, after + length + pad
                 for car, starts, ends in offerable:
-                    if (car_id is not None and car.id != car_id) or \
-                            (dealer_id is not None and car.dealer_id != dealer_id) or \
-                            (brand is not None and car.brand.casefold() != brand):
-                        continue
-                    start = earliest_start(starts, ends, after, before, length, pad)
-                    if start is not None:
+                    # earliest_start, with its most common answer (free at `after` already) inlined
+                    i = bisect.bisect_right(ends, low)
+                    if i == len(starts) or starts[i] >= high:
+                        found.append((after, car.id, car))
+                    elif (start := earliest_start(starts, ends, after, before, length, pad)) is not None:
                         found.append((start, car.id, car))
         found.sort(key=lambda slot: slot[:2])
-        return [(EPOCH + start * MICROSECOND, EPOCH + (start + length) * MICROSECOND, car)
-                for start, _, car in found]
+        return [(start, car) for start, _, car in found]
 
     def cars_json(self):
         """Every car as one JSON array (bytes) and their count, made once after each change of a car."""
@@ -1960,6 +1965,24 @@ def page_headers(total, offset, limit):
     return headers
 
 
+def offers_json(slots, length):
+    """Slots, (start in micros, car) each, as the JSON (bytes) that OFFER_SCHEMA writes, made directly:
+    a search answers one per car, and most share a start and a daily price, so each instant is
+    written and each price computed once (a test compares the two on many inputs)."""
+    show, currency = store().show, to_json(store().currency)
+    instants, prices, parts = {}, {}, []
+    for start, car in slots:
+        if start not in instants:
+            moment = EPOCH + start * MICROSECOND
+            instants[start] = to_json(show(moment)), to_json(show(moment + length)), moment
+        begin, end, moment = instants[start]
+        if car.daily_price not in prices:
+            prices[car.daily_price] = to_json(price_cents(car.daily_price, moment, moment + length) / 100)
+        parts.append(f'{{"car_id":{car.id},"start_datetime":{begin},"end_datetime":{end},'
+                     f'"total_price":{prices[car.daily_price]},"currency":{currency}}}'.encode())
+    return parts
+
+
 def no_content():
     """204 with no body and so no Content-Type."""
     response = Response(status=204)
@@ -2313,14 +2336,10 @@ def available_slots():
     now = now.replace(second=0, microsecond=0) + timedelta(minutes=1)  # a start people can read
     after = min(max(filters.get("after", now), now), LATEST_SLOT_END)
     before = min(filters["before"] if "before" in filters else after + MAX_SLOT, LATEST_SLOT_END)
-    length = filters["duration"]
-    slots = store().free_slots(length, after, before, filters.get("dealer_id"), filters.get("brand"),
+    slots = store().free_slots(filters["duration"], after, before, filters.get("dealer_id"), filters.get("brand"),
                                filters.get("car_id"))
     page, headers = paged(slots, filters)
-    return json_response(OFFER_SCHEMA.dump([
-        {"car_id": car.id, "start_datetime": start, "end_datetime": end,
-         "total_cents": price_cents(car.daily_price, start, end)} for start, end, car in page], many=True),
-        headers=headers)
+    return json_list(offers_json(page, filters["duration"]), headers)
 
 
 # ---------------------------------------------------------------------------------------------

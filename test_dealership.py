@@ -2643,3 +2643,26 @@ def test_embedded_service_mounts_docs_only_when_asked():
     document = client.get("/dealership/openapi.json").get_json()
     assert "/dealership/api/v1/cars" in document["paths"]
     assert "/dealership/openapi.json" in client.get("/dealership/docs").get_data(as_text=True)
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Europe/Berlin", "America/St_Johns"])
+def test_slots_written_directly_match_what_their_schema_writes(zone):
+    rng = random.Random(7)
+    app = new_app({"DEALERSHIP_TIMEZONE": zone, "DEALERSHIP_CURRENCY": "CHF"})
+    client = app.test_client()
+    for n in range(20):
+        make_car(client, vin=vin(n), daily_price=rng.choice([0.01, 19.99, 33.335, 64.5, 1_000_000, 0.1 * (n + 1)]))
+    with app.test_request_context():
+        cars = list(app.extensions["dealership"].cars.values())
+        base = dealership.micros(datetime(2035, 3, 28, tzinfo=timezone.utc))
+        for _ in range(200):
+            length = timedelta(minutes=15 * rng.randrange(1, 4 * 24 * 90))
+            page = [(base + rng.randrange(0, 10**12), rng.choice(cars)) for _ in range(rng.randrange(0, 5))]
+            expected = [dealership.OFFER_SCHEMA.dump({
+                "car_id": car.id, "start_datetime": dealership.EPOCH + start * dealership.MICROSECOND,
+                "end_datetime": dealership.EPOCH + start * dealership.MICROSECOND + length,
+                "total_cents": dealership.price_cents(car.daily_price, dealership.EPOCH + start * dealership.MICROSECOND,
+                                                      dealership.EPOCH + start * dealership.MICROSECOND + length)})
+                for start, car in page]
+            assert [json.loads(part) for part in dealership.offers_json(page, length)] == expected
+            assert json.loads(dealership.json_array(dealership.offers_json(page, length))) == expected

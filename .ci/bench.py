@@ -17,6 +17,8 @@ The median of the pair ratios is what the targets are written in:
 
   list     GET /api/v1/cars (every car)                          list/floor      target <= 1.5
   avail    GET /api/v1/bookings/available-cars (half the cars busy) avail/floor  target <= 3.0
+  slots    GET /api/v1/bookings/available-slots (each car's earliest slot of 0.9 days from the same instant,
+           stepping over a booking for half of them), against avail     slots/avail  target <= 5.0
   create   POST /api/v1/bookings then DELETE it, on the full store  create/floor  target <= 2.0 (file: 3.0)
   growth   create on the full store / create on an empty store       growth       target <= 1.2
   memory   resident bytes added per stored booking                   bytes/booking target <= 1000
@@ -149,7 +151,9 @@ def run(a, scratch):
     # even cars are busy over [3k, 3k+2) days, odd cars over [3k+1.5, 3k+3.5): this window finds the odd ones busy
     mid = T0 + timedelta(days=3 * (a.per_car // 2) + 2.05)
     avail_url = f"/api/v1/bookings/available-cars?start_datetime={q(mid)}&end_datetime={q(mid + timedelta(days=0.9))}"
+    slots_url = f"/api/v1/bookings/available-slots?duration=PT21H36M&after={q(mid)}"
     bodies = {"list": must(client.get("/api/v1/cars"), 200).get_json(), "avail": must(client.get(avail_url), 200).get_json()}
+    slots_found = len(must(client.get(slots_url), 200).get_json())
     floor = floor_client(bodies)
     probe = booking(ids[0], T0, 1)
 
@@ -171,6 +175,7 @@ def run(a, scratch):
     rows = {
         "list": paired(lambda: client.get("/api/v1/cars"), lambda: floor.get("/list"), a.rounds),
         "avail": paired(lambda: client.get(avail_url), lambda: floor.get("/avail"), a.rounds),
+        "slots": paired(lambda: client.get(slots_url), lambda: client.get(avail_url), a.rounds),
         "create": paired(create(client, far), floor_create, a.rounds),
         "growth": paired(create(client, far), create(empty, far_empty), a.rounds),
     }
@@ -187,9 +192,11 @@ def run(a, scratch):
     print(f"{'request':8} {'service ms':>11} {'base ms':>9} {'ratio':>6}   (base: the bare Flask floor; for growth, the empty store)")
     for name, (ours, base, ratio) in rows.items():
         print(f"{name:8} {ours:11.3f} {base:9.3f} {ratio:6.2f}")
-    print(f"  (list: {len(bodies['list'])} cars; avail: {len(bodies['avail'])} cars free in the window)")
+    print(f"  (list: {len(bodies['list'])} cars; avail: {len(bodies['avail'])} cars free in the window; "
+          f"slots: {slots_found}; base of slots: avail)")
     figures = {"list/floor": (rows["list"][2], 1.5),
                "avail/floor": (rows["avail"][2], 3.0),
+               "slots/avail": (rows["slots"][2], 5.0),
                "create/floor": (rows["create"][2], 3.0 if on_file else 2.0),
                "growth": (rows["growth"][2], 1.2),
                "bytes/booking": (per_booking, 1000)}
