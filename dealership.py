@@ -582,7 +582,7 @@ class Store:
                 return f"Car {car.id} is already booked from {show(other.start_datetime)} to " \
                        f"{show(other.end_datetime)} by {name}."
             return f"Car {car.id} is in maintenance from {show(other.start_datetime)} to " \
-                   f"{show(other.end_datetime)} ({name})."
+                   f"{show(other.end_datetime)}: {name}."
         turnaround = self.dealers[car.dealer_id].turnaround_minutes
         why = f"dealer {car.dealer_id} needs {plural(turnaround, 'minute')} of turnaround between two entries " \
               "of a car's schedule"
@@ -962,10 +962,10 @@ car_id_of = operator.attrgetter("id")
 
 
 def describe(entry):
-    """An entry of a schedule in words: 'booking 7', or 'maintenance window 2: brake check'."""
+    """An entry of a schedule in words: 'booking 7', or 'maintenance window 2 (Brake check)'."""
     if type(entry) is Booking:
         return f"booking {entry.id}"
-    return f"maintenance window {entry.id}" + (f": {entry.note}" if entry.note else "")
+    return f"maintenance window {entry.id}" + (f" ({entry.note})" if entry.note else "")
 
 
 def plural(n, noun):

@@ -842,8 +842,8 @@ def test_a_booking_over_a_window_is_409_naming_the_window(client):
     make_car(client)
     open_window(client, 1, "2035-01-20T08:00:00Z", "2035-01-20T12:00:00Z", note="Brake check")
     body = assert_problem(book(client, 1, "2035-01-20T11:00:00Z", "2035-01-20T15:00:00Z"), 409)
-    assert body["detail"] == ("Car 1 is in maintenance from 2035-01-20T08:00:00+00:00 to 2035-01-20T12:00:00+00:00 "
-                              "(maintenance window 1: Brake check).")
+    assert body["detail"] == ("Car 1 is in maintenance from 2035-01-20T08:00:00+00:00 to 2035-01-20T12:00:00+00:00: "
+                              "maintenance window 1 (Brake check).")
     # half-open: back to back with the window is fine without turnaround
     assert book(client, 1, "2035-01-20T12:00:00Z", "2035-01-20T15:00:00Z").status_code == 201
     assert book(client, 1, "2035-01-20T06:00:00Z", "2035-01-20T08:00:00Z").status_code == 201
