@@ -42,18 +42,20 @@ import time
 import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
+from datetime import time as dt_time
 from decimal import ROUND_HALF_UP, Decimal
 from urllib.parse import urlencode
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import click
 import email_validator
+import icalendar
 import flask.logging
 import limits
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
-from flask import Blueprint, Flask, Response, current_app, redirect, request, url_for
+from flask import Blueprint, Flask, Response, current_app, redirect, render_template_string, request, url_for
 from flask.cli import with_appcontext
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
@@ -714,6 +716,27 @@ class Store:
             entries = schedule.near(micros(start), micros(end))
         free = free_gaps(near, start, end, timedelta(microseconds=pad)) if car.status == "available" else []
         return car, entries, free, not near and car.status == "available"
+
+    def entries(self, start, end, car_id=None, dealer_id=None):
+        """(car, entry) for each booking and window that overlaps [start, end), car by car (one car, or
+        one dealer's) in time order: one binary search per car, plus the entries found."""
+        start, end = micros(start), micros(end)
+        with self.lock:
+            cars = [self.car(car_id)] if car_id is not None else \
+                [car for car in self.cars.values() if dealer_id is None or car.dealer_id == dealer_id]
+            return [(car, entry) for car in cars for entry in self.schedules[car.id].near(start, end)]
+
+    def board_rows(self, start, end, dealer_id=None):
+        """For the board: each dealer (or one) with its cars by id, each with its entries that overlap
+        [start, end); one binary search per car, plus the entries shown."""
+        start, end = micros(start), micros(end)
+        with self.lock:
+            rows = {dealer.id: (dealer, []) for dealer in self.dealers.values()
+                    if dealer_id is None or dealer.id == dealer_id}
+            for car in self.cars.values():
+                if car.dealer_id in rows:
+                    rows[car.dealer_id][1].append((car, self.schedules[car.id].near(start, end)))
+        return list(rows.values())
 
     def quote(self, car_id, start, end):
         """What booking [start, end) on a car costs, and whether it can be booked now (as the calendar says)."""
@@ -1741,6 +1764,21 @@ class AvailableCarsQuery(WindowQuery, PageQuery):
     dealer_id = Count(validate=validate.Range(min=1), metadata=about("Only this dealer's cars.", 1))
 
 
+class FeedQuery(Schema):
+    start_datetime = Instant(in_query=True, metadata=about(
+        "Events that end after it; 30 days before today (00:00 UTC) when left out."))
+    end_datetime = Instant(in_query=True, metadata=about(
+        "Events that start before it; 365 days after today (00:00 UTC) when left out."))
+
+    @validates_schema
+    def end_after_start(self, data, **kwargs):
+        check_window(data)
+
+
+class FleetFeedQuery(FeedQuery):
+    dealer_id = Count(validate=validate.Range(min=1), metadata=about("Only this dealer's cars.", 1))
+
+
 class SlotQuery(PageQuery):
     duration = Duration(required=True, metadata=about(
         "How long the car is needed: an ISO 8601 duration of days, hours and minutes from 15 minutes to "
@@ -1766,6 +1804,8 @@ WINDOW_SCHEMA = MaintenanceWindowSchema()
 QUOTE_SCHEMA = QuoteSchema()
 OFFER_SCHEMA = OfferSchema()
 SLOT_QUERY = SlotQuery()
+FEED_QUERY = FeedQuery()
+FLEET_FEED_QUERY = FleetFeedQuery()
 CAR_SCHEMA = CarSchema()
 CAR_CHANGES = CarSchema(partial=True)
 BOOKING_SCHEMA = BookingSchema()
@@ -2008,15 +2048,16 @@ def json_list(parts, headers=None):
 
 
 def api_doc(tag, *, returns=None, many=False, status=200, body=None, query=None, errors=(), headers=(),
-            personal=False):
+            personal=False, media=None):
     """Record what the OpenAPI document says of a route: the schemas are the ones the route uses.
 
     Errors that follow from the route's shape are added by the document itself: 404 for a path id,
     400/413/415/422 for a body, 422 for a query, 401 for a write or a `personal` read (see needs_key).
+    A route that answers another media type than JSON (`media`) answers text, with an ETag.
     """
     def attach(view):
         view.api_doc = {"tag": tag, "returns": returns, "many": many, "status": status, "body": body,
-                        "query": query, "errors": errors, "headers": headers, "personal": personal}
+                        "query": query, "errors": errors, "headers": headers, "personal": personal, "media": media}
         return view
     return attach
 
@@ -2343,6 +2384,75 @@ def available_slots():
 
 
 # ---------------------------------------------------------------------------------------------
+# Routes: calendar feeds (iCalendar), for the calendar programs staff already use
+# ---------------------------------------------------------------------------------------------
+
+FEED_PAST, FEED_AHEAD = timedelta(days=30), timedelta(days=365)
+
+
+@bp.get("/cars/<digits:car_id>/calendar.ics")
+@api_doc("cars", query=FEED_QUERY, media="text/calendar")
+def car_feed(car_id):
+    """Subscribe to a car's calendar
+
+    An iCalendar feed of the car's bookings and maintenance windows, from 30 days ago to 365 days
+    ahead unless a period is given; no customer's name or e-mail.
+    """
+    car = store().car(car_id)
+    start, end = feed_period(query(FEED_QUERY))
+    return feed(f"{car.brand} {car.model} (car {car.id})", store().entries(start, end, car_id=car_id))
+
+
+@bp.get("/calendar.ics")
+@api_doc("cars", query=FLEET_FEED_QUERY, media="text/calendar", errors=[404])
+def fleet_feed():
+    """Subscribe to the fleet's calendar
+
+    An iCalendar feed of every car's bookings and maintenance windows (or one dealer's), from 30 days
+    ago to 365 days ahead unless a period is given; no customer's name or e-mail.
+    """
+    filters = query(FLEET_FEED_QUERY)
+    dealer_id = filters.get("dealer_id")
+    name = "Fleet" if dealer_id is None else store().dealer(dealer_id).name
+    start, end = feed_period(filters)
+    return feed(name, store().entries(start, end, dealer_id=dealer_id))
+
+
+def feed_period(filters):
+    """The period a feed covers: as asked, or from 30 days ago to 365 days ahead, counted from
+    today's midnight (UTC), so that the feed stays the same all day while nothing changes."""
+    today = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    return filters.get("start_datetime", today - FEED_PAST), filters.get("end_datetime", today + FEED_AHEAD)
+
+
+def feed(name, entries):
+    """An iCalendar (RFC 5545) feed of (car, entry) pairs, with an ETag: a calendar program that polls
+    gets 304 Not Modified while nothing in it changed. One VEVENT per entry, its UID stable (made from
+    the entry's kind and id), its times in UTC; DTSTAMP is today's midnight (UTC)."""
+    stamp = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    calendar = icalendar.Calendar()
+    calendar.add("prodid", "-//Dealership API//EN")
+    calendar.add("version", "2.0")
+    calendar.add("x-wr-calname", f"Dealership: {name}")
+    for car, entry in entries:
+        event = icalendar.Event()
+        if type(entry) is Booking:
+            event.add("uid", f"booking-{entry.id}@dealership")
+            event.add("summary", f"Booked: {car.brand} {car.model} (booking {entry.id})")
+        else:
+            event.add("uid", f"maintenance-window-{entry.id}@dealership")
+            event.add("summary", f"Maintenance: {entry.note or 'workshop'} ({car.brand} {car.model})")
+        event.add("dtstamp", stamp)
+        event.add("dtstart", entry.start_datetime)
+        event.add("dtend", entry.end_datetime)
+        event.add("categories", ["Booking" if type(entry) is Booking else "Maintenance"])
+        calendar.add_component(event)
+    response = Response(calendar.to_ical(), mimetype="text/calendar", headers={"Cache-Control": "no-cache"})
+    response.add_etag()
+    return response.make_conditional(request)
+
+
+# ---------------------------------------------------------------------------------------------
 # The OpenAPI document, made from the routes' own schemas, and the interactive docs
 # ---------------------------------------------------------------------------------------------
 
@@ -2387,6 +2497,8 @@ RESPONSE_HEADERS = {
     "Location": {"description": "The URL of the new resource.", "required": True, "schema": {"type": "string"}},
     "X-Total-Count": {"description": "The number of items before paging.", "required": True,
                       "schema": {"type": "integer", "minimum": 0}},
+    "ETag": {"description": "The version of the feed: send it back in If-None-Match to get 304 when "
+                            "nothing changed.", "required": True, "schema": {"type": "string"}},
     "Link": {"description": "With a page (always for bookings, with `limit` for the others): RFC 8288 links "
                             "to the next and previous pages, with the same filters.",
              "schema": {"type": "string"}},
@@ -2559,6 +2671,10 @@ def operation(view, method, rule, secured, shared, examples, limited):
         schema = {"type": "array", "items": doc["returns"]} if doc["many"] else doc["returns"]
         success["content"] = {"application/json": {"schema": schema,
                                                    "example": examples.response(doc["returns"], doc["many"])}}
+    if doc["media"] is not None:
+        success["content"] = {doc["media"]: {"schema": {"type": "string"}}}
+        success["headers"]["ETag"] = RESPONSE_HEADERS["ETag"]
+        op["responses"]["304"] = {"description": "Not Modified: nothing changed since the ETag sent in If-None-Match."}
     op["responses"][str(doc["status"])] = success
     for code in sorted(errors):
         op["responses"][str(code)] = {"description": ERROR_MEANINGS[code], "content": {
@@ -2594,6 +2710,175 @@ def init_docs(app, prefix=""):
         "app_name": "Dealership API", "tryItOutEnabled": True, "persistAuthorization": True,
         "layout": "BaseLayout"}))  # without the "Explore" bar, which invites loading another document
     app.add_url_rule(f"{prefix}/docs", endpoint="swagger_ui.show")  # /docs itself, not only /docs/
+
+
+# ---------------------------------------------------------------------------------------------
+# The planning board: the fleet against the days, as one HTML page made on the server
+# ---------------------------------------------------------------------------------------------
+
+BOARD = "dealership_board"
+board_bp = Blueprint(BOARD, __name__)
+board_bp.register_error_handler(HTTPException, http_error)
+board_bp.register_error_handler(ValidationError, validation_error)
+BOARD_DAYS = (7, 14, 28)
+FIRST_BOARD_DAY, LAST_BOARD_DAY = date(1971, 1, 1), date(9998, 12, 1)
+
+
+class Day(fields.String):
+    """A calendar date written YYYY-MM-DD, from 1971 to 9998."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        value = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            day = date.fromisoformat(value) if re.fullmatch(r"\d{4}-\d\d-\d\d", value) else None
+        except ValueError:
+            day = None
+        if day is None or not FIRST_BOARD_DAY <= day <= LAST_BOARD_DAY:
+            raise ValidationError("Must be a date written YYYY-MM-DD (2035-06-04), from 1971 to 9998.")
+        return day
+
+
+class BoardQuery(Schema):
+    start = Day(metadata=about("The first day shown; the Monday of this week when left out."))
+    days = Count(load_default=14, validate=validate.OneOf(BOARD_DAYS), metadata=about("7, 14 or 28 days."))
+    dealer_id = Count(validate=validate.Range(min=1), metadata=about("Only this dealer's cars."))
+
+
+BOARD_QUERY = BoardQuery()
+
+
+@board_bp.get("/board")
+def board():
+    """The fleet at a glance: one row per car, grouped by dealer, one column per day; bookings as bars
+    placed by their times, maintenance windows hatched, the turnaround after each booking as a light
+    tail, cars in maintenance status greyed. No customer's name or e-mail: the page needs no key."""
+    service = store()
+    service.sync()
+    filters = query(BOARD_QUERY)
+    today = datetime.now(service.zone).date()
+    first = filters.get("start", today - timedelta(days=today.weekday()))
+    days, dealer_id = filters["days"], filters.get("dealer_id")
+    if dealer_id is not None:
+        service.dealer(dealer_id)
+    midnights = [datetime.combine(first + timedelta(days=n), dt_time(0), service.zone).astimezone(timezone.utc)
+                 for n in range(days + 1)]
+    begin, end = midnights[0], midnights[-1]
+    span = (end - begin).total_seconds()
+
+    def place(start, stop):  # left and width in percent of the period, clipped to it
+        left = max(0.0, (start - begin).total_seconds() / span)
+        right = min(1.0, (stop - begin).total_seconds() / span)
+        return f"{left * 100:.4f}", f"{max(right - left, 0) * 100:.4f}"
+
+    columns = [{"label": (first + timedelta(days=n)).strftime("%a %d"), "today": first + timedelta(days=n) == today,
+                "place": place(midnights[n], midnights[n + 1])} for n in range(days)]
+    groups = []
+    for dealer, cars in service.board_rows(begin, end, dealer_id):
+        rows = []
+        for car, entries in cars:
+            pad = timedelta(minutes=dealer.turnaround_minutes)
+            bars = [board_bar(entry, place, begin, end, pad) for entry in entries]
+            rows.append({"car": car, "out": car.status != "available", "bars": bars})
+        groups.append({"dealer": dealer, "rows": rows})
+    link = functools.partial(url_for, f"{BOARD}.board", days=days)
+    dealer_arg = {} if dealer_id is None else {"dealer_id": dealer_id}
+    return render_template_string(
+        BOARD_TEMPLATE, groups=groups, columns=columns, days=days,
+        period=f"{first:%a %d %b %Y} to {first + timedelta(days=days - 1):%a %d %b %Y}", zone=service.zone,
+        previous=link(start=(first - timedelta(days=days)).isoformat(), **dealer_arg),
+        next=link(start=(first + timedelta(days=days)).isoformat(), **dealer_arg),
+        today=link(**dealer_arg), all_dealers=link(start=first.isoformat()), docs=docs_url() if DOCS in current_app.extensions else None,
+        dealers=[(dealer, link(start=first.isoformat(), dealer_id=dealer.id)) for dealer in service.dealers.values()],
+        dealer_id=dealer_id)
+
+
+def board_bar(entry, place, begin, end, pad):
+    """What the board draws for one entry: its place, its text, and whether it runs past the period."""
+    service = store()
+    left, width = place(entry.start_datetime, entry.end_datetime)
+    shown = f"{service.show(entry.start_datetime)[:16].replace('T', ' ')} to " \
+            f"{service.show(entry.end_datetime)[:16].replace('T', ' ')}"
+    if type(entry) is Booking:
+        kind, label = "booking", str(entry.id)
+        title = f"Booking {entry.id}: {shown}, {entry.total_cents / 100:.2f} {service.currency}"
+    else:
+        kind, label = "window", entry.note or "Maintenance"
+        title = f"Maintenance window {entry.id}{': ' + entry.note if entry.note else ''}: {shown}"
+    bar = {"kind": kind, "id": entry.id, "left": left, "width": width, "label": label, "title": title,
+           "start": service.show(entry.start_datetime), "end": service.show(entry.end_datetime),
+           "cut_start": entry.start_datetime < begin, "cut_end": entry.end_datetime > end, "tail": None}
+    if kind == "booking" and pad and entry.end_datetime < end:
+        bar["tail"] = place(entry.end_datetime, entry.end_datetime + pad)
+    return bar
+
+
+BOARD_TEMPLATE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Fleet board: {{ period }}</title>
+<style>
+  body { font: 14px/1.4 system-ui, sans-serif; margin: 1rem; color: #1b1b1b; }
+  nav a { margin-right: .8rem; }
+  .board { margin-top: 1rem; min-width: 60rem; }
+  .row { display: flex; border-bottom: 1px solid #ddd; min-height: 2rem; }
+  .car { flex: 0 0 17rem; padding: .3rem .5rem; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+  .vin { color: #666; font-family: monospace; }
+  .status { font-size: 85%; color: #666; }
+  .lane { position: relative; flex: 1; }
+  .day, .cell { position: absolute; top: 0; bottom: 0; border-left: 1px solid #eee; box-sizing: border-box; }
+  .head .day { padding: .3rem; font-weight: 600; white-space: nowrap; overflow: hidden; }
+  .today { background: #fff6d5; }
+  .bar { position: absolute; top: .3rem; bottom: .3rem; box-sizing: border-box; border-radius: 3px; padding: 0 .3rem;
+         font-size: 12px; line-height: 1.4rem; overflow: hidden; white-space: nowrap; }
+  .booking { background: #2f6fb2; color: #fff; }
+  .window { background: repeating-linear-gradient(45deg, #c0392b 0 6px, #f3c6c0 6px 12px); color: #000; }
+  .tail { position: absolute; top: .3rem; bottom: .3rem; background: #cfe0f3; }
+  .cut-start { border-top-left-radius: 0; border-bottom-left-radius: 0; border-left: 3px dashed #000; }
+  .cut-end { border-top-right-radius: 0; border-bottom-right-radius: 0; border-right: 3px dashed #000; }
+  .out { background: #e4e4e4; color: #777; }
+  h2 { font-size: 1rem; margin: 1rem 0 0; padding: .3rem .5rem; background: #f2f2f2; }
+  @media print { nav { display: none; } body { margin: 0; } }
+</style>
+</head>
+<body>
+<h1>Fleet board</h1>
+<p>{{ period }}, times in {{ zone }}. Bars are bookings (with their id), hatched bars maintenance
+windows, light tails the dealer's turnaround; a dashed edge means it goes on past the period; grey
+rows are cars in maintenance.</p>
+<nav>
+  <a href="{{ previous }}" rel="prev">&larr; Previous {{ days }} days</a>
+  <a href="{{ today }}">Today</a>
+  <a href="{{ next }}" rel="next">Next {{ days }} days &rarr;</a>
+  | <a href="{{ all_dealers }}"{% if dealer_id is none %} aria-current="page"{% endif %}>All dealers</a>
+  {% for dealer, href in dealers %}<a href="{{ href }}"{% if dealer.id == dealer_id %} aria-current="page"{% endif %}>{{ dealer.name }}</a>{% endfor %}
+  {% if docs %}| <a href="{{ docs }}">API docs</a>{% endif %}
+</nav>
+<div class="board" role="table" aria-label="Cars against days">
+  <div class="row head" role="row">
+    <div class="car" role="columnheader">Car</div>
+    <div class="lane">{% for day in columns %}<div class="day{% if day.today %} today{% endif %}" role="columnheader" style="left:{{ day.place[0] }}%;width:{{ day.place[1] }}%">{{ day.label }}</div>{% endfor %}</div>
+  </div>
+  {% for group in groups %}
+  <h2 class="dealer" data-dealer-id="{{ group.dealer.id }}">{{ group.dealer.name }}{% if group.dealer.location %}, {{ group.dealer.location }}{% endif %}{% if group.dealer.turnaround_minutes %} ({{ group.dealer.turnaround_minutes }} minutes of turnaround){% endif %}</h2>
+  {% for row in group.rows %}
+  <div class="row{% if row.out %} out{% endif %}" role="row" data-car-id="{{ row.car.id }}">
+    <div class="car" role="rowheader">{{ row.car.brand }} {{ row.car.model }} <span class="vin">&hellip;{{ row.car.vin[-6:] }}</span> <span class="status">{{ row.car.status }}</span></div>
+    <div class="lane">
+      {%- for day in columns %}<div class="cell{% if day.today %} today{% endif %}" style="left:{{ day.place[0] }}%;width:{{ day.place[1] }}%"></div>{% endfor %}
+      {%- for bar in row.bars %}
+      {%- if bar.tail %}<div class="tail" aria-hidden="true" style="left:{{ bar.tail[0] }}%;width:{{ bar.tail[1] }}%"></div>{% endif %}
+      <div class="bar {{ bar.kind }}{% if bar.cut_start %} cut-start{% endif %}{% if bar.cut_end %} cut-end{% endif %}" {% if bar.kind == "booking" %}data-booking-id{% else %}data-window-id{% endif %}="{{ bar.id }}" data-start="{{ bar.start }}" data-end="{{ bar.end }}"{% if bar.cut_start %} data-continues-before{% endif %}{% if bar.cut_end %} data-continues-after{% endif %} title="{{ bar.title }}" aria-label="{{ bar.title }}" style="left:{{ bar.left }}%;width:{{ bar.width }}%">{% if bar.cut_start %}&#9664; {% endif %}{{ bar.label }}{% if bar.cut_end %} &#9654;{% endif %}</div>
+      {%- endfor %}
+    </div>
+  </div>
+  {% endfor %}
+  {% endfor %}
+</div>
+</body>
+</html>
+"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2646,10 +2931,11 @@ def backup_command(path):
 # ---------------------------------------------------------------------------------------------
 
 
-def init_app(app, url_prefix=API_PREFIX, docs_prefix=None):
+def init_app(app, url_prefix=API_PREFIX, docs_prefix=None, board_prefix=None):
     """Give `app` its own store on its database and mount the API at `url_prefix`.
 
-    With `docs_prefix` ("" for the root), also mount {docs_prefix}/openapi.json and {docs_prefix}/docs.
+    With `docs_prefix` ("" for the root), also mount {docs_prefix}/openapi.json and {docs_prefix}/docs;
+    with `board_prefix` ("" for the root), the planning board at {board_prefix}/board.
     Settings are read from app.config (see SETTINGS); a bad one, or a database file that cannot be
     used, raises ConfigError. Registers the `backup` CLI command.
     """
@@ -2672,6 +2958,8 @@ def init_app(app, url_prefix=API_PREFIX, docs_prefix=None):
     app.cli.add_command(serve_command)
     if docs_prefix is not None:
         init_docs(app, docs_prefix)
+    if board_prefix is not None:
+        app.register_blueprint(board_bp, url_prefix=board_prefix or None)
     return service
 
 
@@ -2766,7 +3054,7 @@ def create_app(config=None):
         app.logger.addHandler(ONE_LINE)
     app.config.update({name: os.environ[name] for name in SETTINGS if name in os.environ})
     app.config.update(config or {})
-    init_app(app, docs_prefix="")
+    init_app(app, docs_prefix="", board_prefix="")
     proxies = app.config["DEALERSHIP_PROXIES"]
     if proxies:  # the client's address and scheme as the trusted proxies in front say
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=proxies)

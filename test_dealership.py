@@ -11,9 +11,11 @@ import threading
 import time
 import unicodedata
 import urllib.request
+from html.parser import HTMLParser
 from contextlib import closing, contextmanager
 from datetime import datetime, timedelta, timezone
 
+import icalendar
 import pytest
 
 import dealership
@@ -2562,7 +2564,7 @@ def test_every_example_in_the_document_is_accepted_by_the_schema_the_route_uses(
                 assert set(example) == set(doc["query"].fields), path  # every query parameter has one
                 doc["query"].load(example)
                 checked += 1
-    assert checked == 15  # eight bodies, seven query strings
+    assert checked == 17  # eight bodies, nine query strings
 
 
 def test_every_field_and_parameter_says_its_rule_in_words(client):
@@ -2666,3 +2668,164 @@ def test_slots_written_directly_match_what_their_schema_writes(zone):
                 for start, car in page]
             assert [json.loads(part) for part in dealership.offers_json(page, length)] == expected
             assert json.loads(dealership.json_array(dealership.offers_json(page, length))) == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# The planning board and the calendar feeds
+# ---------------------------------------------------------------------------------------------
+
+
+class BoardPage(HTMLParser):
+    """What the board shows: each bar (booking or window) with its car's row, the rows' classes, the links."""
+
+    def __init__(self, html):
+        super().__init__()
+        self.bars, self.rows, self.links, self.tails, self.today, self._row = [], {}, {}, [], 0, None
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        classes = (attrs.get("class") or "").split()
+        if "data-car-id" in attrs:
+            self._row = int(attrs["data-car-id"])
+            self.rows[self._row] = classes
+        if "bar" in classes:
+            self.bars.append({"row": self._row, "classes": classes, **attrs})
+        if "tail" in classes:
+            self.tails.append((self._row, attrs["style"]))
+        if "day" in classes and "today" in classes:
+            self.today += 1
+        if tag == "a":
+            self.links[attrs["href"]] = attrs
+
+
+def board_app():
+    """Two dealers, five cars: bookings inside, across and beyond a fixed fortnight, a window, a car in maintenance."""
+    app = new_app({"DEALERSHIP_TIMEZONE": "Europe/Berlin"})
+    client = app.test_client()
+    north = client.post(f"{API}/dealers", json={"name": "North", "turnaround_minutes": 60}).get_json()["id"]
+    make_car(client, vin=vin(1), brand="Toyota", model="Corolla")
+    make_car(client, vin=vin(2), brand="Skoda", model="Octavia", dealer_id=north)
+    make_car(client, vin=vin(3), brand="BMW", model="320i", status="maintenance")
+    make_car(client, vin=vin(4), dealer_id=north)
+    book(client, 1, "2035-06-05T14:00:00+02:00", "2035-06-07T09:00:00+02:00", customer_name="Secret Name",
+         customer_email="secret@example.com")  # Tue 14:00 to Thu 09:00
+    book(client, 1, "2035-05-30T09:00:00+02:00", "2035-06-04T12:00:00+02:00", customer_email="early@example.com")
+    book(client, 2, "2035-06-15T09:00:00+02:00", "2035-06-20T09:00:00+02:00", customer_email="late@example.com")
+    book(client, 4, "2035-07-01T09:00:00+02:00", "2035-07-02T09:00:00+02:00")  # outside the fortnight
+    open_window(client, 2, "2035-06-08T08:00:00+02:00", "2035-06-08T12:00:00+02:00", note="Brake check")
+    return client
+
+
+def test_the_board_draws_each_booking_in_its_cars_row_where_its_times_are():
+    client = board_app()
+    response = client.get("/board?start=2035-06-04")  # a Monday; 14 days by default
+    assert response.status_code == 200 and response.mimetype == "text/html"
+    html = response.get_data(as_text=True)
+    page = BoardPage(html)
+    bars = {(bar["row"], bar.get("data-booking-id") or "w" + bar["data-window-id"]): bar for bar in page.bars}
+    assert set(bars) == {(1, "1"), (1, "2"), (2, "3"), (2, "w1")}  # booking 4 is outside the period
+    tuesday = bars[1, "1"]
+    assert (tuesday["data-start"], tuesday["data-end"]) == ("2035-06-05T14:00:00+02:00", "2035-06-07T09:00:00+02:00")
+    # placed by its times: Tuesday 14:00 is 1 day 14 hours into 14 days
+    assert re.search(r"left:(\d+\.\d+)%;width:(\d+\.\d+)%", tuesday["style"]).groups() == \
+        (f"{(24 + 14) / (14 * 24) * 100:.4f}", f"{43 / (14 * 24) * 100:.4f}")
+    assert "Booking 1: 2035-06-05 14:00 to 2035-06-07 09:00, 200.00 EUR" == tuesday["title"] == tuesday["aria-label"]
+    # cut at the edges and marked as continuing
+    assert "cut-start" in bars[1, "2"]["classes"] and "data-continues-before" in bars[1, "2"]
+    assert "cut-end" in bars[2, "3"]["classes"] and "data-continues-after" in bars[2, "3"]
+    assert "cut-end" not in tuesday["classes"] and "cut-start" not in tuesday["classes"]
+    # the window hatched, with its note; the turnaround of North's booking as a tail in its row
+    assert "window" in bars[2, "w1"]["classes"] and "Brake check" in bars[2, "w1"]["title"]
+    assert [row for row, _ in page.tails] == []  # North's only booking in view runs past the end
+    assert page.rows[3] == ["row", "out"] and page.rows[1] == ["row"]  # the car in maintenance is greyed
+    for secret in ("Secret Name", "secret@example.com", "early@example.com", "late@example.com", "Ada Lovelace",
+                   "ada@example.com"):
+        assert secret not in html
+    links = page.links
+    assert "/board?days=14&start=2035-05-21" in links and "/board?days=14&start=2035-06-18" in links
+    assert "/board?days=14" in links and "/docs" in links
+    assert "/board?days=14&start=2035-06-04&dealer_id=2" in links
+
+
+def test_the_board_shows_turnaround_tails_a_dealer_alone_and_marks_today():
+    client = board_app()
+    book(client, 2, "2035-06-05T09:00:00+02:00", "2035-06-05T12:00:00+02:00")
+    page = BoardPage(client.get("/board?start=2035-06-04&days=7&dealer_id=2").get_data(as_text=True))
+    assert set(page.rows) == {2, 4}
+    assert page.tails == [(2, f"left:{(24 + 12) / (7 * 24) * 100:.4f}%;width:{1 / (7 * 24) * 100:.4f}%")]
+    assert page.today == 0
+    page = BoardPage(client.get("/board").get_data(as_text=True))  # this week: today is among the days
+    assert page.today == 1
+
+
+@pytest.mark.parametrize("query, name", [
+    ("start=2035-6-4", "start"), ("start=2035-02-30", "start"), ("start=tomorrow", "start"), ("start=9999-12-30", "start"),
+    ("days=5", "days"), ("days=seven", "days"), ("dealer_id=x", "dealer_id"), ("dealer_id=0", "dealer_id"),
+    ("color=red", "color"), ("days=7&days=14", "days"),
+])
+def test_a_bad_board_query_is_422_problem_json(client, query, name):
+    assert_problem(client.get(f"/board?{query}"), 422, name)
+
+
+def test_the_board_of_an_unknown_dealer_is_404_and_a_host_chooses_where_it_lives():
+    assert_problem(new_app().test_client().get("/board?dealer_id=9"), 404)
+    host = host_app("host")
+    dealership.init_app(host, board_prefix="/staff")
+    client = host.test_client()
+    assert client.get("/staff/board").status_code == 200
+    assert client.get("/board").status_code == 404
+    bare = host_app("bare")
+    dealership.init_app(bare)
+    assert bare.test_client().get("/board").status_code == 404
+
+
+def feed_events(response):
+    calendar = icalendar.Calendar.from_ical(response.get_data())
+    return {str(event["UID"]): (str(event["SUMMARY"]), event.decoded("DTSTART"), event.decoded("DTEND"))
+            for event in calendar.walk("VEVENT")}
+
+
+def test_a_cars_feed_has_one_event_per_booking_and_window_and_no_customer():
+    client = board_app()
+    response = client.get(f"{API}/cars/2/calendar.ics?start_datetime=2035-06-01T00:00:00Z&end_datetime=2035-07-01T00:00:00Z")
+    assert response.status_code == 200 and response.mimetype == "text/calendar"
+    utc = timezone.utc
+    assert feed_events(response) == {
+        "booking-3@dealership": ("Booked: Skoda Octavia (booking 3)", datetime(2035, 6, 15, 7, tzinfo=utc),
+                                 datetime(2035, 6, 20, 7, tzinfo=utc)),
+        "maintenance-window-1@dealership": ("Maintenance: Brake check (Skoda Octavia)", datetime(2035, 6, 8, 6, tzinfo=utc),
+                                            datetime(2035, 6, 8, 10, tzinfo=utc))}
+    assert b"late@example.com" not in response.get_data() and b"Ada" not in response.get_data()
+    assert_problem(client.get(f"{API}/cars/9/calendar.ics"), 404)
+    assert_problem(client.get(f"{API}/cars/2/calendar.ics?start_datetime=2035-07-01T00:00:00Z&end_datetime=2035-06-01T00:00:00Z"),
+                   422, "end_datetime")
+
+
+def test_the_fleet_feed_covers_every_car_or_one_dealer_and_by_default_the_next_year():
+    client = board_app()
+    everything = feed_events(client.get(f"{API}/calendar.ics?start_datetime=2035-05-01T00:00:00Z&end_datetime=2035-08-01T00:00:00Z"))
+    assert set(everything) == {"booking-1@dealership", "booking-2@dealership", "booking-3@dealership",
+                               "booking-4@dealership", "maintenance-window-1@dealership"}
+    north = feed_events(client.get(f"{API}/calendar.ics?dealer_id=2&start_datetime=2035-05-01T00:00:00Z"
+                                   "&end_datetime=2035-08-01T00:00:00Z"))
+    assert set(north) == {"booking-3@dealership", "booking-4@dealership", "maintenance-window-1@dealership"}
+    assert_problem(client.get(f"{API}/calendar.ics?dealer_id=9"), 404)
+    # by default from 30 days ago to 365 days ahead: a booking next month is in, one in 2035 is not
+    soon = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(days=20)
+    book(client, 1, soon.isoformat(), (soon + timedelta(days=1)).isoformat())
+    assert set(feed_events(client.get(f"{API}/calendar.ics"))) == {"booking-5@dealership"}
+
+
+def test_a_feed_answers_304_while_nothing_changed_and_200_after_a_change():
+    client = board_app()
+    url = f"{API}/cars/1/calendar.ics?start_datetime=2035-06-01T00:00:00Z&end_datetime=2035-07-01T00:00:00Z"
+    first = client.get(url)
+    etag = first.headers["ETag"]
+    again = client.get(url, headers={"If-None-Match": etag})
+    assert again.status_code == 304 and again.get_data() == b""
+    assert client.get(url).get_data() == first.get_data()  # stable: the same bytes while nothing changed
+    patch_booking(client, 1, end_datetime="2035-06-07T10:00:00+02:00")
+    changed = client.get(url, headers={"If-None-Match": etag})
+    assert changed.status_code == 200 and changed.headers["ETag"] != etag
+    assert feed_events(changed)["booking-1@dealership"][2] == datetime(2035, 6, 7, 8, tzinfo=timezone.utc)
