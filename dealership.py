@@ -55,11 +55,12 @@ import flask.logging
 import limits
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
-from flask import Blueprint, Flask, Response, current_app, redirect, render_template_string, request, url_for
+from flask import Blueprint, Flask, Response, current_app, redirect, render_template, request, url_for
 from flask.cli import with_appcontext
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from flask_swagger_ui import get_swaggerui_blueprint
+from markupsafe import Markup, escape
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 from sortedcontainers import SortedList
 from werkzeug.datastructures import WWWAuthenticate
@@ -2762,40 +2763,80 @@ def board():
         service.dealer(dealer_id)
     midnights = [datetime.combine(first + timedelta(days=n), dt_time(0), service.zone).astimezone(timezone.utc)
                  for n in range(days + 1)]
-    begin, end = midnights[0], midnights[-1]
-    span = (end - begin).total_seconds()
-
-    def place(start, stop):  # left and width in percent of the period, clipped to it
-        left = max(0.0, (start - begin).total_seconds() / span)
-        right = min(1.0, (stop - begin).total_seconds() / span)
-        return f"{left * 100:.4f}", f"{max(right - left, 0) * 100:.4f}"
-
+    period = Period(midnights[0], midnights[-1])
     columns = [{"label": (first + timedelta(days=n)).strftime("%a %d"), "today": first + timedelta(days=n) == today,
-                "place": place(midnights[n], midnights[n + 1])} for n in range(days)]
+                "place": period.place(micros(midnights[n]), micros(midnights[n + 1]))} for n in range(days)]
+    texts = current_app.extensions.setdefault(BOARD, {})
+    if len(texts) > BOARD_TEXTS_KEPT:
+        texts.clear()
     groups = []
-    for dealer, cars in service.board_rows(begin, end, dealer_id):
-        rows = []
-        for car, entries in cars:
-            pad = timedelta(minutes=dealer.turnaround_minutes)
-            bars = [board_bar(entry, place, begin, end, pad) for entry in entries]
-            rows.append({"car": car, "out": car.status != "available", "bars": bars})
+    for dealer, cars in service.board_rows(period.begin, period.end, dealer_id):
+        pad = dealer.turnaround_minutes * MINUTE
+        rows = [{"car": car, "out": car.status != "available",
+                 "bars": Markup("".join(bar_html(entry, period, pad, texts) for entry in entries))}
+                for car, entries in cars]
         groups.append({"dealer": dealer, "rows": rows})
     link = functools.partial(url_for, f"{BOARD}.board", days=days)
     dealer_arg = {} if dealer_id is None else {"dealer_id": dealer_id}
-    return render_template_string(
-        BOARD_TEMPLATE, groups=groups, columns=columns, days=days,
+    template = current_app.extensions.get(BOARD_TEMPLATE_KEY)
+    if template is None:  # compiled once per app (render_template_string would compile it each time)
+        template = current_app.extensions[BOARD_TEMPLATE_KEY] = current_app.jinja_env.from_string(BOARD_TEMPLATE)
+    return render_template(
+        template, groups=groups, columns=columns, days=days,
         period=f"{first:%a %d %b %Y} to {first + timedelta(days=days - 1):%a %d %b %Y}", zone=service.zone,
         previous=link(start=(first - timedelta(days=days)).isoformat(), **dealer_arg),
         next=link(start=(first + timedelta(days=days)).isoformat(), **dealer_arg),
-        today=link(**dealer_arg), all_dealers=link(start=first.isoformat()), docs=docs_url() if DOCS in current_app.extensions else None,
+        today=link(**dealer_arg), all_dealers=link(start=first.isoformat()),
+        docs=docs_url() if DOCS in current_app.extensions else None,
         dealers=[(dealer, link(start=first.isoformat(), dealer_id=dealer.id)) for dealer in service.dealers.values()],
         dealer_id=dealer_id)
 
 
-def board_bar(entry, place, begin, end, pad):
-    """What the board draws for one entry: its place, its text, and whether it runs past the period."""
+class Period:
+    """The board's period, [begin, end) (aware), and where an instant (micros) falls in it, in percent."""
+
+    def __init__(self, begin, end):
+        self.begin, self.end = begin, end
+        self.first, self.last = micros(begin), micros(end)
+        self.scale = 100 / (self.last - self.first)
+
+    def place(self, start, stop):
+        """left and width, in percent of the period, of [start, stop) clipped to it."""
+        left = (max(start, self.first) - self.first) * self.scale
+        right = (min(stop, self.last) - self.first) * self.scale
+        return f"{left:.4f}", f"{max(right - left, 0):.4f}"
+
+
+BOARD_TEMPLATE_KEY = "dealership_board_template"
+BOARD_TEXTS_KEPT = 200_000  # entries whose text the board keeps ready; beyond, it starts afresh
+
+
+def bar_html(entry, period, pad, texts):
+    """One entry of a schedule as the board draws it: a bar placed by its times, with its text (the
+    part that does not depend on the period is made once per record and kept), cut at the edges of
+    the period and marked as continuing; after a booking, its turnaround as a light tail."""
+    key = (type(entry), entry.id)
+    known = texts.get(key)
+    if known is None or known[0] is not entry:  # records are immutable: a change is a new one
+        known = texts[key] = (entry, *bar_text(entry), micros(entry.start_datetime), micros(entry.end_datetime))
+    _, kind, attributes, label, start, end = known
+    first, last, scale = period.first, period.last, period.scale
+    cut_start, cut_end = start < first, end > last
+    left = ((start if start > first else first) - first) * scale  # Period.place, inlined: it runs per bar
+    width = ((end if end < last else last) - first) * scale - left
+    html = (f'<div class="bar {kind}{" cut-start" if cut_start else ""}{" cut-end" if cut_end else ""}"{attributes}'
+            f'{" data-continues-before" if cut_start else ""}{" data-continues-after" if cut_end else ""}'
+            f' style="left:{left:.4f}%;width:{width:.4f}%">{"&#9664; " if cut_start else ""}{label}'
+            f'{" &#9654;" if cut_end else ""}</div>')
+    if kind == "booking" and pad and end < period.last:
+        left, width = period.place(end, end + pad)
+        html = f'<div class="tail" aria-hidden="true" style="left:{left}%;width:{width}%"></div>' + html
+    return html
+
+
+def bar_text(entry):
+    """What the board says of an entry whatever the period: (kind, its attributes as HTML, its label)."""
     service = store()
-    left, width = place(entry.start_datetime, entry.end_datetime)
     shown = f"{service.show(entry.start_datetime)[:16].replace('T', ' ')} to " \
             f"{service.show(entry.end_datetime)[:16].replace('T', ' ')}"
     if type(entry) is Booking:
@@ -2804,12 +2845,9 @@ def board_bar(entry, place, begin, end, pad):
     else:
         kind, label = "window", entry.note or "Maintenance"
         title = f"Maintenance window {entry.id}{': ' + entry.note if entry.note else ''}: {shown}"
-    bar = {"kind": kind, "id": entry.id, "left": left, "width": width, "label": label, "title": title,
-           "start": service.show(entry.start_datetime), "end": service.show(entry.end_datetime),
-           "cut_start": entry.start_datetime < begin, "cut_end": entry.end_datetime > end, "tail": None}
-    if kind == "booking" and pad and entry.end_datetime < end:
-        bar["tail"] = place(entry.end_datetime, entry.end_datetime + pad)
-    return bar
+    attributes = (f' data-{kind}-id="{entry.id}" data-start="{service.show(entry.start_datetime)}"'
+                  f' data-end="{service.show(entry.end_datetime)}" title="{escape(title)}" aria-label="{escape(title)}"')
+    return kind, attributes, escape(label)
 
 
 BOARD_TEMPLATE = """<!doctype html>
@@ -2821,13 +2859,15 @@ BOARD_TEMPLATE = """<!doctype html>
 <style>
   body { font: 14px/1.4 system-ui, sans-serif; margin: 1rem; color: #1b1b1b; }
   nav a { margin-right: .8rem; }
-  .board { margin-top: 1rem; min-width: 60rem; }
+  .board { margin-top: 1rem; min-width: 60rem; position: relative; }
+  .grid { position: absolute; top: 0; bottom: 0; left: 17rem; right: 0; pointer-events: none; }
   .row { display: flex; border-bottom: 1px solid #ddd; min-height: 2rem; }
   .car { flex: 0 0 17rem; padding: .3rem .5rem; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
   .vin { color: #666; font-family: monospace; }
   .status { font-size: 85%; color: #666; }
   .lane { position: relative; flex: 1; }
-  .day, .cell { position: absolute; top: 0; bottom: 0; border-left: 1px solid #eee; box-sizing: border-box; }
+  .day, .cell { position: absolute; top: 0; bottom: 0; border-left: 1px solid rgba(0, 0, 0, .08); box-sizing: border-box; }
+  .cell.today { background: rgba(255, 196, 0, .15); }
   .head .day { padding: .3rem; font-weight: 600; white-space: nowrap; overflow: hidden; }
   .today { background: #fff6d5; }
   .bar { position: absolute; top: .3rem; bottom: .3rem; box-sizing: border-box; border-radius: 3px; padding: 0 .3rem;
@@ -2866,15 +2906,12 @@ rows are cars in maintenance.</p>
   <div class="row{% if row.out %} out{% endif %}" role="row" data-car-id="{{ row.car.id }}">
     <div class="car" role="rowheader">{{ row.car.brand }} {{ row.car.model }} <span class="vin">&hellip;{{ row.car.vin[-6:] }}</span> <span class="status">{{ row.car.status }}</span></div>
     <div class="lane">
-      {%- for day in columns %}<div class="cell{% if day.today %} today{% endif %}" style="left:{{ day.place[0] }}%;width:{{ day.place[1] }}%"></div>{% endfor %}
-      {%- for bar in row.bars %}
-      {%- if bar.tail %}<div class="tail" aria-hidden="true" style="left:{{ bar.tail[0] }}%;width:{{ bar.tail[1] }}%"></div>{% endif %}
-      <div class="bar {{ bar.kind }}{% if bar.cut_start %} cut-start{% endif %}{% if bar.cut_end %} cut-end{% endif %}" {% if bar.kind == "booking" %}data-booking-id{% else %}data-window-id{% endif %}="{{ bar.id }}" data-start="{{ bar.start }}" data-end="{{ bar.end }}"{% if bar.cut_start %} data-continues-before{% endif %}{% if bar.cut_end %} data-continues-after{% endif %} title="{{ bar.title }}" aria-label="{{ bar.title }}" style="left:{{ bar.left }}%;width:{{ bar.width }}%">{% if bar.cut_start %}&#9664; {% endif %}{{ bar.label }}{% if bar.cut_end %} &#9654;{% endif %}</div>
-      {%- endfor %}
+      {{- row.bars }}
     </div>
   </div>
   {% endfor %}
   {% endfor %}
+  <div class="grid" aria-hidden="true">{% for day in columns %}<div class="cell{% if day.today %} today{% endif %}" style="left:{{ day.place[0] }}%;width:{{ day.place[1] }}%"></div>{% endfor %}</div>
 </div>
 </body>
 </html>
