@@ -340,6 +340,99 @@ def earliest_start(starts, ends, after, before, length, pad):
     return start if start + length <= before else None
 
 
+class Coverage:
+    """Which cars have something in their schedule on each day (UTC), as bitmasks: Python ints with
+    one bit per car, at the car's position (cars in id order; a position is never reused). For each
+    day, `touched` has the cars with an entry overlapping it and `covered` those with one entry
+    covering all of it; a car with an entry over more than LONG_DAYS days is in `long` instead.
+
+    For a period, a few integer operations over the days it touches then split the fleet: a car not
+    touched on those days is surely free, a car covered on one of them surely busy, and only the
+    rest need their schedule searched. Kept up to date with every entry added or removed.
+    """
+    LONG_DAYS = 62  # longer entries are not spread over the days: their cars are always searched
+    MAX_DAYS = 62  # a longer period is searched car by car
+
+    def __init__(self, schedules):
+        self.position, self.next, self.last_id = {}, 0, 0
+        self.touched, self.covered, self.longs, self.long = {}, {}, {}, 0
+        for car_id, schedule in schedules.items():
+            self.add_car(car_id)
+            for start, end in zip(schedule.starts, schedule.ends):
+                self.add(car_id, start, end)
+
+    def add_car(self, car_id):
+        """Give a new car the next position; False if its id is not the highest yet (then the
+        positions would not be in id order, and the coverage must be made again)."""
+        if car_id <= self.last_id:
+            return False
+        self.position[car_id], self.next, self.last_id = self.next, self.next + 1, car_id
+        return True
+
+    def drop_car(self, car_id):
+        keep = ~(1 << self.position.pop(car_id))
+        self.touched = {day: mask & keep for day, mask in self.touched.items() if mask & keep}
+        self.covered = {day: mask & keep for day, mask in self.covered.items() if mask & keep}
+        self.long &= keep
+        self.longs.pop(car_id, None)
+
+    def add(self, car_id, start, end):
+        bit = 1 << self.position[car_id]
+        first, last = start // DAY, (end - 1) // DAY
+        if last - first > self.LONG_DAYS:
+            self.longs[car_id] = self.longs.get(car_id, 0) + 1
+            self.long |= bit
+            return
+        for day in range(first, last + 1):
+            self.touched[day] = self.touched.get(day, 0) | bit
+            if start <= day * DAY and (day + 1) * DAY <= end:
+                self.covered[day] = self.covered.get(day, 0) | bit
+
+    def remove(self, car_id, start, end, starts, ends):
+        """Take out an entry already removed from the car's schedule (`starts`, `ends`): each day it
+        touched is worked out again from what the schedule still holds."""
+        bit = 1 << self.position[car_id]
+        first, last = start // DAY, (end - 1) // DAY
+        if last - first > self.LONG_DAYS:
+            self.longs[car_id] -= 1
+            if not self.longs[car_id]:
+                del self.longs[car_id]
+                self.long &= ~bit
+            return
+        for day in range(first, last + 1):
+            low, high = day * DAY, (day + 1) * DAY
+            i, j = bisect.bisect_right(ends, low), bisect.bisect_left(starts, high)
+            short = [n for n in range(i, j) if (ends[n] - 1) // DAY - starts[n] // DAY <= self.LONG_DAYS]
+            for masks, present in ((self.touched, bool(short)),
+                                   (self.covered, any(starts[n] <= low and high <= ends[n] for n in short))):
+                mask = (masks.get(day, 0) | bit) if present else (masks.get(day, 0) & ~bit)
+                if mask:
+                    masks[day] = mask
+                else:
+                    masks.pop(day, None)
+
+    def split(self, low, high):
+        """For the period [low, high) (micros): (surely free, to be searched) as masks over every
+        position, or None when the period spans too many days to be worth it."""
+        first, last = low // DAY, (high - 1) // DAY
+        if last - first > self.MAX_DAYS:
+            return None
+        touched, covered = self.long, 0
+        for day in range(first, last + 1):
+            touched |= self.touched.get(day, 0)
+            covered |= self.covered.get(day, 0)
+        return ~touched, touched & ~covered
+
+
+BITS = [tuple(n for n in range(8) if byte >> n & 1) for byte in range(256)]  # the set bits of each byte
+
+
+def positions(mask):
+    """The set bits of a (non-negative) mask, lowest first."""
+    data = mask.to_bytes((mask.bit_length() + 7) // 8, "little")
+    return [i * 8 + n for i, byte in enumerate(data) if byte for n in BITS[byte]]
+
+
 ID_SPAN = 1 << 63  # ids are below it (SQLite's integer keys are)
 
 
@@ -655,23 +748,69 @@ class Store:
             self._offerable = groups
         return self._offerable
 
+    def _masks(self):
+        """The cars that can be offered as masks over their positions in the coverage: by turnaround
+        (micros) and by dealer, and each position's car and JSON. Made once after each change of a
+        car or dealer, and whenever the coverage is made again."""
+        if self._coverage is None:
+            self._coverage, self._offer_masks = Coverage(self.schedules), None
+        if self._offer_masks is None:
+            groups, dealers, cars = {}, {}, {}
+            for car in self.cars.values():
+                position = self._coverage.position[car.id]
+                cars[position] = car
+                if car.status == "available":
+                    groups[self.pad(car)] = groups.get(self.pad(car), 0) | 1 << position
+                    dealers[car.dealer_id] = dealers.get(car.dealer_id, 0) | 1 << position
+            self._offer_masks, self._chunks = (groups, dealers, cars), {}
+        return self._offer_masks
+
+    def _free(self, start, end, dealer_id):
+        """The cars free for [start, end) (micros), as a mask, and the masks (under the lock)."""
+        groups, dealers, cars = masks = self._masks()
+        coverage = self._coverage
+        free = 0
+        for pad, offerable in groups.items():
+            if dealer_id is not None:
+                offerable &= dealers.get(dealer_id, 0)
+            if not offerable:
+                continue
+            low, high = start - pad, end + pad
+            split = coverage.split(low, high)
+            if split is None:
+                maybe = offerable
+            else:
+                free |= offerable & split[0]
+                maybe = offerable & split[1]
+            for position in positions(maybe) if maybe else ():
+                schedule = self.schedules[cars[position].id]
+                i = bisect.bisect_left(schedule.starts, high)
+                if not (i and schedule.ends[i - 1] > low):
+                    free |= 1 << position
+        return free, masks
+
     def free_cars(self, start, end, dealer_id=None):
         """Cars whose status is available and whose schedule, widened by their dealer's turnaround,
         has no entry overlapping [start, end), by id."""
-        start, end = micros(start), micros(end)
         with self.lock:
-            groups = self._offer()
-            found = []
-            for pad, offerable in groups.items():
-                if dealer_id is not None:
-                    offerable = [entry for entry in offerable if entry[0].dealer_id == dealer_id]
-                low, high = start - pad, end + pad
-                # Schedule.near, inlined: a method call per car would double the cost of this loop
-                found += [car for car, starts, ends in offerable
-                          if not ((i := bisect.bisect_left(starts, high)) and ends[i - 1] > low)]
-        if len(groups) > 1:
-            found.sort(key=car_id_of)
-        return found
+            free, (_, _, cars) = self._free(micros(start), micros(end), dealer_id)
+            return [cars[position] for position in positions(free)]
+
+    def free_cars_json(self, start, end, dealer_id=None):
+        """free_cars as a JSON array (bytes) and their count, joined eight cars at a time from parts
+        kept after each first use (the cars at positions 8i to 8i+7 that a search finds free)."""
+        with self.lock:
+            free, (_, _, cars) = self._free(micros(start), micros(end), dealer_id)
+            chunks, parts = self._chunks, []
+            if len(chunks) > MAX_CHUNKS:
+                chunks.clear()
+            for i, byte in enumerate(free.to_bytes((free.bit_length() + 7) // 8, "little")):
+                if byte:
+                    chunk = chunks.get(i << 8 | byte)
+                    if chunk is None:
+                        chunk = chunks[i << 8 | byte] = b",".join([cars[i * 8 + n].json for n in BITS[byte]])
+                    parts.append(chunk)
+            return json_array(parts), free.bit_count()
 
     def free_slots(self, length, after, before, dealer_id=None, brand=None, car_id=None):
         """For each car that can be offered and matches the filters, the earliest start (micros) of a
@@ -883,7 +1022,7 @@ class Store:
         self.dealers, self.cars, self.car_by_vin, self.schedules, self.bookings, self.by_start, self.by_email = \
             dealers, cars, car_by_vin, schedules, bookings, by_start, by_email
         self.windows = windows
-        self._offerable = self._cars_json = None  # made again when next asked for
+        self._offerable = self._cars_json = self._coverage = self._offer_masks = None  # made when next asked for
         db.seen_version, self._seen = version, seen
 
     def _apply(self, db, changed):
@@ -920,7 +1059,7 @@ class Store:
 
     def _put_dealer(self, dealer):
         self.dealers[dealer.id] = dealer
-        self._offerable = None  # its turnaround may have changed
+        self._offerable = self._offer_masks = None  # its turnaround may have changed
 
     def _drop_dealer(self, dealer_id):
         del self.dealers[dealer_id]
@@ -935,7 +1074,9 @@ class Store:
         self.car_by_vin[car.vin] = car.id
         self.cars[car.id] = car
         self.schedules.setdefault(car.id, Schedule())
-        self._offerable = self._cars_json = None
+        if self._coverage is not None and old is None and not self._coverage.add_car(car.id):
+            self._coverage = None
+        self._offerable = self._cars_json = self._offer_masks = None
 
     def _drop_car(self, car_id):
         car = self.cars.pop(car_id)
@@ -943,14 +1084,16 @@ class Store:
             del self.car_by_vin[car.vin]
         for window in self.schedules.pop(car_id).windows():
             del self.windows[window.id]
-        self._offerable = self._cars_json = None
+        if self._coverage is not None:
+            self._coverage.drop_car(car_id)
+        self._offerable = self._cars_json = self._offer_masks = None
 
     def _put_booking(self, booking):
         old = self.bookings.get(booking.id)
         if old is not None:
             self._unschedule(old)
         self.bookings[booking.id] = booking
-        self.schedules[booking.car_id].add(booking)
+        self._schedule(booking)
         self.by_start.add(order_key(booking.start_datetime, booking.id))
         self.by_email.setdefault(booking.customer_email.casefold(), set()).add(booking.id)
 
@@ -959,17 +1102,28 @@ class Store:
 
     def _put_window(self, window):
         self.windows[window.id] = window
-        self.schedules[window.car_id].add(window)
+        self._schedule(window)
 
     def _drop_window(self, window_id):
-        window = self.windows.pop(window_id)
-        self.schedules[window.car_id].remove(window)
+        self._unschedule_entry(self.windows.pop(window_id))
+
+    def _schedule(self, entry):
+        self.schedules[entry.car_id].add(entry)
+        if self._coverage is not None:
+            self._coverage.add(entry.car_id, micros(entry.start_datetime), micros(entry.end_datetime))
+
+    def _unschedule_entry(self, entry):
+        schedule = self.schedules[entry.car_id]
+        schedule.remove(entry)
+        if self._coverage is not None:
+            self._coverage.remove(entry.car_id, micros(entry.start_datetime), micros(entry.end_datetime),
+                                  schedule.starts, schedule.ends)
 
     def car_from_row(self, row):
         return self.new_car(row[0], dict(zip(CAR_FIELDS, row[1:])))
 
     def _unschedule(self, booking):
-        self.schedules[booking.car_id].remove(booking)
+        self._unschedule_entry(booking)
         self.by_start.remove(order_key(booking.start_datetime, booking.id))
         ids = self.by_email[booking.customer_email.casefold()]
         ids.discard(booking.id)
@@ -982,6 +1136,7 @@ CAR_FIELDS = ("brand", "model", "year", "color", "daily_price", "vin", "status",
 BOOKING_FIELDS = ("car_id", "customer_name", "customer_email", "start_datetime", "end_datetime", "total_cents")
 WINDOW_FIELDS = ("car_id", "start_datetime", "end_datetime", "note")
 MAX_NAMED = 10  # bookings a refused maintenance window names
+MAX_CHUNKS = 100_000  # parts of available-cars answers kept ready; beyond, they are made afresh
 car_id_of = operator.attrgetter("id")
 
 
@@ -2358,6 +2513,10 @@ def available_cars():
     Cars whose status is available and that have no booking overlapping the period, ordered by id.
     """
     filters = window_query(AVAILABLE_CARS_QUERY)
+    if "limit" not in filters and not filters["offset"]:  # the whole answer, joined from ready parts
+        body, total = store().free_cars_json(filters["start_datetime"], filters["end_datetime"],
+                                             filters.get("dealer_id"))
+        return json_text(body, headers={"X-Total-Count": str(total)})
     cars = store().free_cars(filters["start_datetime"], filters["end_datetime"], filters.get("dealer_id"))
     page, headers = paged(cars, filters)
     return json_list([car.json for car in page], headers)

@@ -2829,3 +2829,101 @@ def test_a_feed_answers_304_while_nothing_changed_and_200_after_a_change():
     changed = client.get(url, headers={"If-None-Match": etag})
     assert changed.status_code == 200 and changed.headers["ETag"] != etag
     assert feed_events(changed)["booking-1@dealership"][2] == datetime(2035, 6, 7, 8, tzinfo=timezone.utc)
+
+
+# ---------------------------------------------------------------------------------------------
+# The day coverage behind available-cars, against a brute force and against itself made afresh
+# ---------------------------------------------------------------------------------------------
+
+
+def coverage_state(store):
+    """The coverage by car id (positions differ once cars have been deleted)."""
+    coverage = store._coverage
+    cars = {position: car_id for car_id, position in coverage.position.items()}
+
+    def ids(mask):
+        return {cars[position] for position in dealership.positions(mask)}
+
+    return ({day: ids(mask) for day, mask in coverage.touched.items()},
+            {day: ids(mask) for day, mask in coverage.covered.items()}, ids(coverage.long), coverage.longs)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_available_cars_by_day_coverage_match_a_brute_force_through_every_kind_of_change(database, seed):
+    rng = random.Random(seed)
+    first, second = on_file(database), on_file(database)
+    clients = [first.test_client(), second.test_client()]
+    base = datetime(2035, 1, 1, tzinfo=timezone.utc)
+    entries = {}  # (kind, id) -> (car id, start, end)
+    cars, turnaround, status = [], 0, {}
+
+    def moment(hours):
+        return base + timedelta(hours=hours)
+
+    made = iter(range(100 * seed, 100 * seed + 100))
+
+    def add_car(client):
+        car = make_car(client, vin=vin(next(made)))
+        cars.append(car["id"])
+        status[car["id"]] = "available"
+
+    for _ in range(6):
+        add_car(clients[0])
+    for step in range(300):
+        client = rng.choice(clients)
+        roll = rng.random()
+        if roll < 0.45:
+            car_id = rng.choice(cars)
+            start = moment(rng.randrange(0, 24 * 60))
+            length = rng.choice([rng.randrange(1, 30), 24 * rng.randrange(1, 5), 24 * 70])  # hours, days, "long"
+            end = start + timedelta(hours=length)
+            window_kind = rng.random() < 0.2
+            response = open_window(client, car_id, start.isoformat(), end.isoformat()) if window_kind else \
+                book(client, car_id, start.isoformat(), end.isoformat())
+            pad = timedelta(minutes=turnaround)
+            clash = any(c == car_id and s - pad < end and start < e + pad for c, s, e in entries.values())
+            if window_kind:
+                assert response.status_code == (409 if clash else 201), response.get_json()
+            else:
+                assert response.status_code == (409 if clash or status[car_id] != "available" else 201)
+            if response.status_code == 201:
+                entries["window" if window_kind else "booking", response.get_json()["id"]] = (car_id, start, end)
+        elif roll < 0.7 and entries:
+            kind, entry_id = rng.choice(sorted(entries))
+            car_id = entries[kind, entry_id][0]
+            path = f"{API}/bookings/{entry_id}" if kind == "booking" else f"{API}/cars/{car_id}/maintenance-windows/{entry_id}"
+            assert client.delete(path).status_code == 204
+            del entries[kind, entry_id]
+        elif roll < 0.78:
+            car_id = rng.choice(cars)
+            status[car_id] = rng.choice(["available", "maintenance"])
+            assert client.patch(f"{API}/cars/{car_id}", json={"status": status[car_id]}).status_code == 200
+        elif roll < 0.83:
+            turnaround = rng.choice([0, 30, 600])
+            set_turnaround(client, turnaround)
+        elif roll < 0.88:
+            idle = [c for c in cars if not any(e[0] == c for e in entries.values())]
+            if idle and len(cars) > 3:
+                car_id = rng.choice(idle)
+                assert client.delete(f"{API}/cars/{car_id}").status_code == 204
+                cars.remove(car_id)
+            else:
+                add_car(client)
+        for asking in clients:
+            start = moment(rng.randrange(0, 24 * 60))
+            end = start + timedelta(hours=rng.choice([1, 5, 24, 48, 24 * 70]))
+            pad = timedelta(minutes=turnaround)
+            expected = [c for c in cars if status[c] == "available"
+                        and not any(e[0] == c and e[1] - pad < end and start < e[2] + pad for e in entries.values())]
+            answer = asking.get(f"{API}/bookings/available-cars", query_string=window(start.isoformat(), end.isoformat()))
+            assert [car["id"] for car in answer.get_json()] == expected, step
+            assert answer.headers["X-Total-Count"] == str(len(expected))
+            paged = asking.get(f"{API}/bookings/available-cars",
+                               query_string=window(start.isoformat(), end.isoformat()) | {"limit": 1000})
+            assert [car["id"] for car in paged.get_json()] == expected, step
+    for app in (first, second):  # what each kept up step by step is what it would make afresh
+        store = app.extensions["dealership"]
+        kept = coverage_state(store)
+        store._coverage = None
+        store._masks()
+        assert kept == coverage_state(store)
