@@ -506,6 +506,7 @@ class Store:
     def __init__(self, database, zone=timezone.utc, currency="EUR"):
         self.zone = zone  # naive input is read in this zone, and output is written in it
         self.currency = currency  # shown beside every price
+        self.offer_openings = {}  # car id -> the opening of its slots' JSON (see offers_json)
         self.lock = threading.Lock()
         self.write_lock = threading.Lock()
         self.db = database
@@ -815,27 +816,37 @@ class Store:
     def free_slots(self, length, after, before, dealer_id=None, brand=None, car_id=None):
         """For each car that can be offered and matches the filters, the earliest start (micros) of a
         period of `length` that starts at or after `after`, ends by `before` and can be booked:
-        (start, car) by start, then car id."""
+        (start, car) by start, then car id. The day coverage tells at once which cars are free from
+        `after` on; only the others are searched, one binary search each plus the entries in the way."""
         length, after, before = length // MICROSECOND, micros(after), micros(before)
-        brand = brand.strip().casefold() if brand else None
-        found = []
         if after + length > before:
-            return found
+            return []
+        brand = brand.strip().casefold() if brand else None
         with self.lock:
-            for pad, offerable in self._offer().items():
-                if car_id is not None or dealer_id is not None or brand is not None:
-                    offerable = [entry for entry in offerable if (car_id is None or entry[0].id == car_id)
-                                 and (dealer_id is None or entry[0].dealer_id == dealer_id)
-                                 and (brand is None or entry[0].brand.casefold() == brand)]
-                low, high = after - pad, after + length + pad
-                for car, starts, ends in offerable:
-                    # earliest_start, with its most common answer (free at `after` already) inlined
-                    i = bisect.bisect_right(ends, low)
-                    if i == len(starts) or starts[i] >= high:
-                        found.append((after, car.id, car))
-                    elif (start := earliest_start(starts, ends, after, before, length, pad)) is not None:
-                        found.append((start, car.id, car))
-        found.sort(key=lambda slot: slot[:2])
+            groups, dealers, cars = self._masks()
+            wanted = -1  # every position
+            if dealer_id is not None:
+                wanted = dealers.get(dealer_id, 0)
+            if car_id is not None or brand is not None:
+                wanted &= sum(1 << position for position, car in cars.items()
+                              if (car_id is None or car.id == car_id) and (brand is None or car.brand.casefold() == brand))
+            at_once, later = 0, []
+            for pad, offerable in groups.items():
+                offerable &= wanted
+                if not offerable:
+                    continue
+                split = self._coverage.split(after - pad, after + length + pad)
+                if split is not None:
+                    at_once |= offerable & split[0]
+                    offerable &= ~split[0]
+                for position in positions(offerable) if offerable else ():
+                    car = cars[position]
+                    schedule = self.schedules[car.id]
+                    start = earliest_start(schedule.starts, schedule.ends, after, before, length, pad)
+                    if start is not None:
+                        later.append((start, car.id, car))
+        found = [(after, car.id, car) for car in map(cars.__getitem__, positions(at_once))] + later
+        found.sort()  # two sorted runs, merged: (start, car id) is unique, so cars are never compared
         return [(start, car) for start, _, car in found]
 
     def cars_json(self):
@@ -2164,18 +2175,27 @@ def page_headers(total, offset, limit):
 def offers_json(slots, length):
     """Slots, (start in micros, car) each, as the JSON (bytes) that OFFER_SCHEMA writes, made directly:
     a search answers one per car, and most share a start and a daily price, so each instant is
-    written and each price computed once (a test compares the two on many inputs)."""
-    show, currency = store().show, to_json(store().currency)
-    instants, prices, parts = {}, {}, []
+    written and each price computed once, and each car's opening is kept (a test compares the two
+    on many inputs)."""
+    service = store()
+    show, currency, openings = service.show, to_json(service.currency).encode(), service.offer_openings
+    prices, parts, seen = {}, [], None
     for start, car in slots:
-        if start not in instants:
-            moment = EPOCH + start * MICROSECOND
-            instants[start] = to_json(show(moment)), to_json(show(moment + length)), moment
-        begin, end, moment = instants[start]
-        if car.daily_price not in prices:
-            prices[car.daily_price] = to_json(price_cents(car.daily_price, moment, moment + length) / 100)
-        parts.append(f'{{"car_id":{car.id},"start_datetime":{begin},"end_datetime":{end},'
-                     f'"total_price":{prices[car.daily_price]},"currency":{currency}}}'.encode())
+        if start != seen:  # slots come by start: a run of equal starts shares its text
+            seen, moment, ends = start, EPOCH + start * MICROSECOND, {}
+            times = (f',"start_datetime":{to_json(show(moment))},"end_datetime":'
+                     f'{to_json(show(moment + length))},"total_price":').encode()
+        end = ends.get(car.daily_price)
+        if end is None:
+            price = prices.get(car.daily_price)
+            if price is None:
+                price = prices[car.daily_price] = to_json(
+                    price_cents(car.daily_price, moment, moment + length) / 100).encode()
+            end = ends[car.daily_price] = times + price + b',"currency":' + currency + b"}"
+        opening = openings.get(car.id)
+        if opening is None:
+            opening = openings[car.id] = b'{"car_id":%d' % car.id
+        parts.append(opening + end)
     return parts
 
 
@@ -2313,10 +2333,10 @@ def list_cars():
 
     Ordered by id, optionally filtered by status, dealer and brand, and paged.
     """
-    filters = query(CAR_QUERY)
-    if filters.keys() == {"offset"} and not filters["offset"]:  # the whole fleet: ready made
+    if not request.args:  # the whole fleet: ready made
         body, total = store().cars_json()
         return json_text(body, headers={"X-Total-Count": str(total)})
+    filters = query(CAR_QUERY)
     status, dealer_id = filters.get("status"), filters.get("dealer_id")
     brand = filters.get("brand", "").strip().casefold()
     cars = [car for car in list(store().cars.values())
