@@ -36,7 +36,11 @@ import logging
 import operator
 import os
 import re
+import signal
+import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import unicodedata
@@ -56,7 +60,7 @@ import limits
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, Flask, Response, current_app, redirect, render_template, request, url_for
-from flask.cli import with_appcontext
+from flask.cli import ScriptInfo, with_appcontext
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from flask_swagger_ui import get_swaggerui_blueprint
@@ -3102,28 +3106,113 @@ rows are cars in maintenance.</p>
 # ---------------------------------------------------------------------------------------------
 
 SERVE_CONNECTIONS = 1000  # open connections waitress accepts: far above its threads, so idle ones lock nobody out
-SERVE_IDLE_SECONDS = 30  # a connection that sends nothing for this long is closed
+SERVE_IDLE_SECONDS = 30  # a connection that sends nothing for this long is closed; and the longest a stop waits
 
 
 @click.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True, help="The address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="The port.")
-@click.option("--threads", default=8, show_default=True, type=click.IntRange(1, 1000), help="Worker threads.")
+@click.option("--workers", type=click.IntRange(1, 256), default=None,
+              help="Server processes on the one port and database file. Default: the number of cores "
+                   "(one with DEALERSHIP_DATABASE=:memory:, and on Windows).")
+@click.option("--threads", default=8, show_default=True, type=click.IntRange(1, 1000), help="Threads per process.")
+@click.option("--socket-fd", type=int, hidden=True)  # a worker: serve the listening socket its supervisor opened
 @with_appcontext
-def serve_command(host, port, threads):
-    """Serve the app in production with waitress, with limits that follow the service's own.
+def serve_command(host, port, workers, threads, socket_fd):
+    """Serve the app in production with waitress, in one process or several.
 
     No body larger than DEALERSHIP_MAX_CONTENT_LENGTH is read or spooled; many idle or slow
-    connections do not lock other clients out; waitress's queue-depth warnings stay out of the log.
+    connections do not lock other clients out; SIGTERM (or Ctrl+C) stops taking connections and
+    finishes the requests in flight first. With several workers, this process opens the port and
+    keeps one waitress process per worker serving it, each with its own store on the one database file.
     """
-    import waitress
+    app = current_app._get_current_object()
+    if socket_fd is not None:
+        return serve_worker(app, socket.socket(fileno=socket_fd), threads)
+    memory = store().db.path == MEMORY
+    if workers is not None and workers > 1 and memory:
+        raise click.ClickException(
+            f"--workers {workers} with DEALERSHIP_DATABASE=':memory:': each process would keep a store of its "
+            "own, and clients would see different data. Set DEALERSHIP_DATABASE to a file, or use --workers 1.")
+    if workers is not None and workers > 1 and os.name == "nt":
+        raise click.ClickException("--workers above 1 needs a POSIX system (Linux, macOS): on Windows, use --workers 1.")
+    if workers is None:
+        workers = 1 if memory or os.name == "nt" else os.cpu_count() or 1
+    listener = socket.create_server((host, port), backlog=2048)
+    if workers == 1:
+        return serve_worker(app, listener, threads)
+    supervise(listener, workers, threads)
 
+
+def serve_worker(app, listener, threads):
+    """One waitress process on `listener` until SIGTERM or SIGINT, then the requests in flight finished."""
+    import waitress
+    from waitress.channel import HTTPChannel
+    from waitress.wasyncore import dispatcher, loop
+
+    logging.basicConfig()  # as waitress.serve() does: one handler, on the root logger
     logging.getLogger("waitress").setLevel(logging.INFO)  # "Serving on ..."
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
-    app = current_app._get_current_object()
-    waitress.serve(app, host=host, port=port, threads=threads, ident="dealership",
-                   max_request_body_size=app.config["DEALERSHIP_MAX_CONTENT_LENGTH"],
-                   connection_limit=SERVE_CONNECTIONS, channel_timeout=SERVE_IDLE_SECONDS)
+    server = waitress.create_server(app, sockets=[listener], threads=threads, ident="dealership",
+                                    max_request_body_size=app.config["DEALERSHIP_MAX_CONTENT_LENGTH"],
+                                    connection_limit=SERVE_CONNECTIONS, channel_timeout=SERVE_IDLE_SECONDS)
+    server.print_listen("Serving on http://{}:{}")
+    stopping, parent = [], os.getppid()
+    for sign in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sign, lambda *_: stopping.append(True))
+    while not stopping:
+        loop(timeout=1.0, map=server._map, use_poll=True, count=1)
+        if os.getppid() != parent:  # its supervisor is gone (kill -9): go with it, as it would have
+            os._exit(1)
+    dispatcher.close(server)  # no new connection; the others finish what they were sent, then close
+    deadline = time.monotonic() + SERVE_IDLE_SECONDS
+    while time.monotonic() < deadline:
+        busy = False
+        for channel in list(server._map.values()):
+            if isinstance(channel, HTTPChannel):
+                if channel.requests or channel.request is not None or channel.total_outbufs_len:
+                    busy = True
+                else:
+                    channel.will_close = True
+        if not busy:
+            break
+        loop(timeout=0.05, map=server._map, use_poll=True, count=1)
+    loop(timeout=0.05, map=server._map, use_poll=True, count=2)  # closes the channels just marked
+    server.task_dispatcher.shutdown()
+    log.info("stopped: requests in flight finished")
+
+
+def supervise(listener, workers, threads):
+    """Keep `workers` processes serving `listener` (each `flask ... serve` on the inherited socket),
+    start a new one if one dies, and on SIGTERM or SIGINT pass the signal on and wait for them."""
+    info = click.get_current_context().find_object(ScriptInfo)
+    command = [sys.executable, "-m", "flask"] + (["--app", info.app_import_path] if info and info.app_import_path else []) + \
+        ["serve", "--threads", str(threads), "--socket-fd", str(listener.fileno())]
+    host, port = listener.getsockname()[:2]
+    log.info("serving http://%s:%d with %d worker processes", host, port, workers)
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
+
+    def start():
+        return subprocess.Popen(command, pass_fds=[listener.fileno()])
+
+    children = [start() for _ in range(workers)]
+    while not stopping:
+        time.sleep(0.2)
+        for n, child in enumerate(children):
+            if child.poll() is not None and not stopping:
+                log.error("worker %d exited with %s; starting another", child.pid, child.returncode)
+                children[n] = start()
+    for child in children:
+        child.send_signal(signal.SIGTERM)
+    listener.close()  # the workers close theirs: then the port takes no new connection
+    for child in children:
+        try:
+            child.wait(timeout=SERVE_IDLE_SECONDS + 5)
+        except subprocess.TimeoutExpired:
+            child.kill()
+    log.info("stopped: %d workers", workers)
 
 
 @click.command("backup")

@@ -4,6 +4,7 @@ import json
 import os
 import random
 import re
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -2927,3 +2928,94 @@ def test_available_cars_by_day_coverage_match_a_brute_force_through_every_kind_o
         store._coverage = None
         store._masks()
         assert kept == coverage_state(store)
+
+
+# ---------------------------------------------------------------------------------------------
+# serve: several worker processes on one port, and a clean stop
+# ---------------------------------------------------------------------------------------------
+
+
+def test_serve_refuses_several_workers_on_a_memory_store():
+    result = new_app().test_cli_runner().invoke(args=["serve", "--workers", "2", "--port", "0"])
+    assert result.exit_code != 0
+    assert "--workers 2 with DEALERSHIP_DATABASE=':memory:'" in result.output and "--workers 1" in result.output
+
+
+@contextmanager
+def serving(tmp_path, *args):
+    """`flask --app dealership serve` on a free loopback port and a file under tmp_path: (process, port)."""
+    with closing(socket.socket()) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEALERSHIP_")}
+    env["DEALERSHIP_DATABASE"] = str(tmp_path / "served.sqlite3")
+    log = open(tmp_path / "served.log", "w+")
+    server = subprocess.Popen([sys.executable, "-m", "flask", "--app", "dealership", "serve", "--port", str(port), *args],
+                              cwd=os.path.dirname(os.path.abspath(dealership.__file__)), env=env, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, open(tmp_path / "served.log").read()
+                time.sleep(0.1)
+        yield server, port
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, 9)
+        server.wait(timeout=10)
+        log.close()
+
+
+def workers_of(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(child) for child in f.read().split()]
+
+
+def test_serve_runs_a_worker_per_core_and_replaces_one_that_dies(tmp_path):
+    with serving(tmp_path) as (server, port):
+        workers = workers_of(server.pid)
+        assert len(workers) == os.cpu_count()
+        base = f"http://127.0.0.1:{port}{API}"
+        request = urllib.request.Request(f"{base}/cars", json.dumps(car_body()).encode(),
+                                         {"Content-Type": "application/json"}, method="POST")
+        assert json.load(urllib.request.urlopen(request, timeout=10))["id"] == 1
+        for _ in range(10):  # new connections, taken by either worker: every one sees the car
+            assert [car["id"] for car in json.load(urllib.request.urlopen(f"{base}/cars", timeout=10))] == [1]
+        os.kill(workers[0], 9)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (len(workers_of(server.pid)) != len(workers)
+                                               or workers[0] in workers_of(server.pid)):
+            time.sleep(0.1)
+        assert len(workers_of(server.pid)) == len(workers) and workers[0] not in workers_of(server.pid)
+        for _ in range(10):
+            assert urllib.request.urlopen(f"{base}/cars/1", timeout=10).status == 200
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_finishes_the_request_in_flight_then_stops(tmp_path, workers):
+    with serving(tmp_path, "--workers", workers) as (server, port):
+        base = f"http://127.0.0.1:{port}{API}"
+        request = urllib.request.Request(f"{base}/cars", json.dumps(car_body()).encode(),
+                                         {"Content-Type": "application/json"}, method="POST")
+        urllib.request.urlopen(request, timeout=10).close()
+        body = json.dumps(booking_body(1)).encode()
+        with closing(socket.create_connection(("127.0.0.1", port), timeout=20)) as conn:
+            conn.sendall(b"POST /api/v1/bookings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
+            time.sleep(0.5)
+            server.send_signal(15)  # SIGTERM, in the middle of the request
+            time.sleep(1)
+            with pytest.raises(OSError):  # no new connection is taken
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            conn.sendall(body[10:])
+            answer = conn.recv(65536).decode()
+        assert answer.startswith("HTTP/1.1 201"), answer
+        assert server.wait(timeout=20) == 0
+        log = open(tmp_path / "served.log").read()
+        assert "requests in flight finished" in log and "Traceback" not in log
+    rows = table_rows(str(tmp_path / "served.sqlite3"))
+    assert len(rows["bookings"]) == 1

@@ -7,7 +7,8 @@ Starts the service's own production command on a free loopback port, with its te
 (where waitress spools large bodies) in a folder of its own, and shows, bounded in time and count:
 1. 150 idle connections (connected, sending nothing) do not stop a fresh client from being answered
    within 1 s;
-2. 60 connections that send one header line every 2 s do not either;
+2. 60 connections that send one header line every 2 s do not either, nor 60 that send a body one
+   byte every 2 s (a server that hands a request to a thread before its body is in would be locked);
 3. a 64 MiB chunked body to POST /api/v1/cars is refused (413, or the connection closed) without
    more than the service's body limit reaching the disk: the server's files in the spool folder
    (deleted ones too, through /proc) are watched throughout;
@@ -50,11 +51,13 @@ def open_idle(port, count):
     return sockets
 
 
-def slow_headers(port, count, stop):
-    """`count` clients that start a request and then send one header line every 2 s until `stop`."""
+def slow_headers(port, count, stop, body=False):
+    """`count` clients that start a request and then send one header line (or, with `body`, one byte
+    of a 10,000-byte body) every 2 s until `stop`."""
     sockets = open_idle(port, count)
     for s in sockets:
-        s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        s.sendall(b"POST /api/v1/dealers HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 10000\r\n\r\n{" if body else b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
 
     def drip():
         n = 0
@@ -62,7 +65,7 @@ def slow_headers(port, count, stop):
             n += 1
             for s in sockets:
                 try:
-                    s.sendall(f"X-Slow-{n}: {n}\r\n".encode())
+                    s.sendall(b" " if body else f"X-Slow-{n}: {n}\r\n".encode())
                 except OSError:
                     pass
     thread = threading.Thread(target=drip, daemon=True)
@@ -70,17 +73,30 @@ def slow_headers(port, count, stop):
     return sockets, thread
 
 
+def server_processes(pid):
+    """The server's process and its workers (serve's supervisor starts one per core)."""
+    found = [pid]
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            found += [int(child) for child in f.read().split()]
+    except OSError:
+        pass
+    return found
+
+
 def spool_size(folder, pid):
-    """Bytes in the server's files under `folder`, deleted ones included: waitress spools a large body
-    to an anonymous temporary file, which only the process's open descriptors still show (Linux)."""
+    """Bytes in the server's files under `folder`, deleted ones included, in any of its processes:
+    waitress spools a large body to an anonymous temporary file, which only a process's open
+    descriptors still show (Linux)."""
     total = 0
-    fds = f"/proc/{pid}/fd"
-    for fd in os.listdir(fds) if os.path.isdir(fds) else ():
-        try:
-            if os.readlink(os.path.join(fds, fd)).startswith(folder):
-                total += os.stat(os.path.join(fds, fd)).st_size
-        except OSError:
-            pass
+    for process in server_processes(pid):
+        fds = f"/proc/{process}/fd"
+        for fd in os.listdir(fds) if os.path.isdir(fds) else ():
+            try:
+                if os.readlink(os.path.join(fds, fd)).startswith(folder):
+                    total += os.stat(os.path.join(fds, fd)).st_size
+            except OSError:
+                pass
     return total
 
 
@@ -157,19 +173,20 @@ def main():
                 for s in idle:
                     s.close()
 
-            stop = threading.Event()
-            slow, dripping = slow_headers(port, 60, stop)
-            try:
-                time.sleep(5)  # two drips in
-                waited = fresh_client_seconds(port)
-                print(f"abuse: with 60 slow-header clients, a fresh client was answered in {waited:.3f} s")
-                if waited > 1:
-                    problems.append(f"60 slow-header connections kept a fresh client waiting {waited:.1f} s")
-            finally:
-                stop.set()
-                dripping.join(timeout=10)
-                for s in slow:
-                    s.close()
+            for what, body in (("slow-header", False), ("slow-body", True)):
+                stop = threading.Event()
+                slow, dripping = slow_headers(port, 60, stop, body)
+                try:
+                    time.sleep(5)  # two drips in
+                    waited = fresh_client_seconds(port)
+                    print(f"abuse: with 60 {what} clients, a fresh client was answered in {waited:.3f} s")
+                    if waited > 1:
+                        problems.append(f"60 {what} connections kept a fresh client waiting {waited:.1f} s")
+                finally:
+                    stop.set()
+                    dripping.join(timeout=10)
+                    for s in slow:
+                        s.close()
 
             huge_chunked_body(port, spool, server.pid, problems)
             nested_bodies(port, problems)

@@ -3,10 +3,11 @@
 
     python .ci/crash.py [--rounds 3] [--clients 6] [--cars 20]
 
-Starts waitress as the README says, on a database file in a temporary folder, with the default
-durability (DEALERSHIP_SYNCHRONOUS=full). Each round, --clients clients book, reschedule and cancel
-as fast as they can; after a random 1 to 3 seconds the server gets SIGKILL, in the middle of their
-requests. The server is started again on the same file, and everything it holds is checked against
+Starts `flask --app dealership serve` as the README says (its default workers: one process per
+core), on a database file in a temporary folder, with the default durability
+(DEALERSHIP_SYNCHRONOUS=full). Each round, --clients clients book, reschedule and cancel as fast as
+they can; after a random 1 to 3 seconds the server, its supervisor and every worker at once, gets
+SIGKILL, in the middle of their requests. The server is started again on the same file, and everything it holds is checked against
 what the clients were told:
 - every booking whose 201 was received is there, with the times of the last 200 received for it,
   unless a later 204 removed it;
@@ -20,6 +21,7 @@ however this exits.
 import argparse
 import http.client
 import json
+import os
 import random
 import shutil
 import signal
@@ -178,7 +180,7 @@ def main():
     server = None
     problems = []
     try:
-        server, base = start(database, threads=8)
+        server, base = start(database, threads=8, command="serve")
         conn = http.client.HTTPConnection(HOST, urlsplit(base).port, timeout=10)
         car_ids = []
         for n in range(a.cars):
@@ -198,7 +200,7 @@ def main():
             for client in clients:
                 client.start()
             time.sleep(rng.uniform(1, 3))
-            server.send_signal(signal.SIGKILL)
+            os.killpg(server.pid, signal.SIGKILL)  # the supervisor and every worker at once
             server.wait(timeout=10)
             for client in clients:
                 client.join(timeout=20)
@@ -206,7 +208,7 @@ def main():
                 problems.append(f"round {round_}: a client did not stop")
             for client in clients:
                 problems.extend(f"round {round_}: {p}" for p in client.problems)
-            server, base = start(database, threads=8)
+            server, base = start(database, threads=8, command="serve")
             after = stored_bookings(base)
             acknowledged, cut = check(before, clients, after, problems)
             highest = max([0, *before, *after] + [p["id"] for c in clients for *_, p in c.told if p and "id" in p])

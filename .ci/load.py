@@ -1,16 +1,18 @@
 #!/usr/bin/env python3
 """Load test: the production server under concurrent clients, on 127.0.0.1 only.
 
-    python .ci/load.py [--processes 2] [--clients 32] [--seconds 20] [--cars 200]
+    python .ci/load.py [--workers N] [--processes 1] [--clients 32] [--seconds 20] [--cars 200]
 
-Starts --processes waitress processes exactly as the README says, each with several threads on a
-free loopback port, all on one database file; fills --cars cars through the first, then runs
+Starts `flask --app dealership serve` as the README says (its default workers: one process per core,
+each with several threads, on one port and one database file; --processes starts that many such
+servers, each on its own port, on the same file); fills --cars cars through the first, then runs
 --clients concurrent clients spread over every process for --seconds, mixing
 available-cars, GET /cars/{id}, new bookings (a third of them contending for a few hot car-and-range
 slots) and cancellations of bookings the client made. It fails unless there was no 5xx, no
 unexpected status and no connection error; every booking the clients were told was created (and did
 not cancel) is stored, no cancelled one is; no two stored bookings of one car overlap; and the
-servers still answer /health and every process answers the same cars and bookings. It prints requests
+servers still answer /health and every process answers the same cars and bookings (asked over several
+new connections, which the workers of one server take in turn). It prints requests
 per second and p50/p99 latency per request kind.
 Every request has a timeout, the run has a deadline, and the server is stopped however this exits.
 """
@@ -98,11 +100,12 @@ def main():
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--cars", type=int, default=200)
-    ap.add_argument("--threads", type=int, default=8, help="waitress worker threads per process")
-    ap.add_argument("--processes", type=int, default=2, help="server processes on one database file")
+    ap.add_argument("--threads", type=int, default=8, help="threads per worker process")
+    ap.add_argument("--workers", type=int, default=None, help="serve's --workers (default: its own, one per core)")
+    ap.add_argument("--processes", type=int, default=1, help="servers, each on its own port, on one database file")
     a = ap.parse_args()
 
-    with serve(threads=a.threads, processes=a.processes) as servers:
+    with serve(threads=a.threads, processes=a.processes, command="serve", workers=a.workers) as servers:
         return drive([urlsplit(base).port for base, _ in servers], [server for _, server in servers], a)
 
 
@@ -150,7 +153,8 @@ def drive(ports, servers, a):
 
     total = sum(len(v) for v in latencies.values())
     print(f"load: {a.clients} clients, {elapsed:.1f} s, {total} requests, {total / elapsed:.0f} requests/s "
-          f"(waitress, {len(ports)} processes of {a.threads} threads on one database file, {os.cpu_count()} cores)")
+          f"(serve, {len(ports)} server(s) of {a.workers or os.cpu_count()} workers of {a.threads} threads on one "
+          f"database file, {os.cpu_count()} cores)")
     print(f"{'kind':8} {'count':>7} {'p50 ms':>8} {'p99 ms':>8}   statuses")
     for kind in EXPECTED:
         times = sorted(latencies[kind])
@@ -183,8 +187,8 @@ def drive(ports, servers, a):
                 problems.append(f"car {car_id}: bookings {id_a} and {id_b} overlap")
     print(f"load: {len(stored)} bookings stored, {len(created)} created, {len(cancelled)} cancelled, "
           f"{statuses['hot'][409] + statuses['book'][409]} refused with 409")
-    for port, server in zip(ports, servers):
-        reader = Client(port)
+    for port, server in [(port, server) for port, server in zip(ports, servers) for _ in range(4)]:
+        reader = Client(port)  # a new connection: a worker of this server, maybe another than last time
         for path, (status, seen), expected in [
                 (f"{API}/bookings", every_booking(lambda path: reader.call("GET", path)), stored),
                 (f"{API}/cars", reader.call("GET", f"{API}/cars"), setup.call("GET", f"{API}/cars")[1])]:

@@ -54,11 +54,13 @@ def stop(process):
         process.wait()
 
 
-def start(database, threads=4, env=None, command="waitress"):
-    """One server process on `database`, answering /health: (process, base_url). Stop it with stop().
+def start(database, threads=4, env=None, command="waitress", workers=None):
+    """One server on `database`, answering /health: (process, base_url). Stop it with stop().
 
     `command` "waitress" is `waitress-serve --call dealership:create_app`; "serve" is
-    `flask --app dealership serve`, the service's own production command.
+    `flask --app dealership serve`, the service's own production command, with its default workers
+    unless `workers` says (its process is then the supervisor of the workers; it is started in a
+    session of its own, so that os.killpg(process.pid, ...) reaches every worker too).
     """
     port = free_port()
     base = f"http://{HOST}:{port}"
@@ -68,8 +70,9 @@ def start(database, threads=4, env=None, command="waitress"):
     argv = {"waitress": ["-m", "waitress", f"--listen={HOST}:{port}", f"--threads={threads}", "--call",
                          "dealership:create_app"],
             "serve": ["-m", "flask", "--app", "dealership", "serve", "--host", HOST, "--port", str(port),
-                      "--threads", str(threads)]}[command]
-    server = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=clean, stdout=log, stderr=subprocess.STDOUT)
+                      "--threads", str(threads)] + ([] if workers is None else ["--workers", str(workers)])}[command]
+    server = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=clean, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
     server.log = log.name
     try:
         wait_for(f"{base}/health", server)
@@ -80,7 +83,7 @@ def start(database, threads=4, env=None, command="waitress"):
 
 
 @contextlib.contextmanager
-def serve(threads=4, env=None, processes=None, command="waitress"):
+def serve(threads=4, env=None, processes=None, command="waitress", workers=None):
     """One server (yields (base_url, process)) or, with `processes`, that many on one database file
     (yields a list of them)."""
     folder = tempfile.mkdtemp(prefix="dealership-data-")
@@ -88,7 +91,7 @@ def serve(threads=4, env=None, processes=None, command="waitress"):
     servers = []
     try:
         for _ in range(processes or 1):
-            server, base = start(database, threads, env, command)
+            server, base = start(database, threads, env, command, workers)
             servers.append((base, server))
         yield servers if processes else servers[0]
     finally:
