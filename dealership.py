@@ -1747,6 +1747,14 @@ def about(description, example=None):
 STRIPPED = "surrounding spaces are removed"
 
 
+class EndAfterStart:
+    """For a schema with start_datetime and end_datetime: the end must be after the start."""
+
+    @validates_schema
+    def end_after_start(self, data, **kwargs):
+        check_window(data)
+
+
 class DealerSchema(Schema):
     id = fields.Integer(dump_only=True, metadata=about("Given by the service; never reused."))
     name = text(200, required=True, metadata=about(f"1 to 200 characters; {STRIPPED}.", "Oscar Mobility South"))
@@ -1784,7 +1792,7 @@ END = ("When it ends, after the start. The booking holds [start, end): at this v
        "is free again.")
 
 
-class BookingSchema(Schema):
+class BookingSchema(EndAfterStart, Schema):
     id = fields.Integer(dump_only=True, metadata=about("Given by the service; never reused."))
     car_id = fields.Integer(required=True, strict=True, validate=validate.Range(min=1),
                             metadata=about("The car to book; it must exist and be available.", 1))
@@ -1798,12 +1806,8 @@ class BookingSchema(Schema):
         "when the booking is made, and priced again only when it is moved or changes car.", 129.0))
     currency = Currency(dump_only=True, metadata=about("The currency of total_price.", "EUR"))
 
-    @validates_schema
-    def end_after_start(self, data, **kwargs):
-        check_window(data)
 
-
-class MaintenanceWindowSchema(Schema):
+class MaintenanceWindowSchema(EndAfterStart, Schema):
     id = fields.Integer(dump_only=True, metadata=about("Given by the service; never reused."))
     car_id = fields.Integer(dump_only=True, metadata=about("The car, as in the path."))
     start_datetime = Instant(required=True, metadata=about(
@@ -1811,10 +1815,6 @@ class MaintenanceWindowSchema(Schema):
     end_datetime = Instant(required=True, metadata=about("When it is back, after the start: [start, end)."))
     note = text(200, min_length=0, load_default="", metadata=about(
         f"What is done, up to 200 characters, empty if left out; {STRIPPED}.", "Brake check"))
-
-    @validates_schema
-    def end_after_start(self, data, **kwargs):
-        check_window(data)
 
 
 class QuoteSchema(Schema):
@@ -1904,7 +1904,7 @@ class CarQuery(PageQuery):
     brand = fields.String(metadata=about("Only this make, in any case.", "Volkswagen"))
 
 
-class BookingQuery(PageQuery):
+class BookingQuery(EndAfterStart, PageQuery):
     limit = Count(validate=validate.Range(min=1, max=MAX_PAGE), metadata=about(
         f"At most this many bookings, 1 to 1000; {DEFAULT_PAGE} when left out (follow the Link header).", 100))
     car_id = Count(validate=validate.Range(min=1), metadata=about("Only this car's bookings.", 1))
@@ -1914,36 +1914,24 @@ class BookingQuery(PageQuery):
     end_datetime = Instant(in_query=True, metadata=about(
         "With start_datetime: bookings that overlap [start, end). Alone: bookings that end at or before it."))
 
-    @validates_schema
-    def end_after_start(self, data, **kwargs):
-        check_window(data)
 
-
-class WindowQuery(Schema):
+class WindowQuery(EndAfterStart, Schema):
     start_datetime = Instant(in_query=True, required=True, metadata=about(
         "Start of the period: an ISO 8601 date-time with an offset, or without one for the "
         "dealership's time zone. In a query string write + as %2B."))
     end_datetime = Instant(in_query=True, required=True, metadata=about(
         "End of the period, after its start; the period is [start, end)."))
 
-    @validates_schema
-    def end_after_start(self, data, **kwargs):
-        check_window(data)
-
 
 class AvailableCarsQuery(WindowQuery, PageQuery):
     dealer_id = Count(validate=validate.Range(min=1), metadata=about("Only this dealer's cars.", 1))
 
 
-class FeedQuery(Schema):
+class FeedQuery(EndAfterStart, Schema):
     start_datetime = Instant(in_query=True, metadata=about(
         "Events that end after it; 30 days before today (00:00 UTC) when left out."))
     end_datetime = Instant(in_query=True, metadata=about(
         "Events that start before it; 365 days after today (00:00 UTC) when left out."))
-
-    @validates_schema
-    def end_after_start(self, data, **kwargs):
-        check_window(data)
 
 
 class FleetFeedQuery(FeedQuery):

@@ -12,13 +12,12 @@ screenshot and prints where. The server and the browser are stopped however this
 """
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 from datetime import datetime, timedelta, timezone
 
-from docs_browser import Browser, http
-from serve import HOST, free_port, serve, stop, wait_for
+from docs_browser import browsing, http
+from serve import serve
 
 
 def rect(browser, element):
@@ -35,46 +34,33 @@ def check(base, out):
     for car in http("GET", f"{base}/api/v1/cars"):
         expected += [("window", w["id"], car["id"], w["start_datetime"], w["end_datetime"])
                      for w in http("GET", f"{base}/api/v1/cars/{car['id']}/maintenance-windows")]
-    problems, driver = [], None
-    try:
-        driver_port = free_port()
-        driver = subprocess.Popen(["chromedriver", f"--port={driver_port}"], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
-        wait_for(f"http://{HOST}:{driver_port}/status", driver)
-        with tempfile.TemporaryDirectory() as profile:
-            browser = Browser(f"http://{HOST}:{driver_port}", profile)
-            try:
-                browser.call("POST", "/url", {"url": f"{base}/board"})
-                browser.screenshot(os.path.join(out, "board.png"))
-                for kind, entry_id, car_id, start, end in expected:
-                    start, end = datetime.fromisoformat(start), datetime.fromisoformat(end)
-                    if end <= first or start >= first + period:
-                        continue
-                    bar = browser.find(f'.bar[data-{kind}-id="{entry_id}"]')
-                    lane = rect(browser, browser.find(f'.row[data-car-id="{car_id}"] .lane'))
-                    row = rect(browser, browser.find(f'.row[data-car-id="{car_id}"]'))
-                    box = rect(browser, bar)
-                    where = [lane["x"] + lane["width"] * min(max((t - first) / period, 0), 1) for t in (start, end)]
-                    shown = browser.call("GET", f"/element/{bar}/displayed")
-                    print(f"board: {kind} {entry_id} of car {car_id}: x {box['x']:.0f} to {box['x'] + box['width']:.0f}"
-                          f" (expected {where[0]:.0f} to {where[1]:.0f}), y {box['y']:.0f} in row {row['y']:.0f}"
-                          f" to {row['y'] + row['height']:.0f}")
-                    if not shown:
-                        problems.append(f"{kind} {entry_id} is not displayed")
-                    if not (row["y"] <= box["y"] and box["y"] + box["height"] <= row["y"] + row["height"]):
-                        problems.append(f"{kind} {entry_id} is not inside the row of car {car_id}")
-                    if abs(box["x"] - where[0]) > 2 or abs(box["x"] + box["width"] - where[1]) > 2:
-                        problems.append(f"{kind} {entry_id} is drawn from {box['x']:.0f} to "
-                                        f"{box['x'] + box['width']:.0f}, not {where[0]:.0f} to {where[1]:.0f}")
-                shown = sum(1 for _, _, _, s, e in expected if datetime.fromisoformat(e) > first
-                            and datetime.fromisoformat(s) < first + period)
-                if shown == 0:
-                    problems.append("the demo data has nothing in the board's fortnight")
-            finally:
-                browser.close()
-    finally:
-        if driver is not None:
-            stop(driver)
+    problems = []
+    with browsing() as browser:
+        browser.call("POST", "/url", {"url": f"{base}/board"})
+        browser.screenshot(os.path.join(out, "board.png"))
+        for kind, entry_id, car_id, start, end in expected:
+            start, end = datetime.fromisoformat(start), datetime.fromisoformat(end)
+            if end <= first or start >= first + period:
+                continue
+            bar = browser.find(f'.bar[data-{kind}-id="{entry_id}"]')
+            lane = rect(browser, browser.find(f'.row[data-car-id="{car_id}"] .lane'))
+            row = rect(browser, browser.find(f'.row[data-car-id="{car_id}"]'))
+            box = rect(browser, bar)
+            where = [lane["x"] + lane["width"] * min(max((t - first) / period, 0), 1) for t in (start, end)]
+            shown = browser.call("GET", f"/element/{bar}/displayed")
+            print(f"board: {kind} {entry_id} of car {car_id}: x {box['x']:.0f} to {box['x'] + box['width']:.0f}"
+                  f" (expected {where[0]:.0f} to {where[1]:.0f}), y {box['y']:.0f} in row {row['y']:.0f}"
+                  f" to {row['y'] + row['height']:.0f}")
+            if not shown:
+                problems.append(f"{kind} {entry_id} is not displayed")
+            if not (row["y"] <= box["y"] and box["y"] + box["height"] <= row["y"] + row["height"]):
+                problems.append(f"{kind} {entry_id} is not inside the row of car {car_id}")
+            if abs(box["x"] - where[0]) > 2 or abs(box["x"] + box["width"] - where[1]) > 2:
+                problems.append(f"{kind} {entry_id} is drawn from {box['x']:.0f} to "
+                                f"{box['x'] + box['width']:.0f}, not {where[0]:.0f} to {where[1]:.0f}")
+    if not any(datetime.fromisoformat(e) > first and datetime.fromisoformat(s) < first + period
+               for _, _, _, s, e in expected):
+        problems.append("the demo data has nothing in the board's fortnight")
     return problems
 
 

@@ -17,6 +17,7 @@ installs them when missing. The server and the browser are stopped however this 
 """
 import argparse
 import base64
+import contextlib
 import json
 import os
 import re
@@ -83,6 +84,24 @@ class Browser:
         http("DELETE", self.url)
 
 
+@contextlib.contextmanager
+def browsing():
+    """A Browser on a fresh profile, through a chromedriver of its own; both stopped however the block exits."""
+    driver_port = free_port()
+    driver = subprocess.Popen(["chromedriver", f"--port={driver_port}"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        wait_for(f"http://{HOST}:{driver_port}/status", driver)
+        with tempfile.TemporaryDirectory() as profile:
+            browser = Browser(f"http://{HOST}:{driver_port}", profile)
+            try:
+                yield browser
+            finally:
+                browser.close()
+    finally:
+        stop(driver)
+
+
 def execute(browser, operation):
     """Open an operation on the page, press "Try it out" and Execute, with what the page filled in:
     (status, response text)."""
@@ -113,57 +132,44 @@ def main():
 
 def check(base, out):
     """What is wrong with the docs page at `base`, as a list of lines (empty when all is well)."""
-    driver = None
     problems = []
-    try:
-        operations = sum(len(ops) for ops in http("GET", f"{base}/openapi.json")["paths"].values())
+    operations = sum(len(ops) for ops in http("GET", f"{base}/openapi.json")["paths"].values())
 
-        # 1. The page renders the operation list.
-        with tempfile.TemporaryDirectory() as profile:
-            dom = subprocess.run(["chromium", *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
-                                  "--virtual-time-budget=15000", "--dump-dom", f"{base}/docs"],
-                                 capture_output=True, text=True, timeout=120).stdout
-        rendered = len(re.findall(r'class="opblock opblock-(?:get|post|put|patch|delete)', dom))
-        print(f"docs: /docs rendered {rendered} operation blocks; /openapi.json has {operations} operations")
-        if rendered != operations:
-            problems.append(f"expected {operations} operation blocks, saw {rendered}")
+    # 1. The page renders the operation list.
+    with tempfile.TemporaryDirectory() as profile:
+        dom = subprocess.run(["chromium", *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+                              "--virtual-time-budget=15000", "--dump-dom", f"{base}/docs"],
+                             capture_output=True, text=True, timeout=120).stdout
+    rendered = len(re.findall(r'class="opblock opblock-(?:get|post|put|patch|delete)', dom))
+    print(f"docs: /docs rendered {rendered} operation blocks; /openapi.json has {operations} operations")
+    if rendered != operations:
+        problems.append(f"expected {operations} operation blocks, saw {rendered}")
 
-        # 2. A user creates a car and books it from the page.
-        driver_port = free_port()
-        driver = subprocess.Popen(["chromedriver", f"--port={driver_port}"], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
-        wait_for(f"http://{HOST}:{driver_port}/status", driver)
-        with tempfile.TemporaryDirectory() as profile:
-            browser = Browser(f"http://{HOST}:{driver_port}", profile)
-            try:
-                browser.call("POST", "/url", {"url": f"{base}/docs"})
-                browser.find(".opblock")
-                browser.screenshot(os.path.join(out, "docs.png"))
-                status, body = execute(browser, "cars-create_car")
-                print(f"docs: POST /api/v1/cars from the page, as filled in, answered {status}")
-                car_id = json.loads(body)["id"] if status == "201" else None
-                if car_id is None:
-                    problems.append(f"creating a car from the page answered {status}: {body[:300]}")
-                else:
-                    status, body = execute(browser, "bookings-create_booking")
-                    print(f"docs: POST /api/v1/bookings from the page, as filled in, answered {status}")
-                    if status != "201":
-                        problems.append(f"booking from the page answered {status}: {body[:300]}")
-                    elif json.loads(body)["car_id"] != car_id:
-                        problems.append(f"the example booked car {json.loads(body)['car_id']}, not the new car {car_id}")
-                    stored = http("GET", f"{base}/api/v1/bookings?car_id={car_id}")
-                    if len(stored) != 1:
-                        problems.append(f"the booking made from the page is not stored: {stored}")
-                    status, body = execute(browser, "bookings-available_cars")
-                    print(f"docs: available-cars from the page, as filled in, answered {status}")
-                    if status != "200" or car_id in [car["id"] for car in json.loads(body)]:
-                        problems.append(f"available-cars answered {status}, {body[:300]}, with car {car_id} booked")
-                browser.screenshot(os.path.join(out, "docs-after-booking.png"))
-            finally:
-                browser.close()
-    finally:
-        if driver is not None:
-            stop(driver)
+    # 2. A user creates a car and books it from the page.
+    with browsing() as browser:
+        browser.call("POST", "/url", {"url": f"{base}/docs"})
+        browser.find(".opblock")
+        browser.screenshot(os.path.join(out, "docs.png"))
+        status, body = execute(browser, "cars-create_car")
+        print(f"docs: POST /api/v1/cars from the page, as filled in, answered {status}")
+        car_id = json.loads(body)["id"] if status == "201" else None
+        if car_id is None:
+            problems.append(f"creating a car from the page answered {status}: {body[:300]}")
+        else:
+            status, body = execute(browser, "bookings-create_booking")
+            print(f"docs: POST /api/v1/bookings from the page, as filled in, answered {status}")
+            if status != "201":
+                problems.append(f"booking from the page answered {status}: {body[:300]}")
+            elif json.loads(body)["car_id"] != car_id:
+                problems.append(f"the example booked car {json.loads(body)['car_id']}, not the new car {car_id}")
+            stored = http("GET", f"{base}/api/v1/bookings?car_id={car_id}")
+            if len(stored) != 1:
+                problems.append(f"the booking made from the page is not stored: {stored}")
+            status, body = execute(browser, "bookings-available_cars")
+            print(f"docs: available-cars from the page, as filled in, answered {status}")
+            if status != "200" or car_id in [car["id"] for car in json.loads(body)]:
+                problems.append(f"available-cars answered {status}, {body[:300]}, with car {car_id} booked")
+        browser.screenshot(os.path.join(out, "docs-after-booking.png"))
     return problems
 
 
