@@ -99,7 +99,7 @@ MIN_DAILY_PRICE = 0.01  # a cent: 5e-324 is no price
 MAX_DAILY_PRICE = 1_000_000
 CAR_STATUSES = ("available", "maintenance")
 MAX_PAGE = 1000
-DEFAULT_PAGE = 100  # bookings answered without a limit: a store can hold millions
+DEFAULT_PAGE = 100  # bookings (a store can hold millions) and slots (one per car) answered without a limit
 MAX_ERRORS = 20  # offending fields listed in one 422
 MAX_TURNAROUND = 1440  # minutes: a day
 CLOCK_TOLERANCE = timedelta(minutes=1)  # how far in the past a new booking may start
@@ -330,18 +330,6 @@ class Schedule:
 
     def windows(self):
         return [entry for entry in self.entries if type(entry) is MaintenanceWindow]
-
-
-def earliest_start(starts, ends, after, before, length, pad):
-    """The earliest start at or after `after` of a free period of `length` that ends by `before`, in a
-    schedule (its starts and ends, micros) whose entries need `pad` free on either side; or None.
-    One binary search, then a step over each entry in the way."""
-    i = bisect.bisect_right(ends, after - pad)  # entries before i are done (with their pad) by `after`
-    start, n = after, len(starts)
-    while i < n and starts[i] - pad < start + length and start + length <= before:
-        start = ends[i] + pad  # ends only grow: each entry in the way pushes the start later
-        i += 1
-    return start if start + length <= before else None
 
 
 class Coverage:
@@ -828,6 +816,7 @@ class Store:
         brand = brand.strip().casefold() if brand else None
         with self.lock:
             groups, dealers, cars = self._masks()
+            schedules = self.schedules
             wanted = -1  # every position
             if dealer_id is not None:
                 wanted = dealers.get(dealer_id, 0)
@@ -843,11 +832,20 @@ class Store:
                 if split is not None:
                     at_once |= offerable & split[0]
                     offerable &= ~split[0]
+                latest = before - length  # the latest start that still ends by `before`
                 for position in positions(offerable) if offerable else ():
+                    # The earliest start at or after `after` free of every entry widened by `pad`:
+                    # entries before i are done, pad included, by `after`; each one after that which
+                    # reaches into [start, start + length) pushes the start to its end plus the pad
+                    # (ends only grow), until the period fits or no longer ends by `before`.
                     car = cars[position]
-                    schedule = self.schedules[car.id]
-                    start = earliest_start(schedule.starts, schedule.ends, after, before, length, pad)
-                    if start is not None:
+                    schedule = schedules[car.id]
+                    starts, ends = schedule.starts, schedule.ends
+                    i, start, n = bisect.bisect_right(ends, after - pad), after, len(starts)
+                    while i < n and start <= latest and starts[i] - pad < start + length:
+                        start = ends[i] + pad
+                        i += 1
+                    if start <= latest:
                         later.append((start, car.id, car))
         found = [(after, car.id, car) for car in map(cars.__getitem__, positions(at_once))] + later
         found.sort()  # two sorted runs, merged: (start, car id) is unique, so cars are never compared
@@ -1939,6 +1937,8 @@ class FleetFeedQuery(FeedQuery):
 
 
 class SlotQuery(PageQuery):
+    limit = Count(validate=validate.Range(min=1, max=MAX_PAGE), metadata=about(
+        f"At most this many slots, 1 to 1000; {DEFAULT_PAGE} when left out (follow the Link header).", 100))
     duration = Duration(required=True, metadata=about(
         "How long the car is needed: an ISO 8601 duration of days, hours and minutes from 15 minutes to "
         "90 days (P3D, PT4H, P1DT12H).", "P3D") | {"pattern": DURATION_PATTERN})
@@ -2551,8 +2551,9 @@ def available_slots():
     before = min(filters["before"] if "before" in filters else after + MAX_SLOT, LATEST_SLOT_END)
     slots = store().free_slots(filters["duration"], after, before, filters.get("dealer_id"), filters.get("brand"),
                                filters.get("car_id"))
-    page, headers = paged(slots, filters)
-    return json_list(offers_json(page, filters["duration"]), headers)
+    offset, limit = filters["offset"], filters.get("limit", DEFAULT_PAGE)
+    page = slots[offset:offset + limit]
+    return json_list(offers_json(page, filters["duration"]), page_headers(len(slots), offset, limit))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2671,7 +2672,7 @@ RESPONSE_HEADERS = {
                       "schema": {"type": "integer", "minimum": 0}},
     "ETag": {"description": "The version of the feed: send it back in If-None-Match to get 304 when "
                             "nothing changed.", "required": True, "schema": {"type": "string"}},
-    "Link": {"description": "With a page (always for bookings, with `limit` for the others): RFC 8288 links "
+    "Link": {"description": "With a page (always for bookings and slots, with `limit` for the others): RFC 8288 links "
                             "to the next and previous pages, with the same filters.",
              "schema": {"type": "string"}},
 }

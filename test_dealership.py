@@ -3019,3 +3019,15 @@ def test_sigterm_finishes_the_request_in_flight_then_stops(tmp_path, workers):
         assert "requests in flight finished" in log and "Traceback" not in log
     rows = table_rows(str(tmp_path / "served.sqlite3"))
     assert len(rows["bookings"]) == 1
+
+
+def test_available_slots_answer_a_page_of_100_unless_asked_for_more(client):
+    for n in range(105):
+        client.post(f"{API}/cars", json=car_body(vin=vin(n)))
+    first = slots(client, duration="PT1H", after="2035-01-20T09:00:00Z")
+    assert len(first.get_json()) == 100 and first.headers["X-Total-Count"] == "105"
+    assert [s["car_id"] for s in first.get_json()] == list(range(1, 101))
+    assert 'rel="next"' in first.headers["Link"] and "offset=100" in first.headers["Link"]
+    rest = slots(client, duration="PT1H", after="2035-01-20T09:00:00Z", offset=100)
+    assert [s["car_id"] for s in rest.get_json()] == list(range(101, 106))
+    assert len(slots(client, duration="PT1H", after="2035-01-20T09:00:00Z", limit=1000).get_json()) == 105
