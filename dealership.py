@@ -1,11 +1,13 @@
 """Car dealership inventory and booking service: one Flask module.
 
 Dealers own cars; customers book a car for a date-time range, and the service never books one car
-twice for overlapping times. It answers "which cars are free between X and Y?" and "when is this car
-busy or free?" as well.
+twice for overlapping times, nor over a maintenance window, nor within its dealer's turnaround. It
+answers "which cars are free between X and Y?", "when is this car busy or free?" and "when is the
+earliest I can have one for three days?" as well, prices every booking, draws the fleet on a
+planning board (/board) and publishes calendar feeds (.ics).
 
 Run it for a local demo (the interactive docs are then at http://127.0.0.1:5000/docs), and in
-production (waitress, with limits that follow the service's own):
+production (waitress, one process per core, with limits that follow the service's own):
 
     flask --app dealership run
     flask --app dealership serve --port 8000
