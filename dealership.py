@@ -3219,7 +3219,8 @@ def backup_command(path):
     except (sqlite3.Error, OSError) as error:
         raise click.ClickException(f"Could not back up {database.path} to {path}: {error}") from None
     click.echo(f"Backed up {database.path} to {path}: {plural(counts['dealers'], 'dealer')}, "
-               f"{plural(counts['cars'], 'car')}, {plural(counts['bookings'], 'booking')}.")
+               f"{plural(counts['cars'], 'car')}, {plural(counts['bookings'], 'booking')}, "
+               f"{plural(counts['maintenance_windows'], 'maintenance window')}.")
 
 
 # ---------------------------------------------------------------------------------------------

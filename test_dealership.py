@@ -2377,6 +2377,7 @@ def test_backup_writes_a_consistent_copy_while_the_service_runs(database, tmp_pa
         thread.join(timeout=30)
     assert result.exit_code == 0, result.output
     assert result.output.startswith(f"Backed up {database} to {copy}: 1 dealer, 1 car, ")
+    assert re.search(r" bookings?, 0 maintenance windows\.$", result.output.rstrip())
     assert not os.path.exists(copy + ".partial")
     with closing(sqlite3.connect(copy)) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)  # one self-contained file
