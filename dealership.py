@@ -350,6 +350,7 @@ class Coverage:
     def __init__(self, schedules):
         self.position, self.next, self.last_id = {}, 0, 0
         self.touched, self.covered, self.longs, self.long = {}, {}, {}, 0
+        self.spots = {}  # (byte index << 8 | byte) -> its positions: see positions()
         for car_id, schedule in schedules.items():
             self.add_car(car_id)
             for start, end in zip(schedule.starts, schedule.ends):
@@ -417,14 +418,24 @@ class Coverage:
             covered |= self.covered.get(day, 0)
         return ~touched, touched & ~covered
 
+    def positions(self, mask, stop=None):
+        """The set bits of a (non-negative) mask, lowest first (only the first `stop`, if given): byte
+        by byte, each byte at each place written out once as its positions and then kept."""
+        spots, found = self.spots, []
+        if len(spots) > MAX_CHUNKS:
+            spots.clear()
+        for i, byte in enumerate(mask.to_bytes((mask.bit_length() + 7) // 8, "little")):
+            if byte:
+                spot = spots.get(i << 8 | byte)
+                if spot is None:
+                    spot = spots[i << 8 | byte] = tuple(i * 8 + n for n in BITS[byte])
+                found += spot
+                if stop is not None and len(found) >= stop:
+                    break
+        return found
+
 
 BITS = [tuple(n for n in range(8) if byte >> n & 1) for byte in range(256)]  # the set bits of each byte
-
-
-def positions(mask):
-    """The set bits of a (non-negative) mask, lowest first."""
-    data = mask.to_bytes((mask.bit_length() + 7) // 8, "little")
-    return [i * 8 + n for i, byte in enumerate(data) if byte for n in BITS[byte]]
 
 
 ID_SPAN = 1 << 63  # ids are below it (SQLite's integer keys are)
@@ -731,38 +742,27 @@ class Store:
 
     # -- queries: under the lock too, so a reader never sees a schedule mid-change --------------
 
-    def _offer(self):
-        """The cars that can be offered (status available) grouped by their turnaround (micros), each
-        with its schedule's starts and ends: made once after each change of a car or dealer."""
-        if self._offerable is None:
-            groups = {}
-            for car in self.cars.values():
-                if car.status == "available":
-                    schedule = self.schedules[car.id]
-                    groups.setdefault(self.pad(car), []).append((car, schedule.starts, schedule.ends))
-            self._offerable = groups
-        return self._offerable
-
     def _masks(self):
         """The cars that can be offered as masks over their positions in the coverage: by turnaround
-        (micros) and by dealer, and each position's car and JSON. Made once after each change of a
-        car or dealer, and whenever the coverage is made again."""
+        (micros) and by dealer, each position's car, and its schedule's starts and ends (lists that
+        change in place). Made once after each change of a car or dealer, and whenever the coverage
+        is made again."""
         if self._coverage is None:
             self._coverage, self._offer_masks = Coverage(self.schedules), None
         if self._offer_masks is None:
-            groups, dealers, cars = {}, {}, {}
+            groups, dealers, cars, spans = {}, {}, {}, {}
             for car in self.cars.values():
-                position = self._coverage.position[car.id]
-                cars[position] = car
+                position, schedule = self._coverage.position[car.id], self.schedules[car.id]
+                cars[position], spans[position] = car, (schedule.starts, schedule.ends)
                 if car.status == "available":
                     groups[self.pad(car)] = groups.get(self.pad(car), 0) | 1 << position
                     dealers[car.dealer_id] = dealers.get(car.dealer_id, 0) | 1 << position
-            self._offer_masks, self._chunks = (groups, dealers, cars), {}
+            self._offer_masks, self._chunks = (groups, dealers, cars, spans), {}
         return self._offer_masks
 
     def _free(self, start, end, dealer_id):
         """The cars free for [start, end) (micros), as a mask, and the masks (under the lock)."""
-        groups, dealers, cars = masks = self._masks()
+        groups, dealers, cars, spans = masks = self._masks()
         coverage = self._coverage
         free = 0
         for pad, offerable in groups.items():
@@ -777,10 +777,10 @@ class Store:
             else:
                 free |= offerable & split[0]
                 maybe = offerable & split[1]
-            for position in positions(maybe) if maybe else ():
-                schedule = self.schedules[cars[position].id]
-                i = bisect.bisect_left(schedule.starts, high)
-                if not (i and schedule.ends[i - 1] > low):
+            for position in coverage.positions(maybe) if maybe else ():
+                starts, ends = spans[position]
+                i = bisect.bisect_left(starts, high)
+                if not (i and ends[i - 1] > low):
                     free |= 1 << position
         return free, masks
 
@@ -788,14 +788,14 @@ class Store:
         """Cars whose status is available and whose schedule, widened by their dealer's turnaround,
         has no entry overlapping [start, end), by id."""
         with self.lock:
-            free, (_, _, cars) = self._free(micros(start), micros(end), dealer_id)
-            return [cars[position] for position in positions(free)]
+            free, (_, _, cars, _) = self._free(micros(start), micros(end), dealer_id)
+            return [cars[position] for position in self._coverage.positions(free)]
 
     def free_cars_json(self, start, end, dealer_id=None):
         """free_cars as a JSON array (bytes) and their count, joined eight cars at a time from parts
         kept after each first use (the cars at positions 8i to 8i+7 that a search finds free)."""
         with self.lock:
-            free, (_, _, cars) = self._free(micros(start), micros(end), dealer_id)
+            free, (_, _, cars, _) = self._free(micros(start), micros(end), dealer_id)
             chunks, parts = self._chunks, []
             if len(chunks) > MAX_CHUNKS:
                 chunks.clear()
@@ -807,51 +807,71 @@ class Store:
                     parts.append(chunk)
             return json_array(parts), free.bit_count()
 
-    def free_slots(self, length, after, before, dealer_id=None, brand=None, car_id=None):
+    def free_slots(self, length, after, before, offset, limit, dealer_id=None, brand=None, car_id=None):
         """For each car that can be offered and matches the filters, the earliest start (micros) of a
-        period of `length` that starts at or after `after`, ends by `before` and can be booked:
-        (start, car) by start, then car id. The day coverage tells at once which cars are free from
-        `after` on; only the others are searched, one binary search each plus the entries in the way."""
+        period of `length` that starts at or after `after`, ends by `before` and can be booked, ordered
+        by start, then car id: the page [offset, offset + limit) of them as (start, car), and how many
+        there are in all. The day coverage tells at once which cars are free from `after` on; only
+        the others are searched, one binary search each plus the entries in the way. Cars free at
+        `after` come first, by id, as a mask: only when the page reaches past them are the later
+        starts sorted."""
         length, after, before = length // MICROSECOND, micros(after), micros(before)
-        if after + length > before:
-            return []
+        latest = before - length  # the latest start that still ends by `before`
+        if after > latest:
+            return [], 0
         brand = brand.strip().casefold() if brand else None
+        bisect_right = bisect.bisect_right
         with self.lock:
-            groups, dealers, cars = self._masks()
-            schedules = self.schedules
+            groups, dealers, cars, spans = self._masks()
+            coverage = self._coverage
             wanted = -1  # every position
             if dealer_id is not None:
                 wanted = dealers.get(dealer_id, 0)
             if car_id is not None or brand is not None:
                 wanted &= sum(1 << position for position, car in cars.items()
                               if (car_id is None or car.id == car_id) and (brand is None or car.brand.casefold() == brand))
-            at_once, later = 0, []
+            at_once, search = 0, {}
             for pad, offerable in groups.items():
                 offerable &= wanted
-                if not offerable:
-                    continue
-                split = self._coverage.split(after - pad, after + length + pad)
+                split = coverage.split(after - pad, after + length + pad) if offerable else None
                 if split is not None:
                     at_once |= offerable & split[0]
                     offerable &= ~split[0]
-                latest = before - length  # the latest start that still ends by `before`
-                for position in positions(offerable) if offerable else ():
+                if offerable:
+                    search[pad] = offerable
+            free_now, later = [], []
+            for pad, offerable in search.items():
+                low, reach = after - pad, length + pad
+                for position in coverage.positions(offerable):
                     # The earliest start at or after `after` free of every entry widened by `pad`:
                     # entries before i are done, pad included, by `after`; each one after that which
                     # reaches into [start, start + length) pushes the start to its end plus the pad
                     # (ends only grow), until the period fits or no longer ends by `before`.
-                    car = cars[position]
-                    schedule = schedules[car.id]
-                    starts, ends = schedule.starts, schedule.ends
-                    i, start, n = bisect.bisect_right(ends, after - pad), after, len(starts)
-                    while i < n and start <= latest and starts[i] - pad < start + length:
+                    starts, ends = spans[position]
+                    i = bisect_right(ends, low)
+                    try:
+                        if starts[i] >= after + reach:
+                            free_now.append(position)
+                            continue
                         start = ends[i] + pad
-                        i += 1
+                        while starts[i + 1] < start + reach and start <= latest:
+                            i += 1
+                            start = ends[i] + pad
+                    except IndexError:  # no entry (left) after `after`, or after i
+                        if i == len(starts):
+                            free_now.append(position)
+                            continue
                     if start <= latest:
-                        later.append((start, car.id, car))
-        found = [(after, car.id, car) for car in map(cars.__getitem__, positions(at_once))] + later
-        found.sort()  # two sorted runs, merged: (start, car id) is unique, so cars are never compared
-        return [(start, car) for start, _, car in found]
+                        later.append((start, position))  # positions are in id order
+            at_once |= sum(1 << position for position in free_now)
+            first = at_once.bit_count()
+            page = [(after, cars[position]) for position in
+                    coverage.positions(at_once, offset + limit)[offset:offset + limit]]
+            if offset + limit > first and later:
+                later.sort()
+                page += [(start, cars[position]) for start, position in
+                         later[max(0, offset - first):offset + limit - first]]
+        return page, first + len(later)
 
     def cars_json(self):
         """Every car as one JSON array (bytes) and their count, made once after each change of a car."""
@@ -1037,7 +1057,7 @@ class Store:
         self.dealers, self.cars, self.car_by_vin, self.schedules, self.bookings, self.by_start, self.by_email = \
             dealers, cars, car_by_vin, schedules, bookings, by_start, by_email
         self.windows = windows
-        self._offerable = self._cars_json = self._coverage = self._offer_masks = None  # made when next asked for
+        self._cars_json = self._coverage = self._offer_masks = None  # made when next asked for
         db.seen_version, self._seen = version, seen
 
     def _apply(self, db, changed):
@@ -1074,7 +1094,7 @@ class Store:
 
     def _put_dealer(self, dealer):
         self.dealers[dealer.id] = dealer
-        self._offerable = self._offer_masks = None  # its turnaround may have changed
+        self._offer_masks = None  # its turnaround may have changed
 
     def _drop_dealer(self, dealer_id):
         del self.dealers[dealer_id]
@@ -1091,7 +1111,7 @@ class Store:
         self.schedules.setdefault(car.id, Schedule())
         if self._coverage is not None and old is None and not self._coverage.add_car(car.id):
             self._coverage = None
-        self._offerable = self._cars_json = self._offer_masks = None
+        self._cars_json = self._offer_masks = None
 
     def _drop_car(self, car_id):
         car = self.cars.pop(car_id)
@@ -1101,7 +1121,7 @@ class Store:
             del self.windows[window.id]
         if self._coverage is not None:
             self._coverage.drop_car(car_id)
-        self._offerable = self._cars_json = self._offer_masks = None
+        self._cars_json = self._offer_masks = None
 
     def _put_booking(self, booking):
         old = self.bookings.get(booking.id)
@@ -2124,22 +2144,44 @@ def query(schema):
 FULL_DATETIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?(?:Z|[+-]\d\d:\d\d)")
 
 
-def window_query(schema):
-    """A search for a period: the common query, just start_datetime and end_datetime written in full
-    with offsets, read at once; any other query through `schema`, which holds every rule and its
-    message. The result is the same either way (a test compares the two on many inputs)."""
-    args = request.args
-    start, end = args.get("start_datetime"), args.get("end_datetime")
-    if len(args) == 2 and start and end and FULL_DATETIME.fullmatch(start) and FULL_DATETIME.fullmatch(end) \
-            and len(args.getlist("start_datetime")) == 1 == len(args.getlist("end_datetime")):
+def full_instant(text):
+    """A date-time written in full with an offset, read at once as UTC; None for anything else, which
+    the schema then reads (and says what is wrong with). Years 2 to 9998 only: writable in any zone."""
+    if text and FULL_DATETIME.fullmatch(text):
         try:
-            start, end = datetime.fromisoformat(start), datetime.fromisoformat(end)
+            moment = datetime.fromisoformat(text)
         except ValueError:  # a day or hour that does not exist: the schema says which
-            return query(schema)
-        if start < end and 1 < start.year and end.year < 9999:  # writable in any zone
-            return {"start_datetime": start.astimezone(timezone.utc), "end_datetime": end.astimezone(timezone.utc),
-                    "offset": 0}
+            return None
+        if 1 < moment.year < 9999:
+            return moment.astimezone(timezone.utc)
+    return None
+
+
+def given_once(*names):
+    """True when the query string has exactly these parameters, each once."""
+    args = request.args
+    return len(args) == len(names) and all(len(args.getlist(name)) == 1 for name in names)
+
+
+# The common searches, read without the schema: the result is the same either way (a test compares
+# the two on many inputs), and the schema holds every rule and its message for the rest.
+
+def window_query(schema):
+    """A search for a period: just start_datetime and end_datetime, written in full with offsets."""
+    if given_once("start_datetime", "end_datetime"):
+        start, end = full_instant(request.args["start_datetime"]), full_instant(request.args["end_datetime"])
+        if start is not None and end is not None and start < end:
+            return {"start_datetime": start, "end_datetime": end, "offset": 0}
     return query(schema)
+
+
+def slot_query():
+    """A search for slots: just duration and after, written in full with an offset."""
+    if given_once("duration", "after"):
+        length, after = parse_duration(request.args["duration"]), full_instant(request.args["after"])
+        if length is not None and MIN_SLOT <= length <= MAX_SLOT and after is not None:
+            return {"offset": 0, "duration": length, "after": after}
+    return query(SLOT_QUERY)
 
 
 def paged(items, filters):
@@ -2546,16 +2588,15 @@ def available_slots():
     ordered by start, then car id. Cars with no such period are left out. Booking a slot succeeds
     unless someone else takes it first.
     """
-    filters = query(SLOT_QUERY)
+    filters = slot_query()
     now = datetime.now(timezone.utc)
     now = now.replace(second=0, microsecond=0) + timedelta(minutes=1)  # a start people can read
     after = min(max(filters.get("after", now), now), LATEST_SLOT_END)
     before = min(filters["before"] if "before" in filters else after + MAX_SLOT, LATEST_SLOT_END)
-    slots = store().free_slots(filters["duration"], after, before, filters.get("dealer_id"), filters.get("brand"),
-                               filters.get("car_id"))
     offset, limit = filters["offset"], filters.get("limit", DEFAULT_PAGE)
-    page = slots[offset:offset + limit]
-    return json_list(offers_json(page, filters["duration"]), page_headers(len(slots), offset, limit))
+    page, total = store().free_slots(filters["duration"], after, before, offset, limit, filters.get("dealer_id"),
+                                     filters.get("brand"), filters.get("car_id"))
+    return json_list(offers_json(page, filters["duration"]), page_headers(total, offset, limit))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -713,6 +713,34 @@ def test_the_fast_reading_of_a_search_period_agrees_with_the_schema(zone):
                 assert got == expected, args
 
 
+@pytest.mark.parametrize("zone", ["UTC", "Europe/Berlin"])
+def test_the_fast_reading_of_a_slot_search_agrees_with_the_schema(zone):
+    """available-slots reads its common query without the schema: on every input, the same answer."""
+    app = new_app({"DEALERSHIP_TIMEZONE": zone})
+    durations = ["P3D", "PT4H", "P1DT12H", "PT15M", "PT14M", "P90D", "P90DT1M", "P91D", "PT21H36M", "p3d", "P1W",
+                 "P1.5D", "", "PT", "P0D", "PT99999999M"]
+    instants = ["2035-01-15T10:00:00Z", "2035-01-15T10:00:00+02:00", "2035-01-15T10:00:00.123456-05:30",
+                "2035-02-29T10:00:00Z", "2035-01-15T10:00:00", "2035-01-15t10:00:00Z", "2035-01-15T10:00:00 02:00",
+                "0001-01-01T00:00:00+01:00", "9999-12-31T23:00:00-05:00", "2035-03-25T02:30:00", "x", ""]
+    for duration in durations:
+        for after in instants:
+            for extra in ({}, {"limit": "2"}, {"before": "2036-01-01T00:00:00Z"}):
+                args = {"duration": duration, "after": after} | extra
+                with app.test_request_context(query_string=args):
+                    try:
+                        expected = dealership.query(dealership.SLOT_QUERY)
+                    except dealership.ValidationError as error:
+                        expected = error.messages
+                    try:
+                        got = dealership.slot_query()
+                    except dealership.ValidationError as error:
+                        got = error.messages
+                assert got == expected, args
+    with app.test_request_context("/?duration=P3D&after=2035-01-15T10:00:00Z&after=2035-01-16T10:00:00Z"):
+        with pytest.raises(dealership.ValidationError):
+            dealership.slot_query()
+
+
 def test_available_cars_accepts_an_unencoded_plus_in_the_offset(client):
     make_car(client)
     book(client, 1, "2035-01-15T08:00:00Z", "2035-01-15T09:00:00Z")
@@ -1141,7 +1169,7 @@ def test_slot_search_matches_a_brute_force_oracle_over_random_schedules():
         client = new_app().test_client()
         turnaround = rng.choice([0, 0, 15, 60, 240])
         set_turnaround(client, turnaround)
-        cars = [make_car(client, vin=vin(n), daily_price=10.0 + n)["id"] for n in range(rng.randrange(1, 4))]
+        cars = [make_car(client, vin=vin(n), daily_price=10.0 + n)["id"] for n in range(rng.randrange(1, 7))]
         entries = {car_id: [] for car_id in cars}
         for _ in range(rng.randrange(0, 12)):
             car_id = rng.choice(cars)
@@ -1160,6 +1188,12 @@ def test_slot_search_matches_a_brute_force_oracle_over_random_schedules():
         duration = f"P{length.days}DT{length.seconds // 60}M" if length.days else f"PT{length.seconds // 60}M"
         found = slots(client, duration=duration, after=after.isoformat(), before=before.isoformat()).get_json()
         assert [(datetime.fromisoformat(s["start_datetime"]), s["car_id"]) for s in found] == expected, round_
+        # a page is that part of the whole answer, however it falls between cars free at once and later ones
+        offset, limit = rng.randrange(0, len(cars) + 1), rng.randrange(1, len(cars) + 1)
+        page = slots(client, duration=duration, after=after.isoformat(), before=before.isoformat(),
+                     offset=offset, limit=limit)
+        assert page.get_json() == found[offset:offset + limit], round_
+        assert page.headers["X-Total-Count"] == str(len(expected)), round_
         for slot in found:
             assert datetime.fromisoformat(slot["end_datetime"]) - datetime.fromisoformat(slot["start_datetime"]) == length
             assert book(client, slot["car_id"], slot["start_datetime"], slot["end_datetime"]).status_code == 201
@@ -2844,7 +2878,7 @@ def coverage_state(store):
     cars = {position: car_id for car_id, position in coverage.position.items()}
 
     def ids(mask):
-        return {cars[position] for position in dealership.positions(mask)}
+        return {cars[position] for position in coverage.positions(mask)}
 
     return ({day: ids(mask) for day, mask in coverage.touched.items()},
             {day: ids(mask) for day, mask in coverage.covered.items()}, ids(coverage.long), coverage.longs)
