@@ -2072,7 +2072,7 @@ def key_required():
 def require_api_key():
     """With DEALERSHIP_API_KEY set, a request that needs it must carry it as a Bearer token."""
     key = current_app.config["DEALERSHIP_API_KEY"]
-    if not key_required():
+    if not key or not key_required():
         return
     auth = request.authorization
     token = auth.token if auth is not None and auth.type == "bearer" and auth.token else ""
@@ -3372,8 +3372,14 @@ class OneLine(logging.StreamHandler):
     line once, through its own handler, instead of twice."""
 
     def emit(self, record):
-        if not logging.getLogger().handlers:
-            super().emit(record)
+        if logging.getLogger().handlers:
+            return
+        try:  # the stream is Flask's proxy for the request's wsgi.errors: looked up once, not per call
+            stream = self.stream._get_current_object()
+            stream.write(self.format(record) + self.terminator)
+            stream.flush()
+        except Exception:
+            self.handleError(record)
 
 
 ONE_LINE = OneLine(flask.logging.wsgi_errors_stream)
