@@ -70,8 +70,9 @@ from markupsafe import Markup, escape
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 from sortedcontainers import SortedList
 from werkzeug.datastructures import WWWAuthenticate
-from werkzeug.exceptions import (BadRequest, Conflict, HTTPException, NotFound, RequestEntityTooLarge,
-                                 ServiceUnavailable, Unauthorized, UnsupportedMediaType, default_exceptions)
+from werkzeug.exceptions import (BadRequest, Conflict, HTTPException, InternalServerError, NotFound,
+                                 RequestEntityTooLarge, ServiceUnavailable, Unauthorized, UnsupportedMediaType,
+                                 default_exceptions)
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import IntegerConverter
 
@@ -502,11 +503,34 @@ def parse_duration(text):
 # ---------------------------------------------------------------------------------------------
 
 
+class Job:
+    """A write waiting for its turn (see Store._write): the change to make, the cars it reads and
+    changes (None: it may read anything, so it runs alone), and once done its result or error.
+    `turn` is set when it is done, or when its thread is to run the next batch."""
+    __slots__ = ("change", "cars", "result", "error", "done", "turn")
+
+    def __init__(self, change, cars):
+        self.change, self.cars, self.result, self.error, self.done = change, cars, None, None, False
+        self.turn = threading.Event()
+
+    def outcome(self):
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class Refused(Exception):
+    """The one write of a transaction was refused: roll the transaction back."""
+
+
+MAX_BATCH = 64  # writes in one transaction at most
+
+
 class Store:
     """Two locks: `lock` guards the dicts (every reader takes it, and every change to them);
-    `write_lock` lets one writer of this process at a time use the database's write connection.
-    A writer holds `lock` only to check and write its SQL, not while SQLite waits for another
-    process or syncs the commit to disk."""
+    `write_lock` lets one batch of writes of this process at a time use the database's write
+    connection (see _write). A write holds `lock` only to check and write its SQL, not while SQLite
+    waits for another process or syncs the commit to disk."""
 
     def __init__(self, database, zone=timezone.utc, currency="EUR"):
         self.zone = zone  # naive input is read in this zone, and output is written in it
@@ -514,6 +538,7 @@ class Store:
         self.offer_openings = {}  # car id -> the opening of its slots' JSON (see offers_json)
         self.lock = threading.Lock()
         self.write_lock = threading.Lock()
+        self.queue_lock, self.queue, self.leading = threading.Lock(), [], False  # writes waiting: see _write
         self.db = database
         with self.lock:
             self._reload(database.write)
@@ -550,25 +575,31 @@ class Store:
         return self.dealers[car.dealer_id].turnaround_minutes * MINUTE
 
     # -- dealers --------------------------------------------------------------------------------
+    # Each write is a function of (the write connection, then) that checks, writes its SQL, says
+    # with then(function, record) how the dicts change after COMMIT, and returns its result; _write
+    # runs it (see there).
 
     def add_dealer(self, fields):
-        with self._writing() as (db, then):
+        def change(db, then):
             dealer = Dealer(id=db.insert("dealer", fields), **fields)
             then(self._put_dealer, dealer)
-        return dealer
+            return dealer
+        return self._write(change)
 
     def update_dealer(self, dealer_id, changes):
         """A change of turnaround applies to bookings and windows made or moved from now on; the
         schedules as they stand stay valid."""
-        with self._writing() as (db, then):
+        def change(db, then):
             dealer = replace(self.dealer(dealer_id), **changes)
             db.update("dealer", dealer_id, {name: getattr(dealer, name) for name in DEALER_FIELDS})
             then(self._put_dealer, dealer)
+            return dealer
+        dealer = self._write(change)
         log.info("dealer %d changed: %s", dealer_id, ", ".join(sorted(changes)) or "nothing")
         return dealer
 
     def delete_dealer(self, dealer_id):
-        with self._writing() as (db, then):
+        def change(db, then):
             self.dealer(dealer_id)
             owned = sum(1 for car in self.cars.values() if car.dealer_id == dealer_id)
             if owned:
@@ -576,21 +607,24 @@ class Store:
                                "move or delete them first.")
             db.delete("dealer", dealer_id)
             then(self._drop_dealer, dealer_id)
+        self._write(change)
 
     # -- cars -----------------------------------------------------------------------------------
 
     def add_car(self, fields):
-        with self._writing() as (db, then):
+        def change(db, then):
             self.dealer(fields["dealer_id"])
             self._check_vin_free(fields["vin"])
             car = self.new_car(db.insert("car", fields), fields)
             then(self._put_car, car)
+            return car
+        car = self._write(change)
         log.info("car %d created: dealer %d, status %s", car.id, car.dealer_id, car.status)
         return car
 
     def update_car(self, car_id, changes):
         """Bookings keep the price they were made at, and the turnaround they were checked with."""
-        with self._writing() as (db, then):
+        def change(db, then):
             old = self.car(car_id)
             if "dealer_id" in changes:
                 self.dealer(changes["dealer_id"])
@@ -599,12 +633,14 @@ class Store:
             car = self.new_car(car_id, {name: getattr(old, name) for name in CAR_FIELDS} | changes)
             db.update("car", car_id, {name: getattr(car, name) for name in CAR_FIELDS})
             then(self._put_car, car)
+            return car
+        car = self._write(change)
         log.info("car %d changed: %s", car_id, ", ".join(sorted(changes)) or "nothing")
         return car
 
     def delete_car(self, car_id):
         """Only a car with no bookings; its maintenance windows go with it."""
-        with self._writing() as (db, then):
+        def change(db, then):
             self.car(car_id)
             schedule = self.schedules[car_id]
             booked = len(schedule.bookings())
@@ -615,6 +651,7 @@ class Store:
                 db.delete("window", window.id)
             db.delete("car", car_id)
             then(self._drop_car, car_id)
+        self._write(change)
         log.info("car %d deleted", car_id)
 
     def new_car(self, car_id, fields):
@@ -629,20 +666,24 @@ class Store:
     # -- bookings -------------------------------------------------------------------------------
 
     def add_booking(self, fields):
+        """A new booking reads and changes one car's schedule only: others like it, on other cars,
+        share its transaction and its COMMIT."""
         check_not_past(fields["start_datetime"], datetime.now(timezone.utc))
-        with self._writing() as (db, then):
+
+        def change(db, then):
             car = self._check_bookable(fields["car_id"], fields["start_datetime"], fields["end_datetime"])
-            fields = fields | {"total_cents": price_cents(car.daily_price, fields["start_datetime"],
-                                                          fields["end_datetime"])}
-            booking = Booking(id=db.insert("booking", fields), **fields)
+            row = fields | {"total_cents": price_cents(car.daily_price, fields["start_datetime"], fields["end_datetime"])}
+            booking = Booking(id=db.insert("booking", row), **row)
             then(self._put_booking, booking)
+            return booking
+        booking = self._write(change, cars={fields["car_id"]})
         self._log("created", booking)
         return booking
 
     def change_booking(self, booking_id, changes):
         """Apply `changes` to a booking in one step, checked against the rest of the car's schedule.
         A move, or a change of car, prices the booking again at the car's price of today."""
-        with self._writing() as (db, then):
+        def change(db, then):
             old = self.booking(booking_id)
             booking = replace(old, **changes)
             check_window({"start_datetime": booking.start_datetime, "end_datetime": booking.end_datetime})
@@ -655,15 +696,18 @@ class Store:
                                                                    booking.end_datetime))
             db.update("booking", booking_id, {name: getattr(booking, name) for name in BOOKING_FIELDS})
             then(self._put_booking, booking)
+            return booking
+        booking = self._write(change)
         self._log("changed", booking)
         return booking
 
     def cancel_booking(self, booking_id):
-        with self._writing() as (db, then):
+        def change(db, then):
             booking = self.booking(booking_id)
             db.delete("booking", booking_id)
             then(self._drop_booking, booking_id)
-        self._log("cancelled", booking)
+            return booking
+        self._log("cancelled", self._write(change))
 
     def _check_bookable(self, car_id, start, end, ignore=None):
         """The car, if [start, end) can be booked on it: it is available, and the period, widened by
@@ -706,7 +750,8 @@ class Store:
         """A maintenance window on a car: it may not overlap, nor come within the turnaround of, a
         booking or another window. The 409 names up to 10 of the bookings in the way."""
         check_not_past(fields["start_datetime"], datetime.now(timezone.utc), "maintenance window")
-        with self._writing() as (db, then):
+
+        def change(db, then):
             car = self.car(car_id)
             start, end = fields["start_datetime"], fields["end_datetime"]
             hits = self.schedules[car_id].near(micros(start), micros(end), self.pad(car))
@@ -721,18 +766,21 @@ class Store:
                                f"turnaround): {named}{more}. Move or cancel them first.")
             if hits:
                 raise Conflict(self._clash(car, start, end, hits[0]))
-            fields = fields | {"car_id": car_id}
-            window = MaintenanceWindow(id=db.insert("window", fields), **fields)
+            row = fields | {"car_id": car_id}
+            window = MaintenanceWindow(id=db.insert("window", row), **row)
             then(self._put_window, window)
+            return window
+        window = self._write(change)
         log.info("maintenance window %d created: car %d, %s to %s", window.id, car_id,
                  self.show(window.start_datetime), self.show(window.end_datetime))
         return window
 
     def delete_window(self, car_id, window_id):
-        with self._writing() as (db, then):
+        def change(db, then):
             self.window(car_id, window_id)
             db.delete("window", window_id)
             then(self._drop_window, window_id)
+        self._write(change)
         log.info("maintenance window %d deleted: car %d", window_id, car_id)
 
     def car_windows(self, car_id):
@@ -988,36 +1036,112 @@ class Store:
             with self.write_lock:  # in memory there is only the one connection
                 self.db.write.ping()
 
-    @contextmanager
-    def _writing(self):
-        """One write: yields (the write connection, then), with the dicts' lock held.
+    def _write(self, change, cars=None):
+        """Make one write, `change(db, then)`, and return what it returns (or raise what it raises).
 
-        SQLite's write lock first (BEGIN IMMEDIATE, waiting for other processes without holding
-        the dicts' lock), then what others committed, then the block's checks and SQL, then COMMIT
-        with the dicts' lock released. The block says with then(function, argument) how the dicts
-        change; that happens only after COMMIT, so a refusal or a database error leaves them as
-        they were. A database error becomes a 503.
+        Group commit: writes that arrive while another is under way wait in a queue, and the next
+        thread to run takes as many as can share one transaction: the first alone if it names no
+        cars (`cars` None: it may read anything), else every write in turn that reads and changes
+        only cars no other write of the batch touches. One transaction: SQLite's write lock (BEGIN
+        IMMEDIATE), what other processes committed, each write's checks and SQL (under its own
+        SAVEPOINT when it shares the transaction, so a refusal undoes only its own statements),
+        COMMIT, one sync to disk for all; only then do the dicts change, in the order the writes
+        ran. A refusal is raised to its own caller only; a database error (a 503) to every caller
+        of the batch, and then nothing of it is kept.
         """
+        job = Job(change, cars)
+        with self.queue_lock:
+            self.queue.append(job)
+            lead, self.leading = not self.leading, True
+        if not lead:
+            job.turn.wait()  # done, or this thread's turn to run the next batch
+            if job.done:
+                return job.outcome()
+        try:
+            while not job.done:
+                with self.queue_lock:
+                    batch = self._next_batch()
+                try:
+                    self._run(batch)
+                finally:
+                    for other in batch:
+                        if not other.done:  # _run itself failed: never leave a caller waiting
+                            other.error, other.done = InternalServerError("The write was interrupted."), True
+                        if other is not job:
+                            other.turn.set()
+        finally:
+            with self.queue_lock:  # hand the queue on to the thread of its first write, if any
+                if self.queue:
+                    self.queue[0].turn.set()
+                else:
+                    self.leading = False
+        return job.outcome()
+
+    def _next_batch(self):
+        """Take from the queue (under queue_lock) the writes that can share one transaction."""
+        batch, cars = [], set()
+        for job in self.queue:
+            if job.cars is None:
+                if not batch:
+                    batch.append(job)
+                break
+            if len(batch) == MAX_BATCH or not cars.isdisjoint(job.cars):
+                break
+            batch.append(job)
+            cars |= job.cars
+        del self.queue[:len(batch)]
+        return batch
+
+    def _run(self, batch):
+        """One transaction for the writes of `batch`; each ends done, with a result or an error."""
+        shared = len(batch) > 1
         changes = []
         with self.write_lock:
             try:
                 with self.db.write.transaction(write=True) as db:
-                    with self.lock:
-                        if self.db.shared:
+                    if self.db.shared:
+                        with self.lock:
                             self._catch_up(db)
-                        db.written = 0
-                        yield db, lambda change, record: changes.append((change, record))
-                        # Caught up, so the log ended at _seen; each statement wrote one entry.
-                        seq = self._seen + db.written
+                    seq = self._seen  # caught up, so the log ends here; each record written adds one entry
+                    for job in batch:
+                        if shared:
+                            db.conn.execute("SAVEPOINT write")
+                        db.written, then = 0, []
+                        try:
+                            with self.lock:
+                                job.result = job.change(db, lambda change, record: then.append((change, record)))
+                        except sqlite3.IntegrityError as error:
+                            job.error = storage_error(self.db.path, error)
+                        except sqlite3.Error:
+                            raise  # the database itself: the whole batch fails
+                        except Exception as error:  # a refusal (or a bug): this write's caller gets it
+                            job.error = error
+                        if job.error is None:
+                            changes += then
+                            seq += db.written
+                        elif shared:
+                            db.conn.execute("ROLLBACK TO write")
+                        else:
+                            raise Refused  # its statements undone with the transaction
+                        if shared:
+                            db.conn.execute("RELEASE write")
                     if seq // CHANGE_LOG_PRUNE_EVERY != self._seen // CHANGE_LOG_PRUNE_EVERY:
                         db.prune(seq - CHANGE_LOG_KEEP)
-            except sqlite3.Error as error:
-                raise storage_error(self.db.path, error) from None
-            with self.lock:
-                if self._seen < seq:  # unless a reader has caught up with it already
-                    for change, record in changes:
-                        change(record)
-                    self._seen = seq
+            except Refused:
+                pass
+            except sqlite3.Error as error:  # BEGIN, catching up, a statement or COMMIT: nothing was kept
+                refusal = storage_error(self.db.path, error)
+                for job in batch:
+                    if job.error is None:
+                        job.error = refusal
+            else:
+                with self.lock:
+                    if self._seen < seq:  # unless a reader has caught up with it already
+                        for change, record in changes:
+                            change(record)
+                        self._seen = seq
+        for job in batch:
+            job.done = True
 
     def _catch_up(self, db):
         """Apply the changes logged since this process last looked, read through `db` (under the lock)."""

@@ -2166,6 +2166,130 @@ def test_threads_writing_and_reading_through_two_apps_leave_one_consistent_state
         assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:]))
 
 
+# Group commit: writes that arrive together share one transaction and one sync to disk
+
+class HeldWriter:
+    """A write that holds the store's write path until released, so that other writes queue up
+    behind it (as they do under load); then they run in the batches the store makes of them."""
+
+    def __init__(self, store):
+        self.store, self.release = store, threading.Event()
+        self.thread = threading.Thread(target=store._write, args=(lambda db, then: self.release.wait(30),))
+        self.thread.start()
+        wait_until(lambda: store.leading and not store.queue)
+
+    def queue(self, action):
+        """Start `action` in a thread of its own and wait until its write is in the queue."""
+        queued, results = len(self.store.queue), []
+        thread = threading.Thread(target=lambda: results.append(action()))
+        thread.start()
+        wait_until(lambda: len(self.store.queue) == queued + 1)
+        return thread, results
+
+    def let_go(self, *threads):
+        self.release.set()
+        for thread in (self.thread, *threads):
+            thread.join(timeout=30)
+
+
+def wait_until(condition, seconds=10):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+def commits(store):
+    """A list that gets one entry for every COMMIT the store's write connection runs."""
+    seen = []
+    store.db.write.conn.set_trace_callback(lambda sql: seen.append(sql) if sql == "COMMIT" else None)
+    return seen
+
+
+@pytest.mark.parametrize("on_a_file", [False, True])
+def test_bookings_that_arrive_together_share_one_commit_and_a_refusal_undoes_only_its_own(database, on_a_file):
+    app = on_file(database) if on_a_file else new_app()
+    client, store = app.test_client(), app.extensions["dealership"]
+    for n in range(4):
+        make_car(client, vin=vin(n), status="maintenance" if n == 2 else "available")
+    seen, held = commits(store), HeldWriter(store)
+    # queued in this order: car 1, car 2, car 3 (in maintenance), car 1 again (overlapping), car 4
+    queued = [held.queue(lambda car=car, start=start: book(client, car, start, end))
+              for car, start, end in [(1, "2035-01-15T10:00:00Z", "2035-01-15T12:00:00Z"),
+                                      (2, "2035-01-15T10:00:00Z", "2035-01-15T12:00:00Z"),
+                                      (3, "2035-01-15T10:00:00Z", "2035-01-15T12:00:00Z"),
+                                      (1, "2035-01-15T11:00:00Z", "2035-01-15T13:00:00Z"),
+                                      (4, "2035-01-15T10:00:00Z", "2035-01-15T12:00:00Z")]]
+    held.let_go(*(thread for thread, _ in queued))
+    responses = [results[0] for _, results in queued]
+    assert [r.status_code for r in responses] == [201, 201, 409, 409, 201]
+    assert "maintenance" in responses[2].get_json()["detail"] and "booking 1" in responses[3].get_json()["detail"]
+    # the held write, then [car 1, car 2, car 3 refused], then [car 1 again, refused; car 4]: the second car 1
+    # waited for a batch of its own, so it was checked against the first
+    assert len(seen) == 3
+    assert [(b["id"], b["car_id"]) for b in client.get(f"{API}/bookings").get_json()] == [(1, 1), (2, 2), (3, 4)]
+    if on_a_file:
+        assert [row[:2] for row in table_rows(database)["bookings"]] == [(1, 1), (2, 2), (3, 4)]
+        assert state(on_file(database).test_client()) == state(client)
+
+
+def test_a_failed_commit_refuses_every_write_of_its_batch_and_keeps_none(database):
+    app = on_file(database)
+    client, store = app.test_client(), app.extensions["dealership"]
+    for n in range(3):
+        make_car(client, vin=vin(n))
+    before, rows = state(client), table_rows(database)
+
+    class FailingSecondCommit:
+        """The write connection, but its second COMMIT fails as a full or broken disk would."""
+        def __init__(self, conn):
+            self.conn, self.commits = conn, 0
+
+        def execute(self, sql, *args):
+            if sql == "COMMIT":
+                self.commits += 1
+                if self.commits == 2:
+                    raise sqlite3.OperationalError("disk I/O error")
+            return self.conn.execute(sql, *args)
+
+        def __getattr__(self, name):
+            return getattr(self.conn, name)
+
+    store.db.write.conn = FailingSecondCommit(store.db.write.conn)
+    held = HeldWriter(store)
+    queued = [held.queue(lambda car=car: book(client, car)) for car in (1, 2, 3)]
+    held.let_go(*(thread for thread, _ in queued))
+    for _, (response,) in queued:
+        assert response.status_code == 503 and "nothing was changed" in response.get_json()["detail"]
+    assert state(client) == before and table_rows(database) == rows
+    assert book(client, 1).status_code == 201  # the next batch commits
+
+
+def test_many_threads_booking_on_one_file_keep_every_acknowledged_booking_and_no_overlap(database):
+    app = on_file(database)
+    for n in range(3):
+        make_car(app.test_client(), vin=vin(n))
+    base = datetime(2035, 2, 1, tzinfo=timezone.utc)
+
+    def work(i):
+        rng, client, made = random.Random(i), app.test_client(), []
+        for _ in range(30):
+            start = base + timedelta(hours=rng.randrange(0, 200))
+            response = book(client, rng.randrange(1, 4), start.isoformat(), (start + timedelta(hours=2)).isoformat())
+            assert response.status_code in (201, 409), response.get_json()
+            if response.status_code == 201:
+                made.append(response.get_json())
+        return made
+
+    made = [booking for found in run_at_once(12, work) for booking in found]
+    stored = state(on_file(database).test_client())["bookings"]
+    assert sorted(made, key=lambda b: b["id"]) == sorted(stored, key=lambda b: b["id"])
+    assert stored == state(app.test_client())["bookings"]
+    for car_id in (1, 2, 3):
+        spans = sorted((b["start_datetime"], b["end_datetime"]) for b in stored if b["car_id"] == car_id)
+        assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:]))
+
+
 REFUSALS = [
     ("post", "/bookings", booking_body(1, "2035-01-15T11:00:00Z", "2035-01-15T13:00:00Z"), 409),
     ("post", "/bookings", booking_body(9), 404),
