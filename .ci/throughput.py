@@ -11,7 +11,8 @@ per request kind: GET /api/v1/cars/{id} (the 200 cars in turn), available-cars (
 the fleet busy), POST /api/v1/bookings on fresh slots (every request a new car and period, so all are
 201), and a mix of the three (50/30/20). It then starts the bare app (.ci/bare.py: Flask answering
 the service's own bodies as ready bytes, and parsing each POST's body) under the same server command
-and runs the same load, so that each figure is a ratio: service / bare requests per second.
+beside it, and runs the same load on each in turn, kind by kind, so that each figure is a ratio
+measured side by side: service / bare requests per second.
 
 Clients: wrk (Debian's `wrk` package) when installed, with 2 threads; else a Python client of the
 same shape, much slower, whose figures are only good for ratios. The clients and the server share
@@ -190,30 +191,31 @@ def python_client(base, kind, seconds, connections):
 
 
 def measure(server, workers, a, folder):
-    """{kind: (service figures, bare figures)} for one server and worker count."""
+    """{kind: (service figures, bare figures)} for one server and worker count. Both servers run at
+    once and each kind is driven against the service and then the bare app, so that a machine that
+    slows down or speeds up over the run (it is shared) moves both figures of a ratio alike."""
     database = os.path.join(folder, f"{server}-{workers}.sqlite3")
     service, base = start(server, workers, "dealership:create_app", {"DEALERSHIP_DATABASE": database})
+    bare = None
     try:
         bodies = fill(base)
+        with open(os.path.join(folder, "bodies.json"), "w") as f:
+            json.dump(bodies, f)
         script = os.path.join(folder, "load.lua")
         with open(script, "w") as f:
             f.write(LUA % {"cars": CARS, "base": int(FAR.timestamp()), "available": available_path()})
             f.write('\nkind = os.getenv("WRK_KIND")\n')
-        ours = {kind: drive(base, kind, a.seconds, a.connections, script) for kind in KINDS}
+        # the bare app under the same server, with as many processes (`serve` runs SERVE_SERVER)
+        bare_server = SERVE_SERVER if server == "serve" else server
+        bare_workers = workers if workers is not None else os.cpu_count()
+        bare, bare_base = start(bare_server, bare_workers, "bare:create_app",
+                                {"DEALERSHIP_BARE_BODIES": os.path.join(folder, "bodies.json")})
+        return {kind: (drive(base, kind, a.seconds, a.connections, script),
+                       drive(bare_base, kind, a.seconds, a.connections, script)) for kind in KINDS}
     finally:
         stop(service)
-    with open(os.path.join(folder, "bodies.json"), "w") as f:
-        json.dump(bodies, f)
-    # the bare app under the same server, with as many processes (`serve` runs SERVE_SERVER)
-    bare_server = SERVE_SERVER if server == "serve" else server
-    bare_workers = workers if workers is not None else os.cpu_count()
-    bare, base = start(bare_server, bare_workers, "bare:create_app",
-                       {"DEALERSHIP_BARE_BODIES": os.path.join(folder, "bodies.json")})
-    try:
-        floor = {kind: drive(base, kind, a.seconds, a.connections, script) for kind in KINDS}
-    finally:
-        stop(bare)
-    return {kind: (ours[kind], floor[kind]) for kind in KINDS}
+        if bare is not None:
+            stop(bare)
 
 
 SERVE_SERVER = "waitress"  # what `flask --app dealership serve` runs, one process per worker (see serve_command)
