@@ -2830,6 +2830,23 @@ def test_slots_written_directly_match_what_their_schema_writes(zone):
             assert json.loads(dealership.json_array(dealership.offers_json(page, length))) == expected
 
 
+
+@pytest.mark.parametrize("zone", ["UTC", "Europe/Berlin", "America/St_Johns"])
+def test_a_booking_written_directly_matches_what_its_schema_writes(zone):
+    rng = random.Random(11)
+    app = new_app({"DEALERSHIP_TIMEZONE": zone, "DEALERSHIP_CURRENCY": "CHF"})
+    names = ["Ada Lovelace", 'Zoë "Z" O\'Brien', "李小龍", "back\\slash", "tab\there", "émoji 🚗", "x" * 200]
+    with app.test_request_context():
+        for n in range(300):
+            start = datetime(2035, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=rng.randrange(0, 10**15))
+            booking = dealership.Booking(
+                id=rng.randrange(1, 2**62), car_id=rng.randrange(1, 2**62), customer_name=rng.choice(names),
+                customer_email=rng.choice(["ada@example.com", "zoë@bücher.example", "a.b+c@sub.example.org"]),
+                start_datetime=start, end_datetime=start + timedelta(minutes=rng.randrange(1, 10**6)),
+                total_cents=rng.choice([0, 1, 99, 12990, 10001, 33335, 10**13, rng.randrange(0, 10**12)]))
+            assert json.loads(dealership.booking_json(booking)) == dealership.BOOKING_SCHEMA.dump(booking), n
+            assert list(json.loads(dealership.booking_json(booking))) == list(dealership.BOOKING_SCHEMA.dump(booking))
+
 # ---------------------------------------------------------------------------------------------
 # The planning board and the calendar feeds
 # ---------------------------------------------------------------------------------------------
