@@ -27,7 +27,8 @@ from the config mapping given to create_app, or from environment variables of th
 
 Every request is answered from dicts in memory, per app (``app.extensions["dealership"]``); every
 change is written first to a SQLite file (DEALERSHIP_DATABASE), which several processes on one
-machine may share: each catches up with the others' changes before it answers.
+machine may share: each catches up with the others' changes before it answers. Writes that arrive
+together share one transaction and one sync to disk (group commit), each answered once it holds.
 """
 import bisect
 import functools
