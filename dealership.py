@@ -887,9 +887,12 @@ class Store:
                     offerable &= ~split[0]
                 if offerable:
                     search[pad] = offerable
-            free_now, later = [], []
+            # When the cars surely free at `after` fill the page already, the others are only counted.
+            counting = at_once.bit_count() >= offset + limit
+            free_now, later, counted = [], [], 0
             for pad, offerable in search.items():
                 low, reach = after - pad, length + pad
+                free_until = after + reach  # an entry starting from here leaves `after` free
                 for position in coverage.positions(offerable):
                     # The earliest start at or after `after` free of every entry widened by `pad`:
                     # entries before i are done, pad included, by `after`; each one after that which
@@ -898,7 +901,7 @@ class Store:
                     starts, ends = spans[position]
                     i = bisect_right(ends, low)
                     try:
-                        if starts[i] >= after + reach:
+                        if starts[i] >= free_until:
                             free_now.append(position)
                             continue
                         start = ends[i] + pad
@@ -909,7 +912,11 @@ class Store:
                         if i == len(starts):
                             free_now.append(position)
                             continue
-                    if start <= latest:
+                    if start > latest:
+                        continue
+                    if counting:
+                        counted += 1
+                    else:
                         later.append((start, position))  # positions are in id order
             at_once |= sum(1 << position for position in free_now)
             first = at_once.bit_count()
@@ -919,7 +926,7 @@ class Store:
                 later.sort()
                 page += [(start, cars[position]) for start, position in
                          later[max(0, offset - first):offset + limit - first]]
-        return page, first + len(later)
+        return page, first + len(later) + counted
 
     def cars_json(self):
         """Every car as one JSON array (bytes) and their count, made once after each change of a car."""
