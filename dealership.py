@@ -671,8 +671,9 @@ class Store:
         check_not_past(fields["start_datetime"], datetime.now(timezone.utc))
 
         def change(db, then):
-            car = self._check_bookable(fields["car_id"], fields["start_datetime"], fields["end_datetime"])
-            row = fields | {"total_cents": price_cents(car.daily_price, fields["start_datetime"], fields["end_datetime"])}
+            start, end = fields["start_datetime"], fields["end_datetime"]
+            car = self._check_bookable(fields["car_id"], start, end)
+            row = fields | {"total_cents": price_cents(car.daily_price, start, end)}
             booking = Booking(id=db.insert("booking", row), **row)
             then(self._put_booking, booking)
             return booking
@@ -2374,7 +2375,8 @@ def booking_json(booking):
     service = store()
     return (f'{{"id":{booking.id},"car_id":{booking.car_id},"customer_name":{to_json(booking.customer_name)},'
             f'"customer_email":{to_json(booking.customer_email)},'
-            f'"start_datetime":"{service.show(booking.start_datetime)}","end_datetime":"{service.show(booking.end_datetime)}",'
+            f'"start_datetime":"{service.show(booking.start_datetime)}",'
+            f'"end_datetime":"{service.show(booking.end_datetime)}",'
             f'"total_price":{to_json(booking.total_cents / 100)},"currency":{to_json(service.currency)}}}')
 
 
