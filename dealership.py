@@ -1081,6 +1081,8 @@ class Store:
                             other.turn.set()
         finally:
             with self.queue_lock:  # hand the queue on to the thread of its first write, if any
+                if not job.done and job in self.queue:  # a batch before it failed outright
+                    self.queue.remove(job)
                 if self.queue:
                     self.queue[0].turn.set()
                 else:
