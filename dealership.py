@@ -1322,8 +1322,7 @@ def plural(n, noun):
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def to_json(data):
-    return json.dumps(data, separators=(",", ":"))
+to_json = json.JSONEncoder(separators=(",", ":")).encode  # one encoder: json.dumps() with options makes one per call
 
 
 def json_array(parts):
