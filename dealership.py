@@ -3528,8 +3528,22 @@ class OneLine(logging.StreamHandler):
             self.handleError(record)
 
 
+class SecondFormatter(logging.Formatter):
+    """A Formatter that writes the date and time to the second once a second, not once a line."""
+
+    second = (None, "")  # (a whole second, that second as text): replaced whole, so threads may share it
+
+    def formatTime(self, record, datefmt=None):
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        whole = int(record.created)
+        if self.second[0] != whole:
+            self.second = (whole, time.strftime(self.default_time_format, self.converter(whole)))
+        return self.default_msec_format % (self.second[1], record.msecs)
+
+
 ONE_LINE = OneLine(flask.logging.wsgi_errors_stream)
-ONE_LINE.setFormatter(flask.logging.default_handler.formatter)
+ONE_LINE.setFormatter(SecondFormatter("[%(asctime)s] %(levelname)s in %(module)s: %(message)s"))  # Flask's format
 
 
 def create_app(config=None):

@@ -1915,6 +1915,26 @@ def test_logs_name_ids_and_times_never_the_customer(client, caplog):
     assert "Secret" not in caplog.text and "secret@" not in caplog.text
 
 
+def test_the_standalone_log_line_is_written_as_flasks_own_format_writes_it():
+    """The date and time are made once a second: each line still reads exactly as Flask's would."""
+    import logging
+    import flask.logging
+
+    ours, flasks = dealership.ONE_LINE.formatter, flask.logging.default_handler.formatter
+    rng = random.Random(3)
+    moment = time.time()
+    for n in range(2000):
+        moment += rng.choice([0.0, 0.0004, 0.3, 0.9999, 1.0, 59.5, 3600.25])
+        record = logging.LogRecord("dealership", logging.INFO, __file__, 1, "booking %d created", (n,), None)
+        record.created, record.msecs = moment, (moment - int(moment)) * 1000
+        assert ours.format(record) == flasks.format(record), moment
+    try:
+        raise ValueError("the traceback")
+    except ValueError:
+        failed = logging.LogRecord("dealership", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    assert ours.format(failed) == flasks.format(failed)
+
+
 # ---------------------------------------------------------------------------------------------
 # Storage: a SQLite file under the dicts, shared by processes (here: by apps) on one machine
 # ---------------------------------------------------------------------------------------------
