@@ -106,6 +106,8 @@ MAX_PAGE = 1000
 DEFAULT_PAGE = 100  # bookings (a store can hold millions) and slots (one per car) answered without a limit
 MAX_ERRORS = 20  # offending fields listed in one 422
 MAX_TURNAROUND = 1440  # minutes: a day
+MAX_NAME = 200  # characters of a customer's name
+MAX_EMAIL = 254  # characters of an e-mail address, once normalized
 CLOCK_TOLERANCE = timedelta(minutes=1)  # how far in the past a new booking may start
 SEED_DEALER = {"name": "Oscar Mobility Main", "location": "Munich, Germany", "turnaround_minutes": 0}
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -1305,6 +1307,7 @@ class Store:
 DEALER_FIELDS = ("name", "location", "turnaround_minutes")
 CAR_FIELDS = ("brand", "model", "year", "color", "daily_price", "vin", "status", "dealer_id")
 BOOKING_FIELDS = ("car_id", "customer_name", "customer_email", "start_datetime", "end_datetime", "total_cents")
+BOOKING_FIELDS_SENT = frozenset(BOOKING_FIELDS[:-1])  # the body of a new booking: all but its price
 WINDOW_FIELDS = ("car_id", "start_datetime", "end_datetime", "note")
 MAX_NAMED = 10  # bookings a refused maintenance window names
 MAX_CHUNKS = 100_000  # parts of available-cars answers kept ready; beyond, they are made afresh
@@ -1951,9 +1954,10 @@ class BookingSchema(EndAfterStart, Schema):
     id = fields.Integer(dump_only=True, metadata=about("Given by the service; never reused."))
     car_id = fields.Integer(required=True, strict=True, validate=validate.Range(min=1),
                             metadata=about("The car to book; it must exist and be available.", 1))
-    customer_name = text(200, required=True, metadata=about(f"1 to 200 characters; {STRIPPED}.", "Ada Lovelace"))
-    customer_email = EmailAddress(required=True, validate=validate.Length(max=254),
-                                  metadata=about("An e-mail address, at most 254 characters.", "ada@example.com"))
+    customer_name = text(MAX_NAME, required=True, metadata=about(f"1 to {MAX_NAME} characters; {STRIPPED}.",
+                                                                  "Ada Lovelace"))
+    customer_email = EmailAddress(required=True, validate=validate.Length(max=MAX_EMAIL), metadata=about(
+        f"An e-mail address, at most {MAX_EMAIL} characters.", "ada@example.com"))
     start_datetime = Instant(required=True, metadata=about(START))
     end_datetime = Instant(required=True, metadata=about(END))
     total_price = Money(attribute="total_cents", dump_only=True, metadata=about(
@@ -2298,8 +2302,9 @@ def given_once(*names):
     return len(args) == len(names) and all(len(args.getlist(name)) == 1 for name in names)
 
 
-# The common searches, read without the schema: the result is the same either way (a test compares
-# the two on many inputs), and the schema holds every rule and its message for the rest.
+# The common searches and the common new booking, read without the schema: the result is the same
+# either way (tests compare the two on many inputs), and the schema holds every rule and its message
+# for the rest.
 
 def window_query(schema):
     """A search for a period: just start_datetime and end_datetime, written in full with offsets."""
@@ -2317,6 +2322,27 @@ def slot_query():
         if length is not None and MIN_SLOT <= length <= MAX_SLOT and after is not None:
             return {"offset": 0, "duration": length, "after": after}
     return query(SLOT_QUERY)
+
+
+def booking_body():
+    """A new booking: just its five fields, car_id a whole number, customer_name printable ASCII,
+    an e-mail address email-validator takes, and date-times written in full with offsets."""
+    body = json_body()
+    if body.keys() == BOOKING_FIELDS_SENT:
+        car_id, name, email = body["car_id"], body["customer_name"], body["customer_email"]
+        start, end = body["start_datetime"], body["end_datetime"]
+        if type(car_id) is int and car_id >= 1 and type(name) is str and name.isascii() and name.isprintable() \
+                and 0 < len(name.strip()) <= MAX_NAME and type(email) is str and type(start) is str \
+                and type(end) is str:
+            start, end = full_instant(start), full_instant(end)
+            try:
+                email = normalized_email(email)
+            except email_validator.EmailNotValidError:
+                email = None
+            if start is not None and end is not None and start < end and email and len(email) <= MAX_EMAIL:
+                return {"car_id": car_id, "customer_name": name.strip(), "customer_email": email,
+                        "start_datetime": start, "end_datetime": end}
+    return BOOKING_SCHEMA.load(body)
 
 
 def paged(items, filters):
@@ -2656,7 +2682,7 @@ def create_booking():
     For the period from start_datetime up to end_datetime: it must not overlap another booking of
     the car, nor start in the past.
     """
-    booking = store().add_booking(BOOKING_SCHEMA.load(json_body()))
+    booking = store().add_booking(booking_body())
     return json_text(booking_json(booking), 201,
                          {"Location": url_for(".get_booking", booking_id=booking.id)})
 

@@ -738,6 +738,44 @@ def test_the_fast_reading_of_a_slot_search_agrees_with_the_schema(zone):
             dealership.slot_query()
 
 
+@pytest.mark.parametrize("zone", ["UTC", "Europe/Berlin"])
+def test_the_fast_reading_of_a_new_booking_agrees_with_the_schema(zone):
+    """POST /bookings reads its common body without the schema: on every input, the same answer."""
+    app = new_app({"DEALERSHIP_TIMEZONE": zone})
+    values = {
+        "car_id": [1, 7, 2**70, 0, -1, True, False, 1.0, 1.5, "1", None, [1]],
+        "customer_name": ["Ada Lovelace", "  Ada  ", "A", "x" * 200, " " + "x" * 200 + " ", "x" * 201, "", " ",
+                          "Ada\n", "\tAda", "Ada\x7f", "Zoë", "Ada\u200b", "\u200b", "\ud800", 5, None],
+        "customer_email": ["ada@example.com", "Ada@Example.COM", "ADA@EXAMPLE.COM", "a@localhost", "a@[1.2.3.4]",
+                           "x", "", "zoë@bücher.example", "a" * 64 + "@" + "b" * 63 + "." + "c" * 63 + "." + "d" * 57,
+                           "a" * 65 + "@example.com", 7, None],
+        "start_datetime": ["2035-01-15T10:00:00Z", "2035-01-15T10:00:00+02:00", "2035-01-15T10:00:00.5Z",
+                           "2035-01-15t10:00:00z", "2035-01-15T10:00:00", "2035-01-15T10:00:00 02:00",
+                           "2035-02-29T10:00:00Z", "2035-03-25T02:30:00", "9999-12-31T23:00:00-05:00",
+                           "0001-01-01T00:00:00+01:00", "2035-01-15", "", 20350115, None],
+        "end_datetime": ["2035-01-15T12:00:00Z", "2035-01-15T10:00:00Z", "2035-01-15T10:00:00.000001Z",
+                         "2035-01-15T09:00:00Z", "2035-01-15T12:00:00+02:00", "2035-01-15T12:00:00",
+                         "2035-01-15T25:00:00Z", "x", None],
+    }
+    usual = {name: choices[0] for name, choices in values.items()}
+    bodies = [usual, usual | {"total_price": 1}, usual | {"id": 3}, {}, [usual], "x"]
+    bodies += [{key: value for key, value in usual.items() if key != name} for name in usual]
+    bodies += [usual | {name: value} for name, choices in values.items() for value in choices]
+    rng = random.Random(5)
+    bodies += [{name: rng.choice(choices) for name, choices in values.items()} for _ in range(3000)]
+    for body in bodies:
+        found = []
+        with app.test_request_context(method="POST", json=body):
+            for read in (lambda: dealership.BOOKING_SCHEMA.load(dealership.json_body()), dealership.booking_body):
+                try:
+                    found.append(read())
+                except dealership.ValidationError as error:
+                    found.append(error.messages)
+                except dealership.BadRequest as error:
+                    found.append(error.description)
+        assert found[1] == found[0], body
+
+
 def test_available_cars_accepts_an_unencoded_plus_in_the_offset(client):
     make_car(client)
     book(client, 1, "2035-01-15T08:00:00Z", "2035-01-15T09:00:00Z")
