@@ -52,7 +52,7 @@ from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta, timezone
 from datetime import time as dt_time
 from decimal import ROUND_HALF_UP, Decimal
-from urllib.parse import urlencode
+from urllib.parse import quote as url_quote, urlencode
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import click
@@ -111,6 +111,7 @@ MAX_EMAIL = 254  # characters of an e-mail address, once normalized
 CLOCK_TOLERANCE = timedelta(minutes=1)  # how far in the past a new booking may start
 SEED_DEALER = {"name": "Oscar Mobility Main", "location": "Munich, Germany", "turnaround_minutes": 0}
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+URL_PATH_SAFE = "!$&'()*+,/:;=@"  # what Werkzeug leaves unquoted in the path of a URL it builds
 log = logging.getLogger("dealership")
 
 
@@ -2407,6 +2408,12 @@ def booking_json(booking):
             f'"total_price":{to_json(booking.total_cents / 100)},"currency":{to_json(service.currency)}}}')
 
 
+def created_at(record_id):
+    """The Location of a record just made by a POST to its collection: the collection's URL, as
+    url_for writes it (the script root as it is, the path quoted), then the id (a test compares them)."""
+    return {"Location": f"{request.script_root}{url_quote(request.path, safe=URL_PATH_SAFE)}/{record_id}"}
+
+
 def no_content():
     """204 with no body and so no Content-Type."""
     response = Response(status=204)
@@ -2487,7 +2494,7 @@ def list_dealers():
 def create_dealer():
     """Add a dealer"""
     dealer = store().add_dealer(DEALER_SCHEMA.load(json_body()))
-    return json_response(DEALER_SCHEMA.dump(dealer), 201, {"Location": url_for(".get_dealer", dealer_id=dealer.id)})
+    return json_response(DEALER_SCHEMA.dump(dealer), 201, created_at(dealer.id))
 
 
 @bp.get("/dealers/<digits:dealer_id>")
@@ -2531,7 +2538,7 @@ def delete_dealer(dealer_id):
 def create_car():
     """Add a car to the inventory"""
     car = store().add_car(CAR_SCHEMA.load(json_body()))
-    return json_text(car.json, 201, {"Location": url_for(".get_car", car_id=car.id)})
+    return json_text(car.json, 201, created_at(car.id))
 
 
 @bp.get("/cars")
@@ -2646,8 +2653,7 @@ def create_window(car_id):
     store().sync()  # unlike other POSTs, this one reads before it writes (see catch_up)
     store().car(car_id)  # an unknown car is a 404 before its body is judged
     window = store().add_window(car_id, WINDOW_SCHEMA.load(json_body()))
-    return json_response(WINDOW_SCHEMA.dump(window), 201,
-                         {"Location": url_for(".get_window", car_id=car_id, window_id=window.id)})
+    return json_response(WINDOW_SCHEMA.dump(window), 201, created_at(window.id))
 
 
 @bp.get("/cars/<digits:car_id>/maintenance-windows/<digits:window_id>")
@@ -2683,8 +2689,7 @@ def create_booking():
     the car, nor start in the past.
     """
     booking = store().add_booking(booking_body())
-    return json_text(booking_json(booking), 201,
-                         {"Location": url_for(".get_booking", booking_id=booking.id)})
+    return json_text(booking_json(booking), 201, created_at(booking.id))
 
 
 @bp.get("/bookings")

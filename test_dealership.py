@@ -2641,6 +2641,39 @@ def test_embedding_keeps_the_host_as_it_was():
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("prefix", ["/api/v1", "/my prefix/v1", "/é/x", "/a:b@c;d=e", "/100%"])
+@pytest.mark.parametrize("root", ["", "/s p", "/été"])
+def test_the_location_of_a_new_record_is_what_url_for_writes(prefix, root):
+    """Made from the collection's URL (no url_for per request): the same text under any mount."""
+    from flask import url_for
+    from urllib.parse import quote
+    from werkzeug.urls import iri_to_uri
+
+    host = host_app("host")
+    dealership.init_app(host, url_prefix=prefix)
+    client = host.test_client()
+    base = f"http://localhost{quote(root)}/"
+    at = quote(prefix)
+    made = {
+        "dealer": client.post(f"{at}/dealers", base_url=base, json={"name": "North"}),
+        "car": client.post(f"{at}/cars", base_url=base, json=car_body()),
+        "window": client.post(f"{at}/cars/1/maintenance-windows", base_url=base,
+                              json={"start_datetime": "2035-01-10T10:00:00Z", "end_datetime": "2035-01-10T12:00:00Z"}),
+        "booking": client.post(f"{at}/bookings", base_url=base, json=booking_body(1)),
+    }
+    with host.test_request_context(base_url=base):  # as a response sends it: Werkzeug quotes a Location
+        expected = {"dealer": iri_to_uri(url_for("dealership.get_dealer", dealer_id=2)),
+                    "car": iri_to_uri(url_for("dealership.get_car", car_id=1)),
+                    "window": iri_to_uri(url_for("dealership.get_window", car_id=1, window_id=1)),
+                    "booking": iri_to_uri(url_for("dealership.get_booking", booking_id=1))}
+    assert {kind: response.status_code for kind, response in made.items()} == dict.fromkeys(made, 201)
+    assert {kind: response.headers["Location"] for kind, response in made.items()} == expected
+    for kind, response in made.items():  # and each leads to what was made
+        assert client.get(response.headers["Location"][len(quote(root)):], base_url=base).get_json() == \
+            response.get_json(), kind
+
+
+
 def openapi_path(rule):
     return re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule)
 
