@@ -2409,8 +2409,9 @@ def booking_json(booking):
 
 
 def created_at(record_id):
-    """The Location of a record just made by a POST to its collection: the collection's URL, as
-    url_for writes it (the script root as it is, the path quoted), then the id (a test compares them)."""
+    """The Location of a record just made by a POST to a collection at the top of the API (whose path
+    has no id in it, to be written one way): the collection's URL, as url_for writes it (the script
+    root as it is, the path quoted), then the id. A test compares the two."""
     return {"Location": f"{request.script_root}{url_quote(request.path, safe=URL_PATH_SAFE)}/{record_id}"}
 
 
@@ -2653,7 +2654,8 @@ def create_window(car_id):
     store().sync()  # unlike other POSTs, this one reads before it writes (see catch_up)
     store().car(car_id)  # an unknown car is a 404 before its body is judged
     window = store().add_window(car_id, WINDOW_SCHEMA.load(json_body()))
-    return json_response(WINDOW_SCHEMA.dump(window), 201, created_at(window.id))
+    return json_response(WINDOW_SCHEMA.dump(window), 201,
+                         {"Location": url_for(".get_window", car_id=car_id, window_id=window.id)})
 
 
 @bp.get("/cars/<digits:car_id>/maintenance-windows/<digits:window_id>")

@@ -2671,6 +2671,9 @@ def test_the_location_of_a_new_record_is_what_url_for_writes(prefix, root):
     for kind, response in made.items():  # and each leads to what was made
         assert client.get(response.headers["Location"][len(quote(root)):], base_url=base).get_json() == \
             response.get_json(), kind
+    padded = client.post(f"{at}/cars/001/maintenance-windows", base_url=base,
+                         json={"start_datetime": "2035-01-11T10:00:00Z", "end_datetime": "2035-01-11T12:00:00Z"})
+    assert padded.headers["Location"] == expected["window"][:-1] + "2"  # the car's id as url_for writes it
 
 
 
