@@ -3564,15 +3564,16 @@ class OneLine(logging.StreamHandler):
 class SecondFormatter(logging.Formatter):
     """A Formatter that writes the date and time to the second once a second, not once a line."""
 
-    second = (None, "")  # (a whole second, that second as text): replaced whole, so threads may share it
+    # (a whole second, that second as text): read and replaced whole, so that threads may share it
+    second = (None, "")
 
     def formatTime(self, record, datefmt=None):
         if datefmt is not None:
             return super().formatTime(record, datefmt)
-        whole = int(record.created)
-        if self.second[0] != whole:
-            self.second = (whole, time.strftime(self.default_time_format, self.converter(whole)))
-        return self.default_msec_format % (self.second[1], record.msecs)
+        whole, second = int(record.created), self.second
+        if second[0] != whole:
+            second = self.second = (whole, time.strftime(self.default_time_format, self.converter(whole)))
+        return self.default_msec_format % (second[1], record.msecs)
 
 
 ONE_LINE = OneLine(flask.logging.wsgi_errors_stream)
