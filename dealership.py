@@ -31,12 +31,12 @@ machine may share: each catches up with the others' changes before it answers. W
 together share one transaction and one sync to disk (group commit), each answered once it holds.
 """
 import bisect
+import contextvars
 import functools
 import hmac
 import inspect
 import json
 import logging
-import operator
 import os
 import re
 import signal
@@ -47,18 +47,17 @@ import sys
 import threading
 import time
 import unicodedata
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta, timezone
 from datetime import time as dt_time
 from decimal import ROUND_HALF_UP, Decimal
-from urllib.parse import quote as url_quote, urlencode
+from urllib.parse import urlencode
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import click
 import email_validator
 import icalendar
-import flask.logging
 import limits
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
@@ -71,9 +70,9 @@ from markupsafe import Markup, escape
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 from sortedcontainers import SortedList
 from werkzeug.datastructures import WWWAuthenticate
-from werkzeug.exceptions import (BadRequest, Conflict, HTTPException, InternalServerError, NotFound,
-                                 RequestEntityTooLarge, ServiceUnavailable, Unauthorized, UnsupportedMediaType,
-                                 default_exceptions)
+from werkzeug.exceptions import (BadRequest, HTTPException, RequestEntityTooLarge, Unauthorized,
+                                 UnsupportedMediaType, default_exceptions)
+from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import IntegerConverter
 
@@ -84,7 +83,8 @@ from werkzeug.routing import IntegerConverter
 API_PREFIX = "/api/v1"
 API_VERSION = "1.0.0"
 EXTENSION = "dealership"
-REFUSALS = "dealership_refusals"
+REFUSED_KEYS = "dealership_refused_keys"
+RENDERINGS = "dealership_renderings"
 # What text may hold, spelled out as regex classes that mean the same to the service (Python) and to
 # the ECMA regexes that clients of the OpenAPI document use (and simple enough for fuzzers to generate
 # from). A lone surrogate is refused in code as well: it is not a character, and no JSON Schema
@@ -111,7 +111,15 @@ MAX_EMAIL = 254  # characters of an e-mail address, once normalized
 CLOCK_TOLERANCE = timedelta(minutes=1)  # how far in the past a new booking may start
 SEED_DEALER = {"name": "Oscar Mobility Main", "location": "Munich, Germany", "turnaround_minutes": 0}
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-URL_PATH_SAFE = "!$&'()*+,/:;=@"  # what Werkzeug leaves unquoted in the path of a URL it builds
+MAX_NAMED = 10  # bookings a refused maintenance window names
+MAX_CHUNKS = 100_000  # parts of available-cars answers kept ready; beyond, they are made afresh
+MAX_BATCH = 64  # writes in one transaction at most
+# An ISO 8601 duration of days, hours and minutes: P3D, PT4H, P1DT12H, PT90M. (No lookahead, so that
+# the OpenAPI document can state it and fuzzers generate from it.)
+DURATION_PATTERN = r"^P(?:\d{1,5}D(?:T(?:\d{1,7}H(?:\d{1,9}M)?|\d{1,9}M))?|T(?:\d{1,7}H(?:\d{1,9}M)?|\d{1,9}M))$"
+DURATION = re.compile(DURATION_PATTERN)
+MIN_SLOT, MAX_SLOT = timedelta(minutes=15), timedelta(days=90)
+LATEST_SLOT_END = datetime(9999, 1, 1, tzinfo=timezone.utc)  # far enough from the end of the calendar for any zone
 log = logging.getLogger("dealership")
 
 
@@ -232,10 +240,10 @@ SETTINGS = {
 }
 
 
+
 # ---------------------------------------------------------------------------------------------
 # Records: immutable, so a reader never sees half an update; a change stores a new record.
 # ---------------------------------------------------------------------------------------------
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,7 +265,6 @@ class Car:
     vin: str
     status: str
     dealer_id: int
-    json: bytes  # the public JSON form, rendered once by CAR_SCHEMA when the record is written
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,8 +288,40 @@ class MaintenanceWindow:
     note: str
 
 
+DEALER_FIELDS = ("name", "location", "turnaround_minutes")
+CAR_FIELDS = ("brand", "model", "year", "color", "daily_price", "vin", "status", "dealer_id")
+BOOKING_FIELDS = ("car_id", "customer_name", "customer_email", "start_datetime", "end_datetime", "total_cents")
+WINDOW_FIELDS = ("car_id", "start_datetime", "end_datetime", "note")
+
+
 # ---------------------------------------------------------------------------------------------
-# Domain rules: pure functions over half-open intervals [start, end)
+# Domain errors: what the rules refuse, in words a client can act on. The HTTP half maps each to
+# its status (one place: see `problem_for`).
+# ---------------------------------------------------------------------------------------------
+
+
+class DomainError(Exception):
+    """A refusal by the service's own rules; str() is the message for the client."""
+
+
+class NotFoundError(DomainError):
+    """The record named does not exist (404)."""
+
+
+class ConflictError(DomainError):
+    """The change clashes with what is stored (409)."""
+
+
+class InvalidError(DomainError):
+    """A value breaks a rule that involves more than its field's own syntax (422 on `field`)."""
+
+    def __init__(self, field, message):
+        super().__init__(message)
+        self.field = field
+
+
+# ---------------------------------------------------------------------------------------------
+# Domain rules: pure functions over half-open periods [start, end)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -293,6 +332,9 @@ def overlaps(start_a, end_a, start_b, end_b):
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 MICROSECOND = timedelta(microseconds=1)
+MINUTE = 60_000_000  # micros
+DAY = 24 * 60 * MINUTE
+ID_SPAN = 1 << 63  # ids are below it (SQLite's integer keys are)
 
 
 def micros(instant):
@@ -300,8 +342,111 @@ def micros(instant):
     return (instant - EPOCH) // MICROSECOND
 
 
-MINUTE = 60_000_000  # micros
-DAY = 24 * 60 * MINUTE
+def order_key(start, booking_id):
+    """One integer that sorts bookings by start, then id: the key of the fleet's index."""
+    return micros(start) * ID_SPAN + booking_id
+
+
+def format_instant(instant, zone):
+    """An instant as RFC 3339 in `zone`: how every date-time is written out."""
+    return instant.astimezone(zone).isoformat()
+
+
+def plural(n, noun):
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def check_period(start, end):
+    """A period must end after it starts."""
+    if start is not None and end is not None and end <= start:
+        raise InvalidError("end_datetime", "Must be after start_datetime.")
+
+
+def check_not_past(start, now, what="booking"):
+    """A booking (or window) may not start (or be moved to start) before now, give or take a minute
+    for clocks that differ."""
+    if start < now - CLOCK_TOLERANCE:
+        raise InvalidError("start_datetime", f"Is in the past: a {what} can start from now on "
+                                             f"({now.replace(microsecond=0).isoformat()}).")
+
+
+def free_gaps(entries, start, end, turnaround=timedelta(0)):
+    """The gaps of [start, end) that no entry (sorted, non-overlapping), widened by `turnaround` on
+    both sides, covers: where a booking could go."""
+    gaps, cursor = [], start
+    for entry in entries:
+        if entry.start_datetime - turnaround > cursor:
+            gaps.append((cursor, min(entry.start_datetime - turnaround, end)))
+        cursor = max(cursor, entry.end_datetime + turnaround)
+    if cursor < end:
+        gaps.append((cursor, end))
+    return gaps
+
+
+def rental_days(start, end):
+    """The number of started 24-hour periods in [start, end): at least one."""
+    return max(1, -(-(micros(end) - micros(start)) // DAY))
+
+
+def price_cents(daily_price, start, end):
+    """The price of [start, end): the daily price times the started days, in decimal, rounded to
+    whole cents (half up)."""
+    total = Decimal(repr(daily_price)) * rental_days(start, end)
+    return int((total * 100).quantize(Decimal(1), ROUND_HALF_UP))
+
+
+def parse_duration(text):
+    """A timedelta from an ISO 8601 duration of days, hours and minutes, or None."""
+    if not DURATION.fullmatch(text):
+        return None
+    units = {"D": "days", "H": "hours", "M": "minutes"}
+    return timedelta(**{units[unit]: int(number) for number, unit in re.findall(r"(\d+)([DHM])", text)})
+
+
+def describe(entry):
+    """An entry of a schedule in words: 'booking 7', or 'maintenance window 2 (Brake check)'."""
+    if type(entry) is Booking:
+        return f"booking {entry.id}"
+    return f"maintenance window {entry.id}" + (f" ({entry.note})" if entry.note else "")
+
+
+def clash(car, turnaround_minutes, start, end, other, zone):
+    """Why [start, end) cannot go on `car` beside the entry `other` of its schedule: an overlap, or
+    too little turnaround."""
+    name = describe(other)
+    shown_start, shown_end = format_instant(other.start_datetime, zone), format_instant(other.end_datetime, zone)
+    if overlaps(start, end, other.start_datetime, other.end_datetime):
+        if type(other) is Booking:
+            return f"Car {car.id} is already booked from {shown_start} to {shown_end} by {name}."
+        return f"Car {car.id} is in maintenance from {shown_start} to {shown_end}: {name}."
+    why = f"dealer {car.dealer_id} needs {plural(turnaround_minutes, 'minute')} of turnaround between two " \
+          "entries of a car's schedule"
+    turnaround = timedelta(minutes=turnaround_minutes)
+    if other.end_datetime <= start:
+        return f"Car {car.id} is not ready until {format_instant(other.end_datetime + turnaround, zone)}: " \
+               f"{name} ends at {shown_end}, and {why}."
+    return f"Car {car.id} must be back by {format_instant(other.start_datetime - turnaround, zone)}, ready for " \
+           f"{name} at {shown_start}: {why}."
+
+
+def bookings_in_the_way(car, turnaround_minutes, bookings, zone):
+    """Why a maintenance window cannot go on `car`: the bookings it would hit, up to MAX_NAMED named."""
+    shown = bookings[:MAX_NAMED]
+    named = "; ".join(f"{entry.id} ({format_instant(entry.start_datetime, zone)} to "
+                      f"{format_instant(entry.end_datetime, zone)})" for entry in shown)
+    more = f", and {len(bookings) - len(shown)} more" if len(bookings) > len(shown) else ""
+    return (f"The window would hit {plural(len(bookings), 'booking')} of car {car.id} (with dealer "
+            f"{car.dealer_id}'s {plural(turnaround_minutes, 'minute')} of turnaround): {named}{more}. "
+            "Move or cancel them first.")
+
+
+# ---------------------------------------------------------------------------------------------
+# The fleet in memory: every record in dicts, each car's schedule, the day coverage, and the
+# queries over them. No locks and no SQL: the store holds its lock around every use.
+# ---------------------------------------------------------------------------------------------
+
+
+BITS = [tuple(n for n in range(8) if byte >> n & 1) for byte in range(256)]  # the set bits of each byte
 
 
 class Schedule:
@@ -310,7 +455,7 @@ class Schedule:
 
     Entries never overlap, so sorted by start they are sorted by end too: an overlap check is one
     binary search over plain integers, with no key function and no record touched. A turnaround of
-    `pad` micros is checked as an overlap with the range widened by `pad` on both sides.
+    `turnaround` micros is checked as an overlap with the period widened by it on both sides.
     """
     __slots__ = ("entries", "starts", "ends")
 
@@ -328,9 +473,10 @@ class Schedule:
         i = bisect.bisect_left(self.starts, micros(entry.start_datetime))
         del self.entries[i], self.starts[i], self.ends[i]
 
-    def near(self, start, end, pad=0):
-        """The entries that overlap [start - pad, end + pad) (micros), in time order."""
-        return self.entries[bisect.bisect_right(self.ends, start - pad):bisect.bisect_left(self.starts, end + pad)]
+    def near(self, start, end, turnaround=0):
+        """The entries that overlap [start - turnaround, end + turnaround) (micros), in time order."""
+        return self.entries[bisect.bisect_right(self.ends, start - turnaround):
+                            bisect.bisect_left(self.starts, end + turnaround)]
 
     def bookings(self):
         return [entry for entry in self.entries if type(entry) is Booking]
@@ -440,111 +586,38 @@ class Coverage:
         return found
 
 
-BITS = [tuple(n for n in range(8) if byte >> n & 1) for byte in range(256)]  # the set bits of each byte
 
 
-ID_SPAN = 1 << 63  # ids are below it (SQLite's integer keys are)
+@dataclass(frozen=True, slots=True)
+class Offerable:
+    """The cars that can be offered, as masks over their positions in the coverage, made once after
+    each change of a car or dealer (and whenever the coverage is made again); never changed after."""
+    by_turnaround: dict  # turnaround (micros) -> the available cars whose dealer needs it
+    by_dealer: dict  # dealer id -> its available cars
+    cars: dict  # position -> every car (available or not)
+    spans: dict  # position -> its schedule's (starts, ends): lists that change in place
 
 
-def order_key(start, booking_id):
-    """One integer that sorts bookings by start, then id: the key of the store's index."""
-    return micros(start) * ID_SPAN + booking_id
+class Fleet:
+    """Every record, indexed for the queries the API answers. Lookups raise NotFoundError; the
+    checks raise ConflictError; `put_*` and `drop_*` change the dicts (only after COMMIT)."""
 
-
-def check_not_past(start, now, what="booking"):
-    """A booking (or window) may not start (or be moved to start) before now, give or take a minute
-    for clocks that differ: raised on start_datetime."""
-    if start < now - CLOCK_TOLERANCE:
-        raise ValidationError(f"Is in the past: a {what} can start from now on "
-                              f"({now.replace(microsecond=0).isoformat()}).", field_name="start_datetime")
-
-
-def free_gaps(entries, start, end, pad=timedelta(0)):
-    """The gaps of [start, end) that no entry (sorted, non-overlapping), widened by `pad` on both
-    sides, covers: where a booking could go."""
-    gaps, cursor = [], start
-    for entry in entries:
-        if entry.start_datetime - pad > cursor:
-            gaps.append((cursor, min(entry.start_datetime - pad, end)))
-        cursor = max(cursor, entry.end_datetime + pad)
-    if cursor < end:
-        gaps.append((cursor, end))
-    return gaps
-
-
-def rental_days(start, end):
-    """The number of started 24-hour periods in [start, end): at least one."""
-    return max(1, -(-(micros(end) - micros(start)) // DAY))
-
-
-def price_cents(daily_price, start, end):
-    """The price of [start, end): the daily price times the started days, in decimal, rounded to
-    whole cents (half up)."""
-    total = Decimal(repr(daily_price)) * rental_days(start, end)
-    return int((total * 100).quantize(Decimal(1), ROUND_HALF_UP))
-
-
-# An ISO 8601 duration of days, hours and minutes: P3D, PT4H, P1DT12H, PT90M. (No lookahead, so that
-# the OpenAPI document can state it and fuzzers generate from it.)
-DURATION_PATTERN = r"^P(?:\d{1,5}D(?:T(?:\d{1,7}H(?:\d{1,9}M)?|\d{1,9}M))?|T(?:\d{1,7}H(?:\d{1,9}M)?|\d{1,9}M))$"
-DURATION = re.compile(DURATION_PATTERN)
-MIN_SLOT, MAX_SLOT = timedelta(minutes=15), timedelta(days=90)
-LATEST_SLOT_END = datetime(9999, 1, 1, tzinfo=timezone.utc)  # far enough from the end of the calendar to be written in any zone
-
-
-def parse_duration(text):
-    """A timedelta from an ISO 8601 duration of days, hours and minutes, or None."""
-    if not DURATION.fullmatch(text):
-        return None
-    units = {"D": "days", "H": "hours", "M": "minutes"}
-    return timedelta(**{units[unit]: int(number) for number, unit in re.findall(r"(\d+)([DHM])", text)})
-
-
-# ---------------------------------------------------------------------------------------------
-# The store: the dicts every request reads, and the only code that changes them. A change takes
-# SQLite's write lock, catches up with what other processes committed, checks, writes, commits,
-# and only then changes the dicts. Readers never wait for the disk or for another process.
-# ---------------------------------------------------------------------------------------------
-
-
-class Job:
-    """A write waiting for its turn (see Store._write): the change to make, the cars it reads and
-    changes (None: it may read anything, so it runs alone), and once done its result or error.
-    `turn`, an Event for a write that waits, is set when it is done or its thread is to run the next batch."""
-    __slots__ = ("change", "cars", "result", "error", "done", "turn")
-
-    def __init__(self, change, cars):
-        self.change, self.cars, self.result, self.error, self.done, self.turn = change, cars, None, None, False, None
-
-    def outcome(self):
-        if self.error is not None:
-            raise self.error
-        return self.result
-
-
-class Refused(Exception):
-    """The one write of a transaction was refused: roll the transaction back."""
-
-
-MAX_BATCH = 64  # writes in one transaction at most
-
-
-class Store:
-    """Two locks: `lock` guards the dicts (every reader takes it, and every change to them);
-    `write_lock` lets one batch of writes of this process at a time use the database's write
-    connection (see _write). A write holds `lock` only to check and write its SQL, not while SQLite
-    waits for another process or syncs the commit to disk."""
-
-    def __init__(self, database, zone=timezone.utc, currency="EUR"):
-        self.zone = zone  # naive input is read in this zone, and output is written in it
-        self.currency = currency  # shown beside every price
-        self.offer_openings = {}  # car id -> the opening of its slots' JSON (see offers_json)
-        self.lock = threading.Lock()
-        self.write_lock = threading.Lock()
-        self.queue_lock, self.queue, self.leading = threading.Lock(), [], False  # writes waiting: see _write
-        self.db = database
-        with self.lock:
-            self._reload(database.write)
+    def __init__(self, zone, dealers=(), cars=(), bookings=(), windows=()):
+        self.zone = zone  # the dealership's: the times in messages are written in it
+        self.dealers = {dealer.id: dealer for dealer in dealers}
+        self.cars, self.car_by_vin, self.schedules = {}, {}, {}
+        self.bookings, self.windows, self.by_email = {}, {}, {}
+        self.cars_version = 0  # counts changes of cars: what a rendering of the fleet is made from
+        self.coverage = self._offerable = None  # made when first asked for
+        for car in cars:
+            self.put_car(car)
+        for booking in bookings:
+            self.bookings[booking.id] = booking
+            self.schedules[booking.car_id].add(booking)
+            self.by_email.setdefault(booking.customer_email.casefold(), set()).add(booking.id)
+        for window in windows:
+            self.put_window(window)
+        self.by_start = SortedList(order_key(b.start_datetime, b.id) for b in self.bookings.values())
 
     # -- lookups --------------------------------------------------------------------------------
 
@@ -552,452 +625,367 @@ class Store:
         try:
             return self.dealers[dealer_id]
         except KeyError:
-            raise NotFound(f"There is no dealer with id {dealer_id}.") from None
+            raise NotFoundError(f"There is no dealer with id {dealer_id}.") from None
 
     def car(self, car_id):
         try:
             return self.cars[car_id]
         except KeyError:
-            raise NotFound(f"There is no car with id {car_id}.") from None
+            raise NotFoundError(f"There is no car with id {car_id}.") from None
 
     def booking(self, booking_id):
         try:
             return self.bookings[booking_id]
         except KeyError:
-            raise NotFound(f"There is no booking with id {booking_id}.") from None
+            raise NotFoundError(f"There is no booking with id {booking_id}.") from None
 
     def window(self, car_id, window_id):
         window = self.windows.get(window_id)
         if window is None or window.car_id != car_id:
             self.car(car_id)
-            raise NotFound(f"Car {car_id} has no maintenance window with id {window_id}.")
+            raise NotFoundError(f"Car {car_id} has no maintenance window with id {window_id}.")
         return window
 
-    def pad(self, car):
-        """The turnaround of a car's dealer, in micros: the least gap around each entry of its schedule."""
+    def turnaround_micros(self, car):
+        """The turnaround of a car's dealer: the least gap around each entry of its schedule."""
         return self.dealers[car.dealer_id].turnaround_minutes * MINUTE
 
-    # -- dealers --------------------------------------------------------------------------------
-    # Each write is a function of (the write connection, then) that checks, writes its SQL, says
-    # with then(function, record) how the dicts change after COMMIT, and returns its result; _write
-    # runs it (see there).
+    # -- the rules that need the stored records ---------------------------------------------------
 
-    def add_dealer(self, fields):
-        def change(db, then):
-            dealer = Dealer(id=db.insert("dealer", fields), **fields)
-            then(self._put_dealer, dealer)
-            return dealer
-        return self._write(change)
-
-    def update_dealer(self, dealer_id, changes):
-        """A change of turnaround applies to bookings and windows made or moved from now on; the
-        schedules as they stand stay valid."""
-        def change(db, then):
-            dealer = replace(self.dealer(dealer_id), **changes)
-            db.update("dealer", dealer_id, {name: getattr(dealer, name) for name in DEALER_FIELDS})
-            then(self._put_dealer, dealer)
-            return dealer
-        dealer = self._write(change)
-        log.info("dealer %d changed: %s", dealer_id, ", ".join(sorted(changes)) or "nothing")
-        return dealer
-
-    def delete_dealer(self, dealer_id):
-        def change(db, then):
-            self.dealer(dealer_id)
-            owned = sum(1 for car in self.cars.values() if car.dealer_id == dealer_id)
-            if owned:
-                raise Conflict(f"Dealer {dealer_id} still has {plural(owned, 'car')}; "
-                               "move or delete them first.")
-            db.delete("dealer", dealer_id)
-            then(self._drop_dealer, dealer_id)
-        self._write(change)
-
-    # -- cars -----------------------------------------------------------------------------------
-
-    def add_car(self, fields):
-        def change(db, then):
-            self.dealer(fields["dealer_id"])
-            self._check_vin_free(fields["vin"])
-            car = self.new_car(db.insert("car", fields), fields)
-            then(self._put_car, car)
-            return car
-        car = self._write(change)
-        log.info("car %d created: dealer %d, status %s", car.id, car.dealer_id, car.status)
-        return car
-
-    def update_car(self, car_id, changes):
-        """Bookings keep the price they were made at, and the turnaround they were checked with."""
-        def change(db, then):
-            old = self.car(car_id)
-            if "dealer_id" in changes:
-                self.dealer(changes["dealer_id"])
-            if changes.get("vin", old.vin) != old.vin:
-                self._check_vin_free(changes["vin"])
-            car = self.new_car(car_id, {name: getattr(old, name) for name in CAR_FIELDS} | changes)
-            db.update("car", car_id, {name: getattr(car, name) for name in CAR_FIELDS})
-            then(self._put_car, car)
-            return car
-        car = self._write(change)
-        log.info("car %d changed: %s", car_id, ", ".join(sorted(changes)) or "nothing")
-        return car
-
-    def delete_car(self, car_id):
-        """Only a car with no bookings; its maintenance windows go with it."""
-        def change(db, then):
-            self.car(car_id)
-            schedule = self.schedules[car_id]
-            booked = len(schedule.bookings())
-            if booked:
-                raise Conflict(f"Car {car_id} has {plural(booked, 'booking')}; "
-                               "cancel them before deleting the car.")
-            for window in schedule.windows():
-                db.delete("window", window.id)
-            db.delete("car", car_id)
-            then(self._drop_car, car_id)
-        self._write(change)
-        log.info("car %d deleted", car_id)
-
-    def new_car(self, car_id, fields):
-        """A Car record with its public JSON form rendered once, here."""
-        data = {"id": car_id} | {name: fields[name] for name in CAR_FIELDS}
-        return Car(**data, json=to_json(CAR_SCHEMA.dump(data | {"currency": self.currency})).encode())
-
-    def _check_vin_free(self, vin):
+    def check_vin_free(self, vin):
         if vin in self.car_by_vin:
-            raise Conflict(f"VIN {vin} is already used by car {self.car_by_vin[vin]}.")
+            raise ConflictError(f"VIN {vin} is already used by car {self.car_by_vin[vin]}.")
 
-    # -- bookings -------------------------------------------------------------------------------
+    def check_dealer_removable(self, dealer_id):
+        self.dealer(dealer_id)
+        owned = sum(1 for car in self.cars.values() if car.dealer_id == dealer_id)
+        if owned:
+            raise ConflictError(f"Dealer {dealer_id} still has {plural(owned, 'car')}; move or delete them first.")
 
-    def add_booking(self, fields):
-        """A new booking reads and changes one car's schedule only: others like it, on other cars,
-        share its transaction and its COMMIT."""
-        check_not_past(fields["start_datetime"], datetime.now(timezone.utc))
+    def check_car_removable(self, car_id):
+        self.car(car_id)
+        booked = len(self.schedules[car_id].bookings())
+        if booked:
+            raise ConflictError(f"Car {car_id} has {plural(booked, 'booking')}; cancel them before deleting the car.")
 
-        def change(db, then):
-            start, end = fields["start_datetime"], fields["end_datetime"]
-            car = self._check_bookable(fields["car_id"], start, end)
-            row = fields | {"total_cents": price_cents(car.daily_price, start, end)}
-            booking = Booking(id=db.insert("booking", row), **row)
-            then(self._put_booking, booking)
-            return booking
-        booking = self._write(change, cars={fields["car_id"]})
-        self._log("created", booking)
-        return booking
-
-    def change_booking(self, booking_id, changes):
-        """Apply `changes` to a booking in one step, checked against the rest of the car's schedule.
-        A move, or a change of car, prices the booking again at the car's price of today."""
-        def change(db, then):
-            old = self.booking(booking_id)
-            booking = replace(old, **changes)
-            check_window({"start_datetime": booking.start_datetime, "end_datetime": booking.end_datetime})
-            if booking.start_datetime != old.start_datetime:  # a running booking may still change its end
-                check_not_past(booking.start_datetime, datetime.now(timezone.utc))
-            if (booking.car_id, booking.start_datetime, booking.end_datetime) != \
-                    (old.car_id, old.start_datetime, old.end_datetime):
-                car = self._check_bookable(booking.car_id, booking.start_datetime, booking.end_datetime, ignore=old)
-                booking = replace(booking, total_cents=price_cents(car.daily_price, booking.start_datetime,
-                                                                   booking.end_datetime))
-            db.update("booking", booking_id, {name: getattr(booking, name) for name in BOOKING_FIELDS})
-            then(self._put_booking, booking)
-            return booking
-        booking = self._write(change)
-        self._log("changed", booking)
-        return booking
-
-    def cancel_booking(self, booking_id):
-        def change(db, then):
-            booking = self.booking(booking_id)
-            db.delete("booking", booking_id)
-            then(self._drop_booking, booking_id)
-            return booking
-        self._log("cancelled", self._write(change))
-
-    def _check_bookable(self, car_id, start, end, ignore=None):
+    def bookable_car(self, car_id, start, end, ignore=None):
         """The car, if [start, end) can be booked on it: it is available, and the period, widened by
-        its dealer's turnaround, overlaps no other entry of its schedule. Else 404 or 409."""
+        its dealer's turnaround, overlaps no other entry of its schedule."""
         car = self.car(car_id)
         if car.status != "available":
-            raise Conflict(f"Car {car.id} is in {car.status} and cannot be booked.")
-        for other in self.schedules[car.id].near(micros(start), micros(end), self.pad(car)):
+            raise ConflictError(f"Car {car.id} is in {car.status} and cannot be booked.")
+        for other in self.schedules[car.id].near(micros(start), micros(end), self.turnaround_micros(car)):
             if other is not ignore:
-                raise Conflict(self._clash(car, start, end, other))
+                raise ConflictError(clash(car, self.dealers[car.dealer_id].turnaround_minutes, start, end, other,
+                                          self.zone))
         return car
 
-    def _clash(self, car, start, end, other):
-        """Why [start, end) cannot go on `car` beside the entry `other`: an overlap, or too little turnaround."""
-        show, name = self.show, describe(other)
-        if overlaps(start, end, other.start_datetime, other.end_datetime):
-            if type(other) is Booking:
-                return f"Car {car.id} is already booked from {show(other.start_datetime)} to " \
-                       f"{show(other.end_datetime)} by {name}."
-            return f"Car {car.id} is in maintenance from {show(other.start_datetime)} to " \
-                   f"{show(other.end_datetime)}: {name}."
+    def check_window_fits(self, car_id, start, end):
+        """A maintenance window may not overlap, nor come within the turnaround of, a booking or
+        another window: the refusal names the bookings in the way."""
+        car = self.car(car_id)
         turnaround = self.dealers[car.dealer_id].turnaround_minutes
-        why = f"dealer {car.dealer_id} needs {plural(turnaround, 'minute')} of turnaround between two entries " \
-              "of a car's schedule"
-        pad = timedelta(minutes=turnaround)
-        if other.end_datetime <= start:
-            return f"Car {car.id} is not ready until {show(other.end_datetime + pad)}: {name} ends at " \
-                   f"{show(other.end_datetime)}, and {why}."
-        return f"Car {car.id} must be back by {show(other.start_datetime - pad)}, ready for {name} at " \
-               f"{show(other.start_datetime)}: {why}."
+        hits = self.schedules[car_id].near(micros(start), micros(end), turnaround * MINUTE)
+        in_the_way = [entry for entry in hits if type(entry) is Booking]
+        if in_the_way:
+            raise ConflictError(bookings_in_the_way(car, turnaround, in_the_way, self.zone))
+        if hits:
+            raise ConflictError(clash(car, turnaround, start, end, hits[0], self.zone))
 
-    def _log(self, what, booking):
-        # ids and times only: never the customer's name or e-mail
-        log.info("booking %d %s: car %d, %s to %s", booking.id, what, booking.car_id,
-                 self.show(booking.start_datetime), self.show(booking.end_datetime))
+    def refusal(self, car_id, start, end, now):
+        """Why a booking of [start, end) on the car, made `now`, would be refused; None if it would not."""
+        try:
+            check_not_past(start, now)
+            self.bookable_car(car_id, start, end)
+        except (InvalidError, ConflictError) as refused:
+            return str(refused)
+        return None
 
-    # -- maintenance windows --------------------------------------------------------------------
+    # -- changes: made only after COMMIT ----------------------------------------------------------
 
-    def add_window(self, car_id, fields):
-        """A maintenance window on a car: it may not overlap, nor come within the turnaround of, a
-        booking or another window. The 409 names up to 10 of the bookings in the way."""
-        check_not_past(fields["start_datetime"], datetime.now(timezone.utc), "maintenance window")
+    def put_dealer(self, dealer):
+        self.dealers[dealer.id] = dealer
+        self._offerable = None  # its turnaround may have changed
 
-        def change(db, then):
-            car = self.car(car_id)
-            start, end = fields["start_datetime"], fields["end_datetime"]
-            hits = self.schedules[car_id].near(micros(start), micros(end), self.pad(car))
-            in_the_way = [entry for entry in hits if type(entry) is Booking]
-            if in_the_way:
-                shown = in_the_way[:MAX_NAMED]
-                named = "; ".join(f"{entry.id} ({self.show(entry.start_datetime)} to {self.show(entry.end_datetime)})"
-                                  for entry in shown)
-                more = f", and {len(in_the_way) - len(shown)} more" if len(in_the_way) > len(shown) else ""
-                raise Conflict(f"The window would hit {plural(len(in_the_way), 'booking')} of car {car_id} "
-                               f"(with dealer {car.dealer_id}'s {plural(self.pad(car) // MINUTE, 'minute')} of "
-                               f"turnaround): {named}{more}. Move or cancel them first.")
-            if hits:
-                raise Conflict(self._clash(car, start, end, hits[0]))
-            row = fields | {"car_id": car_id}
-            window = MaintenanceWindow(id=db.insert("window", row), **row)
-            then(self._put_window, window)
-            return window
-        window = self._write(change)
-        log.info("maintenance window %d created: car %d, %s to %s", window.id, car_id,
-                 self.show(window.start_datetime), self.show(window.end_datetime))
-        return window
+    def drop_dealer(self, dealer_id):
+        del self.dealers[dealer_id]
 
-    def delete_window(self, car_id, window_id):
-        def change(db, then):
-            self.window(car_id, window_id)
-            db.delete("window", window_id)
-            then(self._drop_window, window_id)
-        self._write(change)
-        log.info("maintenance window %d deleted: car %d", window_id, car_id)
+    # A VIN maps to a car only while that car holds it: when a batch of changes swaps VINs between
+    # cars, or gives a deleted car's VIN to a new one, a later step must not remove the new owner.
 
-    def car_windows(self, car_id):
-        with self.lock:
-            self.car(car_id)
-            return self.schedules[car_id].windows()
+    def put_car(self, car):
+        old = self.cars.get(car.id)
+        if old is not None and self.car_by_vin.get(old.vin) == car.id:
+            del self.car_by_vin[old.vin]
+        self.car_by_vin[car.vin] = car.id
+        self.cars[car.id] = car
+        self.schedules.setdefault(car.id, Schedule())
+        if self.coverage is not None and old is None and not self.coverage.add_car(car.id):
+            self.coverage = None
+        self._offerable = None
+        self.cars_version += 1
 
-    # -- queries: under the lock too, so a reader never sees a schedule mid-change --------------
+    def drop_car(self, car_id):
+        car = self.cars.pop(car_id)
+        if self.car_by_vin.get(car.vin) == car_id:
+            del self.car_by_vin[car.vin]
+        for window in self.schedules.pop(car_id).windows():
+            del self.windows[window.id]
+        if self.coverage is not None:
+            self.coverage.drop_car(car_id)
+        self._offerable = None
+        self.cars_version += 1
 
-    def _masks(self):
-        """The cars that can be offered as masks over their positions in the coverage: by turnaround
-        (micros) and by dealer, each position's car, and its schedule's starts and ends (lists that
-        change in place). Made once after each change of a car or dealer, and whenever the coverage
-        is made again."""
-        if self._coverage is None:
-            self._coverage, self._offer_masks = Coverage(self.schedules), None
-        if self._offer_masks is None:
-            groups, dealers, cars, spans = {}, {}, {}, {}
+    def put_booking(self, booking):
+        old = self.bookings.get(booking.id)
+        if old is not None:
+            self._unschedule_booking(old)
+        self.bookings[booking.id] = booking
+        self._schedule(booking)
+        self.by_start.add(order_key(booking.start_datetime, booking.id))
+        self.by_email.setdefault(booking.customer_email.casefold(), set()).add(booking.id)
+
+    def drop_booking(self, booking_id):
+        self._unschedule_booking(self.bookings.pop(booking_id))
+
+    def put_window(self, window):
+        self.windows[window.id] = window
+        self._schedule(window)
+
+    def drop_window(self, window_id):
+        self._unschedule(self.windows.pop(window_id))
+
+    def _schedule(self, entry):
+        self.schedules[entry.car_id].add(entry)
+        if self.coverage is not None:
+            self.coverage.add(entry.car_id, micros(entry.start_datetime), micros(entry.end_datetime))
+
+    def _unschedule(self, entry):
+        schedule = self.schedules[entry.car_id]
+        schedule.remove(entry)
+        if self.coverage is not None:
+            self.coverage.remove(entry.car_id, micros(entry.start_datetime), micros(entry.end_datetime),
+                                 schedule.starts, schedule.ends)
+
+    def _unschedule_booking(self, booking):
+        self._unschedule(booking)
+        self.by_start.remove(order_key(booking.start_datetime, booking.id))
+        ids = self.by_email[booking.customer_email.casefold()]
+        ids.discard(booking.id)
+        if not ids:
+            del self.by_email[booking.customer_email.casefold()]
+
+    def apply(self, changed):
+        """Bring each changed record ({kind: {id: record, or None when it is gone}}) to its stored
+        state: dealers and cars first (a new booking may need them), bookings and windows out of
+        their schedules before any goes back in (a move may swap two), and removed cars and dealers
+        last (their bookings and cars went first)."""
+        for dealer in changed.get("dealer", {}).values():
+            if dealer is not None:
+                self.put_dealer(dealer)
+        for car in changed.get("car", {}).values():
+            if car is not None:
+                self.put_car(car)
+        for booking_id in changed.get("booking", {}):
+            if booking_id in self.bookings:
+                self.drop_booking(booking_id)
+        for window_id in changed.get("window", {}):
+            if window_id in self.windows:
+                self.drop_window(window_id)
+        for booking in changed.get("booking", {}).values():
+            if booking is not None:
+                self.put_booking(booking)
+        for window in changed.get("window", {}).values():
+            if window is not None:
+                self.put_window(window)
+        for car_id, car in changed.get("car", {}).items():
+            if car is None and car_id in self.cars:
+                self.drop_car(car_id)
+        for dealer_id, dealer in changed.get("dealer", {}).items():
+            if dealer is None and dealer_id in self.dealers:
+                self.drop_dealer(dealer_id)
+
+    # -- queries --------------------------------------------------------------------------------
+
+    def offerable(self):
+        """The Offerable masks, made again after each change of a car or dealer."""
+        if self.coverage is None:
+            self.coverage, self._offerable = Coverage(self.schedules), None
+        if self._offerable is None:
+            by_turnaround, by_dealer, cars, spans = {}, {}, {}, {}
             for car in self.cars.values():
-                position, schedule = self._coverage.position[car.id], self.schedules[car.id]
+                position, schedule = self.coverage.position[car.id], self.schedules[car.id]
                 cars[position], spans[position] = car, (schedule.starts, schedule.ends)
                 if car.status == "available":
-                    groups[self.pad(car)] = groups.get(self.pad(car), 0) | 1 << position
-                    dealers[car.dealer_id] = dealers.get(car.dealer_id, 0) | 1 << position
-            self._offer_masks, self._chunks = (groups, dealers, cars, spans), {}
-        return self._offer_masks
+                    turnaround, bit = self.turnaround_micros(car), 1 << position
+                    by_turnaround[turnaround] = by_turnaround.get(turnaround, 0) | bit
+                    by_dealer[car.dealer_id] = by_dealer.get(car.dealer_id, 0) | bit
+            self._offerable = Offerable(by_turnaround, by_dealer, cars, spans)
+        return self._offerable
 
-    def _free(self, start, end, dealer_id):
-        """The cars free for [start, end) (micros), as a mask, and the masks (under the lock)."""
-        groups, dealers, cars, spans = masks = self._masks()
-        coverage = self._coverage
-        free = 0
-        for pad, offerable in groups.items():
+    def free_cars(self, start, end, dealer_id=None):
+        """The cars free for [start, end) (aware): available, and with no entry of their schedule,
+        widened by their dealer's turnaround, overlapping it. A mask over their positions, and the
+        Offerable it refers to."""
+        start, end = micros(start), micros(end)
+        offerable = self.offerable()
+        coverage, free = self.coverage, 0
+        for turnaround, candidates in offerable.by_turnaround.items():
             if dealer_id is not None:
-                offerable &= dealers.get(dealer_id, 0)
-            if not offerable:
+                candidates &= offerable.by_dealer.get(dealer_id, 0)
+            if not candidates:
                 continue
-            low, high = start - pad, end + pad
+            low, high = start - turnaround, end + turnaround
             split = coverage.split(low, high)
             if split is None:
-                maybe = offerable
+                maybe = candidates
             else:
-                free |= offerable & split[0]
-                maybe = offerable & split[1]
+                free |= candidates & split[0]
+                maybe = candidates & split[1]
             for position in coverage.positions(maybe) if maybe else ():
-                starts, ends = spans[position]
+                starts, ends = offerable.spans[position]
                 i = bisect.bisect_left(starts, high)
                 if not (i and ends[i - 1] > low):
                     free |= 1 << position
-        return free, masks
+        return free, offerable
 
-    def free_cars(self, start, end, dealer_id=None):
-        """Cars whose status is available and whose schedule, widened by their dealer's turnaround,
-        has no entry overlapping [start, end), by id."""
-        with self.lock:
-            free, (_, _, cars, _) = self._free(micros(start), micros(end), dealer_id)
-            return [cars[position] for position in self._coverage.positions(free)]
-
-    def free_cars_json(self, start, end, dealer_id=None):
-        """free_cars as a JSON array (bytes) and their count, joined eight cars at a time from parts
-        kept after each first use (the cars at positions 8i to 8i+7 that a search finds free)."""
-        with self.lock:
-            free, (_, _, cars, _) = self._free(micros(start), micros(end), dealer_id)
-            chunks, parts = self._chunks, []
-            if len(chunks) > MAX_CHUNKS:
-                chunks.clear()
-            for i, byte in enumerate(free.to_bytes((free.bit_length() + 7) // 8, "little")):
-                if byte:
-                    chunk = chunks.get(i << 8 | byte)
-                    if chunk is None:
-                        chunk = chunks[i << 8 | byte] = b",".join([cars[i * 8 + n].json for n in BITS[byte]])
-                    parts.append(chunk)
-            return json_array(parts), free.bit_count()
+    def cars_at(self, mask, offerable, stop=None):
+        """The cars at the positions of `mask`, by id (the first `stop` of them, if given)."""
+        return [offerable.cars[position] for position in self.coverage.positions(mask, stop)]
 
     def free_slots(self, length, after, before, offset, limit, dealer_id=None, brand=None, car_id=None):
         """For each car that can be offered and matches the filters, the earliest start (micros) of a
         period of `length` that starts at or after `after`, ends by `before` and can be booked, ordered
         by start, then car id: the page [offset, offset + limit) of them as (start, car), and how many
         there are in all. The day coverage tells at once which cars are free from `after` on; only
-        the others are searched, one binary search each plus the entries in the way. Cars free at
-        `after` come first, by id, as a mask: only when the page reaches past them are the later
-        starts sorted."""
+        the others are searched. Cars free at `after` come first, by id, as a mask: only when the
+        page reaches past them are the later starts sorted."""
         length, after, before = length // MICROSECOND, micros(after), micros(before)
-        latest = before - length  # the latest start that still ends by `before`
-        if after > latest:
+        if after > before - length:
             return [], 0
-        brand = brand.strip().casefold() if brand else None
-        bisect_right = bisect.bisect_right
-        with self.lock:
-            groups, dealers, cars, spans = self._masks()
-            coverage = self._coverage
-            wanted = -1  # every position
-            if dealer_id is not None:
-                wanted = dealers.get(dealer_id, 0)
-            if car_id is not None or brand is not None:
-                wanted &= sum(1 << position for position, car in cars.items()
-                              if (car_id is None or car.id == car_id) and (brand is None or car.brand.casefold() == brand))
-            at_once, search = 0, {}
-            for pad, offerable in groups.items():
-                offerable &= wanted
-                split = coverage.split(after - pad, after + length + pad) if offerable else None
-                if split is not None:
-                    at_once |= offerable & split[0]
-                    offerable &= ~split[0]
-                if offerable:
-                    search[pad] = offerable
-            # When the cars surely free at `after` fill the page already, the others are only counted.
-            counting = at_once.bit_count() >= offset + limit
-            free_now, later, counted = [], [], 0
-            for pad, offerable in search.items():
-                low, reach = after - pad, length + pad
-                free_until = after + reach  # an entry starting from here leaves `after` free
-                for position in coverage.positions(offerable):
-                    # The earliest start at or after `after` free of every entry widened by `pad`:
-                    # entries before i are done, pad included, by `after`; each one after that which
-                    # reaches into [start, start + length) pushes the start to its end plus the pad
-                    # (ends only grow), until the period fits or no longer ends by `before`.
-                    starts, ends = spans[position]
-                    i = bisect_right(ends, low)
-                    try:
-                        if starts[i] >= free_until:
-                            free_now.append(position)
-                            continue
-                        start = ends[i] + pad
-                        while starts[i + 1] < start + reach and start <= latest:
-                            i += 1
-                            start = ends[i] + pad
-                    except IndexError:  # no entry (left) after `after`, or after i
-                        if i == len(starts):
-                            free_now.append(position)
-                            continue
-                    if start > latest:
-                        continue
-                    if counting:
-                        counted += 1
-                    else:
-                        later.append((start, position))  # positions are in id order
-            at_once |= sum(1 << position for position in free_now)
-            first = at_once.bit_count()
-            page = [(after, cars[position]) for position in
-                    coverage.positions(at_once, offset + limit)[offset:offset + limit]]
-            if offset + limit > first and later:
-                later.sort()
-                page += [(start, cars[position]) for start, position in
-                         later[max(0, offset - first):offset + limit - first]]
+        offerable = self.offerable()
+        wanted = self._slot_filter(offerable, dealer_id, brand, car_id)
+        at_once, search = 0, {}
+        for turnaround, candidates in offerable.by_turnaround.items():
+            candidates &= wanted
+            split = self.coverage.split(after - turnaround, after + length + turnaround) if candidates else None
+            if split is not None:
+                at_once |= candidates & split[0]
+                candidates &= ~split[0]
+            if candidates:
+                search[turnaround] = candidates
+        # When the cars surely free at `after` fill the page already, the others are only counted.
+        counting = at_once.bit_count() >= offset + limit
+        free_now, later, counted = self._later_starts(offerable, search, length, after, before, counting)
+        at_once |= sum(1 << position for position in free_now)
+        first = at_once.bit_count()
+        page = [(after, offerable.cars[position]) for position in
+                self.coverage.positions(at_once, offset + limit)[offset:offset + limit]]
+        if offset + limit > first and later:
+            later.sort()
+            page += [(start, offerable.cars[position]) for start, position in
+                     later[max(0, offset - first):offset + limit - first]]
         return page, first + len(later) + counted
 
-    def cars_json(self):
-        """Every car as one JSON array (bytes) and their count, made once after each change of a car."""
-        with self.lock:
-            if self._cars_json is None:
-                self._cars_json = json_array([car.json for car in self.cars.values()]), len(self.cars)
-            return self._cars_json
+    @staticmethod
+    def _slot_filter(offerable, dealer_id, brand, car_id):
+        """The positions a slot search may offer, as a mask (-1: every position)."""
+        wanted = -1
+        if dealer_id is not None:
+            wanted = offerable.by_dealer.get(dealer_id, 0)
+        if car_id is not None or brand:
+            brand = brand.strip().casefold() if brand else None
+            wanted &= sum(1 << position for position, car in offerable.cars.items()
+                          if (car_id is None or car.id == car_id) and (brand is None or car.brand.casefold() == brand))
+        return wanted
 
-    def calendar(self, car_id, start, end):
-        """One car, its entries that overlap [start, end), and the gaps in it where a booking could go
-        (none for a car in maintenance), read together."""
-        with self.lock:
-            car = self.car(car_id)
-            pad = self.pad(car)
-            schedule = self.schedules[car_id]
-            near = schedule.near(micros(start), micros(end), pad)
-            entries = schedule.near(micros(start), micros(end))
-        free = free_gaps(near, start, end, timedelta(microseconds=pad)) if car.status == "available" else []
-        return car, entries, free, not near and car.status == "available"
+    def _later_starts(self, offerable, search, length, after, before, counting):
+        """For the cars of `search` ({turnaround: mask}): those free at `after` after all, the others'
+        earliest starts as (start, position) (or, when `counting`, only how many there are)."""
+        latest = before - length  # the latest start that still ends by `before`
+        bisect_right = bisect.bisect_right
+        free_now, later, counted = [], [], 0
+        for turnaround, candidates in search.items():
+            low, reach = after - turnaround, length + turnaround
+            free_until = after + reach  # an entry starting from here leaves `after` free
+            for position in self.coverage.positions(candidates):
+                # The earliest start at or after `after` free of every entry widened by the turnaround:
+                # entries before i are done, turnaround included, by `after`; each one after that
+                # which reaches into [start, start + length) pushes the start to its end plus the
+                # turnaround (ends only grow), until the period fits or no longer ends by `before`.
+                starts, ends = offerable.spans[position]
+                i = bisect_right(ends, low)
+                try:
+                    if starts[i] >= free_until:
+                        free_now.append(position)
+                        continue
+                    start = ends[i] + turnaround
+                    while starts[i + 1] < start + reach and start <= latest:
+                        i += 1
+                        start = ends[i] + turnaround
+                except IndexError:  # no entry (left) after `after`, or after i
+                    if i == len(starts):
+                        free_now.append(position)
+                        continue
+                if start > latest:
+                    continue
+                if counting:
+                    counted += 1
+                else:
+                    later.append((start, position))  # positions are in id order
+        return free_now, later, counted
+
+    def car_windows(self, car_id):
+        """A car's maintenance windows, in time order."""
+        self.car(car_id)
+        return self.schedules[car_id].windows()
+
+    def calendar(self, car_id, start, end, now):
+        """One car, its entries that overlap [start, end), the gaps in it where a booking could go
+        (none for a car in maintenance), and why the whole period cannot be booked now (or None)."""
+        car = self.car(car_id)
+        turnaround = self.turnaround_micros(car)
+        schedule = self.schedules[car_id]
+        near = schedule.near(micros(start), micros(end), turnaround)
+        entries = schedule.near(micros(start), micros(end))
+        free = free_gaps(near, start, end, timedelta(microseconds=turnaround)) if car.status == "available" else []
+        return car, entries, free, self.refusal(car_id, start, end, now)
 
     def entries(self, start, end, car_id=None, dealer_id=None):
         """(car, entry) for each booking and window that overlaps [start, end), car by car (one car, or
         one dealer's) in time order: one binary search per car, plus the entries found."""
         start, end = micros(start), micros(end)
-        with self.lock:
-            cars = [self.car(car_id)] if car_id is not None else \
-                [car for car in self.cars.values() if dealer_id is None or car.dealer_id == dealer_id]
-            return [(car, entry) for car in cars for entry in self.schedules[car.id].near(start, end)]
+        cars = [self.car(car_id)] if car_id is not None else \
+            [car for car in self.cars.values() if dealer_id is None or car.dealer_id == dealer_id]
+        return [(car, entry) for car in cars for entry in self.schedules[car.id].near(start, end)]
 
     def board_rows(self, start, end, dealer_id=None):
         """For the board: each dealer (or one) with its cars by id, each with its entries that overlap
         [start, end); one binary search per car, plus the entries shown."""
         start, end = micros(start), micros(end)
-        with self.lock:
-            rows = {dealer.id: (dealer, []) for dealer in self.dealers.values()
-                    if dealer_id is None or dealer.id == dealer_id}
-            for car in self.cars.values():
-                if car.dealer_id in rows:
-                    rows[car.dealer_id][1].append((car, self.schedules[car.id].near(start, end)))
+        rows = {dealer.id: (dealer, []) for dealer in self.dealers.values()
+                if dealer_id is None or dealer.id == dealer_id}
+        for car in self.cars.values():
+            if car.dealer_id in rows:
+                rows[car.dealer_id][1].append((car, self.schedules[car.id].near(start, end)))
         return list(rows.values())
-
-    def quote(self, car_id, start, end):
-        """What booking [start, end) on a car costs, and whether it can be booked now (as the calendar says)."""
-        car, _, _, available = self.calendar(car_id, start, end)
-        return {"car_id": car.id, "start_datetime": start, "end_datetime": end, "days": rental_days(start, end),
-                "daily_price": car.daily_price, "total_cents": price_cents(car.daily_price, start, end),
-                "available": available}
 
     def find_bookings(self, offset, limit, car_id=None, start=None, end=None, email=None):
         """One page of the bookings, ordered by start then id, and how many there are in all:
         overlapping [start, end) when both are given, starting at or after `start` or ending at or
         before `end` when only one is. Unfiltered or from a start, the page is read off the index
         (about the page's own cost); a filter by car, customer or end reads only its candidates."""
-        with self.lock:
-            if car_id is None and email is None and end is None:
-                first = 0 if start is None else self.by_start.bisect_left(order_key(start, 0))
-                keys = self.by_start[first + offset:first + offset + limit]
-                return [self.bookings[key % ID_SPAN] for key in keys], len(self.by_start) - first
-            if car_id is not None:
-                found = self.schedules[car_id].bookings() if car_id in self.schedules else []
-            elif email is not None:
-                found = [self.bookings[i] for i in self.by_email.get(email.casefold(), ())]
-            else:  # only those that start before `end` can end by it
-                found = [self.bookings[key % ID_SPAN]
-                         for key in self.by_start[:self.by_start.bisect_left(order_key(end, 0))]]
-        if email is not None and car_id is None:
-            found.sort(key=lambda b: (b.start_datetime, b.id))  # outside the lock: writers need not wait
+        if car_id is None and email is None and end is None:
+            first = 0 if start is None else self.by_start.bisect_left(order_key(start, 0))
+            keys = self.by_start[first + offset:first + offset + limit]
+            return [self.bookings[key % ID_SPAN] for key in keys], len(self.by_start) - first
+        if car_id is not None:
+            found = self.schedules[car_id].bookings() if car_id in self.schedules else []
+        elif email is not None:
+            found = sorted((self.bookings[i] for i in self.by_email.get(email.casefold(), ())),
+                           key=lambda b: (b.start_datetime, b.id))
+        else:  # only those that start before `end` can end by it
+            found = [self.bookings[key % ID_SPAN] for key in self.by_start[:self.by_start.bisect_left(order_key(end, 0))]]
         if start is not None and end is not None:
             found = [b for b in found if overlaps(b.start_datetime, b.end_datetime, start, end)]
         elif start is not None:
@@ -1009,348 +997,95 @@ class Store:
             found = [b for b in found if b.customer_email.casefold() == email]
         return found[offset:offset + limit], len(found)
 
-    def show(self, instant):
-        """An instant as ISO 8601 in the store's zone."""
-        return instant.astimezone(self.zone).isoformat()
-
-    # -- keeping up with the database -------------------------------------------------------------
-
-    def sync(self):
-        """Bring the dicts up to date if another process (or app) committed since this one looked.
-
-        Called before every request, through this thread's own read connection, so that the usual
-        answer ("nothing new") needs no lock. If the database cannot be read, the request is
-        answered from the dicts as they are; a write catches up (or fails with 503) inside its own
-        transaction.
-        """
-        if not self.db.shared:
-            return
-        db = self.db.reader()
-        try:
-            version = db.data_version()
-            if version == db.seen_version:  # nobody else has committed since this thread looked
-                return
-            newest = db.newest_change()  # read before the lock: the probe must not hold it up
-            with self.lock:
-                if newest == self._seen:  # only this process's own writes: nothing to apply
-                    db.seen_version = version
-                else:
-                    self._catch_up(db)
-        except sqlite3.Error as error:
-            log.warning("could not read %s to catch up: %s", self.db.path, error)
-
-    def ping(self):
-        """A trivial read of the database; raises sqlite3.Error when it does not answer."""
-        if self.db.shared:
-            self.db.reader().ping()
-        else:
-            with self.write_lock:  # in memory there is only the one connection
-                self.db.write.ping()
-
-    def _write(self, change, cars=None):
-        """Make one write, `change(db, then)`, and return what it returns (or raise what it raises).
-
-        Group commit: writes that arrive while another is under way wait in a queue, and the next
-        thread to run takes as many as can share one transaction: the first alone if it names no
-        cars (`cars` None: it may read anything), else every write in turn that reads and changes
-        only cars no other write of the batch touches. One transaction: SQLite's write lock (BEGIN
-        IMMEDIATE), what other processes committed, each write's checks and SQL (under its own
-        SAVEPOINT when it shares the transaction, so a refusal undoes only its own statements),
-        COMMIT, one sync to disk for all; only then do the dicts change, in the order the writes
-        ran. A refusal is raised to its own caller only; a database error (a 503) to every caller
-        of the batch, and then nothing of it is kept.
-        """
-        job = Job(change, cars)
-        with self.queue_lock:
-            lead, self.leading = not self.leading, True
-            if not lead:
-                job.turn = threading.Event()  # only a write that waits needs one
-            self.queue.append(job)
-        if not lead:
-            job.turn.wait()  # done, or this thread's turn to run the next batch
-            if job.done:
-                return job.outcome()
-        try:
-            while not job.done:
-                with self.queue_lock:
-                    batch = self._next_batch()
-                try:
-                    self._run(batch)
-                finally:
-                    for other in batch:
-                        if not other.done:  # _run itself failed: never leave a caller waiting
-                            other.error, other.done = InternalServerError("The write was interrupted."), True
-                        if other is not job:
-                            other.turn.set()
-        finally:
-            with self.queue_lock:  # hand the queue on to the thread of its first write, if any
-                if not job.done and job in self.queue:  # a batch before it failed outright
-                    self.queue.remove(job)
-                if self.queue:
-                    self.queue[0].turn.set()
-                else:
-                    self.leading = False
-        return job.outcome()
-
-    def _next_batch(self):
-        """Take from the queue (under queue_lock) the writes that can share one transaction."""
-        batch, cars = [], set()
-        for job in self.queue:
-            if job.cars is None:
-                if not batch:
-                    batch.append(job)
-                break
-            if len(batch) == MAX_BATCH or not cars.isdisjoint(job.cars):
-                break
-            batch.append(job)
-            cars |= job.cars
-        del self.queue[:len(batch)]
-        return batch
-
-    def _run(self, batch):
-        """One transaction for the writes of `batch`; each ends done, with a result or an error."""
-        shared = len(batch) > 1
-        changes = []
-        with self.write_lock:
-            try:
-                with self.db.write.transaction(write=True) as db:
-                    if self.db.shared:
-                        with self.lock:
-                            self._catch_up(db)
-                    seq = self._seen  # caught up, so the log ends here; each record written adds one entry
-                    for job in batch:
-                        if shared:
-                            db.conn.execute("SAVEPOINT write")
-                        db.written, then = 0, []
-                        try:
-                            with self.lock:
-                                job.result = job.change(db, lambda change, record: then.append((change, record)))
-                        except sqlite3.IntegrityError as error:
-                            job.error = storage_error(self.db.path, error)
-                        except sqlite3.Error:
-                            raise  # the database itself: the whole batch fails
-                        except Exception as error:  # a refusal (or a bug): this write's caller gets it
-                            job.error = error
-                        if job.error is None:
-                            changes += then
-                            seq += db.written
-                        elif shared:
-                            db.conn.execute("ROLLBACK TO write")
-                        else:
-                            raise Refused  # its statements undone with the transaction
-                        if shared:
-                            db.conn.execute("RELEASE write")
-                    if seq // CHANGE_LOG_PRUNE_EVERY != self._seen // CHANGE_LOG_PRUNE_EVERY:
-                        db.prune(seq - CHANGE_LOG_KEEP)
-            except Refused:
-                pass
-            except sqlite3.Error as error:  # BEGIN, catching up, a statement or COMMIT: nothing was kept
-                refusal = storage_error(self.db.path, error)
-                for job in batch:
-                    if job.error is None:
-                        job.error = refusal
-            else:
-                with self.lock:
-                    if self._seen < seq:  # unless a reader has caught up with it already
-                        for change, record in changes:
-                            change(record)
-                        self._seen = seq
-        for job in batch:
-            job.done = True
-
-    def _catch_up(self, db):
-        """Apply the changes logged since this process last looked, read through `db` (under the lock)."""
-        version = db.data_version()
-        if version == db.seen_version:  # nobody else has committed since this connection looked
-            return
-        with db.transaction(write=False):
-            changes = db.changes_since(self._seen)
-            if changes is None:  # pruned past what this process has seen: start afresh
-                log.info("%s: more changed than the change log keeps; reloading", self.db.path)
-                self._reload(db)
-                return
-            changed, newest = changes
-            if newest > self._seen:
-                self._apply(db, changed)
-                self._seen = newest
-        db.seen_version = version
-
-    def _reload(self, db):
-        """Every dict built afresh from the database, in one read transaction (under the lock), and
-        swapped in at the end: a lookup that takes no lock never sees a dict half filled."""
-        with db.transaction(write=False):
-            version, seen = db.data_version(), db.newest_change()
-            dealers = {row[0]: Dealer(*row) for row in db.rows("dealer")}
-            cars, car_by_vin, schedules, bookings, by_email, windows = {}, {}, {}, {}, {}, {}
-            for row in db.rows("car"):
-                car = cars[row[0]] = self.car_from_row(row)
-                car_by_vin[car.vin], schedules[car.id] = car.id, Schedule()
-            for row in db.rows("booking"):
-                booking = bookings[row[0]] = booking_from_row(row)
-                schedules[booking.car_id].add(booking)
-                by_email.setdefault(booking.customer_email.casefold(), set()).add(booking.id)
-            for row in db.rows("window"):
-                window = windows[row[0]] = window_from_row(row)
-                schedules[window.car_id].add(window)
-            by_start = SortedList(order_key(b.start_datetime, b.id) for b in bookings.values())
-        self.dealers, self.cars, self.car_by_vin, self.schedules, self.bookings, self.by_start, self.by_email = \
-            dealers, cars, car_by_vin, schedules, bookings, by_start, by_email
-        self.windows = windows
-        self._cars_json = self._coverage = self._offer_masks = None  # made when next asked for
-        db.seen_version, self._seen = version, seen
-
-    def _apply(self, db, changed):
-        """Bring each changed record to its state in the database: dealers and cars first (a new
-        booking may need them), bookings and windows out of their schedules before any goes back in
-        (a move may swap two), and removed cars and dealers last (their bookings and cars went first)."""
-        rows = {kind: db.rows(kind, ids) for kind, ids in changed.items()}
-        for row in rows.get("dealer", {}).values():
-            if row is not None:
-                self._put_dealer(Dealer(*row))
-        for row in rows.get("car", {}).values():
-            if row is not None:
-                self._put_car(self.car_from_row(row))
-        for booking_id in rows.get("booking", {}):
-            if booking_id in self.bookings:
-                self._drop_booking(booking_id)
-        for window_id in rows.get("window", {}):
-            if window_id in self.windows:
-                self._drop_window(window_id)
-        for row in rows.get("booking", {}).values():
-            if row is not None:
-                self._put_booking(booking_from_row(row))
-        for row in rows.get("window", {}).values():
-            if row is not None:
-                self._put_window(window_from_row(row))
-        for car_id, row in rows.get("car", {}).items():
-            if row is None and car_id in self.cars:
-                self._drop_car(car_id)
-        for dealer_id, row in rows.get("dealer", {}).items():
-            if row is None and dealer_id in self.dealers:
-                self._drop_dealer(dealer_id)
-
-    # -- the dicts: changed only here, after COMMIT ------------------------------------------------
-
-    def _put_dealer(self, dealer):
-        self.dealers[dealer.id] = dealer
-        self._offer_masks = None  # its turnaround may have changed
-
-    def _drop_dealer(self, dealer_id):
-        del self.dealers[dealer_id]
-
-    # A VIN maps to a car only while that car holds it: when a batch of changes swaps VINs between
-    # cars, or gives a deleted car's VIN to a new one, a later step must not remove the new owner.
-
-    def _put_car(self, car):
-        old = self.cars.get(car.id)
-        if old is not None and self.car_by_vin.get(old.vin) == car.id:
-            del self.car_by_vin[old.vin]
-        self.car_by_vin[car.vin] = car.id
-        self.cars[car.id] = car
-        self.schedules.setdefault(car.id, Schedule())
-        if self._coverage is not None and old is None and not self._coverage.add_car(car.id):
-            self._coverage = None
-        self._cars_json = self._offer_masks = None
-
-    def _drop_car(self, car_id):
-        car = self.cars.pop(car_id)
-        if self.car_by_vin.get(car.vin) == car_id:
-            del self.car_by_vin[car.vin]
-        for window in self.schedules.pop(car_id).windows():
-            del self.windows[window.id]
-        if self._coverage is not None:
-            self._coverage.drop_car(car_id)
-        self._cars_json = self._offer_masks = None
-
-    def _put_booking(self, booking):
-        old = self.bookings.get(booking.id)
-        if old is not None:
-            self._unschedule(old)
-        self.bookings[booking.id] = booking
-        self._schedule(booking)
-        self.by_start.add(order_key(booking.start_datetime, booking.id))
-        self.by_email.setdefault(booking.customer_email.casefold(), set()).add(booking.id)
-
-    def _drop_booking(self, booking_id):
-        self._unschedule(self.bookings.pop(booking_id))
-
-    def _put_window(self, window):
-        self.windows[window.id] = window
-        self._schedule(window)
-
-    def _drop_window(self, window_id):
-        self._unschedule_entry(self.windows.pop(window_id))
-
-    def _schedule(self, entry):
-        self.schedules[entry.car_id].add(entry)
-        if self._coverage is not None:
-            self._coverage.add(entry.car_id, micros(entry.start_datetime), micros(entry.end_datetime))
-
-    def _unschedule_entry(self, entry):
-        schedule = self.schedules[entry.car_id]
-        schedule.remove(entry)
-        if self._coverage is not None:
-            self._coverage.remove(entry.car_id, micros(entry.start_datetime), micros(entry.end_datetime),
-                                  schedule.starts, schedule.ends)
-
-    def car_from_row(self, row):
-        return self.new_car(row[0], dict(zip(CAR_FIELDS, row[1:])))
-
-    def _unschedule(self, booking):
-        self._unschedule_entry(booking)
-        self.by_start.remove(order_key(booking.start_datetime, booking.id))
-        ids = self.by_email[booking.customer_email.casefold()]
-        ids.discard(booking.id)
-        if not ids:
-            del self.by_email[booking.customer_email.casefold()]
-
-
-DEALER_FIELDS = ("name", "location", "turnaround_minutes")
-CAR_FIELDS = ("brand", "model", "year", "color", "daily_price", "vin", "status", "dealer_id")
-BOOKING_FIELDS = ("car_id", "customer_name", "customer_email", "start_datetime", "end_datetime", "total_cents")
-BOOKING_FIELDS_SENT = frozenset(BOOKING_FIELDS[:-1])  # the body of a new booking: all but its price
-WINDOW_FIELDS = ("car_id", "start_datetime", "end_datetime", "note")
-MAX_NAMED = 10  # bookings a refused maintenance window names
-MAX_CHUNKS = 100_000  # parts of available-cars answers kept ready; beyond, they are made afresh
-car_id_of = operator.attrgetter("id")
-
-
-def describe(entry):
-    """An entry of a schedule in words: 'booking 7', or 'maintenance window 2 (Brake check)'."""
-    if type(entry) is Booking:
-        return f"booking {entry.id}"
-    return f"maintenance window {entry.id}" + (f" ({entry.note})" if entry.note else "")
-
-
-def plural(n, noun):
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-to_json = json.JSONEncoder(separators=(",", ":")).encode  # one encoder: json.dumps() with options makes one per call
-
-
-def json_array(parts):
-    """A JSON array body (bytes, ending with a newline) from items that are already JSON (bytes)."""
-    return b"[" + b",".join(parts) + b"]\n"
-
-
-def store():
-    """The store of the app handling this request."""
-    return current_app.extensions[EXTENSION]
-
 
 # ---------------------------------------------------------------------------------------------
-# The database under the dicts: SQLite through the standard library. The schema and its
-# upgrades, every SQL statement, the change log that other processes catch up from, backups.
+# Storage engines: the store of record under the fleet. An engine keeps every record and a change
+# log, and is all the store needs of a database:
+#   engine.name, engine.shared    what messages call it; whether other processes may write to it too
+#   engine.Error                  what its driver raises; engine.refusal(error) turns it into a
+#                                 ConflictError or a StorageUnavailable (503) for the client
+#   engine.writer(), .reader()    the one write connection (one batch at a time), and this thread's
+#                                 connection for catching up
+#   engine.ping(), .backup(path)  a trivial read; a consistent copy while the service runs
+# and of a connection: transaction(write), savepoint(), insert/update/delete(kind, ...) (one entry
+# in the change log each, counted in `written`), load() (every record and the log's position),
+# changed() and caught_up(version) (has anyone committed since?), newest_change(),
+# changes_since(position) ({kind: {id: record or None}} and the newest position, or None once the
+# log no longer reaches back that far) and prune_change_log(). SQLite is the engine today, on a
+# file or in memory; the SQL of each engine lives in its own classes and nowhere else.
 # ---------------------------------------------------------------------------------------------
 
 MEMORY = ":memory:"
 APPLICATION_ID = 0x4445_4C52  # "DELR", written in the file's header: this is a dealership database
-SCHEMA_VERSION = 2  # PRAGMA user_version
-# Each step takes the schema from the version before it to its own; a new file runs them all.
-# Plain SQL that PostgreSQL accepts too, but for AUTOINCREMENT (ids never reused, even after a delete).
-MIGRATIONS = {
-    1: """
+# The change log keeps this many changes; a process further behind than that loads everything again.
+CHANGE_LOG_KEEP = 10_000
+CHANGE_LOG_PRUNE_EVERY = 500  # changes between two prunings
+# kind -> its table and its columns besides id
+TABLES = {"dealer": ("dealers", DEALER_FIELDS),
+          "car": ("cars", CAR_FIELDS),
+          "booking": ("bookings", BOOKING_FIELDS),
+          "window": ("maintenance_windows", WINDOW_FIELDS)}
+
+
+class StorageUnavailable(Exception):
+    """The database refused a write, or cannot be read (503): nothing was changed."""
+
+    def __init__(self, detail, retry_after):
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+def change_log_triggers(*kinds):
+    """The triggers that write one row of the change log per changed record, in the transaction of
+    the change itself, whoever makes it."""
+    return "".join(f"""
+    CREATE TRIGGER {TABLES[kind][0]}_{event.lower()} AFTER {event} ON {TABLES[kind][0]}
+    BEGIN INSERT INTO changes (kind, id) VALUES ('{kind}', {row}.id); END;"""
+                   for kind in kinds for event, row in [("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD")])
+
+
+def to_column(value):
+    """A value as the database keeps it: instants in UTC, as fixed-width ISO 8601 text."""
+    if isinstance(value, datetime):
+        return value.astimezone(timezone.utc).isoformat(timespec="microseconds")
+    return value
+
+
+def booking_from_row(row):
+    booking_id, car_id, name, email, start, end, cents = row
+    return Booking(booking_id, car_id, name, email, datetime.fromisoformat(start), datetime.fromisoformat(end), cents)
+
+
+def window_from_row(row):
+    window_id, car_id, start, end, note = row
+    return MaintenanceWindow(window_id, car_id, datetime.fromisoformat(start), datetime.fromisoformat(end), note)
+
+
+RECORD_FROM_ROW = {"dealer": lambda row: Dealer(*row), "car": lambda row: Car(*row),
+                   "booking": booking_from_row, "window": window_from_row}
+
+
+def price_old_bookings(conn):
+    """Schema 2: each booking made before prices, priced at its car's daily price of today."""
+    prices = dict(conn.execute("SELECT id, daily_price FROM cars"))
+    for booking_id, car_id, start, end in list(conn.execute(
+            "SELECT id, car_id, start_datetime, end_datetime FROM bookings")):
+        cents = price_cents(prices[car_id], datetime.fromisoformat(start), datetime.fromisoformat(end))
+        conn.execute("UPDATE bookings SET total_cents = ? WHERE id = ?", (cents, booking_id))
+
+
+@dataclass(frozen=True)
+class SchemaStep:
+    """One step of the schema, from the version before it to its own: its SQL, then what fills the new
+    columns from the data already there (a function of the connection), in the same transaction."""
+    sql: str
+    fill: object = None
+
+
+# PRAGMA user_version is the number of steps taken; a new file takes them all. AUTOINCREMENT: ids
+# are never reused, even after a delete.
+SCHEMA_STEPS = [
+    SchemaStep("""
     CREATE TABLE dealers (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         name TEXT NOT NULL,
@@ -1384,10 +1119,10 @@ MIGRATIONS = {
         kind TEXT NOT NULL,
         id INTEGER NOT NULL
     );
-    """,
+    """ + change_log_triggers("dealer", "car", "booking")),
     # Maintenance windows, dealers' turnaround, and the price of each booking (whole cents, fixed when
     # it is made or moved: bookings made before this version are priced at their car's price of today).
-    2: """
+    SchemaStep("""
     ALTER TABLE dealers ADD COLUMN turnaround_minutes INTEGER NOT NULL DEFAULT 0
         CHECK (turnaround_minutes BETWEEN 0 AND 1440);
     ALTER TABLE bookings ADD COLUMN total_cents INTEGER NOT NULL DEFAULT 0 CHECK (total_cents >= 0);
@@ -1399,62 +1134,49 @@ MIGRATIONS = {
         note TEXT NOT NULL DEFAULT '',
         CHECK (end_datetime > start_datetime)
     );
-    """,
-}
-# The triggers that fill the change log, by schema version: on a file only, as in memory no other
-# process reads the log.
-def change_log_triggers(tables):
-    return "".join(f"""
-    CREATE TRIGGER {table}_{event.lower()} AFTER {event} ON {table}
-    BEGIN INSERT INTO changes (kind, id) VALUES ('{kind}', {row}.id); END;"""
-                   for kind, table in tables
-                   for event, row in [("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD")])
+    """ + change_log_triggers("window"), fill=price_old_bookings),
+]
+SCHEMA_VERSION = len(SCHEMA_STEPS)
 
 
-CHANGE_LOG_TRIGGERS = {1: change_log_triggers([("dealer", "dealers"), ("car", "cars"), ("booking", "bookings")]),
-                       2: change_log_triggers([("window", "maintenance_windows")])}
-# kind -> table and its columns besides id
-TABLES = {"dealer": ("dealers", DEALER_FIELDS),
-          "car": ("cars", CAR_FIELDS),
-          "booking": ("bookings", BOOKING_FIELDS),
-          "window": ("maintenance_windows", WINDOW_FIELDS)}
-# The change log keeps this many changes; a process further behind than that reloads in full.
-CHANGE_LOG_KEEP = 10_000
-CHANGE_LOG_PRUNE_EVERY = 500  # changes between two prunings
-
-
-class Database:
+class SQLiteEngine:
     """The database file (or memory) of one store, and its connections.
 
-    `write` is used by one writer at a time (the store's write lock). On a file, each thread that
-    serves requests also has a read connection of its own (`reader()`), to see whether another
-    process has committed and to catch up, so that a reader never waits for a writer's COMMIT nor
-    for another reader. In memory there is only `write`, as no other process can write. Opening a
-    file checks it (ours, not newer, not damaged), upgrades its schema and puts it in WAL mode; any
-    problem is a ConfigError.
+    The write connection is used by one batch of writes at a time (the store's write lock). On a
+    file, each thread that serves requests also has a read connection of its own (`reader()`), to
+    see whether another process has committed and to catch up, so that a reader never waits for a
+    writer's COMMIT nor for another reader. In memory there is only the write connection, as no
+    other process can write. Opening a file checks it (ours, not newer, not damaged), takes the
+    schema's steps it lacks and puts it in WAL mode; any problem is a ConfigError.
     """
+    Error = sqlite3.Error
 
     def __init__(self, path, synchronous="full", busy_timeout=5.0):
-        self.path = path
+        self.name = path
         self.shared = path != MEMORY  # a file can have other processes (or apps) on it
         self.busy_timeout = busy_timeout
         self._readers = threading.local()
-        self.write = Connection(path, busy_timeout, self._refusal)
+        self._writer = SQLiteConnection(path, busy_timeout, self.unusable)
         try:
-            self._prepare(self.write.conn, synchronous)
-            self.write.conn.execute("PRAGMA busy_timeout = 0")  # see Connection._begin_immediate
+            self._prepare(self._writer.conn, synchronous)
+            self._writer.conn.execute("PRAGMA busy_timeout = 0")  # see SQLiteConnection._begin_immediate
         except sqlite3.Error as error:
-            self.write.conn.close()
-            raise self._refusal(error) from None
+            self._writer.conn.close()
+            raise self.unusable(error) from None
         except ConfigError:
-            self.write.conn.close()
+            self._writer.conn.close()
             raise
 
+    def writer(self):
+        return self._writer
+
     def reader(self):
-        """This thread's read connection to the file, opened on first use."""
+        """This thread's read connection to the file, opened on first use (in memory: the writer's)."""
+        if not self.shared:
+            return self._writer
         reader = getattr(self._readers, "connection", None)
         if reader is None:
-            reader = self._readers.connection = Connection(self.path, self.busy_timeout, self._refusal)
+            reader = self._readers.connection = SQLiteConnection(self.name, self.busy_timeout, self.unusable)
             reader.conn.execute("PRAGMA query_only = ON")
         return reader
 
@@ -1463,17 +1185,17 @@ class Database:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
         if app_id != APPLICATION_ID and (app_id or tables):
-            raise ConfigError(f"DEALERSHIP_DATABASE={self.path!r} is a SQLite database of another "
+            raise ConfigError(f"DEALERSHIP_DATABASE={self.name!r} is a SQLite database of another "
                               "application: point the setting at the service's own file, or at a "
                               "path that does not exist yet to start afresh.")
         if version > SCHEMA_VERSION:
-            raise ConfigError(f"DEALERSHIP_DATABASE={self.path!r} was written by a newer version of "
+            raise ConfigError(f"DEALERSHIP_DATABASE={self.name!r} was written by a newer version of "
                               f"the service (schema {version}; this one knows up to {SCHEMA_VERSION}): "
                               "run that version, or restore a backup made by this one.")
         if self.shared and tables:
             problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
             if problems != ["ok"]:
-                raise self._refusal(problems[0])
+                raise self.unusable(problems[0])
         if self.shared and conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
             conn.execute("PRAGMA journal_mode = WAL")  # readers never wait for a writer
         conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
@@ -1481,24 +1203,22 @@ class Database:
             self._upgrade()
 
     def _upgrade(self):
-        with self.write.transaction(write=True) as db:
+        with self._writer.transaction(write=True) as db:
             version = db.conn.execute("PRAGMA user_version").fetchone()[0]  # another process may have
-            for step in range(version + 1, SCHEMA_VERSION + 1):
-                db.script(MIGRATIONS[step])
-                if self.shared:
-                    db.script(CHANGE_LOG_TRIGGERS[step])
-                if step == 2:
-                    db.price_old_bookings()
+            for step in SCHEMA_STEPS[version:]:
+                db.script(step.sql)
+                if step.fill is not None:
+                    step.fill(db.conn)
             if version == 0:
                 db.conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                 db.insert("dealer", SEED_DEALER)
             db.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         if version == 0:
-            log.info("%s: new database, schema version %d", self.path, SCHEMA_VERSION)
+            log.info("%s: new database, schema version %d", self.name, SCHEMA_VERSION)
         elif version < SCHEMA_VERSION:
-            log.info("%s: schema upgraded from version %d to %d", self.path, version, SCHEMA_VERSION)
+            log.info("%s: schema upgraded from version %d to %d", self.name, version, SCHEMA_VERSION)
 
-    def _refusal(self, error):
+    def unusable(self, error):
         """A ConfigError for a file that cannot be used, saying what to do about it."""
         text = str(error)
         if "not a database" in text:
@@ -1510,13 +1230,35 @@ class Database:
             what = f"is damaged ({text}): stop the service and restore the latest backup (see the README)"
         else:
             what = f"cannot be used ({text}): check the file and the permissions of its folder"
-        return ConfigError(f"DEALERSHIP_DATABASE={self.path!r} {what}.")
+        return ConfigError(f"DEALERSHIP_DATABASE={self.name!r} {what}.")
+
+    def refusal(self, error):
+        """What a client is told when SQLite refuses a write: a 409 for a constraint, else a 503
+        (nothing changed, try again later)."""
+        code = getattr(error, "sqlite_errorname", "")
+        if isinstance(error, sqlite3.IntegrityError):
+            return ConflictError(f"The change conflicts with the stored data ({error}); nothing was changed.")
+        if code.startswith("SQLITE_BUSY") or "locked" in str(error):
+            detail, retry = ("The database is busy: another process held it for longer than "
+                             "DEALERSHIP_BUSY_TIMEOUT. Nothing was changed; try again."), 1
+        elif code.startswith("SQLITE_READONLY"):
+            detail, retry = ("The database file is read-only, so nothing can be changed; reads still work. "
+                             "An operator must make the file and its folder writable."), 60
+        elif code.startswith("SQLITE_FULL"):
+            detail, retry = "The disk that holds the database is full; nothing was changed.", 60
+        else:
+            detail, retry = f"The database refused the change ({error}); nothing was changed.", 10
+        return StorageUnavailable(detail, retry)
+
+    def ping(self):
+        """A trivial read; raises sqlite3.Error when the database does not answer."""
+        self.reader().ping()
 
     def backup(self, target):
         """A consistent copy of the database at `target`, taken while the service runs (SQLite's
         online backup), written beside it first and then renamed, so `target` is never half a copy."""
         partial = f"{target}.partial"
-        source = sqlite3.connect(self.path, timeout=30)
+        source = sqlite3.connect(self.name, timeout=30)
         copy = sqlite3.connect(partial, isolation_level=None)
         try:
             source.backup(copy)
@@ -1530,20 +1272,19 @@ class Database:
         return counts
 
 
-class Connection:
+class SQLiteConnection:
     """One SQLite connection in autocommit mode: every transaction is written out as BEGIN ...
-    COMMIT, so that a check and its write sit in one. Every SQL statement of the service is here."""
+    COMMIT, so that a check and its write sit in one."""
 
-    def __init__(self, path, busy_timeout, refusal):
+    def __init__(self, path, busy_timeout, unusable):
         self.busy_timeout = busy_timeout
         self.written = 0  # records written since the store's write began (one change-log entry each)
         self.seen_version = None  # PRAGMA data_version when the store last caught up through here
         try:
-            self.conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
-                                        check_same_thread=False)
+            self.conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
             self.conn.execute("PRAGMA foreign_keys = ON")
         except sqlite3.Error as error:
-            raise refusal(error) from None
+            raise unusable(error) from None
 
     # -- transactions ---------------------------------------------------------------------------
 
@@ -1582,6 +1323,18 @@ class Connection:
             time.sleep(pause)
             pause = min(pause * 2, 0.002)
 
+    @contextmanager
+    def savepoint(self):
+        """Statements that can be undone alone, inside the transaction: on any error, undone and raised."""
+        self.conn.execute("SAVEPOINT write")
+        try:
+            yield
+        except BaseException:
+            self.conn.execute("ROLLBACK TO write")
+            raise
+        finally:
+            self.conn.execute("RELEASE write")
+
     def script(self, sql):
         """Run statements one by one inside the transaction (executescript() would COMMIT first)."""
         statement = ""
@@ -1599,9 +1352,7 @@ class Connection:
             except sqlite3.Error:
                 pass  # SQLite rolls back by itself when it cannot go on
 
-    # -- records --------------------------------------------------------------------------------
-
-    # One record each, so one entry in the change log each (its triggers write it).
+    # -- records: one row each, so one entry in the change log each (its triggers write it) ------
 
     def insert(self, kind, fields):
         """Insert a record; the database assigns the id."""
@@ -1609,39 +1360,41 @@ class Connection:
         self.written += 1
         return self.conn.execute(
             f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
-            [stored(fields[name]) for name in columns]).lastrowid
+            [to_column(fields[name]) for name in columns]).lastrowid
 
     def update(self, kind, record_id, fields):
         table, columns = TABLES[kind]
         self.written += 1
         self.conn.execute(f"UPDATE {table} SET {', '.join(f'{name} = ?' for name in columns)} WHERE id = ?",
-                          [stored(fields[name]) for name in columns] + [record_id])
+                          [to_column(fields[name]) for name in columns] + [record_id])
 
     def delete(self, kind, record_id):
         self.written += 1
         self.conn.execute(f"DELETE FROM {TABLES[kind][0]} WHERE id = ?", (record_id,))
 
-    def rows(self, kind, ids=None):
-        """Every row of a kind by id or, given ids, a dict of id -> row in id order, None for a
+    def records(self, kind, ids=None):
+        """Every record of a kind by id or, given ids, a dict of id -> record in id order, None for a
         record that is gone."""
         table, columns = TABLES[kind]
-        select = f"SELECT id, {', '.join(columns)} FROM {table}"
+        select, build = f"SELECT id, {', '.join(columns)} FROM {table}", RECORD_FROM_ROW[kind]
         if ids is None:
-            return self.conn.execute(select + " ORDER BY id")
+            return [build(row) for row in self.conn.execute(select + " ORDER BY id")]
         found = dict.fromkeys(ids)
         for i in range(0, len(ids), 500):
             chunk = ids[i:i + 500]
             for row in self.conn.execute(f"{select} WHERE id IN ({', '.join('?' * len(chunk))})", chunk):
-                found[row[0]] = row
+                found[row[0]] = build(row)
         return found
 
-    def price_old_bookings(self):
-        """Schema 2: each booking made before prices, priced at its car's daily price of today."""
-        prices = dict(self.conn.execute("SELECT id, daily_price FROM cars"))
-        for booking_id, car_id, start, end in list(self.conn.execute(
-                "SELECT id, car_id, start_datetime, end_datetime FROM bookings")):
-            cents = price_cents(prices[car_id], datetime.fromisoformat(start), datetime.fromisoformat(end))
-            self.conn.execute("UPDATE bookings SET total_cents = ? WHERE id = ?", (cents, booking_id))
+    def load(self):
+        """Every record, as Fleet takes them ({"dealers": [...], ...}), and the change log's position,
+        read in one transaction."""
+        with self.transaction(write=False):
+            version, position = self.data_version(), self.newest_change()
+            records = {"dealers": self.records("dealer"), "cars": self.records("car"),
+                       "bookings": self.records("booking"), "windows": self.records("window")}
+        self.seen_version = version
+        return records, position
 
     def is_empty(self):
         return self.conn.execute("SELECT NOT EXISTS (SELECT 1 FROM cars)").fetchone()[0]
@@ -1651,69 +1404,435 @@ class Connection:
 
     # -- the change log -------------------------------------------------------------------------
 
-    def prune(self, through):
-        """Forget the changes up to `through`; the newest is always kept."""
-        self.conn.execute("DELETE FROM changes WHERE seq <= ?", (through,))
-
     def data_version(self):
         """Changes whenever another connection has committed since the last call."""
         return self.conn.execute("PRAGMA data_version").fetchone()[0]
 
+    def changed(self):
+        """PRAGMA data_version, if another connection has committed since the store last caught up
+        through this one; else None."""
+        version = self.data_version()
+        return None if version == self.seen_version else version
+
+    def caught_up(self, version):
+        self.seen_version = version
+
     def newest_change(self):
         return self.conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]
 
-    def changes_since(self, seq):
-        """({kind: sorted ids} changed after `seq`, the newest seq), or None when the log no longer
-        reaches back that far."""
-        oldest = self.conn.execute("SELECT min(seq) FROM changes").fetchone()[0]
-        if oldest is not None and oldest > seq + 1:
-            return None
-        changed = {}
-        for seq, kind, record_id in self.conn.execute(
-                "SELECT seq, kind, id FROM changes WHERE seq > ? ORDER BY seq", (seq,)):
-            changed.setdefault(kind, set()).add(record_id)
-        return {kind: sorted(ids) for kind, ids in changed.items()}, seq
+    def changes_since(self, position):
+        """({kind: {id: record, or None when it is gone}} changed after `position`, the newest
+        position), read in one transaction; None when the log no longer reaches back that far."""
+        with self.transaction(write=False):
+            oldest = self.conn.execute("SELECT min(seq) FROM changes").fetchone()[0]
+            if oldest is not None and oldest > position + 1:
+                return None
+            changed = {}
+            for position, kind, record_id in self.conn.execute(
+                    "SELECT seq, kind, id FROM changes WHERE seq > ? ORDER BY seq", (position,)):
+                changed.setdefault(kind, set()).add(record_id)
+            return {kind: self.records(kind, sorted(ids)) for kind, ids in changed.items()}, position
+
+    def prune_change_log(self, before, after):
+        """Forget all but the newest CHANGE_LOG_KEEP changes, each time the log has grown by
+        CHANGE_LOG_PRUNE_EVERY (its position went from `before` to `after`)."""
+        if before // CHANGE_LOG_PRUNE_EVERY != after // CHANGE_LOG_PRUNE_EVERY:
+            self.conn.execute("DELETE FROM changes WHERE seq <= ?", (after - CHANGE_LOG_KEEP,))
 
 
-def stored(value):
-    """A value as the database keeps it: instants in UTC, as fixed-width ISO 8601 text."""
-    if isinstance(value, datetime):
-        return value.astimezone(timezone.utc).isoformat(timespec="microseconds")
-    return value
+# ---------------------------------------------------------------------------------------------
+# The write queue: group commit. Writes that arrive while one is under way wait, and the next
+# thread to run takes as many as can share one transaction.
+# ---------------------------------------------------------------------------------------------
 
 
-def booking_from_row(row):
-    booking_id, car_id, name, email, start, end, cents = row
-    return Booking(booking_id, car_id, name, email, datetime.fromisoformat(start), datetime.fromisoformat(end), cents)
+class Job:
+    """A write waiting for its turn: the change to make, the cars it reads and changes (None: it may
+    read anything, so it runs alone), and once done its result or error and what the fleet must do
+    after COMMIT. `turn`, an Event for a write that waits, is set when it is done or when its
+    thread is to run the next batch."""
+    __slots__ = ("change", "cars", "result", "error", "done", "turn", "after_commit")
+
+    def __init__(self, change, cars):
+        self.change, self.cars, self.result, self.error, self.done, self.turn = change, cars, None, None, False, None
+        self.after_commit = []
+
+    def outcome(self):
+        if self.error is not None:
+            raise self.error
+        return self.result
 
 
-def window_from_row(row):
-    window_id, car_id, start, end, note = row
-    return MaintenanceWindow(window_id, car_id, datetime.fromisoformat(start), datetime.fromisoformat(end), note)
+class WriteQueue:
+    """Runs each write given to `submit` through `commit(batch)`, a batch at a time: the first write
+    alone if it names no cars, else every write in turn that reads and changes only cars no other
+    write of the batch touches (at most MAX_BATCH). A thread whose write is queued waits; the
+    thread of the first write still queued runs the next batch."""
+
+    def __init__(self, commit):
+        self.commit = commit
+        self.lock, self.jobs, self.leading = threading.Lock(), [], False
+
+    def submit(self, change, cars=None):
+        job = Job(change, cars)
+        with self.lock:
+            lead, self.leading = not self.leading, True
+            if not lead:
+                job.turn = threading.Event()  # only a write that waits needs one
+            self.jobs.append(job)
+        if not lead:
+            job.turn.wait()  # done, or this thread's turn to run the next batch
+            if job.done:
+                return job.outcome()
+        try:
+            while not job.done:
+                with self.lock:
+                    batch = self._next_batch()
+                try:
+                    self.commit(batch)
+                finally:
+                    for other in batch:
+                        if not other.done:  # commit itself failed: never leave a caller waiting
+                            other.error, other.done = RuntimeError("The write was interrupted."), True
+                        if other is not job:
+                            other.turn.set()
+        finally:
+            with self.lock:  # hand the queue on to the thread of its first write, if any
+                if not job.done and job in self.jobs:  # a batch before it failed outright
+                    self.jobs.remove(job)
+                if self.jobs:
+                    self.jobs[0].turn.set()
+                else:
+                    self.leading = False
+        return job.outcome()
+
+    def _next_batch(self):
+        """Take from the queue (under its lock) the writes that can share one transaction."""
+        batch, cars = [], set()
+        for job in self.jobs:
+            if job.cars is None:
+                if not batch:
+                    batch.append(job)
+                break
+            if len(batch) == MAX_BATCH or not cars.isdisjoint(job.cars):
+                break
+            batch.append(job)
+            cars |= job.cars
+        del self.jobs[:len(batch)]
+        return batch
 
 
-def storage_error(path, error):
-    """What a client is told when SQLite refuses a write: 503, nothing changed, try again later."""
-    code = getattr(error, "sqlite_errorname", "")
-    if isinstance(error, sqlite3.IntegrityError):
-        return Conflict(f"The change conflicts with the stored data ({error}); nothing was changed.")
-    if code.startswith("SQLITE_BUSY") or "locked" in str(error):
-        detail, retry = ("The database is busy: another process held it for longer than "
-                         "DEALERSHIP_BUSY_TIMEOUT. Nothing was changed; try again."), 1
-    elif code.startswith("SQLITE_READONLY"):
-        detail, retry = ("The database file is read-only, so nothing can be changed; reads still work. "
-                         "An operator must make the file and its folder writable."), 60
-    elif code.startswith("SQLITE_FULL"):
-        detail, retry = "The disk that holds the database is full; nothing was changed.", 60
-    else:
-        detail, retry = f"The database refused the change ({error}); nothing was changed.", 10
-    log.error("write refused by %s: %s", path, error)
-    return ServiceUnavailable(detail, retry_after=retry)
+# ---------------------------------------------------------------------------------------------
+# The store: the fleet every request reads, the engine under it and the write queue, tied
+# together. Every write checks and writes in one transaction, and the fleet changes only after
+# COMMIT. Readers never wait for the disk or for another process.
+# ---------------------------------------------------------------------------------------------
+
+
+class Rollback(Exception):
+    """The one write of a transaction was refused: roll the transaction back."""
+
+
+class Store:
+    """Three locks: `lock` guards the fleet (every query takes it, and every change to it);
+    `write_lock` lets one batch of writes of this process at a time use the engine's write
+    connection; the write queue's own lock guards its queue. A write holds `lock` only to check and
+    write its SQL, not while the database waits for another process or syncs the commit to disk.
+
+    Each write is a function `change(db, job)` that checks against the fleet, writes through `db`,
+    appends to `job.after_commit` what the fleet must do once the transaction holds (a Fleet method
+    and its record), and returns
+    its result; the write queue runs it."""
+
+    def __init__(self, engine, zone=timezone.utc):
+        self.engine, self.zone = engine, zone
+        self.lock, self.write_lock = threading.Lock(), threading.Lock()
+        self.queue = WriteQueue(self._commit)
+        with self.lock:
+            self._reload(engine.writer())
+
+    # -- dealers --------------------------------------------------------------------------------
+
+    def add_dealer(self, fields):
+        def change(db, job):
+            dealer = Dealer(id=db.insert("dealer", fields), **fields)
+            job.after_commit.append((Fleet.put_dealer, dealer))
+            return dealer
+        dealer = self.queue.submit(change)
+        log.info("dealer %d created", dealer.id)
+        return dealer
+
+    def update_dealer(self, dealer_id, changes):
+        """A change of turnaround applies to bookings and windows made or moved from now on; the
+        schedules as they stand stay valid."""
+        def change(db, job):
+            dealer = replace(self.fleet.dealer(dealer_id), **changes)
+            db.update("dealer", dealer_id, {name: getattr(dealer, name) for name in DEALER_FIELDS})
+            job.after_commit.append((Fleet.put_dealer, dealer))
+            return dealer
+        dealer = self.queue.submit(change)
+        log.info("dealer %d changed: %s", dealer_id, ", ".join(sorted(changes)) or "nothing")
+        return dealer
+
+    def delete_dealer(self, dealer_id):
+        def change(db, job):
+            self.fleet.check_dealer_removable(dealer_id)
+            db.delete("dealer", dealer_id)
+            job.after_commit.append((Fleet.drop_dealer, dealer_id))
+        self.queue.submit(change)
+        log.info("dealer %d deleted", dealer_id)
+
+    # -- cars -----------------------------------------------------------------------------------
+
+    def add_car(self, fields):
+        def change(db, job):
+            self.fleet.dealer(fields["dealer_id"])
+            self.fleet.check_vin_free(fields["vin"])
+            car = Car(id=db.insert("car", fields), **fields)
+            job.after_commit.append((Fleet.put_car, car))
+            return car
+        car = self.queue.submit(change)
+        log.info("car %d created: dealer %d, status %s", car.id, car.dealer_id, car.status)
+        return car
+
+    def update_car(self, car_id, changes):
+        """Bookings keep the price they were made at, and the turnaround they were checked with."""
+        def change(db, job):
+            old = self.fleet.car(car_id)
+            if "dealer_id" in changes:
+                self.fleet.dealer(changes["dealer_id"])
+            if changes.get("vin", old.vin) != old.vin:
+                self.fleet.check_vin_free(changes["vin"])
+            car = replace(old, **changes)
+            db.update("car", car_id, {name: getattr(car, name) for name in CAR_FIELDS})
+            job.after_commit.append((Fleet.put_car, car))
+            return car
+        car = self.queue.submit(change)
+        log.info("car %d changed: %s", car_id, ", ".join(sorted(changes)) or "nothing")
+        return car
+
+    def delete_car(self, car_id):
+        """Only a car with no bookings; its maintenance windows go with it."""
+        def change(db, job):
+            self.fleet.check_car_removable(car_id)
+            for window in self.fleet.schedules[car_id].windows():
+                db.delete("window", window.id)
+            db.delete("car", car_id)
+            job.after_commit.append((Fleet.drop_car, car_id))
+        self.queue.submit(change)
+        log.info("car %d deleted", car_id)
+
+    # -- bookings -------------------------------------------------------------------------------
+
+    def add_booking(self, fields):
+        """A new booking reads and changes one car's schedule only: others like it, on other cars,
+        share its transaction and its COMMIT."""
+        check_not_past(fields["start_datetime"], datetime.now(timezone.utc))
+
+        def change(db, job):
+            start, end = fields["start_datetime"], fields["end_datetime"]
+            car = self.fleet.bookable_car(fields["car_id"], start, end)
+            row = fields | {"total_cents": price_cents(car.daily_price, start, end)}
+            booking = Booking(id=db.insert("booking", row), **row)
+            job.after_commit.append((Fleet.put_booking, booking))
+            return booking
+        booking = self.queue.submit(change, cars={fields["car_id"]})
+        self._log_booking("created", booking)
+        return booking
+
+    def change_booking(self, booking_id, changes):
+        """Apply `changes` to a booking in one step, checked against the rest of the car's schedule.
+        A move, or a change of car, prices the booking again at the car's price of today."""
+        def change(db, job):
+            old = self.fleet.booking(booking_id)
+            booking = replace(old, **changes)
+            check_period(booking.start_datetime, booking.end_datetime)
+            if booking.start_datetime != old.start_datetime:  # a running booking may still change its end
+                check_not_past(booking.start_datetime, datetime.now(timezone.utc))
+            if (booking.car_id, booking.start_datetime, booking.end_datetime) != \
+                    (old.car_id, old.start_datetime, old.end_datetime):
+                car = self.fleet.bookable_car(booking.car_id, booking.start_datetime, booking.end_datetime, ignore=old)
+                booking = replace(booking, total_cents=price_cents(car.daily_price, booking.start_datetime,
+                                                                   booking.end_datetime))
+            db.update("booking", booking_id, {name: getattr(booking, name) for name in BOOKING_FIELDS})
+            job.after_commit.append((Fleet.put_booking, booking))
+            return booking
+        booking = self.queue.submit(change)
+        self._log_booking("changed", booking)
+        return booking
+
+    def cancel_booking(self, booking_id):
+        def change(db, job):
+            booking = self.fleet.booking(booking_id)
+            db.delete("booking", booking_id)
+            job.after_commit.append((Fleet.drop_booking, booking_id))
+            return booking
+        self._log_booking("cancelled", self.queue.submit(change))
+
+    def _log_booking(self, what, booking):
+        # ids and times only: never the customer's name or e-mail
+        log.info("booking %d %s: car %d, %s to %s", booking.id, what, booking.car_id,
+                 format_instant(booking.start_datetime, self.zone), format_instant(booking.end_datetime, self.zone))
+
+    # -- maintenance windows --------------------------------------------------------------------
+
+    def add_window(self, car_id, fields):
+        """A maintenance window on a car: it may not overlap, nor come within the turnaround of, a
+        booking or another window."""
+        check_not_past(fields["start_datetime"], datetime.now(timezone.utc), "maintenance window")
+
+        def change(db, job):
+            self.fleet.check_window_fits(car_id, fields["start_datetime"], fields["end_datetime"])
+            row = fields | {"car_id": car_id}
+            window = MaintenanceWindow(id=db.insert("window", row), **row)
+            job.after_commit.append((Fleet.put_window, window))
+            return window
+        window = self.queue.submit(change)
+        log.info("maintenance window %d created: car %d, %s to %s", window.id, car_id,
+                 format_instant(window.start_datetime, self.zone), format_instant(window.end_datetime, self.zone))
+        return window
+
+    def delete_window(self, car_id, window_id):
+        def change(db, job):
+            self.fleet.window(car_id, window_id)
+            db.delete("window", window_id)
+            job.after_commit.append((Fleet.drop_window, window_id))
+        self.queue.submit(change)
+        log.info("maintenance window %d deleted: car %d", window_id, car_id)
+
+    # -- queries: under the lock, so a reader never sees a schedule mid-change -------------------
+
+    def read(self, query, *args, **kwargs):
+        """`query(fleet, *args, **kwargs)` under the lock: a Fleet method, or any function of the fleet."""
+        with self.lock:
+            return query(self.fleet, *args, **kwargs)
+
+    # -- keeping up with the database -------------------------------------------------------------
+
+    def sync(self):
+        """Bring the fleet up to date if another process (or app) committed since this one looked.
+
+        Called before every request, through this thread's own read connection, so that the usual
+        answer ("nothing new") needs no lock. If the database cannot be read, the request is
+        answered from the fleet as it is; a write catches up (or fails with 503) inside its own
+        transaction."""
+        if not self.engine.shared:
+            return
+        db = self.engine.reader()
+        try:
+            version = db.changed()
+            if version is None:  # nobody else has committed since this thread looked
+                return
+            newest = db.newest_change()  # read before the lock: the probe must not hold it up
+            with self.lock:
+                if newest == self.position:  # only this process's own writes: nothing to apply
+                    db.caught_up(version)
+                else:
+                    self._catch_up(db)
+        except self.engine.Error as error:
+            log.warning("could not read %s to catch up: %s", self.engine.name, error)
+
+    def ping(self):
+        """A trivial read of the database; raises engine.Error when it does not answer."""
+        if self.engine.shared:
+            self.engine.ping()
+        else:
+            with self.write_lock:  # in memory there is only the one connection
+                self.engine.ping()
+
+    def _commit(self, batch):
+        """One transaction for the writes of `batch`: the database's write lock, what other processes
+        committed, each write's checks and SQL (under its own savepoint when it shares the
+        transaction, so that a refusal undoes only its own statements), COMMIT, one sync to disk for
+        all; only then does the fleet change, in the order the writes ran. A refusal goes to its own
+        caller only; a database error to every caller of the batch, and then nothing of it is kept."""
+        shared = len(batch) > 1
+        with self.write_lock:
+            try:
+                with self.engine.writer().transaction(write=True) as db:
+                    if self.engine.shared:
+                        with self.lock:
+                            self._catch_up(db)
+                    position = self._run_each(db, batch, shared)
+                    db.prune_change_log(self.position, position)
+            except Rollback:
+                pass
+            except self.engine.Error as error:  # BEGIN, catching up, a statement or COMMIT: nothing was kept
+                log.error("write refused by %s: %s", self.engine.name, error)
+                refusal = self.engine.refusal(error)
+                for job in batch:
+                    if job.error is None:
+                        job.error = refusal
+            else:
+                with self.lock:
+                    if self.position < position:  # unless a reader has caught up with it already
+                        for job in batch:
+                            for change, record in job.after_commit:
+                                change(self.fleet, record)
+                        self.position = position
+        for job in batch:
+            job.done = True
+
+    def _run_each(self, db, batch, shared):
+        """Each write of the batch, inside the transaction; the change log's position after them."""
+        position = self.position  # caught up, so the log ends here; each record written adds one entry
+        for job in batch:
+            db.written = 0
+            try:
+                with db.savepoint() if shared else nullcontext(), self.lock:
+                    job.result = job.change(db, job)
+            except self.engine.Error as error:
+                if not isinstance(self.engine.refusal(error), ConflictError):
+                    raise  # the database itself: the whole batch fails
+                log.error("write refused by %s: %s", self.engine.name, error)
+                job.error = self.engine.refusal(error)
+            except Exception as error:  # a refusal (or a bug): this write's caller gets it
+                job.error = error
+            if job.error is None:
+                position += db.written
+            elif not shared:
+                raise Rollback  # its statements undone with the transaction
+        return position
+
+    def _catch_up(self, db):
+        """Apply the changes logged since this process last looked, read through `db` (under the lock)."""
+        version = db.changed()
+        if version is None:  # nobody else has committed since this connection looked
+            return
+        changes = db.changes_since(self.position)
+        if changes is None:  # pruned past what this process has seen: start afresh
+            log.info("%s: more changed than the change log keeps; loading everything again", self.engine.name)
+            self._reload(db)
+            return
+        changed, newest = changes
+        if newest > self.position:
+            self.fleet.apply(changed)
+            self.position = newest
+        db.caught_up(version)
+
+    def _reload(self, db):
+        """A new fleet from every record (under the lock), swapped in whole: a lookup that takes no
+        lock never sees a dict half filled."""
+        records, self.position = db.load()
+        self.fleet = Fleet(self.zone, **records)
 
 
 # ---------------------------------------------------------------------------------------------
 # Schemas: the one definition of every field, for input and output
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Presentation:
+    """How the service reads naive date-times and writes instants and prices: the dealership's zone
+    and currency. Each app sets its own for the request it handles (see init_app); outside a
+    request, schemas use UTC and euros."""
+    zone: object = timezone.utc
+    currency: str = "EUR"
+
+
+PRESENTATION = contextvars.ContextVar("dealership_presentation", default=Presentation())
+to_json = json.JSONEncoder(separators=(",", ":")).encode  # one encoder: json.dumps() with options makes one per call
 
 
 class Text(fields.String):
@@ -1834,7 +1953,7 @@ class Instant(fields.DateTime):
             moment = datetime.fromisoformat(f"{form[1]}T{form[2]}{(form[3] or '').upper()}")
         except (TypeError, ValueError):  # no match, or a day or hour that does not exist
             raise self.make_error("invalid") from None
-        zone = store().zone
+        zone = PRESENTATION.get().zone
         try:
             if moment.tzinfo is None:
                 local, moment = moment, moment.replace(tzinfo=zone)
@@ -1846,7 +1965,7 @@ class Instant(fields.DateTime):
             raise self.make_error("range") from None
 
     def _serialize(self, value, attr, obj, **kwargs):
-        return None if value is None else store().show(value)
+        return None if value is None else format_instant(value, PRESENTATION.get().zone)
 
 
 class Money(fields.Float):
@@ -1857,11 +1976,10 @@ class Money(fields.Float):
 
 
 class Currency(fields.String):
-    """The service's currency (DEALERSHIP_CURRENCY), written beside a price: the store's, unless the
-    data dumped names one (a car's JSON is rendered while its store is being made)."""
+    """The service's currency (DEALERSHIP_CURRENCY), written beside a price."""
 
     def serialize(self, attr, obj, accessor=None, **kwargs):
-        return (obj.get("currency") if isinstance(obj, dict) else None) or store().currency
+        return PRESENTATION.get().currency
 
 
 class Duration(fields.String):
@@ -1890,13 +2008,6 @@ class UpToNextYear(validate.Range):
         pass  # fixed by the calendar, not by the caller
 
 
-def check_window(data):
-    """end_datetime must be after start_datetime: raised on end_datetime."""
-    start, end = data.get("start_datetime"), data.get("end_datetime")
-    if start is not None and end is not None and end <= start:
-        raise ValidationError("Must be after start_datetime.", field_name="end_datetime")
-
-
 def about(description, example=None):
     """A field's metadata for the OpenAPI document: its rule in words, and an example that is valid
     as it is (date-times get theirs when the document is made: a week ahead of today)."""
@@ -1911,7 +2022,10 @@ class EndAfterStart:
 
     @validates_schema
     def end_after_start(self, data, **kwargs):
-        check_window(data)
+        try:
+            check_period(data.get("start_datetime"), data.get("end_datetime"))
+        except InvalidError as error:
+            raise ValidationError(str(error), field_name=error.field) from None
 
 
 class DealerSchema(Schema):
@@ -1945,7 +2059,7 @@ class CarSchema(Schema):
     currency = Currency(dump_only=True, metadata=about("The currency of daily_price (DEALERSHIP_CURRENCY).", "EUR"))
 
 
-START = ("When the booking starts: an ISO 8601 date-time with an offset (2030-06-01T09:00:00+02:00), "
+START = ("When the booking starts: an RFC 3339 date-time with an offset (2030-06-01T09:00:00+02:00), "
          "or without one for the dealership's time zone; not in the past.")
 END = ("When it ends, after the start. The booking holds [start, end): at this very instant the car "
        "is free again.")
@@ -1987,7 +2101,10 @@ class QuoteSchema(Schema):
         "daily_price times days, rounded to cents: what a booking made now would cost.", 129.0))
     currency = Currency(metadata=about("The currency of the prices.", "EUR"))
     available = fields.Boolean(metadata=about(
-        "True when the car can be booked for the period now (as its availability says).", True))
+        "True when a booking of the car for the period, made now, would be accepted.", True))
+    reason = fields.String(allow_none=True, metadata=about(
+        "Why it would be refused, in the words of the refusal (in the past, in maintenance, a clash); "
+        "null when available."))
 
 
 class OfferSchema(Schema):
@@ -1996,6 +2113,27 @@ class OfferSchema(Schema):
     end_datetime = Instant(metadata=about("start_datetime plus the duration."))
     total_price = Money(attribute="total_cents", metadata=about("What booking this slot costs.", 129.0))
     currency = Currency(metadata=about("The currency of total_price.", "EUR"))
+
+    def dump_slots(self, slots, length):
+        """Slots, (start in micros, car) each, as the JSON (bytes) each that `dump` writes, made directly:
+        a search answers up to a thousand, and most share a start and a daily price, so each instant
+        is written and each price computed once (a test compares the two on many inputs)."""
+        car_id, start_key, end_key, price_key, currency_key = (to_json(name) for name in self.dump_fields)
+        zone, currency = PRESENTATION.get().zone, to_json(PRESENTATION.get().currency)
+        prices, parts, seen = {}, [], None
+        for start, car in slots:
+            if start != seen:  # slots come by start: a run of equal starts shares its text
+                seen, moment, tails = start, EPOCH + start * MICROSECOND, {}
+                times = f"{start_key}:{to_json(format_instant(moment, zone))},{end_key}:" \
+                        f"{to_json(format_instant(moment + length, zone))},{price_key}:"
+            tail = tails.get(car.daily_price)
+            if tail is None:
+                price = prices.get(car.daily_price)
+                if price is None:
+                    price = prices[car.daily_price] = to_json(price_cents(car.daily_price, moment, moment + length) / 100)
+                tail = tails[car.daily_price] = f"{times}{price},{currency_key}:{currency}}}".encode()
+            parts.append(b"{%s:%d," % (car_id.encode(), car.id) + tail)
+        return parts
 
 
 class SlotSchema(Schema):
@@ -2022,7 +2160,11 @@ class CalendarSchema(Schema):
     end_datetime = Instant(metadata=about("The period asked for: its end."))
     status = fields.String(metadata=about("The car's status: 'available' or 'maintenance'."))
     turnaround_minutes = fields.Integer(metadata=about("Its dealer's turnaround: the least gap around each entry."))
-    available = fields.Boolean(metadata=about("True when the car can be booked for the whole period."))
+    available = fields.Boolean(metadata=about(
+        "True when a booking of the car for the whole period, made now, would be accepted."))
+    reason = fields.String(allow_none=True, metadata=about(
+        "Why it would be refused, in the words of the refusal (in the past, in maintenance, a clash); "
+        "null when available."))
     busy = fields.List(fields.Nested(BusySchema), metadata=about("The bookings that overlap the period, in time order."))
     maintenance = fields.List(fields.Nested(WindowInCalendarSchema), metadata=about(
         "The maintenance windows that overlap the period, in time order."))
@@ -2075,15 +2217,15 @@ class BookingQuery(EndAfterStart, PageQuery):
         "With start_datetime: bookings that overlap [start, end). Alone: bookings that end at or before it."))
 
 
-class WindowQuery(EndAfterStart, Schema):
+class PeriodQuery(EndAfterStart, Schema):
     start_datetime = Instant(in_query=True, required=True, metadata=about(
-        "Start of the period: an ISO 8601 date-time with an offset, or without one for the "
+        "Start of the period: an RFC 3339 date-time with an offset, or without one for the "
         "dealership's time zone. In a query string write + as %2B."))
     end_datetime = Instant(in_query=True, required=True, metadata=about(
         "End of the period, after its start; the period is [start, end)."))
 
 
-class AvailableCarsQuery(WindowQuery, PageQuery):
+class AvailableCarsQuery(PeriodQuery, PageQuery):
     dealer_id = Count(validate=validate.Range(min=1), metadata=about("Only this dealer's cars.", 1))
 
 
@@ -2137,8 +2279,9 @@ CALENDAR_SCHEMA = CalendarSchema()
 CAR_QUERY = CarQuery()
 PAGE_QUERY = PageQuery()
 BOOKING_QUERY = BookingQuery()
-WINDOW_QUERY = WindowQuery()
+PERIOD_QUERY = PeriodQuery()
 AVAILABLE_CARS_QUERY = AvailableCarsQuery()
+
 
 # ---------------------------------------------------------------------------------------------
 # HTTP helpers and errors: every error is application/problem+json (RFC 9457)
@@ -2162,15 +2305,44 @@ class ServiceBlueprint(Blueprint):
 bp = ServiceBlueprint(EXTENSION, __name__)
 
 
-def problem(status, title, detail, errors=None):
+def store():
+    """The store of the app handling this request."""
+    return current_app.extensions[EXTENSION]
+
+
+def problem(status, title, detail, errors=None, headers=None):
     body = {"title": title, "status": status, "detail": detail}
     if errors is not None:
         body["errors"] = errors
-    return json_text(to_json(PROBLEM_SCHEMA.dump(body)), status, mimetype="application/problem+json")
+    return json_text(to_json(PROBLEM_SCHEMA.dump(body)), status, headers, mimetype="application/problem+json")
 
 
-def http_error(error):
-    """Any werkzeug HTTPException as problem+json, keeping its headers (Allow, WWW-Authenticate)."""
+def invalid(messages):
+    """422 listing each offending field with its messages: at most MAX_ERRORS of them (a body of a
+    million unknown keys must not come back three times as large), and how many more there were."""
+    names = sorted(messages, key=str)
+    shown = {name: messages[name] for name in names[:MAX_ERRORS]}
+    more = f" and {len(names) - MAX_ERRORS} more" if len(names) > MAX_ERRORS else ""
+    return problem(422, "Unprocessable Content", f"Invalid input: {', '.join(map(str, shown))}{more}.", shown)
+
+
+DOMAIN_STATUS = {NotFoundError: 404, ConflictError: 409}
+
+
+def problem_for(error):
+    """The one mapping of every error the service raises to problem+json: Werkzeug's HTTP errors
+    (keeping their headers: Allow, WWW-Authenticate), marshmallow's validation errors and the
+    domain's InvalidError (422, by field), the domain's NotFoundError and ConflictError, and the
+    engine's StorageUnavailable (503 with Retry-After)."""
+    if isinstance(error, ValidationError):
+        return invalid(error.messages if isinstance(error.messages, dict) else {error.field_name: error.messages})
+    if isinstance(error, InvalidError):
+        return invalid({error.field: [str(error)]})
+    if isinstance(error, StorageUnavailable):
+        return problem(503, "Service Unavailable", str(error), headers={"Retry-After": str(error.retry_after)})
+    if isinstance(error, DomainError):
+        status = DOMAIN_STATUS[type(error)]
+        return problem(status, HTTP_STATUS_CODES[status], str(error))
     response = problem(error.code, error.name, error.description)
     for name, value in error.get_headers():
         if name.lower() != "content-type":
@@ -2178,22 +2350,17 @@ def http_error(error):
     return response
 
 
-def validation_error(error):
-    """422 listing each offending field with its messages: at most MAX_ERRORS of them (a body of a
-    million unknown keys must not come back three times as large), and how many more there were."""
-    messages = error.messages if isinstance(error.messages, dict) else {error.field_name: error.messages}
-    names = sorted(messages, key=str)
-    shown = {name: messages[name] for name in names[:MAX_ERRORS]}
-    more = f" and {len(names) - MAX_ERRORS} more" if len(names) > MAX_ERRORS else ""
-    return problem(422, "Unprocessable Content", f"Invalid input: {', '.join(map(str, shown))}{more}.", shown)
+def handle_errors(blueprint_or_app):
+    """Register problem_for for every error the service raises. By code as well as by class: Flask
+    looks a handler up by code first, in the blueprint and then in the app, so a host's own 404
+    page would otherwise answer for the service's routes."""
+    for code in default_exceptions:
+        blueprint_or_app.register_error_handler(code, problem_for)
+    for error in (HTTPException, ValidationError, DomainError, StorageUnavailable):
+        blueprint_or_app.register_error_handler(error, problem_for)
 
 
-# By code as well as by class: Flask looks a handler up by code first, in the blueprint and then in
-# the app, so a host's own 404 page would otherwise answer for the service's routes.
-for code in default_exceptions:
-    bp.register_error_handler(code, http_error)
-bp.register_error_handler(HTTPException, http_error)
-bp.register_error_handler(ValidationError, validation_error)
+handle_errors(bp)
 
 
 def needs_key(method, view):
@@ -2218,14 +2385,14 @@ def require_api_key():
     token = auth.token if auth is not None and auth.type == "bearer" and auth.token else ""
     if hmac.compare_digest(token.encode(), key.encode()):
         return
-    current_app.extensions[REFUSALS].note(request.remote_addr, request.method, request.path)
+    current_app.extensions[REFUSED_KEYS].note(request.remote_addr, request.method, request.path)
     what = "changes data" if request.method in WRITE_METHODS else "reads customers' names and e-mail addresses"
     raise Unauthorized(f"{'The API key does not match' if token else 'No API key was sent'}: this request "
                        f"{what}, so send 'Authorization: Bearer <API key>'.",
                        www_authenticate=WWWAuthenticate("bearer", {"realm": "dealership"}))
 
 
-class Refusals:
+class RefusedKeyLog:
     """Refused API keys, logged as warnings with the client's address, method and path (never the
     key), at most one line per address a minute, so that a guesser cannot fill the log."""
 
@@ -2246,7 +2413,7 @@ class Refusals:
 
 @bp.before_request
 def catch_up():
-    """Answer from dicts that hold what every process has committed. A POST or DELETE reads
+    """Answer from a fleet that holds what every process has committed. A POST or DELETE reads
     nothing before its own write transaction, which catches up in any case (a route that does read
     first calls sync itself)."""
     if request.method not in ("POST", "DELETE"):
@@ -2280,72 +2447,6 @@ def query(schema):
     return schema.load(request.args.to_dict())
 
 
-# A date-time written in full with an offset, as clients and the docs' examples write it.
-FULL_DATETIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?(?:Z|[+-]\d\d:\d\d)")
-
-
-def full_instant(text):
-    """A date-time written in full with an offset, read at once as UTC; None for anything else, which
-    the schema then reads (and says what is wrong with). Years 2 to 9998 only: writable in any zone."""
-    if text and FULL_DATETIME.fullmatch(text):
-        try:
-            moment = datetime.fromisoformat(text)
-        except ValueError:  # a day or hour that does not exist: the schema says which
-            return None
-        if 1 < moment.year < 9999:
-            return moment.astimezone(timezone.utc)
-    return None
-
-
-def given_once(*names):
-    """True when the query string has exactly these parameters, each once."""
-    args = request.args
-    return len(args) == len(names) and all(len(args.getlist(name)) == 1 for name in names)
-
-
-# The common searches and the common new booking, read without the schema: the result is the same
-# either way (tests compare the two on many inputs), and the schema holds every rule and its message
-# for the rest.
-
-def window_query(schema):
-    """A search for a period: just start_datetime and end_datetime, written in full with offsets."""
-    if given_once("start_datetime", "end_datetime"):
-        start, end = full_instant(request.args["start_datetime"]), full_instant(request.args["end_datetime"])
-        if start is not None and end is not None and start < end:
-            return {"start_datetime": start, "end_datetime": end, "offset": 0}
-    return query(schema)
-
-
-def slot_query():
-    """A search for slots: just duration and after, written in full with an offset."""
-    if given_once("duration", "after"):
-        length, after = parse_duration(request.args["duration"]), full_instant(request.args["after"])
-        if length is not None and MIN_SLOT <= length <= MAX_SLOT and after is not None:
-            return {"offset": 0, "duration": length, "after": after}
-    return query(SLOT_QUERY)
-
-
-def booking_body():
-    """A new booking: just its five fields, car_id a whole number, customer_name printable ASCII,
-    an e-mail address email-validator takes, and date-times written in full with offsets."""
-    body = json_body()
-    if body.keys() == BOOKING_FIELDS_SENT:
-        car_id, name, email = body["car_id"], body["customer_name"], body["customer_email"]
-        start, end = body["start_datetime"], body["end_datetime"]
-        if type(car_id) is int and car_id >= 1 and type(name) is str and name.isascii() and name.isprintable() \
-                and 0 < len(name.strip()) <= MAX_NAME and type(email) is str and type(start) is str \
-                and type(end) is str:
-            start, end = full_instant(start), full_instant(end)
-            try:
-                email = normalized_email(email)
-            except email_validator.EmailNotValidError:
-                email = None
-            if start is not None and end is not None and start < end and email and len(email) <= MAX_EMAIL:
-                return {"car_id": car_id, "customer_name": name.strip(), "customer_email": email,
-                        "start_datetime": start, "end_datetime": end}
-    return BOOKING_SCHEMA.load(body)
-
-
 def paged(items, filters):
     """The page of `items` that `limit` and `offset` ask for (all from `offset` on without a limit),
     and its headers."""
@@ -2370,49 +2471,9 @@ def page_headers(total, offset, limit):
     return headers
 
 
-def offers_json(slots, length):
-    """Slots, (start in micros, car) each, as the JSON (bytes) that OFFER_SCHEMA writes, made directly:
-    a search answers one per car, and most share a start and a daily price, so each instant is
-    written and each price computed once, and each car's opening is kept (a test compares the two
-    on many inputs)."""
-    service = store()
-    show, currency, openings = service.show, to_json(service.currency).encode(), service.offer_openings
-    prices, parts, seen = {}, [], None
-    for start, car in slots:
-        if start != seen:  # slots come by start: a run of equal starts shares its text
-            seen, moment, ends = start, EPOCH + start * MICROSECOND, {}
-            times = (f',"start_datetime":{to_json(show(moment))},"end_datetime":'
-                     f'{to_json(show(moment + length))},"total_price":').encode()
-        end = ends.get(car.daily_price)
-        if end is None:
-            price = prices.get(car.daily_price)
-            if price is None:
-                price = prices[car.daily_price] = to_json(
-                    price_cents(car.daily_price, moment, moment + length) / 100).encode()
-            end = ends[car.daily_price] = times + price + b',"currency":' + currency + b"}"
-        opening = openings.get(car.id)
-        if opening is None:
-            opening = openings[car.id] = b'{"car_id":%d' % car.id
-        parts.append(opening + end)
-    return parts
-
-
-def booking_json(booking):
-    """A booking as the JSON text that BOOKING_SCHEMA writes, made directly: the answer to every
-    booking made, read or changed one at a time (a test compares the two on many inputs)."""
-    service = store()
-    return (f'{{"id":{booking.id},"car_id":{booking.car_id},"customer_name":{to_json(booking.customer_name)},'
-            f'"customer_email":{to_json(booking.customer_email)},'
-            f'"start_datetime":"{service.show(booking.start_datetime)}",'
-            f'"end_datetime":"{service.show(booking.end_datetime)}",'
-            f'"total_price":{to_json(booking.total_cents / 100)},"currency":{to_json(service.currency)}}}')
-
-
-def created_at(record_id):
-    """The Location of a record just made by a POST to a collection at the top of the API (whose path
-    has no id in it, to be written one way): the collection's URL, as url_for writes it (the script
-    root as it is, the path quoted), then the id. A test compares the two."""
-    return {"Location": f"{request.script_root}{url_quote(request.path, safe=URL_PATH_SAFE)}/{record_id}"}
+def json_array(parts):
+    """A JSON array body (bytes, ending with a newline) from items that are already JSON (bytes)."""
+    return b"[" + b",".join(parts) + b"]\n"
 
 
 def no_content():
@@ -2439,6 +2500,52 @@ def json_list(parts, headers=None):
     return json_text(json_array(parts), headers=headers)
 
 
+class Renderings:
+    """Rendered forms of immutable records, kept per app (an app's zone and currency are in them):
+    each car's JSON, the whole fleet's list, and the parts that available-cars answers are joined
+    from. A record is a new object after each change, so a rendering kept beside its record is
+    current exactly while the record is."""
+
+    def __init__(self):
+        self.cars = {}  # car id -> (the record, its JSON)
+        self.fleet = None  # (the fleet, its cars_version, the list's JSON, how many cars)
+        self.chunks, self.chunks_of = {}, None  # (byte index << 8 | byte) -> JSON of those cars; their Offerable
+
+    def car(self, car):
+        known = self.cars.get(car.id)
+        if known is None or known[0] is not car:
+            if len(self.cars) > MAX_CHUNKS:
+                self.cars.clear()
+            known = self.cars[car.id] = (car, to_json(CAR_SCHEMA.dump(car)).encode())
+        return known[1]
+
+    def fleet_list(self, fleet):
+        """Every car as one JSON array (bytes) and their count, made once after each change of a car."""
+        known = self.fleet
+        if known is None or known[0] is not fleet or known[1] != fleet.cars_version:
+            cars = list(fleet.cars.values())
+            known = self.fleet = (fleet, fleet.cars_version, json_array([self.car(car) for car in cars]), len(cars))
+        return known[2], known[3]
+
+    def free_cars(self, mask, offerable):
+        """The cars of a mask over the positions of `offerable`, as a JSON array (bytes), joined eight
+        cars at a time from parts kept after each first use."""
+        if self.chunks_of is not offerable or len(self.chunks) > MAX_CHUNKS:
+            self.chunks, self.chunks_of = {}, offerable
+        chunks, parts = self.chunks, []
+        for i, byte in enumerate(mask.to_bytes((mask.bit_length() + 7) // 8, "little")):
+            if byte:
+                chunk = chunks.get(i << 8 | byte)
+                if chunk is None:
+                    chunk = chunks[i << 8 | byte] = b",".join([self.car(offerable.cars[i * 8 + n]) for n in BITS[byte]])
+                parts.append(chunk)
+        return json_array(parts)
+
+
+def renderings():
+    return current_app.extensions[RENDERINGS]
+
+
 def api_doc(tag, *, returns=None, many=False, status=200, body=None, query=None, errors=(), headers=(),
             personal=False, media=None):
     """Record what the OpenAPI document says of a route: the schemas are the ones the route uses.
@@ -2454,9 +2561,6 @@ def api_doc(tag, *, returns=None, many=False, status=200, body=None, query=None,
     return attach
 
 
-# ---------------------------------------------------------------------------------------------
-# Routes: the API's front door
-# ---------------------------------------------------------------------------------------------
 
 
 @bp.get("/", strict_slashes=False)
@@ -2486,7 +2590,7 @@ def list_dealers():
 
     Ordered by id.
     """
-    dealers = list(store().dealers.values())
+    dealers = list(store().fleet.dealers.values())
     return json_response(DEALER_SCHEMA.dump(dealers, many=True), headers={"X-Total-Count": str(len(dealers))})
 
 
@@ -2495,14 +2599,14 @@ def list_dealers():
 def create_dealer():
     """Add a dealer"""
     dealer = store().add_dealer(DEALER_SCHEMA.load(json_body()))
-    return json_response(DEALER_SCHEMA.dump(dealer), 201, created_at(dealer.id))
+    return json_response(DEALER_SCHEMA.dump(dealer), 201, {"Location": url_for(".get_dealer", dealer_id=dealer.id)})
 
 
 @bp.get("/dealers/<digits:dealer_id>")
 @api_doc("dealers", returns=DEALER_SCHEMA)
 def get_dealer(dealer_id):
     """Get one dealer"""
-    return json_response(DEALER_SCHEMA.dump(store().dealer(dealer_id)))
+    return json_response(DEALER_SCHEMA.dump(store().fleet.dealer(dealer_id)))
 
 
 @bp.patch("/dealers/<digits:dealer_id>")
@@ -2513,7 +2617,7 @@ def update_dealer(dealer_id):
     Only the fields given change. A new turnaround applies to bookings and maintenance windows made or
     moved from then on; the ones that exist stay valid.
     """
-    store().dealer(dealer_id)
+    store().fleet.dealer(dealer_id)  # an unknown dealer is a 404 before its body is judged
     changes = DEALER_CHANGES.load(json_body())
     return json_response(DEALER_SCHEMA.dump(store().update_dealer(dealer_id, changes)))
 
@@ -2539,7 +2643,7 @@ def delete_dealer(dealer_id):
 def create_car():
     """Add a car to the inventory"""
     car = store().add_car(CAR_SCHEMA.load(json_body()))
-    return json_text(car.json, 201, created_at(car.id))
+    return json_text(renderings().car(car), 201, {"Location": url_for(".get_car", car_id=car.id)})
 
 
 @bp.get("/cars")
@@ -2550,24 +2654,24 @@ def list_cars():
     Ordered by id, optionally filtered by status, dealer and brand, and paged.
     """
     if not request.args:  # the whole fleet: ready made
-        body, total = store().cars_json()
+        body, total = store().read(renderings().fleet_list)
         return json_text(body, headers={"X-Total-Count": str(total)})
     filters = query(CAR_QUERY)
     status, dealer_id = filters.get("status"), filters.get("dealer_id")
     brand = filters.get("brand", "").strip().casefold()
-    cars = [car for car in list(store().cars.values())
+    cars = [car for car in list(store().fleet.cars.values())
             if (status is None or car.status == status)
             and (dealer_id is None or car.dealer_id == dealer_id)
             and (not brand or car.brand.casefold() == brand)]
     page, headers = paged(cars, filters)
-    return json_list([car.json for car in page], headers)
+    return json_list([renderings().car(car) for car in page], headers)
 
 
 @bp.get("/cars/<digits:car_id>")
 @api_doc("cars", returns=CAR_SCHEMA)
 def get_car(car_id):
     """Get one car"""
-    return json_text(store().car(car_id).json)
+    return json_text(renderings().car(store().fleet.car(car_id)))
 
 
 @bp.route("/cars/<digits:car_id>", methods=["PUT", "PATCH"])
@@ -2577,9 +2681,9 @@ def update_car(car_id):
 
     Only the fields given change; the others keep their values.
     """
-    store().car(car_id)  # an unknown car is a 404 before its body is judged
+    store().fleet.car(car_id)  # an unknown car is a 404 before its body is judged
     changes = CAR_CHANGES.load(json_body())
-    return json_text(store().update_car(car_id, changes).json)
+    return json_text(renderings().car(store().update_car(car_id, changes)))
 
 
 @bp.delete("/cars/<digits:car_id>")
@@ -2594,20 +2698,21 @@ def delete_car(car_id):
 
 
 @bp.get("/cars/<digits:car_id>/availability")
-@api_doc("cars", returns=CALENDAR_SCHEMA, query=WINDOW_QUERY)
+@api_doc("cars", returns=CALENDAR_SCHEMA, query=PERIOD_QUERY)
 def car_availability(car_id):
     """See when a car is busy or free
 
     The bookings and maintenance windows that overlap the period, and the gaps inside it where a
     booking could go (with the dealer's turnaround kept free around each entry).
     """
-    store().car(car_id)
-    window = query(WINDOW_QUERY)
-    start, end = window["start_datetime"], window["end_datetime"]
-    car, entries, free, available = store().calendar(car_id, start, end)
+    store().fleet.car(car_id)  # an unknown car is a 404 before its query is judged
+    period = query(PERIOD_QUERY)
+    start, end = period["start_datetime"], period["end_datetime"]
+    car, entries, free, refusal = store().read(Fleet.calendar, car_id, start, end, datetime.now(timezone.utc))
     return json_response(CALENDAR_SCHEMA.dump({
         "car_id": car.id, "start_datetime": start, "end_datetime": end, "status": car.status,
-        "turnaround_minutes": store().dealers[car.dealer_id].turnaround_minutes, "available": available,
+        "turnaround_minutes": store().fleet.dealer(car.dealer_id).turnaround_minutes,
+        "available": refusal is None, "reason": refusal,
         "busy": [entry for entry in entries if type(entry) is Booking],
         "maintenance": [entry for entry in entries if type(entry) is MaintenanceWindow],
         "free": [{"start_datetime": s, "end_datetime": e} for s, e in free],
@@ -2615,15 +2720,20 @@ def car_availability(car_id):
 
 
 @bp.get("/cars/<digits:car_id>/quote")
-@api_doc("cars", returns=QUOTE_SCHEMA, query=WINDOW_QUERY)
+@api_doc("cars", returns=QUOTE_SCHEMA, query=PERIOD_QUERY)
 def quote(car_id):
     """Price a booking
 
     What booking the car for the period would cost now, and whether it can be booked; nothing is booked.
     """
-    store().car(car_id)
-    window = query(WINDOW_QUERY)
-    return json_response(QUOTE_SCHEMA.dump(store().quote(car_id, window["start_datetime"], window["end_datetime"])))
+    car = store().fleet.car(car_id)  # an unknown car is a 404 before its query is judged
+    period = query(PERIOD_QUERY)
+    start, end = period["start_datetime"], period["end_datetime"]
+    refusal = store().read(Fleet.refusal, car_id, start, end, datetime.now(timezone.utc))
+    return json_response(QUOTE_SCHEMA.dump({
+        "car_id": car.id, "start_datetime": start, "end_datetime": end, "days": rental_days(start, end),
+        "daily_price": car.daily_price, "total_cents": price_cents(car.daily_price, start, end),
+        "available": refusal is None, "reason": refusal}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2639,7 +2749,7 @@ def list_windows(car_id):
     In time order, past ones included.
     """
     filters = query(PAGE_QUERY)
-    page, headers = paged(store().car_windows(car_id), filters)
+    page, headers = paged(store().read(Fleet.car_windows, car_id), filters)
     return json_response(WINDOW_SCHEMA.dump(page, many=True), headers=headers)
 
 
@@ -2652,7 +2762,7 @@ def create_window(car_id):
     not overlap a booking or another window: the 409 names the bookings in the way.
     """
     store().sync()  # unlike other POSTs, this one reads before it writes (see catch_up)
-    store().car(car_id)  # an unknown car is a 404 before its body is judged
+    store().fleet.car(car_id)  # an unknown car is a 404 before its body is judged
     window = store().add_window(car_id, WINDOW_SCHEMA.load(json_body()))
     return json_response(WINDOW_SCHEMA.dump(window), 201,
                          {"Location": url_for(".get_window", car_id=car_id, window_id=window.id)})
@@ -2662,7 +2772,7 @@ def create_window(car_id):
 @api_doc("maintenance", returns=WINDOW_SCHEMA)
 def get_window(car_id, window_id):
     """Get one maintenance window"""
-    return json_response(WINDOW_SCHEMA.dump(store().window(car_id, window_id)))
+    return json_response(WINDOW_SCHEMA.dump(store().fleet.window(car_id, window_id)))
 
 
 @bp.delete("/cars/<digits:car_id>/maintenance-windows/<digits:window_id>")
@@ -2690,8 +2800,8 @@ def create_booking():
     For the period from start_datetime up to end_datetime: it must not overlap another booking of
     the car, nor start in the past.
     """
-    booking = store().add_booking(booking_body())
-    return json_text(booking_json(booking), 201, created_at(booking.id))
+    booking = store().add_booking(BOOKING_SCHEMA.load(json_body()))
+    return json_response(BOOKING_SCHEMA.dump(booking), 201, {"Location": url_for(".get_booking", booking_id=booking.id)})
 
 
 @bp.get("/bookings")
@@ -2704,8 +2814,8 @@ def list_bookings():
     """
     filters = query(BOOKING_QUERY)
     offset, limit = filters["offset"], filters.get("limit", DEFAULT_PAGE)
-    page, total = store().find_bookings(offset, limit, filters.get("car_id"), filters.get("start_datetime"),
-                                        filters.get("end_datetime"), filters.get("customer_email"))
+    page, total = store().read(Fleet.find_bookings, offset, limit, filters.get("car_id"),
+                               filters.get("start_datetime"), filters.get("end_datetime"), filters.get("customer_email"))
     return json_response(BOOKING_SCHEMA.dump(page, many=True), headers=page_headers(total, offset, limit))
 
 
@@ -2713,7 +2823,7 @@ def list_bookings():
 @api_doc("bookings", returns=BOOKING_SCHEMA, personal=True)
 def get_booking(booking_id):
     """Get one booking"""
-    return json_text(booking_json(store().booking(booking_id)))
+    return json_response(BOOKING_SCHEMA.dump(store().fleet.booking(booking_id)))
 
 
 @bp.patch("/bookings/<digits:booking_id>")
@@ -2723,9 +2833,9 @@ def change_booking(booking_id):
 
     In one step: on any error the booking stays exactly as it was.
     """
-    store().booking(booking_id)
+    store().fleet.booking(booking_id)  # an unknown booking is a 404 before its body is judged
     changes = BOOKING_CHANGES.load(json_body())
-    return json_text(booking_json(store().change_booking(booking_id, changes)))
+    return json_response(BOOKING_SCHEMA.dump(store().change_booking(booking_id, changes)))
 
 
 @bp.delete("/bookings/<digits:booking_id>")
@@ -2747,14 +2857,13 @@ def available_cars():
 
     Cars whose status is available and that have no booking overlapping the period, ordered by id.
     """
-    filters = window_query(AVAILABLE_CARS_QUERY)
+    filters = query(AVAILABLE_CARS_QUERY)
+    free, offerable = store().read(Fleet.free_cars, filters["start_datetime"], filters["end_datetime"],
+                                   filters.get("dealer_id"))
     if "limit" not in filters and not filters["offset"]:  # the whole answer, joined from ready parts
-        body, total = store().free_cars_json(filters["start_datetime"], filters["end_datetime"],
-                                             filters.get("dealer_id"))
-        return json_text(body, headers={"X-Total-Count": str(total)})
-    cars = store().free_cars(filters["start_datetime"], filters["end_datetime"], filters.get("dealer_id"))
-    page, headers = paged(cars, filters)
-    return json_list([car.json for car in page], headers)
+        return json_text(renderings().free_cars(free, offerable), headers={"X-Total-Count": str(free.bit_count())})
+    page, headers = paged(store().read(Fleet.cars_at, free, offerable), filters)
+    return json_list([renderings().car(car) for car in page], headers)
 
 
 @bp.get("/bookings/available-slots")
@@ -2767,15 +2876,15 @@ def available_slots():
     ordered by start, then car id. Cars with no such period are left out. Booking a slot succeeds
     unless someone else takes it first.
     """
-    filters = slot_query()
+    filters = query(SLOT_QUERY)
     now = datetime.now(timezone.utc)
     now = now.replace(second=0, microsecond=0) + timedelta(minutes=1)  # a start people can read
     after = min(max(filters.get("after", now), now), LATEST_SLOT_END)
     before = min(filters["before"] if "before" in filters else after + MAX_SLOT, LATEST_SLOT_END)
     offset, limit = filters["offset"], filters.get("limit", DEFAULT_PAGE)
-    page, total = store().free_slots(filters["duration"], after, before, offset, limit, filters.get("dealer_id"),
-                                     filters.get("brand"), filters.get("car_id"))
-    return json_list(offers_json(page, filters["duration"]), page_headers(total, offset, limit))
+    page, total = store().read(Fleet.free_slots, filters["duration"], after, before, offset, limit,
+                               filters.get("dealer_id"), filters.get("brand"), filters.get("car_id"))
+    return json_list(OFFER_SCHEMA.dump_slots(page, filters["duration"]), page_headers(total, offset, limit))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2793,9 +2902,9 @@ def car_feed(car_id):
     An iCalendar feed of the car's bookings and maintenance windows, from 30 days ago to 365 days
     ahead unless a period is given; no customer's name or e-mail.
     """
-    car = store().car(car_id)
+    car = store().fleet.car(car_id)
     start, end = feed_period(query(FEED_QUERY))
-    return feed(f"{car.brand} {car.model} (car {car.id})", store().entries(start, end, car_id=car_id))
+    return feed(f"{car.brand} {car.model} (car {car.id})", store().read(Fleet.entries, start, end, car_id=car_id))
 
 
 @bp.get("/calendar.ics")
@@ -2808,9 +2917,9 @@ def fleet_feed():
     """
     filters = query(FLEET_FEED_QUERY)
     dealer_id = filters.get("dealer_id")
-    name = "Fleet" if dealer_id is None else store().dealer(dealer_id).name
+    name = "Fleet" if dealer_id is None else store().fleet.dealer(dealer_id).name
     start, end = feed_period(filters)
-    return feed(name, store().entries(start, end, dealer_id=dealer_id))
+    return feed(name, store().read(Fleet.entries, start, end, dealer_id=dealer_id))
 
 
 def feed_period(filters):
@@ -2847,20 +2956,21 @@ def feed(name, entries):
     return response.make_conditional(request)
 
 
+
 # ---------------------------------------------------------------------------------------------
 # The OpenAPI document, made from the routes' own schemas, and the interactive docs
 # ---------------------------------------------------------------------------------------------
 
 API_DESCRIPTION = """A car dealership's inventory and booking service.
 
-Date-times are ISO 8601. A value with an offset (`Z`, `+02:00`) is that instant; a value without one is
+Date-times are RFC 3339. A value with an offset (`Z`, `+02:00`) is that instant; a value without one is
 local time in the dealership's zone (`DEALERSHIP_TIMEZONE`, UTC unless set), and responses carry that
 zone's offset. Booking intervals are half-open, `[start, end)`: a booking that ends at 10:00 and another
 that starts at 10:00 on the same car do not overlap, while one second of overlap is a 409. `end_datetime`
 must be after `start_datetime`, and a booking cannot start in the past. Every error is
 `application/problem+json`.
 
-Start with **POST /api/v1/cars**, then **POST /api/v1/bookings**: press "Try it out" and Execute, and
+Start with **POST /api/v1/cars**, then **POST /api/v1/bookings**: each opens ready to try with its example filled in: press Execute, and
 the examples filled in create a car and book it for a week from now."""
 
 ERROR_MEANINGS = {
@@ -2909,6 +3019,15 @@ def schema_name(schema):
     return name + "Changes" if getattr(schema, "partial", False) else name
 
 
+METHOD_ORDER = ["post", "get", "put", "patch", "delete"]  # create, list or read, change, remove
+
+
+def reading_order(doc, rule):
+    """Where an operation stands in the docs: by tag (as TAGS lists them), the calendar feeds last,
+    then by path."""
+    return list(TAGS).index(doc["tag"]), doc["media"] is not None, rule
+
+
 def openapi_document(app):
     """The OpenAPI 3 document of the service's routes as mounted on `app` (in a request to it: the
     examples are written in its dealership's time zone)."""
@@ -2921,11 +3040,10 @@ def openapi_document(app):
     secured = bool(app.config["DEALERSHIP_API_KEY"])
     if secured:
         spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
-    examples = Examples(example_window(store().zone))
-    rules = [rule for rule in app.url_map.iter_rules() if rule.endpoint.partition(".")[0] == bp.name]
-    rules.sort(key=lambda r: (list(TAGS).index(app.view_functions[r.endpoint].api_doc["tag"]), r.rule))
+    examples = Examples(example_window(PRESENTATION.get().zone))
     paths = {}
-    for rule in rules:
+    for rule in sorted((rule for rule in app.url_map.iter_rules() if rule.endpoint.partition(".")[0] == bp.name),
+                       key=lambda rule: reading_order(app.view_functions[rule.endpoint].api_doc, rule.rule)):
         view = app.view_functions[rule.endpoint]
         methods = sorted(rule.methods - {"HEAD", "OPTIONS"})
         paths.setdefault(_PATH_ARGUMENT.sub(r"{\1}", rule.rule), {}).update(
@@ -2934,7 +3052,7 @@ def openapi_document(app):
              for method in methods})
     add_links(paths)
     for path, operations in paths.items():
-        spec.path(path=path, operations=operations)
+        spec.path(path=path, operations=dict(sorted(operations.items(), key=lambda item: METHOD_ORDER.index(item[0]))))
     document = spec.to_dict()
     window = examples.window
     moments = window | {"after": window["start_datetime"], "before": window["start_datetime"] + timedelta(days=30)}
@@ -2967,13 +3085,15 @@ class Examples:
         booking = {"id": 1} | self.body(BOOKING_SCHEMA) | window | {"total_cents": price}
         workshop = {"id": 1, "car_id": 1, "note": "Brake check", "start_datetime": end + timedelta(days=1),
                     "end_datetime": end + timedelta(days=1, hours=4)}
+        self.clash = clash(Car(**car), 0, start, end, Booking(**booking), PRESENTATION.get().zone)
         self.responses = {
             CarSchema: CAR_SCHEMA.dump(car),
             BookingSchema: BOOKING_SCHEMA.dump(booking),
             DealerSchema: DEALER_SCHEMA.dump({"id": 1} | SEED_DEALER | {"turnaround_minutes": 60}),
             CalendarSchema: CALENDAR_SCHEMA.dump({
                 "car_id": 1, "start_datetime": start - timedelta(days=1), "end_datetime": end + timedelta(days=2),
-                "status": "available", "turnaround_minutes": 60, "available": False, "busy": [booking],
+                "status": "available", "turnaround_minutes": 60, "available": False, "reason": self.clash,
+                "busy": [booking],
                 "maintenance": [workshop],
                 "free": [{"start_datetime": start - timedelta(days=1), "end_datetime": start - timedelta(hours=1)},
                          {"start_datetime": end + timedelta(hours=1), "end_datetime": end + timedelta(hours=23)},
@@ -2981,19 +3101,19 @@ class Examples:
                           "end_datetime": end + timedelta(days=2)}]}),
             MaintenanceWindowSchema: WINDOW_SCHEMA.dump(workshop),
             QuoteSchema: QUOTE_SCHEMA.dump({"car_id": 1, "days": rental_days(start, end), "total_cents": price,
-                                            "daily_price": car["daily_price"], "available": True} | window),
+                                            "daily_price": car["daily_price"], "available": True, "reason": None}
+                                           | window),
             OfferSchema: OFFER_SCHEMA.dump({"car_id": 1, "total_cents": price} | window),
             IndexSchema: INDEX_SCHEMA.dump({"name": "Dealership API", "version": API_VERSION, "links": {
                 "cars": f"{API_PREFIX}/cars", "bookings": f"{API_PREFIX}/bookings"}}),
         }
         vin_error = CAR_SCHEMA.fields["vin"].error
-        show = store().show
         self.problems = {code: {"title": title, "status": code, "detail": detail} | extra for code, title, detail, extra in [
             (400, "Bad Request", "The body is not valid JSON.", {}),
             (401, "Unauthorized", "No API key was sent: this request changes data, so send "
                                   "'Authorization: Bearer <API key>'.", {}),
             (404, "Not Found", "There is no car with id 7.", {}),
-            (409, "Conflict", f"Car 1 is already booked from {show(start)} to {show(end)} by booking 1.", {}),
+            (409, "Conflict", self.clash, {}),
             (413, "Request Entity Too Large", "The body is larger than the limit of 1048576 bytes.", {}),
             (415, "Unsupported Media Type", "Send the body as JSON with 'Content-Type: application/json'.", {}),
             (422, "Unprocessable Content", "Invalid input: vin.", {"errors": {"vin": [vin_error]}}),
@@ -3113,8 +3233,7 @@ def init_docs(app, prefix=""):
 
 BOARD = "dealership_board"
 board_bp = Blueprint(BOARD, __name__)
-board_bp.register_error_handler(HTTPException, http_error)
-board_bp.register_error_handler(ValidationError, validation_error)
+handle_errors(board_bp)
 BOARD_DAYS = (7, 14, 28)
 FIRST_BOARD_DAY, LAST_BOARD_DAY = date(1971, 1, 1), date(9998, 12, 1)
 
@@ -3149,13 +3268,14 @@ def board():
     tail, cars in maintenance status greyed. No customer's name or e-mail: the page needs no key."""
     service = store()
     service.sync()
+    zone = service.zone
     filters = query(BOARD_QUERY)
-    today = datetime.now(service.zone).date()
+    today = datetime.now(zone).date()
     first = filters.get("start", today - timedelta(days=today.weekday()))
     days, dealer_id = filters["days"], filters.get("dealer_id")
     if dealer_id is not None:
-        service.dealer(dealer_id)
-    midnights = [datetime.combine(first + timedelta(days=n), dt_time(0), service.zone).astimezone(timezone.utc)
+        service.fleet.dealer(dealer_id)
+    midnights = [datetime.combine(first + timedelta(days=n), dt_time(0), zone).astimezone(timezone.utc)
                  for n in range(days + 1)]
     period = Period(midnights[0], midnights[-1])
     columns = [{"label": (first + timedelta(days=n)).strftime("%a %d"), "today": first + timedelta(days=n) == today,
@@ -3164,7 +3284,7 @@ def board():
     if len(texts) > BOARD_TEXTS_KEPT:
         texts.clear()
     groups = []
-    for dealer, cars in service.board_rows(period.begin, period.end, dealer_id):
+    for dealer, cars in service.read(Fleet.board_rows, period.begin, period.end, dealer_id):
         pad = dealer.turnaround_minutes * MINUTE
         rows = [{"car": car, "out": car.status != "available",
                  "bars": Markup("".join(bar_html(entry, period, pad, texts) for entry in entries))}
@@ -3177,12 +3297,12 @@ def board():
         template = current_app.extensions[BOARD_TEMPLATE_KEY] = current_app.jinja_env.from_string(BOARD_TEMPLATE)
     return render_template(
         template, groups=groups, columns=columns, days=days,
-        period=f"{first:%a %d %b %Y} to {first + timedelta(days=days - 1):%a %d %b %Y}", zone=service.zone,
+        period=f"{first:%a %d %b %Y} to {first + timedelta(days=days - 1):%a %d %b %Y}", zone=zone,
         previous=link(start=(first - timedelta(days=days)).isoformat(), **dealer_arg),
         next=link(start=(first + timedelta(days=days)).isoformat(), **dealer_arg),
         today=link(**dealer_arg), all_dealers=link(start=first.isoformat()),
         docs=docs_url() if DOCS in current_app.extensions else None,
-        dealers=[(dealer, link(start=first.isoformat(), dealer_id=dealer.id)) for dealer in service.dealers.values()],
+        dealers=[(dealer, link(start=first.isoformat(), dealer_id=dealer.id)) for dealer in service.fleet.dealers.values()],
         dealer_id=dealer_id)
 
 
@@ -3230,17 +3350,17 @@ def bar_html(entry, period, pad, texts):
 
 def bar_text(entry):
     """What the board says of an entry whatever the period: (kind, its attributes as HTML, its label)."""
-    service = store()
-    shown = f"{service.show(entry.start_datetime)[:16].replace('T', ' ')} to " \
-            f"{service.show(entry.end_datetime)[:16].replace('T', ' ')}"
+    zone, currency = PRESENTATION.get().zone, PRESENTATION.get().currency
+    start, end = format_instant(entry.start_datetime, zone), format_instant(entry.end_datetime, zone)
+    shown = f"{start[:16].replace('T', ' ')} to {end[:16].replace('T', ' ')}"
     if type(entry) is Booking:
         kind, label = "booking", str(entry.id)
-        title = f"Booking {entry.id}: {shown}, {entry.total_cents / 100:.2f} {service.currency}"
+        title = f"Booking {entry.id}: {shown}, {entry.total_cents / 100:.2f} {currency}"
     else:
         kind, label = "window", entry.note or "Maintenance"
         title = f"Maintenance window {entry.id}{': ' + entry.note if entry.note else ''}: {shown}"
-    attributes = (f' data-{kind}-id="{entry.id}" data-start="{service.show(entry.start_datetime)}"'
-                  f' data-end="{service.show(entry.end_datetime)}" title="{escape(title)}" aria-label="{escape(title)}"')
+    attributes = (f' data-{kind}-id="{entry.id}" data-start="{start}"'
+                  f' data-end="{end}" title="{escape(title)}" aria-label="{escape(title)}"')
     return kind, attributes, escape(label)
 
 
@@ -3312,12 +3432,83 @@ rows are cars in maintenance.</p>
 """
 
 
+
+# ---------------------------------------------------------------------------------------------
+# Logs: one line per event, each starting with its time (ISO 8601, with offset), level, process id
+# and logger; ids and times only, never a customer's name or e-mail.
+# ---------------------------------------------------------------------------------------------
+
+
+class LogFormatter(logging.Formatter):
+    """The service's log line: `2035-01-15T10:00:00.123+01:00 INFO 4242 dealership: ...`, in the
+    machine's local time."""
+
+    def __init__(self):
+        super().__init__("%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
+
+    def formatTime(self, record, datefmt=None):
+        return datetime.fromtimestamp(record.created).astimezone().isoformat(timespec="milliseconds")
+
+
+def configure_logging():
+    """Give the root logger the service's line on stderr, unless logging is set up already (a host
+    app's own format, or a test's capture, is kept), and let the service's INFO lines through."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(LogFormatter())
+        root.addHandler(handler)
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.INFO)
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI commands, registered by init_app: serve (production) and backup
 # ---------------------------------------------------------------------------------------------
 
 SERVE_CONNECTIONS = 1000  # open connections waitress accepts: far above its threads, so idle ones lock nobody out
 SERVE_IDLE_SECONDS = 30  # a connection that sends nothing for this long is closed; and the longest a stop waits
+SERVE_WORKER = "DEALERSHIP_SERVE_WORKER"  # set in the environment of serve's worker processes
+
+
+class WaitressServer:
+    """The one place that touches waitress: its public create_server(), and, for a stop that
+    finishes the requests in flight (which waitress's own serve() does not do), its event loop and
+    channels. Those are internals of the version pinned in requirements.txt; a new version of
+    waitress must pass the stop tests before the pin moves."""
+
+    def __init__(self, app, listener, threads):
+        import waitress
+        self.server = waitress.create_server(app, sockets=[listener], threads=threads, ident="dealership",
+                                             max_request_body_size=app.config["DEALERSHIP_MAX_CONTENT_LENGTH"],
+                                             connection_limit=SERVE_CONNECTIONS, channel_timeout=SERVE_IDLE_SECONDS)
+        self.server.print_listen("Serving on http://{}:{}")
+
+    def poll(self, timeout, count=1):
+        """Serve what is ready, waiting up to `timeout` seconds for something to be."""
+        from waitress.wasyncore import loop
+        loop(timeout=timeout, map=self.server._map, use_poll=True, count=count)  # internal: the channel map
+
+    def finish_in_flight(self, seconds):
+        """Take no new connection; let each open one finish what it was sent, closing the idle ones, for
+        up to `seconds`; then stop the worker threads."""
+        from waitress.channel import HTTPChannel
+        from waitress.wasyncore import dispatcher
+        dispatcher.close(self.server)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            busy = False
+            for channel in list(self.server._map.values()):
+                if isinstance(channel, HTTPChannel):  # internal: a channel's queue and output buffers
+                    if channel.requests or channel.request is not None or channel.total_outbufs_len:
+                        busy = True
+                    else:
+                        channel.will_close = True
+            if not busy:
+                break
+            self.poll(timeout=0.05)
+        self.poll(timeout=0.05, count=2)  # closes the channels just marked
+        self.server.task_dispatcher.shutdown()  # internal: the worker threads
 
 
 @click.command("serve")
@@ -3340,7 +3531,7 @@ def serve_command(host, port, workers, threads, socket_fd):
     app = current_app._get_current_object()
     if socket_fd is not None:
         return serve_worker(app, socket.socket(fileno=socket_fd), threads)
-    memory = store().db.path == MEMORY
+    memory = not store().engine.shared
     if workers is not None and workers > 1 and memory:
         raise click.ClickException(
             f"--workers {workers} with DEALERSHIP_DATABASE=':memory:': each process would keep a store of its "
@@ -3357,39 +3548,18 @@ def serve_command(host, port, workers, threads, socket_fd):
 
 def serve_worker(app, listener, threads):
     """One waitress process on `listener` until SIGTERM or SIGINT, then the requests in flight finished."""
-    import waitress
-    from waitress.channel import HTTPChannel
-    from waitress.wasyncore import dispatcher, loop
-
-    logging.basicConfig()  # as waitress.serve() does: one handler, on the root logger
+    configure_logging()
     logging.getLogger("waitress").setLevel(logging.INFO)  # "Serving on ..."
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
-    server = waitress.create_server(app, sockets=[listener], threads=threads, ident="dealership",
-                                    max_request_body_size=app.config["DEALERSHIP_MAX_CONTENT_LENGTH"],
-                                    connection_limit=SERVE_CONNECTIONS, channel_timeout=SERVE_IDLE_SECONDS)
-    server.print_listen("Serving on http://{}:{}")
+    server = WaitressServer(app, listener, threads)
     stopping, parent = [], os.getppid()
     for sign in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sign, lambda *_: stopping.append(True))
     while not stopping:
-        loop(timeout=1.0, map=server._map, use_poll=True, count=1)
+        server.poll(timeout=1.0)
         if os.getppid() != parent:  # its supervisor is gone (kill -9): go with it, as it would have
             os._exit(1)
-    dispatcher.close(server)  # no new connection; the others finish what they were sent, then close
-    deadline = time.monotonic() + SERVE_IDLE_SECONDS
-    while time.monotonic() < deadline:
-        busy = False
-        for channel in list(server._map.values()):
-            if isinstance(channel, HTTPChannel):
-                if channel.requests or channel.request is not None or channel.total_outbufs_len:
-                    busy = True
-                else:
-                    channel.will_close = True
-        if not busy:
-            break
-        loop(timeout=0.05, map=server._map, use_poll=True, count=1)
-    loop(timeout=0.05, map=server._map, use_poll=True, count=2)  # closes the channels just marked
-    server.task_dispatcher.shutdown()
+    server.finish_in_flight(SERVE_IDLE_SECONDS)
     log.info("stopped: requests in flight finished")
 
 
@@ -3406,7 +3576,7 @@ def supervise(listener, workers, threads):
     signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
 
     def start():
-        return subprocess.Popen(command, pass_fds=[listener.fileno()])
+        return subprocess.Popen(command, pass_fds=[listener.fileno()], env=os.environ | {SERVE_WORKER: "1"})
 
     children = [start() for _ in range(workers)]
     while not stopping:
@@ -3431,16 +3601,17 @@ def supervise(listener, workers, threads):
 @with_appcontext
 def backup_command(path):
     """Copy the service's database to PATH, consistently, while the service keeps running."""
-    database = store().db
-    if not database.shared:
+    engine = store().engine
+    if not engine.shared:
         raise click.ClickException("DEALERSHIP_DATABASE is ':memory:': there is no file to back up.")
     try:
-        counts = database.backup(path)
-    except (sqlite3.Error, OSError) as error:
-        raise click.ClickException(f"Could not back up {database.path} to {path}: {error}") from None
-    click.echo(f"Backed up {database.path} to {path}: {plural(counts['dealers'], 'dealer')}, "
+        counts = engine.backup(path)
+    except (engine.Error, OSError) as error:
+        raise click.ClickException(f"Could not back up {engine.name} to {path}: {error}") from None
+    click.echo(f"Backed up {engine.name} to {path}: {plural(counts['dealers'], 'dealer')}, "
                f"{plural(counts['cars'], 'car')}, {plural(counts['bookings'], 'booking')}, "
                f"{plural(counts['maintenance_windows'], 'maintenance window')}.")
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3459,14 +3630,22 @@ def init_app(app, url_prefix=API_PREFIX, docs_prefix=None, board_prefix=None):
     for name, (default, read) in SETTINGS.items():
         app.config[name] = read(name, app.config.get(name, default))
     zone = ZoneInfo(app.config["DEALERSHIP_TIMEZONE"])
-    database = open_database(app)
+    engine = open_database(app)
     if app.config["DEALERSHIP_DEMO_DATA"]:
-        load_demo_data(database, zone)
-    service = Store(database, zone=zone, currency=app.config["DEALERSHIP_CURRENCY"])
-    if not app.config["DEALERSHIP_API_KEY"]:
+        load_demo_data(engine, zone)
+    service = Store(engine, zone=zone)
+    if not app.config["DEALERSHIP_API_KEY"] and not os.environ.get(SERVE_WORKER):  # serve has said it once
         log.warning("DEALERSHIP_API_KEY is not set: anyone who can reach the service can change its data.")
     app.extensions[EXTENSION] = service
-    app.extensions[REFUSALS] = Refusals()
+    app.extensions[REFUSED_KEYS] = RefusedKeyLog()
+    app.extensions[RENDERINGS] = Renderings()
+    presentation = Presentation(zone, app.config["DEALERSHIP_CURRENCY"])
+
+    @app.before_request
+    def present():
+        """Date-times and prices in this app's zone and currency, for the request it handles."""
+        PRESENTATION.set(presentation)
+
     init_limits(app)
     if app.url_map.converters.setdefault("digits", Digits) is not Digits:
         raise ConfigError("The app already has a URL converter named 'digits'; the service needs its own.")
@@ -3498,7 +3677,7 @@ def init_limits(app):
 
 
 def open_database(app):
-    """The Database that DEALERSHIP_DATABASE names: a path relative to the instance folder (made if
+    """The storage engine on the database that DEALERSHIP_DATABASE names: a path relative to the instance folder (made if
     missing), an absolute path, or ":memory:"."""
     path = app.config["DEALERSHIP_DATABASE"]
     if path != MEMORY:
@@ -3511,17 +3690,19 @@ def open_database(app):
             raise ConfigError(f"DEALERSHIP_DATABASE={path!r}: its folder cannot be made ({error}).") from None
         if not os.path.isdir(folder):
             raise ConfigError(f"DEALERSHIP_DATABASE={path!r}: the folder {folder!r} does not exist.")
-    return Database(path, app.config["DEALERSHIP_SYNCHRONOUS"], app.config["DEALERSHIP_BUSY_TIMEOUT"])
+    return SQLiteEngine(path, app.config["DEALERSHIP_SYNCHRONOUS"], app.config["DEALERSHIP_BUSY_TIMEOUT"])
 
 
-def load_demo_data(database, zone):
+def load_demo_data(engine, zone):
     """Into a database without cars only: a second dealer (with an hour of turnaround), six cars (one
     in maintenance), three bookings and a maintenance window in the coming days. One transaction, so processes starting together load it once."""
-    with database.write.transaction(write=True) as db:
+    with engine.writer().transaction(write=True) as db:
         if not db.is_empty():
+            log.info("%s: demo data skipped: the database has cars already (DEALERSHIP_DEMO_DATA only fills "
+                     "an empty one)", engine.name)
             return
-        first = next(iter(db.rows("dealer")), None)
-        main = first[0] if first else db.insert("dealer", SEED_DEALER)
+        first = next(iter(db.records("dealer")), None)
+        main = first.id if first else db.insert("dealer", SEED_DEALER)
         north = db.insert("dealer", {"name": "Oscar Mobility North", "location": "Hamburg, Germany",
                                      "turnaround_minutes": 60})
         # VINs unlike the README's and the docs' examples, which can then be tried on a demo too
@@ -3542,42 +3723,7 @@ def load_demo_data(database, zone):
         service = (today + timedelta(days=3)).astimezone(timezone.utc)
         db.insert("window", {"car_id": car_ids[4], "start_datetime": service,
                              "end_datetime": service + timedelta(hours=4), "note": "Brake check"})
-    log.info("%s: demo data loaded", database.path)
-
-
-class OneLine(logging.StreamHandler):
-    """Flask's own log line on stderr, but only while the root logger has no handler: a server or a
-    host that sets up logging (waitress calls logging.basicConfig() once the app is made) gets each
-    line once, through its own handler, instead of twice."""
-
-    def emit(self, record):
-        if logging.getLogger().handlers:
-            return
-        try:  # the stream is Flask's proxy for the request's wsgi.errors: looked up once, not per call
-            stream = self.stream._get_current_object()
-            stream.write(self.format(record) + self.terminator)
-            stream.flush()
-        except Exception:
-            self.handleError(record)
-
-
-class SecondFormatter(logging.Formatter):
-    """A Formatter that writes the date and time to the second once a second, not once a line."""
-
-    # (a whole second, that second as text): read and replaced whole, so that threads may share it
-    second = (None, "")
-
-    def formatTime(self, record, datefmt=None):
-        if datefmt is not None:
-            return super().formatTime(record, datefmt)
-        whole, second = int(record.created), self.second
-        if second[0] != whole:
-            second = self.second = (whole, time.strftime(self.default_time_format, self.converter(whole)))
-        return self.default_msec_format % (second[1], record.msecs)
-
-
-ONE_LINE = OneLine(flask.logging.wsgi_errors_stream)
-ONE_LINE.setFormatter(SecondFormatter("[%(asctime)s] %(levelname)s in %(module)s: %(message)s"))  # Flask's format
+    log.info("%s: demo data loaded", engine.name)
 
 
 def create_app(config=None):
@@ -3585,11 +3731,8 @@ def create_app(config=None):
 
     Settings come from the environment (DEALERSHIP_*), then from `config`, which wins.
     """
+    configure_logging()
     app = Flask(__name__)
-    app.logger.setLevel(logging.INFO)  # the "dealership" logger: one line per change
-    if flask.logging.default_handler in app.logger.handlers:  # put there by Flask: see OneLine
-        app.logger.removeHandler(flask.logging.default_handler)
-        app.logger.addHandler(ONE_LINE)
     app.config.update({name: os.environ[name] for name in SETTINGS if name in os.environ})
     app.config.update(config or {})
     init_app(app, docs_prefix="", board_prefix="")
@@ -3597,7 +3740,7 @@ def create_app(config=None):
     if proxies:  # the client's address and scheme as the trusted proxies in front say
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=proxies)
     # Routing misses (404, 405) happen before a blueprint is chosen: they need app-level handlers.
-    app.register_error_handler(HTTPException, http_error)
+    handle_errors(app)
 
     @app.get("/")
     def home():
@@ -3609,10 +3752,9 @@ def create_app(config=None):
         """Liveness: the service answers, and so does its database (a trivial read)."""
         try:
             store().ping()
-        except sqlite3.Error as error:
-            response = problem(503, "Service Unavailable", f"The database does not answer: {error}.")
-            response.headers["Retry-After"] = "5"
-            return response
+        except store().engine.Error as error:
+            return problem(503, "Service Unavailable", f"The database does not answer: {error}.",
+                           headers={"Retry-After": "5"})
         return json_response({"status": "ok", "database": "ok"})
 
     return app
