@@ -7,16 +7,16 @@ Starts `flask --app dealership serve` with the demo data (DEALERSHIP_DEMO_DATA=1
 demo does) on a free loopback port, opens /board through chromedriver (W3C WebDriver over HTTP),
 and, for every booking and maintenance window the API lists in the board's fortnight, finds its bar
 and checks from the element positions the browser laid out that it is shown, inside its own car's
-row, and starts and ends where its times fall on the day columns (within 2 pixels). Saves a
-screenshot and prints where. The server and the browser are stopped however this exits.
+row, and starts and ends where its times fall on the day columns (within 2 pixels). Keeps a
+screenshot, and prints where, only when --out is given. The server and the browser are stopped, and
+any temporary folder removed, however this exits.
 """
 import argparse
 import os
 import sys
-import tempfile
 from datetime import datetime, timedelta, timezone
 
-from docs_browser import browsing, http
+from docs_browser import browsing, http, screenshots, stopped_as_interrupted
 from serve import serve
 
 
@@ -66,12 +66,13 @@ def check(base, out):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=tempfile.mkdtemp(prefix="dealership-board-"))
+    ap.add_argument("--out", help="keep the screenshot in this folder (by default it is not kept)")
     a = ap.parse_args()
-    os.makedirs(a.out, exist_ok=True)
-    with serve(env={"DEALERSHIP_DEMO_DATA": "1"}, command="serve") as (base, _):
-        problems = check(base, a.out)
-    print(f"board: screenshot in {a.out}: board.png")
+    stopped_as_interrupted()
+    with screenshots(a.out, "dealership-board-") as out, serve(env={"DEALERSHIP_DEMO_DATA": "1"}, command="serve") as (base, _):
+        problems = check(base, out)
+    if a.out is not None:
+        print(f"board: screenshot in {a.out}: board.png")
     for line in problems:
         print("board: FAIL " + line)
     print("board: passed" if not problems else "board: failed")

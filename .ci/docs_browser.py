@@ -11,9 +11,10 @@ Starts waitress (as the README says) on a free loopback port, then:
    and Execute, and reads 201; does the same on "POST /api/v1/bookings", whose example books the car
    just made, and reads 201; then on "available-cars", and reads 200 and a list without that car
    (booked for that very period); and checks through the API that the booking is stored;
-3. saves screenshots of the page and prints where.
+3. saves screenshots of the page; they are kept, and their place printed, only when --out is given.
 Chromium and chromedriver come from Debian's packages (`chromium`, `chromium-driver`); .ci/run
-installs them when missing. The server and the browser are stopped however this exits.
+installs them when missing. The server and the browser are stopped, and any temporary folder
+removed, however this exits.
 """
 import argparse
 import base64
@@ -21,6 +22,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -102,6 +104,23 @@ def browsing():
         stop(driver)
 
 
+@contextlib.contextmanager
+def screenshots(out, prefix):
+    """The folder for screenshots: `out` (made if missing, and kept), or else a temporary one, removed
+    however the block exits."""
+    if out is not None:
+        os.makedirs(out, exist_ok=True)
+        yield out
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as folder:
+        yield folder
+
+
+def stopped_as_interrupted():
+    """SIGTERM (a CI job's timeout) ends the script as Ctrl+C does: servers stopped, folders removed."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+
 def execute(browser, operation):
     """Open an operation on the page, press "Try it out" and Execute, with what the page filled in:
     (status, response text)."""
@@ -118,12 +137,13 @@ def execute(browser, operation):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=tempfile.mkdtemp(prefix="dealership-docs-"))
+    ap.add_argument("--out", help="keep the screenshots in this folder (by default they are not kept)")
     a = ap.parse_args()
-    os.makedirs(a.out, exist_ok=True)
-    with serve() as (base, _):
-        problems = check(base, a.out)
-    print(f"docs: screenshots in {a.out}: docs.png, docs-after-booking.png")
+    stopped_as_interrupted()
+    with screenshots(a.out, "dealership-docs-") as out, serve() as (base, _):
+        problems = check(base, out)
+    if a.out is not None:
+        print(f"docs: screenshots in {a.out}: docs.png, docs-after-booking.png")
     for line in problems:
         print("docs: FAIL " + line)
     print("docs: passed" if not problems else "docs: failed")
