@@ -3376,7 +3376,7 @@ BOARD_TEMPLATE = """<!doctype html>
   .board { margin-top: 1rem; min-width: 60rem; position: relative; }
   .grid { position: absolute; top: 0; bottom: 0; left: 17rem; right: 0; pointer-events: none; }
   .row { display: flex; border-bottom: 1px solid #ddd; min-height: 2rem; }
-  .car { flex: 0 0 17rem; padding: .3rem .5rem; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+  .car { flex: 0 0 17rem; box-sizing: border-box; padding: .3rem .5rem; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
   .vin { color: #666; font-family: monospace; }
   .status { font-size: 85%; color: #666; }
   .lane { position: relative; flex: 1; }
