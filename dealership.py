@@ -3373,16 +3373,18 @@ BOARD_TEMPLATE = """<!doctype html>
 <style>
   body { font: 14px/1.4 system-ui, sans-serif; margin: 1rem; color: #1b1b1b; }
   nav a { margin-right: .8rem; }
-  .board { margin-top: 1rem; min-width: 60rem; position: relative; }
+  .board { margin-top: 1rem; min-width: max(60rem, calc(17rem + {{ days }} * 2.75rem)); position: relative; }
   .grid { position: absolute; top: 0; bottom: 0; left: 17rem; right: 0; pointer-events: none; }
   .row { display: flex; border-bottom: 1px solid #ddd; min-height: 2rem; }
-  .car { flex: 0 0 17rem; box-sizing: border-box; padding: .3rem .5rem; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+  .car { flex: 0 0 17rem; box-sizing: border-box; padding: .3rem .5rem; overflow-wrap: anywhere; }
+  .vin, .status { white-space: nowrap; }
   .vin { color: #666; font-family: monospace; }
   .status { font-size: 85%; color: #666; }
   .lane { position: relative; flex: 1; }
   .day, .cell { position: absolute; top: 0; bottom: 0; border-left: 1px solid rgba(0, 0, 0, .08); box-sizing: border-box; }
   .cell.today { background: rgba(255, 196, 0, .15); }
-  .head .day { padding: .3rem; font-weight: 600; white-space: nowrap; overflow: hidden; }
+  .head { min-height: calc(2.8em + .6rem); }
+  .head .day { padding: .3rem .25rem; font-size: 13px; font-weight: 600; overflow: hidden; }
   .today { background: #fff6d5; }
   .bar { position: absolute; top: .3rem; bottom: .3rem; box-sizing: border-box; border-radius: 3px; padding: 0 .3rem;
          font-size: 12px; line-height: 1.4rem; overflow: hidden; white-space: nowrap; }
