@@ -3340,8 +3340,8 @@ def bar_html(entry, period, pad, texts):
     width = ((end if end < last else last) - first) * scale - left
     html = (f'<div class="bar {kind}{" cut-start" if cut_start else ""}{" cut-end" if cut_end else ""}"{attributes}'
             f'{" data-continues-before" if cut_start else ""}{" data-continues-after" if cut_end else ""}'
-            f' style="left:{left:.4f}%;width:{width:.4f}%">{"&#9664; " if cut_start else ""}{label}'
-            f'{" &#9654;" if cut_end else ""}</div>')
+            f' style="left:{left:.4f}%;width:{width:.4f}%"><span class="label">{"&#9664; " if cut_start else ""}{label}'
+            f'{" &#9654;" if cut_end else ""}</span></div>')
     if kind == "booking" and pad and end < period.last:
         left, width = period.place(end, end + pad)
         html = f'<div class="tail" aria-hidden="true" style="left:{left}%;width:{width}%"></div>' + html
@@ -3380,14 +3380,21 @@ BOARD_TEMPLATE = """<!doctype html>
   .vin, .status { white-space: nowrap; }
   .vin { color: #666; font-family: monospace; }
   .status { font-size: 85%; color: #666; }
-  .lane { position: relative; flex: 1; }
+  .lane { position: relative; flex: 1; overflow-x: clip; }
   .day, .cell { position: absolute; top: 0; bottom: 0; border-left: 1px solid rgba(0, 0, 0, .08); box-sizing: border-box; }
   .cell.today { background: rgba(255, 196, 0, .15); }
   .head { min-height: calc(2.8em + .6rem); }
   .head .day { padding: .3rem .25rem; font-size: 13px; font-weight: 600; overflow: hidden; }
   .today { background: #fff6d5; }
   .bar { position: absolute; top: .3rem; bottom: .3rem; box-sizing: border-box; border-radius: 3px; padding: 0 .3rem;
-         font-size: 12px; line-height: 1.4rem; overflow: hidden; white-space: nowrap; }
+         font-size: 12px; line-height: 1.4rem; white-space: nowrap; container-type: inline-size; }
+  .label { display: inline-block; vertical-align: top; max-width: 100%; overflow: hidden; text-overflow: ellipsis; }
+  /* a window's note, and the label of a bar too narrow for any text, are tags that may run on past
+     their bar over the free lane (a later bar covers them); title and aria-label keep the whole text */
+  .window .label { max-width: max(100%, 12rem); margin: .2rem 0 0 -.2rem; padding: 0 .2rem; line-height: 1rem;
+                   background: #fff; border-radius: 2px; }
+  @container (max-width: 1.2rem) { .bar .label { position: absolute; left: 100%; top: .2rem; max-width: 12rem; margin: 0 0 0 2px;
+    padding: 0 .2rem; line-height: calc(1rem - 2px); border: 1px solid #999; border-radius: 2px; background: #fff; color: #1b1b1b; } }
   .booking { background: #2f6fb2; color: #fff; }
   .window { background: repeating-linear-gradient(45deg, #c0392b 0 6px, #f3c6c0 6px 12px); color: #000; }
   .tail { position: absolute; top: .3rem; bottom: .3rem; background: #cfe0f3; }
