@@ -3714,13 +3714,14 @@ def load_demo_data(engine, zone):
         main = first.id if first else db.insert("dealer", SEED_DEALER)
         north = db.insert("dealer", {"name": "Oscar Mobility North", "location": "Hamburg, Germany",
                                      "turnaround_minutes": 60})
-        # VINs unlike the README's and the docs' examples, which can then be tried on a demo too
+        # VINs unlike the README's and the docs' examples, which can then be tried on a demo too, and
+        # each with its own last six characters, the part the board shows
         cars = [("Toyota", "Corolla", 2024, "White", 59.9, "JTDBR32E720654321", "available", main),
                 ("Volkswagen", "Golf", 2023, "Grey", 64.5, "WVWZZZ1KZ6W612345", "available", main),
-                ("BMW", "320i", 2022, "Black", 89.0, "WBA8E9C50GK123456", "maintenance", main),
-                ("Mercedes-Benz", "C 200", 2024, "Silver", 95.0, "WDD2050421R123456", "available", north),
-                ("Skoda", "Octavia", 2021, "Blue", 55.0, "TMBJJ7NE8L0123456", "available", north),
-                ("Tesla", "Model 3", 2025, "Red", 110.0, "5YJ3E1EA7KF123456", "available", north)]
+                ("BMW", "320i", 2022, "Black", 89.0, "WBA8E9C50GK283517", "maintenance", main),
+                ("Mercedes-Benz", "C 200", 2024, "Silver", 95.0, "WDD2050421R470962", "available", north),
+                ("Skoda", "Octavia", 2021, "Blue", 55.0, "TMBJJ7NE8L0395148", "available", north),
+                ("Tesla", "Model 3", 2025, "Red", 110.0, "5YJ3E1EA7KF731804", "available", north)]
         car_ids = [db.insert("car", CAR_SCHEMA.load(dict(zip(CAR_FIELDS, values)))) for values in cars]
         today = datetime.now(zone).replace(hour=9, minute=0, second=0, microsecond=0)
         for car, days_ahead, length, who in [(0, 1, 2, "a"), (3, 2, 1, "b"), (1, 5, 3, "c")]:

@@ -1832,6 +1832,7 @@ def test_demo_data():
     assert len(cars) >= 5
     assert {car["status"] for car in cars} == {"available", "maintenance"}
     assert {car["dealer_id"] for car in cars} == {1, 2}
+    assert len({car["vin"][-6:] for car in cars}) == len(cars)  # the part of a VIN the board shows
     assert len(client.get(f"{API}/dealers").get_json()) == 2
     assert len(client.get(f"{API}/bookings").get_json()) >= 2
     assert new_app().test_client().get(f"{API}/cars").get_json() == []  # off by default
