@@ -3386,14 +3386,15 @@ BOARD_TEMPLATE = """<!doctype html>
   .head { min-height: calc(2.8em + .6rem); }
   .head .day { padding: .3rem .25rem; font-size: 13px; font-weight: 600; overflow: hidden; }
   .today { background: #fff6d5; }
-  .bar { position: absolute; top: .3rem; bottom: .3rem; box-sizing: border-box; border-radius: 3px; padding: 0 .3rem;
+  .bar { position: absolute; top: .3rem; bottom: .3rem; box-sizing: border-box; border-radius: 3px;
          font-size: 12px; line-height: 1.4rem; white-space: nowrap; container-type: inline-size; }
-  .label { display: inline-block; vertical-align: top; max-width: 100%; overflow: hidden; text-overflow: ellipsis; }
+  .label { display: inline-block; vertical-align: top; box-sizing: border-box; max-width: 100%; padding: 0 .3rem;
+          overflow: hidden; text-overflow: ellipsis; }
   /* a window's note, and the label of a bar too narrow for any text, are tags that may run on past
      their bar over the free lane (a later bar covers them); title and aria-label keep the whole text */
-  .window .label { max-width: max(100%, 12rem); margin: .2rem 0 0 -.2rem; padding: 0 .2rem; line-height: 1rem;
+  .window .label { max-width: max(100%, 12rem); margin: .2rem 0 0 .1rem; padding: 0 .2rem; line-height: 1rem;
                    background: #fff; border-radius: 2px; }
-  @container (max-width: 1.2rem) { .bar .label { position: absolute; left: 100%; top: .2rem; max-width: 12rem; margin: 0 0 0 2px;
+  @container (max-width: 1.8rem) { .bar .label { position: absolute; left: 100%; top: .2rem; max-width: 12rem; margin: 0 0 0 2px;
     padding: 0 .2rem; line-height: calc(1rem - 2px); border: 1px solid #999; border-radius: 2px; background: #fff; color: #1b1b1b; } }
   .booking { background: #2f6fb2; color: #fff; }
   .window { background: repeating-linear-gradient(45deg, #c0392b 0 6px, #f3c6c0 6px 12px); color: #000; }
