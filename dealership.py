@@ -85,6 +85,7 @@ API_VERSION = "1.0.0"
 EXTENSION = "dealership"
 REFUSED_KEYS = "dealership_refused_keys"
 RENDERINGS = "dealership_renderings"
+DOCS = "dealership_docs"  # the docs' blueprint, and where it is mounted
 # What text may hold, spelled out as regex classes that mean the same to the service (Python) and to
 # the ECMA regexes that clients of the OpenAPI document use (and simple enough for fuzzers to generate
 # from). A lone surrogate is refused in code as well: it is not a character, and no JSON Schema
@@ -238,7 +239,6 @@ SETTINGS = {
     "DEALERSHIP_PROXIES": (0, whole_number(0)),  # trusted proxies in front, whose X-Forwarded-For tells the client
     "DEALERSHIP_CURRENCY": ("EUR", currency_code),  # what prices are in: shown beside them, never converted
 }
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -584,8 +584,6 @@ class Coverage:
                 if stop is not None and len(found) >= stop:
                     break
         return found
-
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -1002,7 +1000,7 @@ class Fleet:
 # Storage engines: the store of record under the fleet. An engine keeps every record and a change
 # log, and is all the store needs of a database:
 #   engine.name, engine.shared    what messages call it; whether other processes may write to it too
-#   engine.Error                  what its driver raises; engine.refusal(error) turns it into a
+#   engine.Error                  what its driver raises; engine.client_error(error) turns it into a
 #                                 ConflictError or a StorageUnavailable (503) for the client
 #   engine.writer(), .reader()    the one write connection (one batch at a time), and this thread's
 #                                 connection for catching up
@@ -1137,139 +1135,6 @@ SCHEMA_STEPS = [
     """ + change_log_triggers("window"), fill=price_old_bookings),
 ]
 SCHEMA_VERSION = len(SCHEMA_STEPS)
-
-
-class SQLiteEngine:
-    """The database file (or memory) of one store, and its connections.
-
-    The write connection is used by one batch of writes at a time (the store's write lock). On a
-    file, each thread that serves requests also has a read connection of its own (`reader()`), to
-    see whether another process has committed and to catch up, so that a reader never waits for a
-    writer's COMMIT nor for another reader. In memory there is only the write connection, as no
-    other process can write. Opening a file checks it (ours, not newer, not damaged), takes the
-    schema's steps it lacks and puts it in WAL mode; any problem is a ConfigError.
-    """
-    Error = sqlite3.Error
-
-    def __init__(self, path, synchronous="full", busy_timeout=5.0):
-        self.name = path
-        self.shared = path != MEMORY  # a file can have other processes (or apps) on it
-        self.busy_timeout = busy_timeout
-        self._readers = threading.local()
-        self._writer = SQLiteConnection(path, busy_timeout, self.unusable)
-        try:
-            self._prepare(self._writer.conn, synchronous)
-            self._writer.conn.execute("PRAGMA busy_timeout = 0")  # see SQLiteConnection._begin_immediate
-        except sqlite3.Error as error:
-            self._writer.conn.close()
-            raise self.unusable(error) from None
-        except ConfigError:
-            self._writer.conn.close()
-            raise
-
-    def writer(self):
-        return self._writer
-
-    def reader(self):
-        """This thread's read connection to the file, opened on first use (in memory: the writer's)."""
-        if not self.shared:
-            return self._writer
-        reader = getattr(self._readers, "connection", None)
-        if reader is None:
-            reader = self._readers.connection = SQLiteConnection(self.name, self.busy_timeout, self.unusable)
-            reader.conn.execute("PRAGMA query_only = ON")
-        return reader
-
-    def _prepare(self, conn, synchronous):
-        app_id = conn.execute("PRAGMA application_id").fetchone()[0]  # "not a database" shows here
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-        if app_id != APPLICATION_ID and (app_id or tables):
-            raise ConfigError(f"DEALERSHIP_DATABASE={self.name!r} is a SQLite database of another "
-                              "application: point the setting at the service's own file, or at a "
-                              "path that does not exist yet to start afresh.")
-        if version > SCHEMA_VERSION:
-            raise ConfigError(f"DEALERSHIP_DATABASE={self.name!r} was written by a newer version of "
-                              f"the service (schema {version}; this one knows up to {SCHEMA_VERSION}): "
-                              "run that version, or restore a backup made by this one.")
-        if self.shared and tables:
-            problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
-            if problems != ["ok"]:
-                raise self.unusable(problems[0])
-        if self.shared and conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-            conn.execute("PRAGMA journal_mode = WAL")  # readers never wait for a writer
-        conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
-        if version < SCHEMA_VERSION:
-            self._upgrade()
-
-    def _upgrade(self):
-        with self._writer.transaction(write=True) as db:
-            version = db.conn.execute("PRAGMA user_version").fetchone()[0]  # another process may have
-            for step in SCHEMA_STEPS[version:]:
-                db.script(step.sql)
-                if step.fill is not None:
-                    step.fill(db.conn)
-            if version == 0:
-                db.conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-                db.insert("dealer", SEED_DEALER)
-            db.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        if version == 0:
-            log.info("%s: new database, schema version %d", self.name, SCHEMA_VERSION)
-        elif version < SCHEMA_VERSION:
-            log.info("%s: schema upgraded from version %d to %d", self.name, version, SCHEMA_VERSION)
-
-    def unusable(self, error):
-        """A ConfigError for a file that cannot be used, saying what to do about it."""
-        text = str(error)
-        if "not a database" in text:
-            what = "is not a SQLite database: point the setting at the service's own file"
-        elif "locked" in text:
-            what = ("is locked by another process for longer than DEALERSHIP_BUSY_TIMEOUT: "
-                    "start again once it is free")
-        elif "malformed" in text or "corrupt" in text or not isinstance(error, sqlite3.Error):
-            what = f"is damaged ({text}): stop the service and restore the latest backup (see the README)"
-        else:
-            what = f"cannot be used ({text}): check the file and the permissions of its folder"
-        return ConfigError(f"DEALERSHIP_DATABASE={self.name!r} {what}.")
-
-    def refusal(self, error):
-        """What a client is told when SQLite refuses a write: a 409 for a constraint, else a 503
-        (nothing changed, try again later)."""
-        code = getattr(error, "sqlite_errorname", "")
-        if isinstance(error, sqlite3.IntegrityError):
-            return ConflictError(f"The change conflicts with the stored data ({error}); nothing was changed.")
-        if code.startswith("SQLITE_BUSY") or "locked" in str(error):
-            detail, retry = ("The database is busy: another process held it for longer than "
-                             "DEALERSHIP_BUSY_TIMEOUT. Nothing was changed; try again."), 1
-        elif code.startswith("SQLITE_READONLY"):
-            detail, retry = ("The database file is read-only, so nothing can be changed; reads still work. "
-                             "An operator must make the file and its folder writable."), 60
-        elif code.startswith("SQLITE_FULL"):
-            detail, retry = "The disk that holds the database is full; nothing was changed.", 60
-        else:
-            detail, retry = f"The database refused the change ({error}); nothing was changed.", 10
-        return StorageUnavailable(detail, retry)
-
-    def ping(self):
-        """A trivial read; raises sqlite3.Error when the database does not answer."""
-        self.reader().ping()
-
-    def backup(self, target):
-        """A consistent copy of the database at `target`, taken while the service runs (SQLite's
-        online backup), written beside it first and then renamed, so `target` is never half a copy."""
-        partial = f"{target}.partial"
-        source = sqlite3.connect(self.name, timeout=30)
-        copy = sqlite3.connect(partial, isolation_level=None)
-        try:
-            source.backup(copy)
-            copy.execute("PRAGMA journal_mode = DELETE")  # one self-contained file
-            counts = {table: copy.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-                      for table, _ in TABLES.values()}
-        finally:
-            copy.close()
-            source.close()
-        os.replace(partial, target)
-        return counts
 
 
 class SQLiteConnection:
@@ -1438,6 +1303,139 @@ class SQLiteConnection:
         CHANGE_LOG_PRUNE_EVERY (its position went from `before` to `after`)."""
         if before // CHANGE_LOG_PRUNE_EVERY != after // CHANGE_LOG_PRUNE_EVERY:
             self.conn.execute("DELETE FROM changes WHERE seq <= ?", (after - CHANGE_LOG_KEEP,))
+
+
+class SQLiteEngine:
+    """The database file (or memory) of one store, and its connections.
+
+    The write connection is used by one batch of writes at a time (the store's write lock). On a
+    file, each thread that serves requests also has a read connection of its own (`reader()`), to
+    see whether another process has committed and to catch up, so that a reader never waits for a
+    writer's COMMIT nor for another reader. In memory there is only the write connection, as no
+    other process can write. Opening a file checks it (ours, not newer, not damaged), takes the
+    schema's steps it lacks and puts it in WAL mode; any problem is a ConfigError.
+    """
+    Error = sqlite3.Error
+
+    def __init__(self, path, synchronous="full", busy_timeout=5.0):
+        self.name = path
+        self.shared = path != MEMORY  # a file can have other processes (or apps) on it
+        self.busy_timeout = busy_timeout
+        self._readers = threading.local()
+        self._writer = SQLiteConnection(path, busy_timeout, self.unusable)
+        try:
+            self._prepare(self._writer.conn, synchronous)
+            self._writer.conn.execute("PRAGMA busy_timeout = 0")  # see SQLiteConnection._begin_immediate
+        except sqlite3.Error as error:
+            self._writer.conn.close()
+            raise self.unusable(error) from None
+        except ConfigError:
+            self._writer.conn.close()
+            raise
+
+    def writer(self):
+        return self._writer
+
+    def reader(self):
+        """This thread's read connection to the file, opened on first use (in memory: the writer's)."""
+        if not self.shared:
+            return self._writer
+        reader = getattr(self._readers, "connection", None)
+        if reader is None:
+            reader = self._readers.connection = SQLiteConnection(self.name, self.busy_timeout, self.unusable)
+            reader.conn.execute("PRAGMA query_only = ON")
+        return reader
+
+    def _prepare(self, conn, synchronous):
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]  # "not a database" shows here
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        if app_id != APPLICATION_ID and (app_id or tables):
+            raise ConfigError(f"DEALERSHIP_DATABASE={self.name!r} is a SQLite database of another "
+                              "application: point the setting at the service's own file, or at a "
+                              "path that does not exist yet to start afresh.")
+        if version > SCHEMA_VERSION:
+            raise ConfigError(f"DEALERSHIP_DATABASE={self.name!r} was written by a newer version of "
+                              f"the service (schema {version}; this one knows up to {SCHEMA_VERSION}): "
+                              "run that version, or restore a backup made by this one.")
+        if self.shared and tables:
+            problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
+            if problems != ["ok"]:
+                raise self.unusable(problems[0])
+        if self.shared and conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            conn.execute("PRAGMA journal_mode = WAL")  # readers never wait for a writer
+        conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+        if version < SCHEMA_VERSION:
+            self._upgrade()
+
+    def _upgrade(self):
+        with self._writer.transaction(write=True) as db:
+            version = db.conn.execute("PRAGMA user_version").fetchone()[0]  # another process may have
+            for step in SCHEMA_STEPS[version:]:
+                db.script(step.sql)
+                if step.fill is not None:
+                    step.fill(db.conn)
+            if version == 0:
+                db.conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                db.insert("dealer", SEED_DEALER)
+            db.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if version == 0:
+            log.info("%s: new database, schema version %d", self.name, SCHEMA_VERSION)
+        elif version < SCHEMA_VERSION:
+            log.info("%s: schema upgraded from version %d to %d", self.name, version, SCHEMA_VERSION)
+
+    def unusable(self, error):
+        """A ConfigError for a file that cannot be used, saying what to do about it."""
+        text = str(error)
+        if "not a database" in text:
+            what = "is not a SQLite database: point the setting at the service's own file"
+        elif "locked" in text:
+            what = ("is locked by another process for longer than DEALERSHIP_BUSY_TIMEOUT: "
+                    "start again once it is free")
+        elif "malformed" in text or "corrupt" in text or not isinstance(error, sqlite3.Error):
+            what = f"is damaged ({text}): stop the service and restore the latest backup (see the README)"
+        else:
+            what = f"cannot be used ({text}): check the file and the permissions of its folder"
+        return ConfigError(f"DEALERSHIP_DATABASE={self.name!r} {what}.")
+
+    def client_error(self, error):
+        """What a client is told when SQLite refuses a write: a 409 for a constraint, else a 503
+        (nothing changed, try again later)."""
+        code = getattr(error, "sqlite_errorname", "")
+        if isinstance(error, sqlite3.IntegrityError):
+            return ConflictError(f"The change conflicts with the stored data ({error}); nothing was changed.")
+        if code.startswith("SQLITE_BUSY") or "locked" in str(error):
+            detail, retry = ("The database is busy: another process held it for longer than "
+                             "DEALERSHIP_BUSY_TIMEOUT. Nothing was changed; try again."), 1
+        elif code.startswith("SQLITE_READONLY"):
+            detail, retry = ("The database file is read-only, so nothing can be changed; reads still work. "
+                             "An operator must make the file and its folder writable."), 60
+        elif code.startswith("SQLITE_FULL"):
+            detail, retry = "The disk that holds the database is full; nothing was changed.", 60
+        else:
+            detail, retry = f"The database refused the change ({error}); nothing was changed.", 10
+        return StorageUnavailable(detail, retry)
+
+    def ping(self):
+        """A trivial read; raises sqlite3.Error when the database does not answer."""
+        self.reader().ping()
+
+    def backup(self, target):
+        """A consistent copy of the database at `target`, taken while the service runs (SQLite's
+        online backup), written beside it first and then renamed, so `target` is never half a copy."""
+        partial = f"{target}.partial"
+        source = sqlite3.connect(self.name, timeout=30)
+        copy = sqlite3.connect(partial, isolation_level=None)
+        try:
+            source.backup(copy)
+            copy.execute("PRAGMA journal_mode = DELETE")  # one self-contained file
+            counts = {table: copy.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                      for table, _ in TABLES.values()}
+        finally:
+            copy.close()
+            source.close()
+        os.replace(partial, target)
+        return counts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1759,10 +1757,10 @@ class Store:
                 pass
             except self.engine.Error as error:  # BEGIN, catching up, a statement or COMMIT: nothing was kept
                 log.error("write refused by %s: %s", self.engine.name, error)
-                refusal = self.engine.refusal(error)
+                failure = self.engine.client_error(error)
                 for job in batch:
                     if job.error is None:
-                        job.error = refusal
+                        job.error = failure
             else:
                 with self.lock:
                     if self.position < position:  # unless a reader has caught up with it already
@@ -1782,10 +1780,11 @@ class Store:
                 with db.savepoint() if shared else nullcontext(), self.lock:
                     job.result = job.change(db, job)
             except self.engine.Error as error:
-                if not isinstance(self.engine.refusal(error), ConflictError):
+                failure = self.engine.client_error(error)
+                if not isinstance(failure, ConflictError):
                     raise  # the database itself: the whole batch fails
                 log.error("write refused by %s: %s", self.engine.name, error)
-                job.error = self.engine.refusal(error)
+                job.error = failure
             except Exception as error:  # a refusal (or a bug): this write's caller gets it
                 job.error = error
             if job.error is None:
@@ -1822,6 +1821,9 @@ class Store:
 # ---------------------------------------------------------------------------------------------
 
 
+to_json = json.JSONEncoder(separators=(",", ":")).encode  # one encoder: json.dumps() with options makes one per call
+
+
 @dataclass(frozen=True)
 class Presentation:
     """How the service reads naive date-times and writes instants and prices: the dealership's zone
@@ -1832,7 +1834,6 @@ class Presentation:
 
 
 PRESENTATION = contextvars.ContextVar("dealership_presentation", default=Presentation())
-to_json = json.JSONEncoder(separators=(",", ":")).encode  # one encoder: json.dumps() with options makes one per call
 
 
 class Text(fields.String):
@@ -1877,6 +1878,13 @@ class Vin(Text):
         return super()._deserialize(value, attr, data, **kwargs).upper()
 
 
+@functools.lru_cache(maxsize=10_000)
+def normalized_email(address):
+    """email-validator's normal form of an address, or EmailNotValidError. A pure function that takes
+    some 20 us a call, so the addresses seen last (customers come back) are remembered."""
+    return email_validator.validate_email(address, check_deliverability=False).normalized
+
+
 class EmailAddress(fields.String):
     """An e-mail address, checked and normalized by email-validator (syntax only: no network look-up).
 
@@ -1893,13 +1901,6 @@ class EmailAddress(fields.String):
             return normalized_email(value)
         except email_validator.EmailNotValidError as error:
             raise ValidationError(f"Not a valid e-mail address: {error}") from None
-
-
-@functools.lru_cache(maxsize=10_000)
-def normalized_email(address):
-    """email-validator's normal form of an address, or EmailNotValidError. A pure function that takes
-    some 20 us a call, so the addresses seen last (customers come back) are remembered."""
-    return email_validator.validate_email(address, check_deliverability=False).normalized
 
 
 class Count(fields.Integer):
@@ -2143,8 +2144,8 @@ class SlotSchema(Schema):
 
 class BusySchema(Schema):
     booking_id = fields.Integer(attribute="id", metadata=about("The booking that holds the car."))
-    start_datetime = Instant(metadata=about("Its start, not clipped to the window."))
-    end_datetime = Instant(metadata=about("Its end, not clipped to the window."))
+    start_datetime = Instant(metadata=about("Its start, not clipped to the period."))
+    end_datetime = Instant(metadata=about("Its end, not clipped to the period."))
 
 
 class WindowInCalendarSchema(Schema):
@@ -2310,6 +2311,35 @@ def store():
     return current_app.extensions[EXTENSION]
 
 
+def no_content():
+    """204 with no body and so no Content-Type."""
+    response = Response(status=204)
+    del response.headers["Content-Type"]
+    return response
+
+
+def json_text(text, status=200, headers=None, mimetype="application/json"):
+    """A response from a body that is already JSON (text or bytes). Every body the service writes
+    ends with one newline, as curl users expect."""
+    newline = "\n" if isinstance(text, str) else b"\n"
+    return Response(text if text.endswith(newline) else text + newline, status, headers, mimetype=mimetype)
+
+
+def json_response(data, status=200, headers=None):
+    """A response from data a schema dumped, in the schema's field order (the id first)."""
+    return json_text(to_json(data), status, headers)
+
+
+def json_array(parts):
+    """A JSON array body (bytes, ending with a newline) from items that are already JSON (bytes)."""
+    return b"[" + b",".join(parts) + b"]\n"
+
+
+def json_list(parts, headers=None):
+    """A JSON array response from items that are already JSON (bytes)."""
+    return json_text(json_array(parts), headers=headers)
+
+
 def problem(status, title, detail, errors=None, headers=None):
     body = {"title": title, "status": status, "detail": detail}
     if errors is not None:
@@ -2361,6 +2391,11 @@ def handle_errors(blueprint_or_app):
 
 
 handle_errors(bp)
+
+
+def docs_url():
+    """Where the interactive docs of the app handling this request are."""
+    return f"{request.script_root}{current_app.extensions[DOCS]}/docs"
 
 
 def needs_key(method, view):
@@ -2447,14 +2482,6 @@ def query(schema):
     return schema.load(request.args.to_dict())
 
 
-def paged(items, filters):
-    """The page of `items` that `limit` and `offset` ask for (all from `offset` on without a limit),
-    and its headers."""
-    offset, limit = filters["offset"], filters.get("limit")
-    page = items[offset:None if limit is None else offset + limit]
-    return page, page_headers(len(items), offset, limit)
-
-
 def page_headers(total, offset, limit):
     """X-Total-Count, the number of items before paging, and, for a page, an RFC 8288 Link to the
     next and previous pages with the same filters (as a path, never naming a host)."""
@@ -2471,33 +2498,12 @@ def page_headers(total, offset, limit):
     return headers
 
 
-def json_array(parts):
-    """A JSON array body (bytes, ending with a newline) from items that are already JSON (bytes)."""
-    return b"[" + b",".join(parts) + b"]\n"
-
-
-def no_content():
-    """204 with no body and so no Content-Type."""
-    response = Response(status=204)
-    del response.headers["Content-Type"]
-    return response
-
-
-def json_text(text, status=200, headers=None, mimetype="application/json"):
-    """A response from a body that is already JSON (text or bytes). Every body the service writes
-    ends with one newline, as curl users expect."""
-    newline = "\n" if isinstance(text, str) else b"\n"
-    return Response(text if text.endswith(newline) else text + newline, status, headers, mimetype=mimetype)
-
-
-def json_response(data, status=200, headers=None):
-    """A response from data a schema dumped, in the schema's field order (the id first)."""
-    return json_text(to_json(data), status, headers)
-
-
-def json_list(parts, headers=None):
-    """A JSON array response from items that are already JSON (bytes)."""
-    return json_text(json_array(parts), headers=headers)
+def paged(items, filters):
+    """The page of `items` that `limit` and `offset` ask for (all from `offset` on without a limit),
+    and its headers."""
+    offset, limit = filters["offset"], filters.get("limit")
+    page = items[offset:None if limit is None else offset + limit]
+    return page, page_headers(len(items), offset, limit)
 
 
 class Renderings:
@@ -2561,8 +2567,6 @@ def api_doc(tag, *, returns=None, many=False, status=200, body=None, query=None,
     return attach
 
 
-
-
 @bp.get("/", strict_slashes=False)
 @api_doc("service", returns=INDEX_SCHEMA)
 def index():
@@ -2574,7 +2578,7 @@ def index():
              "available_cars": url_for(".available_cars"), "available_slots": url_for(".available_slots"),
              "dealers": url_for(".list_dealers")}
     if DOCS in current_app.extensions:
-        links |= {"openapi": url_for(f"{docs_bp.name}.openapi_json"), "docs": docs_url()}
+        links |= {"openapi": url_for(f"{DOCS}.openapi_json"), "docs": docs_url()}
     return json_response(INDEX_SCHEMA.dump({"name": "Dealership API", "version": API_VERSION, "links": links}))
 
 
@@ -2894,34 +2898,6 @@ def available_slots():
 FEED_PAST, FEED_AHEAD = timedelta(days=30), timedelta(days=365)
 
 
-@bp.get("/cars/<digits:car_id>/calendar.ics")
-@api_doc("cars", query=FEED_QUERY, media="text/calendar")
-def car_feed(car_id):
-    """Subscribe to a car's calendar
-
-    An iCalendar feed of the car's bookings and maintenance windows, from 30 days ago to 365 days
-    ahead unless a period is given; no customer's name or e-mail.
-    """
-    car = store().fleet.car(car_id)
-    start, end = feed_period(query(FEED_QUERY))
-    return feed(f"{car.brand} {car.model} (car {car.id})", store().read(Fleet.entries, start, end, car_id=car_id))
-
-
-@bp.get("/calendar.ics")
-@api_doc("cars", query=FLEET_FEED_QUERY, media="text/calendar", errors=[404])
-def fleet_feed():
-    """Subscribe to the fleet's calendar
-
-    An iCalendar feed of every car's bookings and maintenance windows (or one dealer's), from 30 days
-    ago to 365 days ahead unless a period is given; no customer's name or e-mail.
-    """
-    filters = query(FLEET_FEED_QUERY)
-    dealer_id = filters.get("dealer_id")
-    name = "Fleet" if dealer_id is None else store().fleet.dealer(dealer_id).name
-    start, end = feed_period(filters)
-    return feed(name, store().read(Fleet.entries, start, end, dealer_id=dealer_id))
-
-
 def feed_period(filters):
     """The period a feed covers: as asked, or from 30 days ago to 365 days ahead, counted from
     today's midnight (UTC), so that the feed stays the same all day while nothing changes."""
@@ -2955,6 +2931,33 @@ def feed(name, entries):
     response.add_etag()
     return response.make_conditional(request)
 
+
+@bp.get("/cars/<digits:car_id>/calendar.ics")
+@api_doc("cars", query=FEED_QUERY, media="text/calendar")
+def car_feed(car_id):
+    """Subscribe to a car's calendar
+
+    An iCalendar feed of the car's bookings and maintenance windows, from 30 days ago to 365 days
+    ahead unless a period is given; no customer's name or e-mail.
+    """
+    car = store().fleet.car(car_id)
+    start, end = feed_period(query(FEED_QUERY))
+    return feed(f"{car.brand} {car.model} (car {car.id})", store().read(Fleet.entries, start, end, car_id=car_id))
+
+
+@bp.get("/calendar.ics")
+@api_doc("cars", query=FLEET_FEED_QUERY, media="text/calendar", errors=[404])
+def fleet_feed():
+    """Subscribe to the fleet's calendar
+
+    An iCalendar feed of every car's bookings and maintenance windows (or one dealer's), from 30 days
+    ago to 365 days ahead unless a period is given; no customer's name or e-mail.
+    """
+    filters = query(FLEET_FEED_QUERY)
+    dealer_id = filters.get("dealer_id")
+    name = "Fleet" if dealer_id is None else store().fleet.dealer(dealer_id).name
+    start, end = feed_period(filters)
+    return feed(name, store().read(Fleet.entries, start, end, dealer_id=dealer_id))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2995,9 +2998,9 @@ TAGS = {"cars": "The inventory: add, list, change and remove cars, see when one 
         "service": "Where to start."}
 # What the example of a change (PUT/PATCH) shows: what a user would change first. A test loads
 # every example through its schema, so a renamed field cannot leave one behind.
-CHANGE_EXAMPLES = {"Car": lambda window: {"color": "Red", "daily_price": 69.9},
-                   "Dealer": lambda window: {"turnaround_minutes": 60},
-                   "Booking": lambda window: {"end_datetime": window["end_datetime"] + timedelta(days=1)}}
+CHANGE_EXAMPLES = {"Car": lambda period: {"color": "Red", "daily_price": 69.9},
+                   "Dealer": lambda period: {"turnaround_minutes": 60},
+                   "Booking": lambda period: {"end_datetime": period["end_datetime"] + timedelta(days=1)}}
 RESPONSE_HEADERS = {
     "Location": {"description": "The URL of the new resource.", "required": True, "schema": {"type": "string"}},
     "X-Total-Count": {"description": "The number of items before paging.", "required": True,
@@ -3028,45 +3031,7 @@ def reading_order(doc, rule):
     return list(TAGS).index(doc["tag"]), doc["media"] is not None, rule
 
 
-def openapi_document(app):
-    """The OpenAPI 3 document of the service's routes as mounted on `app` (in a request to it: the
-    examples are written in its dealership's time zone)."""
-    spec = APISpec(title="Dealership API", version=API_VERSION, openapi_version="3.0.3",
-                   info={"description": API_DESCRIPTION},
-                   plugins=[MarshmallowPlugin(schema_name_resolver=schema_name)])
-    for name, description in TAGS.items():
-        spec.tag({"name": name, "description": description})
-    spec.components.schema("Problem", schema=ProblemSchema)
-    secured = bool(app.config["DEALERSHIP_API_KEY"])
-    if secured:
-        spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
-    examples = Examples(example_window(PRESENTATION.get().zone))
-    paths = {}
-    for rule in sorted((rule for rule in app.url_map.iter_rules() if rule.endpoint.partition(".")[0] == bp.name),
-                       key=lambda rule: reading_order(app.view_functions[rule.endpoint].api_doc, rule.rule)):
-        view = app.view_functions[rule.endpoint]
-        methods = sorted(rule.methods - {"HEAD", "OPTIONS"})
-        paths.setdefault(_PATH_ARGUMENT.sub(r"{\1}", rule.rule), {}).update(
-            {method.lower(): operation(view, method, rule, secured, len(methods) > 1, examples,
-                                       bool(app.config["DEALERSHIP_RATE_LIMIT"]))
-             for method in methods})
-    add_links(paths)
-    for path, operations in paths.items():
-        spec.path(path=path, operations=dict(sorted(operations.items(), key=lambda item: METHOD_ORDER.index(item[0]))))
-    document = spec.to_dict()
-    window = examples.window
-    moments = window | {"after": window["start_datetime"], "before": window["start_datetime"] + timedelta(days=30)}
-    for operations in document["paths"].values():  # a query parameter's example beside its description
-        for op in operations.values():
-            for parameter in op["parameters"]:
-                if parameter["in"] == "query":
-                    moment = moments.get(parameter["name"])
-                    example = parameter["schema"].pop("example", None)
-                    parameter["example"] = example if moment is None else moment.isoformat()
-    return document
-
-
-def example_window(zone):
+def example_period(zone):
     """The period every example uses: a week ahead of today, 09:00 to 09:00 two days later, in the
     dealership's zone (so it is never in the past and is written with the zone's offset)."""
     start = datetime.now(zone).replace(hour=9, minute=0, second=0, microsecond=0) + timedelta(days=7)
@@ -3077,12 +3042,12 @@ class Examples:
     """Examples that look like what the service says, made from the schemas it says it with: a
     request body from each field's own example, a response by dumping that through its schema."""
 
-    def __init__(self, window):
-        self.window = window
+    def __init__(self, period):
+        self.period = period
         car = {"id": 1} | self.body(CAR_SCHEMA)
-        start, end = window["start_datetime"], window["end_datetime"]
+        start, end = period["start_datetime"], period["end_datetime"]
         price = price_cents(car["daily_price"], start, end)
-        booking = {"id": 1} | self.body(BOOKING_SCHEMA) | window | {"total_cents": price}
+        booking = {"id": 1} | self.body(BOOKING_SCHEMA) | period | {"total_cents": price}
         workshop = {"id": 1, "car_id": 1, "note": "Brake check", "start_datetime": end + timedelta(days=1),
                     "end_datetime": end + timedelta(days=1, hours=4)}
         self.clash = clash(Car(**car), 0, start, end, Booking(**booking), PRESENTATION.get().zone)
@@ -3102,8 +3067,8 @@ class Examples:
             MaintenanceWindowSchema: WINDOW_SCHEMA.dump(workshop),
             QuoteSchema: QUOTE_SCHEMA.dump({"car_id": 1, "days": rental_days(start, end), "total_cents": price,
                                             "daily_price": car["daily_price"], "available": True, "reason": None}
-                                           | window),
-            OfferSchema: OFFER_SCHEMA.dump({"car_id": 1, "total_cents": price} | window),
+                                           | period),
+            OfferSchema: OFFER_SCHEMA.dump({"car_id": 1, "total_cents": price} | period),
             IndexSchema: INDEX_SCHEMA.dump({"name": "Dealership API", "version": API_VERSION, "links": {
                 "cars": f"{API_PREFIX}/cars", "bookings": f"{API_PREFIX}/bookings"}}),
         }
@@ -3123,11 +3088,11 @@ class Examples:
         ]}
 
     def body(self, schema):
-        """A request body for `schema`, each value from its field (a date-time from the window)."""
+        """A request body for `schema`, each value from its field (a date-time from the period)."""
         if schema.partial:
-            values = CHANGE_EXAMPLES[schema_name(type(schema))](self.window)
+            values = CHANGE_EXAMPLES[schema_name(type(schema))](self.period)
         else:
-            values = {name: self.window[name] if isinstance(field, Instant) else field.metadata["example"]
+            values = {name: self.period[name] if isinstance(field, Instant) else field.metadata["example"]
                       for name, field in schema.load_fields.items()}
         return {name: value.isoformat() if isinstance(value, datetime) else value for name, value in values.items()}
 
@@ -3197,13 +3162,45 @@ def operation(view, method, rule, secured, shared, examples, limited):
     return op
 
 
-DOCS = "dealership_docs"
+def openapi_document(app):
+    """The OpenAPI 3 document of the service's routes as mounted on `app` (in a request to it: the
+    examples are written in its dealership's time zone)."""
+    spec = APISpec(title="Dealership API", version=API_VERSION, openapi_version="3.0.3",
+                   info={"description": API_DESCRIPTION},
+                   plugins=[MarshmallowPlugin(schema_name_resolver=schema_name)])
+    for name, description in TAGS.items():
+        spec.tag({"name": name, "description": description})
+    spec.components.schema("Problem", schema=ProblemSchema)
+    secured = bool(app.config["DEALERSHIP_API_KEY"])
+    if secured:
+        spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
+    examples = Examples(example_period(PRESENTATION.get().zone))
+    paths = {}
+    for rule in sorted((rule for rule in app.url_map.iter_rules() if rule.endpoint.partition(".")[0] == bp.name),
+                       key=lambda rule: reading_order(app.view_functions[rule.endpoint].api_doc, rule.rule)):
+        view = app.view_functions[rule.endpoint]
+        methods = sorted(rule.methods - {"HEAD", "OPTIONS"})
+        paths.setdefault(_PATH_ARGUMENT.sub(r"{\1}", rule.rule), {}).update(
+            {method.lower(): operation(view, method, rule, secured, len(methods) > 1, examples,
+                                       bool(app.config["DEALERSHIP_RATE_LIMIT"]))
+             for method in methods})
+    add_links(paths)
+    for path, operations in paths.items():
+        spec.path(path=path, operations=dict(sorted(operations.items(), key=lambda item: METHOD_ORDER.index(item[0]))))
+    document = spec.to_dict()
+    period = examples.period
+    moments = period | {"after": period["start_datetime"], "before": period["start_datetime"] + timedelta(days=30)}
+    for operations in document["paths"].values():  # a query parameter's example beside its description
+        for op in operations.values():
+            for parameter in op["parameters"]:
+                if parameter["in"] == "query":
+                    moment = moments.get(parameter["name"])
+                    example = parameter["schema"].pop("example", None)
+                    parameter["example"] = example if moment is None else moment.isoformat()
+    return document
+
+
 docs_bp = Blueprint(DOCS, __name__)
-
-
-def docs_url():
-    """Where the interactive docs of the app handling this request are."""
-    return f"{request.script_root}{current_app.extensions[DOCS]}/docs"
 
 
 @docs_bp.get("/openapi.json")
@@ -3261,51 +3258,6 @@ class BoardQuery(Schema):
 BOARD_QUERY = BoardQuery()
 
 
-@board_bp.get("/board")
-def board():
-    """The fleet at a glance: one row per car, grouped by dealer, one column per day; bookings as bars
-    placed by their times, maintenance windows hatched, the turnaround after each booking as a light
-    tail, cars in maintenance status greyed. No customer's name or e-mail: the page needs no key."""
-    service = store()
-    service.sync()
-    zone = service.zone
-    filters = query(BOARD_QUERY)
-    today = datetime.now(zone).date()
-    first = filters.get("start", today - timedelta(days=today.weekday()))
-    days, dealer_id = filters["days"], filters.get("dealer_id")
-    if dealer_id is not None:
-        service.fleet.dealer(dealer_id)
-    midnights = [datetime.combine(first + timedelta(days=n), dt_time(0), zone).astimezone(timezone.utc)
-                 for n in range(days + 1)]
-    period = Period(midnights[0], midnights[-1])
-    columns = [{"label": (first + timedelta(days=n)).strftime("%a %d"), "today": first + timedelta(days=n) == today,
-                "place": period.place(micros(midnights[n]), micros(midnights[n + 1]))} for n in range(days)]
-    texts = current_app.extensions.setdefault(BOARD, {})
-    if len(texts) > BOARD_TEXTS_KEPT:
-        texts.clear()
-    groups = []
-    for dealer, cars in service.read(Fleet.board_rows, period.begin, period.end, dealer_id):
-        pad = dealer.turnaround_minutes * MINUTE
-        rows = [{"car": car, "out": car.status != "available",
-                 "bars": Markup("".join(bar_html(entry, period, pad, texts) for entry in entries))}
-                for car, entries in cars]
-        groups.append({"dealer": dealer, "rows": rows})
-    link = functools.partial(url_for, f"{BOARD}.board", days=days)
-    dealer_arg = {} if dealer_id is None else {"dealer_id": dealer_id}
-    template = current_app.extensions.get(BOARD_TEMPLATE_KEY)
-    if template is None:  # compiled once per app (render_template_string would compile it each time)
-        template = current_app.extensions[BOARD_TEMPLATE_KEY] = current_app.jinja_env.from_string(BOARD_TEMPLATE)
-    return render_template(
-        template, groups=groups, columns=columns, days=days,
-        period=f"{first:%a %d %b %Y} to {first + timedelta(days=days - 1):%a %d %b %Y}", zone=zone,
-        previous=link(start=(first - timedelta(days=days)).isoformat(), **dealer_arg),
-        next=link(start=(first + timedelta(days=days)).isoformat(), **dealer_arg),
-        today=link(**dealer_arg), all_dealers=link(start=first.isoformat()),
-        docs=docs_url() if DOCS in current_app.extensions else None,
-        dealers=[(dealer, link(start=first.isoformat(), dealer_id=dealer.id)) for dealer in service.fleet.dealers.values()],
-        dealer_id=dealer_id)
-
-
 class Period:
     """The board's period, [begin, end) (aware), and where an instant (micros) falls in it, in percent."""
 
@@ -3322,7 +3274,25 @@ class Period:
 
 
 BOARD_TEMPLATE_KEY = "dealership_board_template"
+
+
 BOARD_TEXTS_KEPT = 200_000  # entries whose text the board keeps ready; beyond, it starts afresh
+
+
+def bar_text(entry):
+    """What the board says of an entry whatever the period: (kind, its attributes as HTML, its label)."""
+    zone, currency = PRESENTATION.get().zone, PRESENTATION.get().currency
+    start, end = format_instant(entry.start_datetime, zone), format_instant(entry.end_datetime, zone)
+    shown = f"{start[:16].replace('T', ' ')} to {end[:16].replace('T', ' ')}"
+    if type(entry) is Booking:
+        kind, label = "booking", str(entry.id)
+        title = f"Booking {entry.id}: {shown}, {entry.total_cents / 100:.2f} {currency}"
+    else:
+        kind, label = "window", entry.note or "Maintenance"
+        title = f"Maintenance window {entry.id}{': ' + entry.note if entry.note else ''}: {shown}"
+    attributes = (f' data-{kind}-id="{entry.id}" data-start="{start}"'
+                  f' data-end="{end}" title="{escape(title)}" aria-label="{escape(title)}"')
+    return kind, attributes, escape(label)
 
 
 def bar_html(entry, period, pad, texts):
@@ -3346,22 +3316,6 @@ def bar_html(entry, period, pad, texts):
         left, width = period.place(end, end + pad)
         html = f'<div class="tail" aria-hidden="true" style="left:{left}%;width:{width}%"></div>' + html
     return html
-
-
-def bar_text(entry):
-    """What the board says of an entry whatever the period: (kind, its attributes as HTML, its label)."""
-    zone, currency = PRESENTATION.get().zone, PRESENTATION.get().currency
-    start, end = format_instant(entry.start_datetime, zone), format_instant(entry.end_datetime, zone)
-    shown = f"{start[:16].replace('T', ' ')} to {end[:16].replace('T', ' ')}"
-    if type(entry) is Booking:
-        kind, label = "booking", str(entry.id)
-        title = f"Booking {entry.id}: {shown}, {entry.total_cents / 100:.2f} {currency}"
-    else:
-        kind, label = "window", entry.note or "Maintenance"
-        title = f"Maintenance window {entry.id}{': ' + entry.note if entry.note else ''}: {shown}"
-    attributes = (f' data-{kind}-id="{entry.id}" data-start="{start}"'
-                  f' data-end="{end}" title="{escape(title)}" aria-label="{escape(title)}"')
-    return kind, attributes, escape(label)
 
 
 BOARD_TEMPLATE = """<!doctype html>
@@ -3442,6 +3396,50 @@ rows are cars in maintenance.</p>
 """
 
 
+@board_bp.get("/board")
+def board():
+    """The fleet at a glance: one row per car, grouped by dealer, one column per day; bookings as bars
+    placed by their times, maintenance windows hatched, the turnaround after each booking as a light
+    tail, cars in maintenance status greyed. No customer's name or e-mail: the page needs no key."""
+    service = store()
+    service.sync()
+    zone = service.zone
+    filters = query(BOARD_QUERY)
+    today = datetime.now(zone).date()
+    first = filters.get("start", today - timedelta(days=today.weekday()))
+    days, dealer_id = filters["days"], filters.get("dealer_id")
+    if dealer_id is not None:
+        service.fleet.dealer(dealer_id)
+    midnights = [datetime.combine(first + timedelta(days=n), dt_time(0), zone).astimezone(timezone.utc)
+                 for n in range(days + 1)]
+    period = Period(midnights[0], midnights[-1])
+    columns = [{"label": (first + timedelta(days=n)).strftime("%a %d"), "today": first + timedelta(days=n) == today,
+                "place": period.place(micros(midnights[n]), micros(midnights[n + 1]))} for n in range(days)]
+    texts = current_app.extensions.setdefault(BOARD, {})
+    if len(texts) > BOARD_TEXTS_KEPT:
+        texts.clear()
+    groups = []
+    for dealer, cars in service.read(Fleet.board_rows, period.begin, period.end, dealer_id):
+        pad = dealer.turnaround_minutes * MINUTE
+        rows = [{"car": car, "out": car.status != "available",
+                 "bars": Markup("".join(bar_html(entry, period, pad, texts) for entry in entries))}
+                for car, entries in cars]
+        groups.append({"dealer": dealer, "rows": rows})
+    link = functools.partial(url_for, f"{BOARD}.board", days=days)
+    dealer_arg = {} if dealer_id is None else {"dealer_id": dealer_id}
+    template = current_app.extensions.get(BOARD_TEMPLATE_KEY)
+    if template is None:  # compiled once per app (render_template_string would compile it each time)
+        template = current_app.extensions[BOARD_TEMPLATE_KEY] = current_app.jinja_env.from_string(BOARD_TEMPLATE)
+    return render_template(
+        template, groups=groups, columns=columns, days=days,
+        period=f"{first:%a %d %b %Y} to {first + timedelta(days=days - 1):%a %d %b %Y}", zone=zone,
+        previous=link(start=(first - timedelta(days=days)).isoformat(), **dealer_arg),
+        next=link(start=(first + timedelta(days=days)).isoformat(), **dealer_arg),
+        today=link(**dealer_arg), all_dealers=link(start=first.isoformat()),
+        docs=docs_url() if DOCS in current_app.extensions else None,
+        dealers=[(dealer, link(start=first.isoformat(), dealer_id=dealer.id)) for dealer in service.fleet.dealers.values()],
+        dealer_id=dealer_id)
+
 
 # ---------------------------------------------------------------------------------------------
 # Logs: one line per event, each starting with its time (ISO 8601, with offset), level, process id
@@ -3521,41 +3519,6 @@ class WaitressServer:
         self.server.task_dispatcher.shutdown()  # internal: the worker threads
 
 
-@click.command("serve")
-@click.option("--host", default="127.0.0.1", show_default=True, help="The address to listen on.")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="The port.")
-@click.option("--workers", type=click.IntRange(1, 256), default=None,
-              help="Server processes on the one port and database file. Default: the number of cores "
-                   "(one with DEALERSHIP_DATABASE=:memory:, and on Windows).")
-@click.option("--threads", default=8, show_default=True, type=click.IntRange(1, 1000), help="Threads per process.")
-@click.option("--socket-fd", type=int, hidden=True)  # a worker: serve the listening socket its supervisor opened
-@with_appcontext
-def serve_command(host, port, workers, threads, socket_fd):
-    """Serve the app in production with waitress, in one process or several.
-
-    No body larger than DEALERSHIP_MAX_CONTENT_LENGTH is read or spooled; many idle or slow
-    connections do not lock other clients out; SIGTERM (or Ctrl+C) stops taking connections and
-    finishes the requests in flight first. With several workers, this process opens the port and
-    keeps one waitress process per worker serving it, each with its own store on the one database file.
-    """
-    app = current_app._get_current_object()
-    if socket_fd is not None:
-        return serve_worker(app, socket.socket(fileno=socket_fd), threads)
-    memory = not store().engine.shared
-    if workers is not None and workers > 1 and memory:
-        raise click.ClickException(
-            f"--workers {workers} with DEALERSHIP_DATABASE=':memory:': each process would keep a store of its "
-            "own, and clients would see different data. Set DEALERSHIP_DATABASE to a file, or use --workers 1.")
-    if workers is not None and workers > 1 and os.name == "nt":
-        raise click.ClickException("--workers above 1 needs a POSIX system (Linux, macOS): on Windows, use --workers 1.")
-    if workers is None:
-        workers = 1 if memory or os.name == "nt" else os.cpu_count() or 1
-    listener = socket.create_server((host, port), backlog=2048)
-    if workers == 1:
-        return serve_worker(app, listener, threads)
-    supervise(listener, workers, threads)
-
-
 def serve_worker(app, listener, threads):
     """One waitress process on `listener` until SIGTERM or SIGINT, then the requests in flight finished."""
     configure_logging()
@@ -3606,6 +3569,41 @@ def supervise(listener, workers, threads):
     log.info("stopped: %d workers", workers)
 
 
+@click.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="The address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="The port.")
+@click.option("--workers", type=click.IntRange(1, 256), default=None,
+              help="Server processes on the one port and database file. Default: the number of cores "
+                   "(one with DEALERSHIP_DATABASE=:memory:, and on Windows).")
+@click.option("--threads", default=8, show_default=True, type=click.IntRange(1, 1000), help="Threads per process.")
+@click.option("--socket-fd", type=int, hidden=True)  # a worker: serve the listening socket its supervisor opened
+@with_appcontext
+def serve_command(host, port, workers, threads, socket_fd):
+    """Serve the app in production with waitress, in one process or several.
+
+    No body larger than DEALERSHIP_MAX_CONTENT_LENGTH is read or spooled; many idle or slow
+    connections do not lock other clients out; SIGTERM (or Ctrl+C) stops taking connections and
+    finishes the requests in flight first. With several workers, this process opens the port and
+    keeps one waitress process per worker serving it, each with its own store on the one database file.
+    """
+    app = current_app._get_current_object()
+    if socket_fd is not None:
+        return serve_worker(app, socket.socket(fileno=socket_fd), threads)
+    memory = not store().engine.shared
+    if workers is not None and workers > 1 and memory:
+        raise click.ClickException(
+            f"--workers {workers} with DEALERSHIP_DATABASE=':memory:': each process would keep a store of its "
+            "own, and clients would see different data. Set DEALERSHIP_DATABASE to a file, or use --workers 1.")
+    if workers is not None and workers > 1 and os.name == "nt":
+        raise click.ClickException("--workers above 1 needs a POSIX system (Linux, macOS): on Windows, use --workers 1.")
+    if workers is None:
+        workers = 1 if memory or os.name == "nt" else os.cpu_count() or 1
+    listener = socket.create_server((host, port), backlog=2048)
+    if workers == 1:
+        return serve_worker(app, listener, threads)
+    supervise(listener, workers, threads)
+
+
 @click.command("backup")
 @click.argument("path", type=click.Path(dir_okay=False, writable=True))
 @with_appcontext
@@ -3623,67 +3621,9 @@ def backup_command(path):
                f"{plural(counts['maintenance_windows'], 'maintenance window')}.")
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Wiring: init_app mounts the service on any Flask app; create_app builds the standalone one
 # ---------------------------------------------------------------------------------------------
-
-
-def init_app(app, url_prefix=API_PREFIX, docs_prefix=None, board_prefix=None):
-    """Give `app` its own store on its database and mount the API at `url_prefix`.
-
-    With `docs_prefix` ("" for the root), also mount {docs_prefix}/openapi.json and {docs_prefix}/docs;
-    with `board_prefix` ("" for the root), the planning board at {board_prefix}/board.
-    Settings are read from app.config (see SETTINGS); a bad one, or a database file that cannot be
-    used, raises ConfigError. Registers the `backup` CLI command.
-    """
-    for name, (default, read) in SETTINGS.items():
-        app.config[name] = read(name, app.config.get(name, default))
-    zone = ZoneInfo(app.config["DEALERSHIP_TIMEZONE"])
-    engine = open_database(app)
-    if app.config["DEALERSHIP_DEMO_DATA"]:
-        load_demo_data(engine, zone)
-    service = Store(engine, zone=zone)
-    if not app.config["DEALERSHIP_API_KEY"] and not os.environ.get(SERVE_WORKER):  # serve has said it once
-        log.warning("DEALERSHIP_API_KEY is not set: anyone who can reach the service can change its data.")
-    app.extensions[EXTENSION] = service
-    app.extensions[REFUSED_KEYS] = RefusedKeyLog()
-    app.extensions[RENDERINGS] = Renderings()
-    presentation = Presentation(zone, app.config["DEALERSHIP_CURRENCY"])
-
-    @app.before_request
-    def present():
-        """Date-times and prices in this app's zone and currency, for the request it handles."""
-        PRESENTATION.set(presentation)
-
-    init_limits(app)
-    if app.url_map.converters.setdefault("digits", Digits) is not Digits:
-        raise ConfigError("The app already has a URL converter named 'digits'; the service needs its own.")
-    app.register_blueprint(bp, url_prefix=url_prefix)
-    app.cli.add_command(backup_command)
-    app.cli.add_command(serve_command)
-    if docs_prefix is not None:
-        init_docs(app, docs_prefix)
-    if board_prefix is not None:
-        app.register_blueprint(board_bp, url_prefix=board_prefix or None)
-    return service
-
-
-def init_limits(app):
-    """The app's own Flask-Limiter (two apps share no counts): refused API keys are throttled per
-    client address, and DEALERSHIP_RATE_LIMIT, when set, limits every request to the API. Only when
-    there is something to limit: Flask-Limiter's checks cost some 0.06 ms on every request."""
-    if not app.config["DEALERSHIP_API_KEY"] and not app.config["DEALERSHIP_RATE_LIMIT"]:
-        return
-    limiter = Limiter(get_remote_address, storage_uri=app.config["DEALERSHIP_RATELIMIT_STORAGE_URI"],
-                      headers_enabled=True, swallow_errors=True)
-    limiter.init_app(app)
-    limiter.limit(app.config["DEALERSHIP_REFUSED_KEY_LIMIT"], deduct_when=lambda response: response.status_code == 401,
-                  exempt_when=lambda: not key_required(), scope="refused API keys",
-                  error_message="Too many refused API keys from this address: wait before trying again.")(bp)
-    if app.config["DEALERSHIP_RATE_LIMIT"]:
-        limiter.limit(app.config["DEALERSHIP_RATE_LIMIT"], scope="requests",
-                      error_message="Too many requests from this address: wait before trying again.")(bp)
 
 
 def open_database(app):
@@ -3735,6 +3675,63 @@ def load_demo_data(engine, zone):
         db.insert("window", {"car_id": car_ids[4], "start_datetime": service,
                              "end_datetime": service + timedelta(hours=4), "note": "Brake check"})
     log.info("%s: demo data loaded", engine.name)
+
+
+def init_limits(app):
+    """The app's own Flask-Limiter (two apps share no counts): refused API keys are throttled per
+    client address, and DEALERSHIP_RATE_LIMIT, when set, limits every request to the API. Only when
+    there is something to limit: Flask-Limiter's checks cost some 0.06 ms on every request."""
+    if not app.config["DEALERSHIP_API_KEY"] and not app.config["DEALERSHIP_RATE_LIMIT"]:
+        return
+    limiter = Limiter(get_remote_address, storage_uri=app.config["DEALERSHIP_RATELIMIT_STORAGE_URI"],
+                      headers_enabled=True, swallow_errors=True)
+    limiter.init_app(app)
+    limiter.limit(app.config["DEALERSHIP_REFUSED_KEY_LIMIT"], deduct_when=lambda response: response.status_code == 401,
+                  exempt_when=lambda: not key_required(), scope="refused API keys",
+                  error_message="Too many refused API keys from this address: wait before trying again.")(bp)
+    if app.config["DEALERSHIP_RATE_LIMIT"]:
+        limiter.limit(app.config["DEALERSHIP_RATE_LIMIT"], scope="requests",
+                      error_message="Too many requests from this address: wait before trying again.")(bp)
+
+
+def init_app(app, url_prefix=API_PREFIX, docs_prefix=None, board_prefix=None):
+    """Give `app` its own store on its database and mount the API at `url_prefix`.
+
+    With `docs_prefix` ("" for the root), also mount {docs_prefix}/openapi.json and {docs_prefix}/docs;
+    with `board_prefix` ("" for the root), the planning board at {board_prefix}/board.
+    Settings are read from app.config (see SETTINGS); a bad one, or a database file that cannot be
+    used, raises ConfigError. Registers the `backup` CLI command.
+    """
+    for name, (default, read) in SETTINGS.items():
+        app.config[name] = read(name, app.config.get(name, default))
+    zone = ZoneInfo(app.config["DEALERSHIP_TIMEZONE"])
+    engine = open_database(app)
+    if app.config["DEALERSHIP_DEMO_DATA"]:
+        load_demo_data(engine, zone)
+    service = Store(engine, zone=zone)
+    if not app.config["DEALERSHIP_API_KEY"] and not os.environ.get(SERVE_WORKER):  # serve has said it once
+        log.warning("DEALERSHIP_API_KEY is not set: anyone who can reach the service can change its data.")
+    app.extensions[EXTENSION] = service
+    app.extensions[REFUSED_KEYS] = RefusedKeyLog()
+    app.extensions[RENDERINGS] = Renderings()
+    presentation = Presentation(zone, app.config["DEALERSHIP_CURRENCY"])
+
+    @app.before_request
+    def present():
+        """Date-times and prices in this app's zone and currency, for the request it handles."""
+        PRESENTATION.set(presentation)
+
+    init_limits(app)
+    if app.url_map.converters.setdefault("digits", Digits) is not Digits:
+        raise ConfigError("The app already has a URL converter named 'digits'; the service needs its own.")
+    app.register_blueprint(bp, url_prefix=url_prefix)
+    app.cli.add_command(backup_command)
+    app.cli.add_command(serve_command)
+    if docs_prefix is not None:
+        init_docs(app, docs_prefix)
+    if board_prefix is not None:
+        app.register_blueprint(board_bp, url_prefix=board_prefix or None)
+    return service
 
 
 def create_app(config=None):
