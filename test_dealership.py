@@ -1838,6 +1838,16 @@ def test_demo_data():
     assert new_app().test_client().get(f"{API}/cars").get_json() == []  # off by default
 
 
+def test_demo_data_on_a_store_with_cars_loads_nothing_and_says_why(tmp_path, caplog):
+    path = str(tmp_path / "own.sqlite3")
+    make_car(create_app({"TESTING": True, "DEALERSHIP_DATABASE": path}).test_client())
+    with caplog.at_level("INFO", logger="dealership"):
+        client = create_app({"TESTING": True, "DEALERSHIP_DATABASE": path, "DEALERSHIP_DEMO_DATA": True}).test_client()
+    assert [car["id"] for car in client.get(f"{API}/cars").get_json()] == [1]
+    assert len(client.get(f"{API}/dealers").get_json()) == 1
+    assert "demo data skipped: the database has cars already" in caplog.text
+
+
 def test_under_waitress_each_event_is_logged_once(tmp_path):
     """waitress sets up the root logger after the app is made; the service's line must not come twice."""
     import socket
