@@ -2834,6 +2834,17 @@ def test_the_examples_used_in_order_work_and_the_errors_look_like_the_real_ones(
     assert client.post(f"{API}/dealers", json=example("post", "/dealers")).status_code == 201
 
 
+def test_the_docs_list_operations_in_the_order_a_newcomer_needs_them(client):
+    paths = client.get("/openapi.json").get_json()["paths"]
+    cars = [(method.upper(), path.removeprefix(API)) for path, ops in paths.items() for method, op in ops.items()
+            if op["tags"] == ["cars"]]
+    assert cars[:6] == [("POST", "/cars"), ("GET", "/cars"), ("GET", "/cars/{car_id}"), ("PUT", "/cars/{car_id}"),
+                        ("PATCH", "/cars/{car_id}"), ("DELETE", "/cars/{car_id}")]
+    assert {path for _, path in cars[-2:]} == {"/calendar.ics", "/cars/{car_id}/calendar.ics"}  # the feeds last
+    tags = [op["tags"][0] for ops in paths.values() for op in ops.values()]
+    assert tags == sorted(tags, key=["cars", "bookings", "maintenance", "dealers", "service"].index)
+
+
 def test_docs_page_is_served_locally(client):
     for url in ("/docs", "/docs/"):
         response = client.get(url)
