@@ -29,6 +29,14 @@ Every request is answered from dicts in memory, per app (``app.extensions["deale
 change is written first to a SQLite file (DEALERSHIP_DATABASE), which several processes on one
 machine may share: each catches up with the others' changes before it answers. Writes that arrive
 together share one transaction and one sync to disk (group commit), each answered once it holds.
+
+The sections, each using only what stands above it: constants and settings; records (immutable),
+domain errors and the pure domain rules; the fleet in memory (dicts, schedules, day coverage,
+queries: no locks, no SQL); storage engines (SQLite, on a file or in memory: all the SQL); the
+write queue (group commit); the Store, which holds the locks and ties fleet, engine and queue
+together; schemas; HTTP helpers and the one error mapping; routes by resource and the calendar
+feeds; the OpenAPI document and docs page; the planning board; logs; CLI commands and the server
+adapter; wiring (init_app, create_app).
 """
 import bisect
 import contextvars
@@ -1539,8 +1547,7 @@ class Store:
 
     Each write is a function `change(db, job)` that checks against the fleet, writes through `db`,
     appends to `job.after_commit` what the fleet must do once the transaction holds (a Fleet method
-    and its record), and returns
-    its result; the write queue runs it."""
+    and its record), and returns its result; the write queue runs it."""
 
     def __init__(self, engine, zone=timezone.utc):
         self.engine, self.zone = engine, zone
