@@ -19,12 +19,32 @@ One more rule is about stored state: a body that names a car or dealer that does
 fuzzer's `ensure_resource_availability` check reads that 404 as "the resource I created is gone". So
 on those updates the hook leaves out the reference (`dealer_id` of a car, `car_id` of a booking);
 the unit tests cover moving a car or a booking. Every check stays on.
+
+Real ids: a random id names nothing, so a fuzzer left to itself learns that /bookings/{booking_id}
+answers 404 and seldom reaches the code behind it. .ci/fuzz.py creates records through the API
+before the run (a dealer, cars, bookings a week and more ahead, maintenance windows) and passes
+their ids here (FUZZ_RECORDS, with FUZZ_BASE_URL and FUZZ_API_KEY). Outside the stateful phase,
+whose links carry ids the run created itself, the hook puts an existing id in place of a generated
+one four times in five: in the path (a window together with its own car), in a body's reference
+of a new record (the car of a booking, the dealer of a car) and in a query's filter. The fifth keeps the generated
+id, so unknown ids are still tried. Which cases keep theirs follows from the generated values, so a
+case sent again is treated alike. An id is checked against the live API just before it is used and
+its record made again if the run removed it; a DELETE gets a record made for it there and then, so
+the deletes never use up the records the other operations need.
 """
+import atexit
+import json
+import os
+import random
 import re
+import sys
+from collections import Counter
 from datetime import datetime, timedelta, timezone
 
 import email_validator
+import requests
 import schemathesis
+from schemathesis.generation.meta import TestPhase
 
 PAIR = ("start_datetime", "end_datetime")
 IN_RANGE = datetime(2035, 1, 1, tzinfo=timezone.utc)
@@ -91,8 +111,167 @@ def slot_length(query):
         query["duration"] = "PT15M" if minutes < 15 else "P90D"
 
 
+class Live:
+    """The records the run keeps reachable, checked against the service when used and made again
+    when gone. `records` is what .ci/fuzz.py created: {"dealers": [id], "cars": [id],
+    "bookings": [id], "windows": [[car_id, window_id]]}."""
+
+    def __init__(self, base, key, records):
+        self.base, self.records, self.made, self.tally = base.rstrip("/"), records, 0, Counter()
+        self.http = requests.Session()
+        self.http.headers["Authorization"] = f"Bearer {key}"
+
+    def call(self, method, path, body=None):
+        response = self.http.request(method, f"{self.base}/api/v1{path}", json=body, timeout=10)
+        return response.status_code, (response.json() if response.content and method != "GET" else None)
+
+    def exists(self, path):
+        return self.call("GET", path)[0] == 200
+
+    def slot(self, days=8):
+        """A fresh hour a week and more ahead, a few hours after the last one given out."""
+        self.made += 1
+        start = (datetime.now(timezone.utc) + timedelta(days=days, hours=5 * self.made)).replace(microsecond=0)
+        return {"start_datetime": start.isoformat(), "end_datetime": (start + timedelta(hours=1)).isoformat()}
+
+    def new(self, kind, car_id=None):
+        """Create one record of `kind`; its id (a (car, window) pair for a window), or None."""
+        for _ in range(5):
+            if kind == "dealers":
+                status, body = self.call("POST", "/dealers", {"name": f"Fuzz dealer {self.made}"})
+                self.made += 1
+            elif kind == "cars":
+                self.made += 1
+                status, body = self.call("POST", "/cars", {
+                    "brand": "Fuzz", "model": "Target", "year": 2024, "color": "Grey", "daily_price": 50.0,
+                    "vin": f"FZ{os.getpid() % 100000:05d}{self.made:010d}", "dealer_id": self.dealer()})
+            elif kind == "bookings":
+                status, body = self.call("POST", "/bookings", {
+                    "car_id": car_id or self.car(), "customer_name": "Fuzz Target",
+                    "customer_email": "fuzz@example.com", **self.slot()})
+            else:
+                car_id = car_id or self.car()
+                status, body = self.call("POST", f"/cars/{car_id}/maintenance-windows", {"note": "fuzz", **self.slot()})
+            if status == 201:
+                self.tally[f"{kind} made"] += 1
+                return [car_id, body["id"]] if kind == "windows" else body["id"]
+            car_id = None  # a car in maintenance or fully booked: another one next time
+        self.tally[f"{kind} not made"] += 1
+        return None
+
+    def pick(self, kind, chooser):
+        """One of the kept records of `kind` that still exists (made again if it is gone)."""
+        pool = self.records.setdefault(kind, [])
+        if pool:
+            index = chooser.randrange(len(pool))
+            path = {"dealers": "/dealers/{}", "cars": "/cars/{}", "bookings": "/bookings/{}",
+                    "windows": "/cars/{}/maintenance-windows/{}"}[kind]
+            record = pool[index]
+            if self.exists(path.format(*record) if kind == "windows" else path.format(record)):
+                return record
+            self.tally[f"{kind} gone"] += 1
+            made = self.new(kind)
+            if made is not None:
+                pool[index] = made
+            return made
+        made = self.new(kind)
+        if made is not None:
+            pool.append(made)
+        return made
+
+    def dealer(self, chooser=random):
+        return self.pick("dealers", chooser)
+
+    def car(self, chooser=random):
+        return self.pick("cars", chooser)
+
+
+LIVE = Live(os.environ["FUZZ_BASE_URL"], os.environ.get("FUZZ_API_KEY", ""), json.loads(os.environ["FUZZ_RECORDS"])) \
+    if os.environ.get("FUZZ_BASE_URL") else None
+REAL_SHARE = 0.8
+
+
+def an_id(value):
+    """The id a generated value names (an int, or digits as the coverage phase writes path values),
+    or None if it is no valid id."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 1 else None
+    if isinstance(value, str) and value.isascii() and value.isdigit() and int(value) >= 1:
+        return int(value)
+    return None
+
+
+def chooser_for(case, values):
+    """A random source seeded by the generated values: the same case makes the same choices."""
+    return random.Random(f"{case.method} {case.path} {values!r}")
+
+
+def same_form(old, new):
+    return str(new) if isinstance(old, str) else new
+
+
+def real_path_ids(case, chooser):
+    """Existing ids in the path, four times in five. True if the case uses real ids."""
+    params = case.path_parameters
+    if not isinstance(params, dict) or not any(an_id(params.get(k)) for k in ID_NAMES):
+        return False
+    if any(k in params and an_id(params[k]) is None for k in ID_NAMES) or chooser.random() >= REAL_SHARE:
+        return False  # an invalid id stays, to be refused; one case in five keeps its generated id
+    delete = case.method.upper() == "DELETE"
+    if "window_id" in params:
+        pair = LIVE.new("windows") if delete else LIVE.pick("windows", chooser)
+        if pair is None:
+            return False
+        params["car_id"], params["window_id"] = (same_form(params[k], v) for k, v in zip(("car_id", "window_id"), pair))
+    else:
+        name = next(k for k in ID_NAMES if k in params)
+        kind = {"dealer_id": "dealers", "car_id": "cars", "booking_id": "bookings"}[name]
+        # a DELETE of a car needs one without bookings, which a new car is
+        found = LIVE.new(kind) if delete else LIVE.pick(kind, chooser)
+        if found is None:
+            return False
+        params[name] = same_form(params[name], found)
+    LIVE.tally["path ids replaced"] += 1
+    return True
+
+
+def real_references(container, chooser, where):
+    """Existing ids for a body's or a query's car_id and dealer_id, four times in five."""
+    if not isinstance(container, dict):
+        return
+    for name, kind in (("car_id", "cars"), ("dealer_id", "dealers")):
+        if an_id(container.get(name)) is not None and chooser.random() < REAL_SHARE:
+            found = LIVE.pick(kind, chooser)
+            if found is not None:
+                container[name] = same_form(container[name], found)
+                LIVE.tally[f"{where} ids replaced"] += 1
+
+
+ID_NAMES = ("dealer_id", "car_id", "booking_id", "window_id")
+
+
+def real_ids(case):
+    if LIVE is None or case.meta is None or case.meta.phase.name == TestPhase.STATEFUL:
+        return
+    LIVE.tally["calls"] += 1
+    chooser = chooser_for(case, (case.path_parameters, case.query, case.body))
+    real_path_ids(case, chooser)
+    if case.method.upper() == "POST":  # an update's references are left out below
+        real_references(case.body, chooser, "body")
+    real_references(case.query, chooser, "query")
+
+
+@atexit.register
+def report():
+    if LIVE is not None:
+        print("fuzz hooks: " + ", ".join(f"{name} {n}" for name, n in sorted(LIVE.tally.items())), file=sys.stderr)
+
+
 @schemathesis.hook
 def before_call(ctx, case, **kwargs):
+    real_ids(case)
     in_order(case.query)
     in_order(case.body)
     mailable(case.query)
