@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Contract fuzz run: schemathesis against the production server on 127.0.0.1, every check on.
 
-    python .ci/fuzz.py [--max-examples 100]
+    python .ci/fuzz.py [--max-examples 100] [-- more schemathesis options]
 
 Starts waitress (as the README says) with an API key on a free loopback port, so that the document
 declares bearer auth and the `ignored_auth` check can prove writes without the key are refused; then
@@ -60,6 +60,7 @@ def seed(base):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--max-examples", type=int, default=100)
+    ap.add_argument("extra", nargs="*", help="more schemathesis options, after --: -- --report har")
     a = ap.parse_args()
     here = os.path.dirname(os.path.abspath(__file__))
     # The fuzzer sends many requests without the key on purpose: it must not be throttled for them.
@@ -72,7 +73,7 @@ def main():
                                  "FUZZ_BASE_URL": base, "FUZZ_API_KEY": KEY, "FUZZ_RECORDS": json.dumps(records)}
         command = ["schemathesis", "run", f"{base}/openapi.json", "--checks", "all",
                    "--max-examples", str(a.max_examples), "--header", f"Authorization: Bearer {KEY}",
-                   "--request-timeout", "10", "--no-color"]
+                   "--request-timeout", "10", "--no-color", *a.extra]
         print("fuzz: " + " ".join(command).replace(KEY, "<key>"), flush=True)
         result = subprocess.run(command, env=fuzz_env, timeout=1800)
         if server.poll() is not None:
