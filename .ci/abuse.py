@@ -14,6 +14,8 @@ Starts the service's own production command on a free loopback port, with its te
    (deleted ones too, through /proc) are watched throughout;
 4. 2,000 requests with bodies nested from 1 to 100,000 deep, arrays and objects, give no 5xx.
 Every socket has a timeout, the run has a deadline, and the server is stopped however this exits.
+Nothing is left in the temporary folder unless the check fails: then the server log is kept and its
+path printed.
 """
 import http.client
 import os
@@ -24,7 +26,7 @@ import tempfile
 import threading
 import time
 
-from serve import HOST, serve, verdict
+from serve import HOST, run, serve, verdict
 
 LIMIT = 1024 * 1024  # DEALERSHIP_MAX_CONTENT_LENGTH's default, which serve passes on to waitress
 
@@ -198,4 +200,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

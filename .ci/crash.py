@@ -16,7 +16,8 @@ what the clients were told:
 - no two bookings of one car overlap, and ids go on after the restart (a new booking's id is higher
   than every id seen before).
 At least three rounds. Every request has a timeout and the run a deadline; the server is stopped
-however this exits.
+however this exits. Nothing is left in the temporary folder unless the check fails: then the
+server logs (one per start) are kept and their paths printed.
 """
 import argparse
 import http.client
@@ -33,7 +34,7 @@ from collections import defaultdict
 from datetime import datetime, timedelta, timezone
 from urllib.parse import urlsplit
 
-from serve import HOST, every_booking, start, stop, verdict
+from serve import HOST, every_booking, run, start, stop, verdict
 
 API = "/api/v1"
 T0 = datetime(2036, 1, 1, tzinfo=timezone.utc)
@@ -228,10 +229,9 @@ def main():
     finally:
         if server is not None:
             stop(server)
-            print(f"server log: {server.log}")
         shutil.rmtree(folder, ignore_errors=True)
     return verdict("crash", problems)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

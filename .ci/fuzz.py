@@ -10,7 +10,8 @@ in every phase, and the hook in .ci/fuzz_hooks.py for the rules JSON Schema cann
 run it creates records through the API (a dealer, cars, bookings a week and more ahead, maintenance
 windows), whose ids the hook puts in most requests that name a record, so that the fuzzer reaches
 what lies behind an id and not only the 404 of an unknown one. Exits non-zero on any failure; the
-server is stopped however this exits.
+server is stopped however this exits, and its log removed unless the run failed (then its path is
+printed).
 """
 import argparse
 import json
@@ -20,7 +21,7 @@ import sys
 import urllib.request
 from datetime import datetime, timedelta, timezone
 
-from serve import serve
+from serve import run, serve
 
 KEY = "fuzz-key-0123456789"
 CARS, BOOKINGS_PER_CAR = 8, 3
@@ -84,4 +85,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -15,6 +15,8 @@ servers still answer /health and every process answers the same cars and booking
 new connections, which the workers of one server take in turn). It prints requests
 per second and p50/p99 latency per request kind.
 Every request has a timeout, the run has a deadline, and the server is stopped however this exits.
+Nothing is left in the temporary folder unless the check fails: then the server log is kept and its
+path printed.
 """
 import argparse
 import http.client
@@ -29,7 +31,7 @@ from collections import defaultdict
 from datetime import datetime, timedelta, timezone
 from urllib.parse import urlsplit
 
-from serve import HOST, every_booking, serve, verdict
+from serve import HOST, every_booking, run, serve, verdict
 
 API = "/api/v1"
 T0 = datetime(2036, 1, 1, tzinfo=timezone.utc)
@@ -204,4 +206,4 @@ def drive(ports, servers, a):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -7,11 +7,16 @@
 Starts `waitress --listen=127.0.0.1:PORT --call dealership:create_app` from the project root with
 the caller's environment less any DEALERSHIP_* setting (plus `env`), on a database file in a new
 temporary folder unless `env` names one, waits for /health, and stops every server however the
-block exits. Their output goes to log files whose paths are printed at the end.
+block exits. Their output goes to log files in the temporary folder, which the check settles when
+it ends: a check that runs as `sys.exit(run(main))` has them removed if it passed (exit code 0) and
+keeps them, printing their paths, if it failed. A script that does not settle them has them removed
+when it exits, unless a server block ended by an exception or a server had stopped on its own.
 """
+import atexit
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +26,46 @@ import urllib.request
 
 HOST = "127.0.0.1"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOGS = []  # the server logs this process made and has not settled yet
+TROUBLE = []  # why a log must be kept for a script that does not settle its logs itself
+
+
+def new_log(prefix="dealership-server-"):
+    """A new log file for a server's output, in the temporary folder, to be settled at the end."""
+    log = tempfile.NamedTemporaryFile("w+", prefix=prefix, suffix=".log", delete=False)
+    LOGS.append(log.name)
+    return log
+
+
+def settle_logs(passed):
+    """Remove the server logs made so far if the check passed; else print where they are."""
+    while LOGS:
+        path = LOGS.pop(0)
+        if passed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        elif os.path.exists(path):
+            print(f"server log: {path}", flush=True)
+
+
+atexit.register(lambda: settle_logs(passed=not TROUBLE))
+
+
+def run(main):
+    """`sys.exit(run(main))`: main's exit code; the server logs removed if it is 0, else kept and
+    printed. SIGTERM (a CI timeout, say) ends main like an error, so the servers are still stopped
+    and the temporary folders removed."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    passed = False
+    try:
+        code = main()
+        passed = not code
+        return code
+    except SystemExit as error:
+        passed = error.code in (None, 0)
+        raise
+    finally:
+        settle_logs(passed)
 
 
 def free_port():
@@ -66,13 +111,14 @@ def start(database, threads=4, env=None, command="waitress", workers=None):
     base = f"http://{HOST}:{port}"
     clean = {k: v for k, v in os.environ.items() if not k.startswith("DEALERSHIP_")}
     clean |= {"DEALERSHIP_DATABASE": database} | (env or {})
-    log = tempfile.NamedTemporaryFile("w+", prefix="dealership-server-", suffix=".log", delete=False)
+    log = new_log()
     argv = {"waitress": ["-m", "waitress", f"--listen={HOST}:{port}", f"--threads={threads}", "--call",
                          "dealership:create_app"],
             "serve": ["-m", "flask", "--app", "dealership", "serve", "--host", HOST, "--port", str(port),
                       "--threads", str(threads)] + ([] if workers is None else ["--workers", str(workers)])}[command]
-    server = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=clean, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    with log:
+        server = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=clean, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
     server.log = log.name
     try:
         wait_for(f"{base}/health", server)
@@ -94,10 +140,14 @@ def serve(threads=4, env=None, processes=None, command="waitress", workers=None)
             server, base = start(database, threads, env, command, workers)
             servers.append((base, server))
         yield servers if processes else servers[0]
+    except BaseException as error:
+        TROUBLE.append(repr(error))
+        raise
     finally:
         for _, server in servers:
+            if server.poll() is not None:
+                TROUBLE.append(f"{server.args} exited with {server.returncode}")
             stop(server)
-            print(f"server log: {server.log}")
         shutil.rmtree(folder, ignore_errors=True)
 
 

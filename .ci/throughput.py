@@ -18,6 +18,8 @@ Clients: wrk (Debian's `wrk` package) when installed, with 2 threads; else a Pyt
 same shape, much slower, whose figures are only good for ratios. The clients and the server share
 the machine's cores, so requests/s are lower than a server alone would reach. --compare installs
 gunicorn and Granian into the running environment if they are missing (they are not requirements).
+The servers' logs are removed at the end unless a target is missed or a request failed: then they
+are kept and their paths printed.
 """
 import argparse
 import json
@@ -33,7 +35,7 @@ import http.client
 import urllib.request
 from datetime import datetime, timedelta, timezone
 
-from serve import HOST, ROOT, free_port, stop, wait_for
+from serve import HOST, ROOT, free_port, new_log, run, stop, wait_for
 
 CI = os.path.dirname(os.path.abspath(__file__))
 CARS, PER_CAR = 200, 10
@@ -118,11 +120,12 @@ def command(server, workers, target, port):
 
 def start(server, workers, target, env):
     port = free_port()
-    log = tempfile.NamedTemporaryFile("w+", prefix="dealership-throughput-", suffix=".log", delete=False)
+    log = new_log(prefix="dealership-throughput-")
     environ = {k: v for k, v in os.environ.items() if not k.startswith("DEALERSHIP_")} | env
     environ["PYTHONPATH"] = os.pathsep.join([ROOT, CI, environ.get("PYTHONPATH", "")])
-    process = subprocess.Popen(command(server, workers, target, port), cwd=ROOT, env=environ, stdout=log,
-                               stderr=subprocess.STDOUT)
+    with log:
+        process = subprocess.Popen(command(server, workers, target, port), cwd=ROOT, env=environ, stdout=log,
+                                   stderr=subprocess.STDOUT)
     process.log = log.name
     base = f"http://{HOST}:{port}"
     try:
@@ -275,4 +278,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))
