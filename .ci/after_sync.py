@@ -16,6 +16,7 @@ the cancellation), on top of the syncs themselves.
 import argparse
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -30,6 +31,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=2000, help="pairs of each kind (default 2000)")
     a = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # so the folder is still removed
     floor = floor_client({})
     probe = booking(1, T0, 1)
     scratch = tempfile.mkdtemp(prefix="dealership-sync-")

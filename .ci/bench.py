@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -124,6 +125,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--database", default=":memory:", help='":memory:", "file", or a new file\'s path')
     a = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # so the folder is still removed
     scratch = tempfile.mkdtemp(prefix="dealership-bench-")
     try:
         return run(a, scratch)
