@@ -169,7 +169,11 @@ def python_client(base, kind, seconds, connections):
             elif which == "available":
                 method, path, body = "GET", available_path(), None
             else:
-                start = FAR + timedelta(hours=2 * (n * 10_000_000 + counter // CARS))
+                # each connection books its own run of 100,000 two-hour slots per car (about 23 years:
+                # 16 connections stay far below year 9999, which the Lua script's 10,000,000 per wrk
+                # thread would pass here), and the mix a century after the POST load, as in the Lua
+                # script: else its bookings would take the very slots that load took and be refused (409)
+                start = FAR + timedelta(days=36500 if kind == "mix" else 0, hours=2 * (n * 100_000 + counter // CARS))
                 method, path = "POST", "/api/v1/bookings"
                 body = json.dumps({"car_id": counter % CARS + 1, "customer_name": "Load", "customer_email": "load@example.com",
                                    "start_datetime": start.isoformat(), "end_datetime": (start + timedelta(hours=1)).isoformat()})
