@@ -24,7 +24,7 @@ import sys
 from datetime import datetime, timedelta, timezone
 
 from docs_browser import browsing, http, screenshots, stopped_as_interrupted
-from serve import serve
+from serve import run, serve
 
 WIDTHS = (1024, 1280, 1600, 1920)
 HEIGHT = 1000
@@ -184,4 +184,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))  # the server log kept only when the check fails

@@ -29,7 +29,7 @@ import tempfile
 import time
 import urllib.request
 
-from serve import HOST, free_port, serve, stop, wait_for
+from serve import HOST, free_port, run, serve, stop, wait_for
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
@@ -194,4 +194,4 @@ def check(base, out):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))  # the server log kept only when the check fails
