@@ -370,12 +370,12 @@ def check_period(start, end):
         raise InvalidError("end_datetime", "Must be after start_datetime.")
 
 
-def check_not_past(start, now, what="booking"):
+def check_not_past(start, now, zone, what="booking"):
     """A booking (or window) may not start (or be moved to start) before now, give or take a minute
     for clocks that differ."""
     if start < now - CLOCK_TOLERANCE:
         raise InvalidError("start_datetime", f"Is in the past: a {what} can start from now on "
-                                             f"({now.replace(microsecond=0).isoformat()}).")
+                                             f"({format_instant(now.replace(microsecond=0), zone)}).")
 
 
 def free_gaps(entries, start, end, turnaround=timedelta(0)):
@@ -701,7 +701,7 @@ class Fleet:
     def refusal(self, car_id, start, end, now):
         """Why a booking of [start, end) on the car, made `now`, would be refused; None if it would not."""
         try:
-            check_not_past(start, now)
+            check_not_past(start, now, self.zone)
             self.bookable_car(car_id, start, end)
         except (InvalidError, ConflictError) as refused:
             return str(refused)
@@ -1632,7 +1632,7 @@ class Store:
     def add_booking(self, fields):
         """A new booking reads and changes one car's schedule only: others like it, on other cars,
         share its transaction and its COMMIT."""
-        check_not_past(fields["start_datetime"], datetime.now(timezone.utc))
+        check_not_past(fields["start_datetime"], datetime.now(timezone.utc), self.zone)
 
         def change(db, job):
             start, end = fields["start_datetime"], fields["end_datetime"]
@@ -1653,7 +1653,7 @@ class Store:
             booking = replace(old, **changes)
             check_period(booking.start_datetime, booking.end_datetime)
             if booking.start_datetime != old.start_datetime:  # a running booking may still change its end
-                check_not_past(booking.start_datetime, datetime.now(timezone.utc))
+                check_not_past(booking.start_datetime, datetime.now(timezone.utc), self.zone)
             if (booking.car_id, booking.start_datetime, booking.end_datetime) != \
                     (old.car_id, old.start_datetime, old.end_datetime):
                 car = self.fleet.bookable_car(booking.car_id, booking.start_datetime, booking.end_datetime, ignore=old)
@@ -1684,7 +1684,7 @@ class Store:
     def add_window(self, car_id, fields):
         """A maintenance window on a car: it may not overlap, nor come within the turnaround of, a
         booking or another window."""
-        check_not_past(fields["start_datetime"], datetime.now(timezone.utc), "maintenance window")
+        check_not_past(fields["start_datetime"], datetime.now(timezone.utc), self.zone, "maintenance window")
 
         def change(db, job):
             self.fleet.check_window_fits(car_id, fields["start_datetime"], fields["end_datetime"])

@@ -1030,6 +1030,10 @@ def test_a_period_that_starts_in_the_past_is_not_available_and_says_why(client):
         assert body["reason"].startswith("Is in the past: a booking can start from now on ("), path
         [refusal] = assert_problem(book(client, 1, *past.values()), 422, "start_datetime")["errors"]["start_datetime"]
         assert refusal.partition("(")[0] == body["reason"].partition("(")[0], path  # the same words, to the second
+    berlin = new_app({"DEALERSHIP_TIMEZONE": "Europe/Berlin"}).test_client()
+    make_car(berlin)
+    reason = berlin.get(f"{API}/cars/1/quote", query_string=past).get_json()["reason"]
+    assert re.search(r"\+0[12]:00\)\.$", reason), reason  # now, in the dealership's zone like every instant
     client.patch(f"{API}/cars/1", json={"status": "maintenance"})
     future = window(from_now(days=3), from_now(days=4))
     body = client.get(f"{API}/cars/1/quote", query_string=future).get_json()
