@@ -1011,14 +1011,16 @@ class Fleet:
 #   engine.Error                  what its driver raises; engine.client_error(error) turns it into a
 #                                 ConflictError or a StorageUnavailable (503) for the client
 #   engine.writer(), .reader()    the one write connection (one batch at a time), and this thread's
-#                                 connection for catching up
+#                                 connection for catching up (engine.Error if it cannot be opened)
 #   engine.ping(), .backup(path)  a trivial read; a consistent copy while the service runs
 # and of a connection: transaction(write), savepoint(), insert/update/delete(kind, ...) (one entry
 # in the change log each, counted in `written`), load() (every record and the log's position),
 # changed() and caught_up(version) (has anyone committed since?), newest_change(),
 # changes_since(position) ({kind: {id: record or None}} and the newest position, or None once the
 # log no longer reaches back that far) and prune_change_log(). SQLite is the engine today, on a
-# file or in memory; the SQL of each engine lives in its own classes and nowhere else.
+# file or in memory; the SQL of each engine lives in its own classes and nowhere else. A write
+# transaction fails (engine.Error, nothing kept) once what it writes to is no longer the database
+# the service loaded (its file deleted or replaced, say).
 # ---------------------------------------------------------------------------------------------
 
 MEMORY = ":memory:"
@@ -1039,6 +1041,26 @@ class StorageUnavailable(Exception):
     def __init__(self, detail, retry_after):
         super().__init__(detail)
         self.retry_after = retry_after
+
+
+class FileNotAtPath(sqlite3.OperationalError):
+    """The file at the database's path is no longer the one the engine opened: deleted, moved or
+    replaced. A driver error, so that every path that handles one (a write's 503, /health, catching
+    up) handles this one too."""
+
+    def __init__(self, path):
+        super().__init__(f"the file {path!r} is no longer the one the service opened (it was deleted, moved "
+                         "or replaced): put that file back at its path, or restart the service on the intended file")
+
+
+def file_uri(path, mode):
+    """`path` as a SQLite URI that opens it in `mode`: "rw" never creates the file, "rwc" may."""
+    path = os.path.abspath(path).replace(os.sep, "/")
+    if not path.startswith("/"):  # a Windows drive: file:///C:/...
+        path = "/" + path
+    for char in "%?#":  # "%" first: the others are escaped with it
+        path = path.replace(char, f"%{ord(char):02x}")
+    return f"file://{path}?mode={mode}"
 
 
 def change_log_triggers(*kinds):
@@ -1149,15 +1171,20 @@ class SQLiteConnection:
     """One SQLite connection in autocommit mode: every transaction is written out as BEGIN ...
     COMMIT, so that a check and its write sit in one."""
 
-    def __init__(self, path, busy_timeout, unusable):
-        self.busy_timeout = busy_timeout
+    def __init__(self, target, busy_timeout, unusable=None, before_commit=None):
+        """`target`: a file URI (see file_uri) or ":memory:". `unusable` turns a failure to open into
+        the error to raise (at start, a ConfigError); without it the driver's error is raised.
+        `before_commit` runs inside every write transaction, just before COMMIT: what it raises
+        rolls the transaction back, so nothing of it is kept."""
+        self.busy_timeout, self.before_commit = busy_timeout, before_commit
         self.written = 0  # records written since the store's write began (one change-log entry each)
         self.seen_version = None  # PRAGMA data_version when the store last caught up through here
         try:
-            self.conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+            self.conn = sqlite3.connect(target, timeout=busy_timeout, isolation_level=None, check_same_thread=False,
+                                        uri=True)
             self.conn.execute("PRAGMA foreign_keys = ON")
         except sqlite3.Error as error:
-            raise unusable(error) from None
+            raise (unusable(error) if unusable else error) from None
 
     # -- transactions ---------------------------------------------------------------------------
 
@@ -1174,6 +1201,8 @@ class SQLiteConnection:
             self.conn.execute("BEGIN")
         try:
             yield self
+            if write and self.before_commit is not None:
+                self.before_commit()
             self.conn.execute("COMMIT")
         except BaseException:
             self.rollback()
@@ -1322,15 +1351,27 @@ class SQLiteEngine:
     writer's COMMIT nor for another reader. In memory there is only the write connection, as no
     other process can write. Opening a file checks it (ours, not newer, not damaged), takes the
     schema's steps it lacks and puts it in WAL mode; any problem is a ConfigError.
+
+    Only the write connection, at start and with `create`, may create the file (SQLite's URI
+    mode=rwc; every other connection opens it with mode=rw). The engine remembers which file it
+    opened (device and inode): a write batch checks that the file at the path is still that one
+    before its COMMIT, and so does ping(). Deleted, moved or replaced, it raises FileNotAtPath, and
+    nothing is kept: a connection opened afresh would otherwise write to (or create) another file
+    than the one every record in memory came from.
     """
     Error = sqlite3.Error
 
-    def __init__(self, path, synchronous="full", busy_timeout=5.0):
+    def __init__(self, path, synchronous="full", busy_timeout=5.0, create=True):
         self.name = path
         self.shared = path != MEMORY  # a file can have other processes (or apps) on it
         self.busy_timeout = busy_timeout
         self._readers = threading.local()
-        self._writer = SQLiteConnection(path, busy_timeout, self.unusable)
+        if self.shared and not create and not os.path.exists(path):
+            raise ConfigError(f"DEALERSHIP_DATABASE={path!r} does not exist, though the service made or found it "
+                              "at start: it was deleted or moved since. Put it back, or restart the service.")
+        target = file_uri(path, "rwc" if create else "rw") if self.shared else path
+        self._writer = SQLiteConnection(target, busy_timeout, self.unusable, before_commit=self.check_file)
+        self.identity = self._identity() if self.shared else None
         try:
             self._prepare(self._writer.conn, synchronous)
             self._writer.conn.execute("PRAGMA busy_timeout = 0")  # see SQLiteConnection._begin_immediate
@@ -1350,9 +1391,28 @@ class SQLiteEngine:
             return self._writer
         reader = getattr(self._readers, "connection", None)
         if reader is None:
-            reader = self._readers.connection = SQLiteConnection(self.name, self.busy_timeout, self.unusable)
+            reader = SQLiteConnection(file_uri(self.name, "rw"), self.busy_timeout)
+            try:
+                self.check_file()  # what it opened must be the file every record came from
+            except FileNotAtPath:
+                reader.conn.close()
+                raise
             reader.conn.execute("PRAGMA query_only = ON")
+            self._readers.connection = reader
         return reader
+
+    def _identity(self):
+        """The device and inode of the file at the path now; None when there is none."""
+        try:
+            found = os.stat(self.name)
+        except OSError:
+            return None
+        return found.st_dev, found.st_ino
+
+    def check_file(self):
+        """Raise FileNotAtPath unless the file at the path is still the one this engine opened."""
+        if self.shared and self._identity() != self.identity:
+            raise FileNotAtPath(self.name)
 
     def _prepare(self, conn, synchronous):
         app_id = conn.execute("PRAGMA application_id").fetchone()[0]  # "not a database" shows here
@@ -1412,6 +1472,9 @@ class SQLiteEngine:
         code = getattr(error, "sqlite_errorname", "")
         if isinstance(error, sqlite3.IntegrityError):
             return ConflictError(f"The change conflicts with the stored data ({error}); nothing was changed.")
+        if isinstance(error, FileNotAtPath):
+            return StorageUnavailable(f"The database cannot take the change: {error}. Nothing was changed; "
+                                      "reads are answered as before.", 60)
         if code.startswith("SQLITE_BUSY") or "locked" in str(error):
             detail, retry = ("The database is busy: another process held it for longer than "
                              "DEALERSHIP_BUSY_TIMEOUT. Nothing was changed; try again."), 1
@@ -1425,14 +1488,16 @@ class SQLiteEngine:
         return StorageUnavailable(detail, retry)
 
     def ping(self):
-        """A trivial read; raises sqlite3.Error when the database does not answer."""
+        """A trivial read of the file this engine opened; raises sqlite3.Error when the database does
+        not answer, or FileNotAtPath when that file is no longer at the path."""
+        self.check_file()
         self.reader().ping()
 
     def backup(self, target):
         """A consistent copy of the database at `target`, taken while the service runs (SQLite's
         online backup), written beside it first and then renamed, so `target` is never half a copy."""
         partial = f"{target}.partial"
-        source = sqlite3.connect(self.name, timeout=30)
+        source = sqlite3.connect(file_uri(self.name, "rw"), timeout=30, uri=True)  # never a new, empty file
         copy = sqlite3.connect(partial, isolation_level=None)
         try:
             source.backup(copy)
@@ -1723,7 +1788,11 @@ class Store:
         transaction."""
         if not self.engine.shared:
             return
-        db = self.engine.reader()
+        try:
+            db = self.engine.reader()
+        except self.engine.Error:
+            self._catch_up_through_writer()
+            return
         try:
             version = db.changed()
             if version is None:  # nobody else has committed since this thread looked
@@ -1734,6 +1803,16 @@ class Store:
                     db.caught_up(version)
                 else:
                     self._catch_up(db)
+        except self.engine.Error as error:
+            log.warning("could not read %s to catch up: %s", self.engine.name, error)
+
+    def _catch_up_through_writer(self):
+        """When this thread cannot open a connection of its own (the file is gone from its path, say),
+        catch up through the write connection, which has had the file open since the start: every
+        process then answers with all that was committed to that file, as the others do."""
+        try:
+            with self.write_lock, self.lock:
+                self._catch_up(self.engine.writer())
         except self.engine.Error as error:
             log.warning("could not read %s to catch up: %s", self.engine.name, error)
 
@@ -3647,7 +3726,10 @@ def open_database(app):
             raise ConfigError(f"DEALERSHIP_DATABASE={path!r}: its folder cannot be made ({error}).") from None
         if not os.path.isdir(folder):
             raise ConfigError(f"DEALERSHIP_DATABASE={path!r}: the folder {folder!r} does not exist.")
-    return SQLiteEngine(path, app.config["DEALERSHIP_SYNCHRONOUS"], app.config["DEALERSHIP_BUSY_TIMEOUT"])
+    # A worker of serve never creates the file: its supervisor made or found it at start, so a
+    # missing one was deleted or moved since, and a new empty file would hide that.
+    return SQLiteEngine(path, app.config["DEALERSHIP_SYNCHRONOUS"], app.config["DEALERSHIP_BUSY_TIMEOUT"],
+                        create=not os.environ.get(SERVE_WORKER))
 
 
 def load_demo_data(engine, zone):

@@ -3280,3 +3280,101 @@ def test_available_slots_answer_a_page_of_100_unless_asked_for_more(client):
     rest = slots(client, duration="PT1H", after="2035-01-20T09:00:00Z", offset=100)
     assert [s["car_id"] for s in rest.get_json()] == list(range(101, 106))
     assert len(slots(client, duration="PT1H", after="2035-01-20T09:00:00Z", limit=1000).get_json()) == 105
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage safety: the file under a running service, and a damaged write-ahead log at start
+# ---------------------------------------------------------------------------------------------
+
+
+def over_http(method, url, body=None):
+    """(status, headers, JSON body) of one request on a connection of its own, whatever its status."""
+    request = urllib.request.Request(url, None if body is None else json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"}, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.headers, json.load(response)
+    except urllib.request.HTTPError as error:
+        with error:
+            return error.code, error.headers, json.load(error)
+
+
+def in_a_new_thread(action):
+    """What `action()` returns when run by a thread that has not served a request yet."""
+    results = []
+    thread = threading.Thread(target=lambda: results.append(action()))
+    thread.start()
+    thread.join(timeout=30)
+    return results[0]
+
+
+def test_a_file_replaced_under_two_apps_refuses_every_write_and_keeps_nothing(database, tmp_path):
+    first, second = on_file(database).test_client(), on_file(database).test_client()
+    make_car(first)
+    assert book(first, 1).status_code == 201
+    before = state(first)
+    assert state(second) == before
+    other = str(tmp_path / "other.sqlite3")
+    on_file(other)  # another database of the service: its seed dealer, no car
+    gc.collect()  # closed: one self-contained file
+    for suffix in ("-wal", "-shm"):  # replaced as a restore would: the old file's log goes with it
+        os.remove(database + suffix)
+    os.replace(other, database)
+    replacement = table_rows(database)
+    for client in (first, second):
+        refused = book(client, 1, "2035-02-01T10:00:00Z", "2035-02-01T11:00:00Z")
+        assert database in assert_problem(refused, 503)["detail"]
+        assert refused.headers["Retry-After"] == "60"
+        assert_problem(client.post(f"{API}/cars", json=car_body(vin=vin(2))), 503)
+        health = client.get("/health")
+        assert "no longer the one the service opened" in assert_problem(health, 503)["detail"]
+        assert state(client) == before
+        assert in_a_new_thread(lambda client=client: state(client)) == before
+    assert table_rows(database) == replacement
+
+
+def test_a_file_moved_away_refuses_writes_until_it_is_back(database, tmp_path):
+    client = on_file(database).test_client()
+    make_car(client)
+    before, aside = state(client), str(tmp_path / "aside.sqlite3")
+    os.rename(database, aside)
+    assert database in assert_problem(book(client, 1), 503)["detail"]
+    assert_problem(client.get("/health"), 503)
+    assert state(client) == before and not os.path.exists(database)
+    os.rename(aside, database)
+    assert book(client, 1).status_code == 201
+    assert client.get("/health").status_code == 200
+    assert len(table_rows(database)["bookings"]) == 1
+
+
+def test_under_serve_a_deleted_file_refuses_writes_on_every_worker_and_is_not_made_again(tmp_path):
+    path = str(tmp_path / "served.sqlite3")
+    with serving(tmp_path, "--workers", "2") as (server, port):
+        base = f"http://127.0.0.1:{port}"
+        assert over_http("POST", f"{base}{API}/cars", car_body())[0] == 201
+        for day in range(1, 6):
+            body = booking_body(1, f"2035-03-0{day}T10:00:00Z", f"2035-03-0{day}T12:00:00Z")
+            assert over_http("POST", f"{base}{API}/bookings", body)[0] == 201
+        bookings = over_http("GET", f"{base}{API}/bookings")[2]
+        assert len(bookings) == 5
+        for suffix in ("", "-wal", "-shm"):
+            os.remove(path + suffix)
+        for n in range(20):  # each on a new connection, taken by either worker
+            body = booking_body(1, f"2035-04-{n + 1:02d}T10:00:00Z", f"2035-04-{n + 1:02d}T12:00:00Z")
+            status, headers, problem = over_http("POST", f"{base}{API}/bookings", body)
+            assert status == 503 and path in problem["detail"] and headers["Retry-After"] == "60", problem
+        for _ in range(10):
+            status, _, problem = over_http("GET", f"{base}/health")
+            assert status == 503 and path in problem["detail"], problem
+        for _ in range(10):
+            status, headers, found = over_http("GET", f"{base}{API}/bookings")
+            assert (status, headers["X-Total-Count"], found) == (200, "5", bookings)
+        assert not any(os.path.exists(path + suffix) for suffix in ("", "-wal", "-shm"))
+    assert "Traceback" not in open(tmp_path / "served.log").read()
+
+
+def test_a_worker_of_serve_never_makes_the_file_it_should_find(database, monkeypatch):
+    monkeypatch.setenv(dealership.SERVE_WORKER, "1")
+    with pytest.raises(dealership.ConfigError, match="does not exist.*deleted or moved") as refused:
+        on_file(database)
+    assert database in str(refused.value) and not os.path.exists(database)
