@@ -241,6 +241,7 @@ SETTINGS = {
     "DEALERSHIP_DATABASE": ("dealership.sqlite3", text_setting),  # in the instance folder; ":memory:" for none
     "DEALERSHIP_SYNCHRONOUS": ("full", one_of("full", "normal")),
     "DEALERSHIP_BUSY_TIMEOUT": (5, seconds),
+    "DEALERSHIP_ACCEPT_WAL_LOSS": (False, boolean),  # start on a damaged WAL, without what SQLite drops of it
     "DEALERSHIP_RATE_LIMIT": (None, optional(rate_limit)),  # such as "300/minute", per client address
     "DEALERSHIP_REFUSED_KEY_LIMIT": ("10/minute", rate_limit),  # refused API keys per client address, then 429
     "DEALERSHIP_RATELIMIT_STORAGE_URI": ("memory://", text_setting),  # Flask-Limiter's counts: shared, if need be
@@ -1342,6 +1343,186 @@ class SQLiteConnection:
             self.conn.execute("DELETE FROM changes WHERE seq <= ?", (after - CHANGE_LOG_KEEP,))
 
 
+# -- the write-ahead log, read before SQLite opens the file ------------------------------------
+# The first connection to open a database after every process has gone (a crash, a restart)
+# rebuilds its index from the WAL (https://www.sqlite.org/fileformat2.html#walformat): it applies
+# the frames up to the first one whose salts or cumulative checksum do not match and drops the rest
+# in silence, committed or not. After a crash, frames past the last commit (a torn tail) were
+# never acknowledged and are rightly dropped; a damaged file can cost committed transactions, so it
+# is read first, since opening it would recover and then overwrite it.
+
+WAL_MAGIC = {0x377F0682: False, 0x377F0683: True}  # -> whether its checksums read big-endian words
+WAL_VERSION = 3007000
+WAL_HEADER, FRAME_HEADER = 32, 24
+WAL_INDEX_HEADER = 48  # the -shm file starts with two copies, in the writing machine's byte order
+
+
+def wal_checksum(data, big_endian, s1=0, s2=0):
+    """SQLite's WAL checksum of `data` (a multiple of 8 bytes), continuing from (s1, s2)."""
+    if big_endian == (sys.byteorder == "big"):
+        words = memoryview(data).cast("I").tolist()
+    else:  # the bytes reversed, then the words: each word's bytes swapped, the words in order
+        words = memoryview(data[::-1]).cast("I")[::-1].tolist()
+    pairs = iter(words)
+    for first, second in zip(pairs, pairs):
+        s1 = (s1 + first + s2) & 0xFFFFFFFF
+        s2 = (s2 + second + s1) & 0xFFFFFFFF
+    return s1, s2
+
+
+def word(data, offset, order="big"):
+    """The unsigned 32-bit integer at `offset` (the WAL's own fields are big-endian)."""
+    return int.from_bytes(data[offset:offset + 4], order)
+
+
+def page_size_or_none(size):
+    """`size` if SQLite could use it as a page size (a power of two from 512 to 65536), else None."""
+    return size if 512 <= size <= 65536 and not size & (size - 1) else None
+
+
+@dataclass(frozen=True)
+class WalHeader:
+    page_size: int
+    salts: bytes  # frames of this generation of the log carry the same two
+    checksum: tuple  # where the frames' cumulative checksum starts
+    big_endian: bool
+
+
+def read_wal_header(data):
+    """The WAL's header, or None when SQLite would not accept it (and so drop every frame)."""
+    if len(data) < WAL_HEADER or word(data, 0) not in WAL_MAGIC:
+        return None
+    big_endian, page_size = WAL_MAGIC[word(data, 0)], page_size_or_none(word(data, 8))
+    checksum = wal_checksum(data[:24], big_endian)
+    if word(data, 4) != WAL_VERSION or page_size is None or checksum != (word(data, 24), word(data, 28)):
+        return None
+    return WalHeader(page_size, data[16:24], checksum, big_endian)
+
+
+def wal_index_last_commit(shm, salts):
+    """The last frame a committed transaction reached, as the wal-index (the -shm file's first bytes
+    `shm`) says; None unless its two header copies agree, are valid and are of this log's generation."""
+    order, header = sys.byteorder, shm[:WAL_INDEX_HEADER]
+    if (len(shm) < 2 * WAL_INDEX_HEADER or header != shm[WAL_INDEX_HEADER:2 * WAL_INDEX_HEADER]
+            or word(header, 0, order) != WAL_VERSION or not header[12] or header[32:40] != salts
+            or wal_checksum(header[:40], order == "big") != (word(header, 40, order), word(header, 44, order))):
+        return None
+    return word(header, 16, order)
+
+
+def commit_frames(wal, frame_size, salts, first, last):
+    """The numbers of the frames `first` to `last` of `wal` that carry `salts` (are of that
+    generation of the log) and end a commit, read from their headers alone."""
+    found = []
+    for number in range(first, last + 1):
+        wal.seek(WAL_HEADER + (number - 1) * frame_size)
+        frame = wal.read(16)
+        if frame[8:16] == salts and word(frame, 4):
+            found.append(number)
+    return found
+
+
+@dataclass(frozen=True)
+class WalFrames:
+    """What SQLite's recovery makes of a log's frames, and the commits it would drop."""
+    count: int  # complete frames in the file
+    applied: int  # the last frame SQLite applies: the last commit before the first frame it refuses
+    refused: int  # the first frame it refuses (count + 1 if none)
+    dropped_commits: list  # that frame and those after it, of this generation, that end a commit
+
+
+def scan_wal_frames(wal, header, size):
+    """Walk the frames of `wal` (a file, just past its header) as SQLite's recovery does, then on
+    past the first refused one for commits of this generation."""
+    frame_size, checksum = FRAME_HEADER + header.page_size, header.checksum
+    count = (size - WAL_HEADER) // frame_size
+    applied = 0
+    for number in range(1, count + 1):
+        frame = wal.read(frame_size)
+        checksum = wal_checksum(frame[:8] + frame[FRAME_HEADER:], header.big_endian, *checksum)
+        if frame[8:16] != header.salts or not word(frame, 0) or checksum != (word(frame, 16), word(frame, 20)):
+            return WalFrames(count, applied, number, commit_frames(wal, frame_size, header.salts, number, count))
+        if word(frame, 4):
+            applied = number
+    return WalFrames(count, applied, count + 1, [])
+
+
+def frames_loss(frames, indexed, page_size, size):
+    """The committed transactions a recovery would drop, in words (see wal_loss), or None: those
+    after the first refused frame, and those the wal-index says reached frame `indexed` (None if
+    unknown) that the file no longer holds. Frames after the last commit are a torn tail: no loss."""
+    lost_until = max([n for n in frames.dropped_commits if n > frames.refused] + [indexed or 0])
+    if lost_until <= frames.applied:
+        return None
+    frame_size = FRAME_HEADER + page_size
+    kept, missing = WAL_HEADER + frames.applied * frame_size, max(0, WAL_HEADER + lost_until * frame_size - size)
+    commits = sum(n <= lost_until for n in frames.dropped_commits) + (1 if missing else 0)
+    what = []
+    if frames.refused <= frames.count:
+        what.append(f"frame {frames.refused} of {frames.count} is damaged")
+    if missing:
+        what.append(f"the file is cut short ({frames.count} whole frames, where the wal-index says committed "
+                    f"frames reach frame {lost_until})")
+    return (f"{', and '.join(what)}: {'at least ' if missing else ''}{plural(commits, 'committed transaction')} "
+            f"would be dropped (frames {frames.applied + 1} to {lost_until}: the last {size - kept:,} bytes of the file"
+            + (f" and the {missing:,} it is missing)" if missing else ")"))
+
+
+def damaged_header_loss(wal, path, size):
+    """What a recovery would drop of a log whose header it refuses (all of it), in words. How many
+    commits that is needs the page size: the header's if it makes sense, else the database's."""
+    wal.seek(0)
+    page_size = page_size_or_none(word(wal.read(WAL_HEADER), 8))
+    if page_size is None:
+        try:
+            with open(path, "rb") as database:
+                stored = int.from_bytes(database.read(18)[16:18], "big")
+            page_size = page_size_or_none(65536 if stored == 1 else stored)
+        except OSError:
+            pass
+    what, dropped = "its header is damaged, so every frame would be dropped", f"{size - WAL_HEADER:,} bytes"
+    if page_size is None or size < WAL_HEADER + FRAME_HEADER + page_size:
+        return f"{what} ({dropped})"
+    count = (size - WAL_HEADER) // (FRAME_HEADER + page_size)
+    wal.seek(WAL_HEADER + 8)
+    salts = wal.read(8)  # the first frame is always of the log's latest generation
+    commits = commit_frames(wal, FRAME_HEADER + page_size, salts, 1, count)
+    return f"{what}: {plural(len(commits), 'committed transaction')} (frames 1 to {count}: {dropped})"
+
+
+def orphan_loss(wal, header, frames):
+    """What SQLite drops of an intact log beside a database file that is missing or empty (all of
+    it: it deletes the log), in words."""
+    commits = commit_frames(wal, FRAME_HEADER + header.page_size, header.salts, 1, frames.applied)
+    return (f"the database file is missing or empty, so the whole log would be dropped: "
+            f"{plural(len(commits), 'committed transaction')} (frames 1 to {frames.applied})")
+
+
+def wal_loss(path):
+    """What SQLite would drop in silence, of what was committed, from the WAL beside the database
+    at `path` when it opens it: one line, or None when that is nothing (no log, an intact one, a torn
+    tail). The wal-index (-shm) is read first: a live writer updates it only after writing its frames."""
+    try:
+        with open(f"{path}-shm", "rb") as shm:
+            index = shm.read(2 * WAL_INDEX_HEADER)
+    except FileNotFoundError:
+        index = b""
+    try:
+        with open(f"{path}-wal", "rb") as wal:
+            size = os.fstat(wal.fileno()).st_size
+            if size <= WAL_HEADER:  # empty, or a header torn as the log began: nothing was committed to it
+                return None
+            header = read_wal_header(wal.read(WAL_HEADER))
+            if header is None:
+                return damaged_header_loss(wal, path, size)
+            frames = scan_wal_frames(wal, header, size)
+            if frames.applied and not (os.path.exists(path) and os.path.getsize(path)):
+                return orphan_loss(wal, header, frames)
+    except FileNotFoundError:
+        return None
+    return frames_loss(frames, wal_index_last_commit(index, header.salts), header.page_size, size)
+
+
 class SQLiteEngine:
     """The database file (or memory) of one store, and its connections.
 
@@ -1358,10 +1539,13 @@ class SQLiteEngine:
     before its COMMIT, and so does ping(). Deleted, moved or replaced, it raises FileNotAtPath, and
     nothing is kept: a connection opened afresh would otherwise write to (or create) another file
     than the one every record in memory came from.
+
+    Before SQLite opens a file, its WAL is read (see wal_loss): if SQLite would drop committed
+    transactions from it, the engine refuses to open it (a ConfigError), unless `accept_wal_loss`.
     """
     Error = sqlite3.Error
 
-    def __init__(self, path, synchronous="full", busy_timeout=5.0, create=True):
+    def __init__(self, path, synchronous="full", busy_timeout=5.0, create=True, accept_wal_loss=False):
         self.name = path
         self.shared = path != MEMORY  # a file can have other processes (or apps) on it
         self.busy_timeout = busy_timeout
@@ -1369,12 +1553,15 @@ class SQLiteEngine:
         if self.shared and not create and not os.path.exists(path):
             raise ConfigError(f"DEALERSHIP_DATABASE={path!r} does not exist, though the service made or found it "
                               "at start: it was deleted or moved since. Put it back, or restart the service.")
+        loss_accepted = self.shared and self._check_wal(accept_wal_loss)
         target = file_uri(path, "rwc" if create else "rw") if self.shared else path
         self._writer = SQLiteConnection(target, busy_timeout, self.unusable, before_commit=self.check_file)
         self.identity = self._identity() if self.shared else None
         try:
             self._prepare(self._writer.conn, synchronous)
             self._writer.conn.execute("PRAGMA busy_timeout = 0")  # see SQLiteConnection._begin_immediate
+            if loss_accepted:  # what SQLite kept, into the file; the log emptied, so its damage is not found again
+                self._writer.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as error:
             self._writer.conn.close()
             raise self.unusable(error) from None
@@ -1400,6 +1587,29 @@ class SQLiteEngine:
             reader.conn.execute("PRAGMA query_only = ON")
             self._readers.connection = reader
         return reader
+
+    def _check_wal(self, accept_loss):
+        """Refuse a file whose WAL SQLite would cut committed transactions from, leaving the log as it
+        is; or, when the loss is accepted, say what is dropped and return True."""
+        wal = f"{self.name}-wal"
+        try:
+            loss = wal_loss(self.name)
+            if loss is not None:  # a process writing the log right now can make one reading see half a commit
+                time.sleep(0.1)
+                loss = wal_loss(self.name)
+        except OSError as error:
+            raise ConfigError(f"DEALERSHIP_DATABASE={self.name!r}: its write-ahead log {wal!r} cannot be read "
+                              f"({error}): check the permissions of the file and its folder.") from None
+        if loss is None:
+            return False
+        if not accept_loss:
+            raise ConfigError(f"DEALERSHIP_DATABASE={self.name!r}: SQLite would drop committed transactions from "
+                              f"its write-ahead log {wal!r} without a word: {loss}. The log is left as it is: copy "
+                              "the database and its -wal and -shm files aside, then restore a backup (see the README), "
+                              "or set DEALERSHIP_ACCEPT_WAL_LOSS=1 to start without them.")
+        log.warning("%s: starting without what SQLite drops from its damaged write-ahead log, as "
+                    "DEALERSHIP_ACCEPT_WAL_LOSS says: %s", self.name, loss)
+        return True
 
     def _identity(self):
         """The device and inode of the file at the path now; None when there is none."""
@@ -3729,7 +3939,8 @@ def open_database(app):
     # A worker of serve never creates the file: its supervisor made or found it at start, so a
     # missing one was deleted or moved since, and a new empty file would hide that.
     return SQLiteEngine(path, app.config["DEALERSHIP_SYNCHRONOUS"], app.config["DEALERSHIP_BUSY_TIMEOUT"],
-                        create=not os.environ.get(SERVE_WORKER))
+                        create=not os.environ.get(SERVE_WORKER),
+                        accept_wal_loss=app.config["DEALERSHIP_ACCEPT_WAL_LOSS"])
 
 
 def load_demo_data(engine, zone):

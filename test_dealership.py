@@ -3378,3 +3378,177 @@ def test_a_worker_of_serve_never_makes_the_file_it_should_find(database, monkeyp
     with pytest.raises(dealership.ConfigError, match="does not exist.*deleted or moved") as refused:
         on_file(database)
     assert database in str(refused.value) and not os.path.exists(database)
+
+
+def copy_file(source, target):
+    with open(source, "rb") as original, open(target, "wb") as copy:
+        copy.write(original.read())
+
+
+def crashed_copy(tmp_path, bookings=40):
+    """A database as kill -9 leaves it: the file, its -wal and its -shm, copied while the app that
+    wrote them is alive, the log never checkpointed (a car, then `bookings` bookings, one commit
+    each). Returns the copy's path and what the app served."""
+    path, copy = str(tmp_path / "written.sqlite3"), str(tmp_path / "crashed.sqlite3")
+    app = on_file(path, DEALERSHIP_SYNCHRONOUS="normal")
+    app.extensions["dealership"].engine.writer().conn.execute("PRAGMA wal_autocheckpoint = 0")
+    client = app.test_client()
+    make_car(client)
+    for n in range(bookings):
+        start = datetime(2035, 5, 1, tzinfo=timezone.utc) + timedelta(hours=2 * n)
+        assert book(client, 1, start.isoformat(), (start + timedelta(hours=1)).isoformat()).status_code == 201
+    for suffix in ("", "-wal", "-shm"):
+        copy_file(path + suffix, copy + suffix)
+    return copy, state(client)
+
+
+def wal_frames(path):
+    """(frame size, [whether each frame of the log ends a commit]), read from the frame headers."""
+    with open(f"{path}-wal", "rb") as wal:
+        log = wal.read()
+    frame_size = 24 + int.from_bytes(log[8:12], "big")
+    return frame_size, [log[32 + n * frame_size + 4:32 + n * frame_size + 8] != bytes(4)
+                        for n in range((len(log) - 32) // frame_size)]
+
+
+def flip_byte(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0x10]))
+
+
+def files_of(path):
+    found = {}
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            with open(path + suffix, "rb") as f:
+                found[suffix] = f.read()
+    return found
+
+
+def test_wal_checksums_read_words_in_either_byte_order():
+    def by_hand(data, big_endian, s1, s2):
+        words = [int.from_bytes(data[i:i + 4], "big" if big_endian else "little") for i in range(0, len(data), 4)]
+        for i in range(0, len(words), 2):
+            s1 = (s1 + words[i] + s2) % 2 ** 32
+            s2 = (s2 + words[i + 1] + s1) % 2 ** 32
+        return s1, s2
+
+    rng = random.Random(7)
+    for _ in range(200):
+        data, seed = rng.randbytes(8 * rng.randrange(1, 600)), (rng.randrange(2 ** 32), rng.randrange(2 ** 32))
+        for big_endian in (False, True):
+            assert dealership.wal_checksum(data, big_endian, *seed) == by_hand(data, big_endian, *seed)
+
+
+def torn_tail(kind):
+    """A change to a crashed log that only adds what a crash mid-commit leaves after the last commit."""
+    def change(path):
+        frame_size, _ = wal_frames(path)
+        with open(f"{path}-wal", "r+b") as wal:
+            wal.seek(-frame_size, os.SEEK_END)
+            last = bytearray(wal.read())
+            last[4:8] = bytes(4)  # a frame of a transaction that never reached its commit
+            wal.seek(0, os.SEEK_END)
+            wal.write({"a few bytes": b"\x17" * 9, "half a frame": last[:frame_size // 2],
+                       "a frame that ends no commit": last}[kind])
+    return change
+
+
+@pytest.mark.parametrize("tail", [None, "a few bytes", "half a frame", "a frame that ends no commit"])
+def test_a_crash_starts_with_every_committed_booking_whatever_its_torn_tail(tmp_path, tail, caplog):
+    copy, served = crashed_copy(tmp_path)
+    if tail:
+        torn_tail(tail)(copy)
+    with caplog.at_level("WARNING", logger="dealership"):
+        client = on_file(copy).test_client()
+    assert state(client) == served and len(served["bookings"]) == 40
+    assert "write-ahead log" not in caplog.text
+
+
+def damage(kind, path):
+    """Damage the crashed log at `path` as `kind` says; return the first frame SQLite would drop
+    for it (numbered from 1), or None for one that damages the header."""
+    frame_size, commits = wal_frames(path)
+    middle, last = len(commits) // 2, len(commits)
+    if kind == "a byte of the header":
+        flip_byte(f"{path}-wal", 20)
+        return None
+    if kind == "a byte mid-log":
+        flip_byte(f"{path}-wal", 32 + (middle - 1) * frame_size + 24 + 1000)
+        return middle
+    if kind == "a byte of the last commit":
+        flip_byte(f"{path}-wal", 32 + (last - 1) * frame_size + 24 + 1000)
+        return last
+    if kind == "cut in half":
+        with open(f"{path}-wal", "r+b") as wal:
+            wal.truncate(os.path.getsize(f"{path}-wal") // 2)
+        return (os.path.getsize(f"{path}-wal") - 32) // frame_size + 1
+    os.remove(path)  # the database file gone, its log left
+    return 1
+
+
+@pytest.mark.parametrize("kind, says", [
+    ("a byte of the header", r"its header is damaged, so every frame would be dropped: (\d+) committed transactions"),
+    ("a byte mid-log", r"frame \d+ of \d+ is damaged: (\d+) committed transactions would be dropped"),
+    ("a byte of the last commit", r"frame (\d+) of \1 is damaged: 1 committed transaction would be dropped"),
+    ("cut in half", r"the file is cut short \(\d+ whole frames, where the wal-index says committed frames reach "
+                    r"frame \d+\): at least \d+ committed transactions? would be dropped"),
+    ("the database file deleted", r"the database file is missing or empty, so the whole log would be dropped: "
+                                  r"(\d+) committed transactions"),
+])
+def test_a_damaged_wal_refuses_to_start_saying_what_would_be_dropped(tmp_path, kind, says):
+    copy, _ = crashed_copy(tmp_path)
+    frame_size, commits = wal_frames(copy)
+    first_dropped = damage(kind, copy)
+    before = files_of(copy)
+    with pytest.raises(dealership.ConfigError) as refused:
+        on_file(copy)
+    message = str(refused.value)
+    found = re.search(says, message)
+    assert found, message
+    if kind in ("a byte of the header", "a byte mid-log", "the database file deleted"):
+        assert int(found[1]) == sum(commits[(first_dropped or 1) - 1:])  # every commit from there on
+    assert f"write-ahead log '{copy}-wal'" in message and "left as it is" in message
+    assert "DEALERSHIP_ACCEPT_WAL_LOSS=1" in message and "\n" not in message
+    assert files_of(copy) == before  # nothing opened, nothing recovered, nothing made
+
+
+def test_accepting_the_loss_starts_without_it_says_so_once_and_then_starts_clean(tmp_path, caplog):
+    copy, served = crashed_copy(tmp_path)
+    _, commits = wal_frames(copy)
+    first_dropped = damage("a byte mid-log", copy)
+    dropped = sum(commits[first_dropped - 1:])
+    with caplog.at_level("WARNING", logger="dealership"):
+        app = on_file(copy, DEALERSHIP_ACCEPT_WAL_LOSS="1")
+    warnings = [r for r in caplog.records if "DEALERSHIP_ACCEPT_WAL_LOSS" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelname == "WARNING"
+    assert f"{dropped} committed transactions would be dropped" in warnings[0].getMessage()
+    client = app.test_client()
+    assert state(client)["bookings"] == served["bookings"][:40 - dropped]  # one commit per booking, in order
+    assert book(client, 1, "2035-09-01T10:00:00Z", "2035-09-01T11:00:00Z").status_code == 201
+    again = str(tmp_path / "again.sqlite3")  # a crash now: what the log holds is intact
+    for suffix in ("", "-wal", "-shm"):
+        copy_file(copy + suffix, again + suffix)
+    assert state(on_file(again).test_client()) == state(client)
+
+
+def test_serve_refuses_a_damaged_wal_in_one_line_and_leaves_it_as_it_is(tmp_path):
+    copy, _ = crashed_copy(tmp_path)
+    damage("a byte mid-log", copy)
+    before = files_of(copy)
+    with closing(socket.socket()) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEALERSHIP_")} | {"DEALERSHIP_DATABASE": copy}
+    done = subprocess.run([sys.executable, "-m", "flask", "--app", "dealership", "serve", "--port", str(port)],
+                          cwd=os.path.dirname(os.path.abspath(dealership.__file__)), env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"Error: DEALERSHIP_DATABASE='{copy}': SQLite would drop committed transactions")
+    assert "is damaged" in last and "DEALERSHIP_ACCEPT_WAL_LOSS=1" in last
+    assert "Traceback" not in done.stderr
+    assert files_of(copy) == before
