@@ -41,6 +41,7 @@ adapter; wiring (init_app, create_app).
 import bisect
 import contextvars
 import functools
+import hashlib
 import hmac
 import inspect
 import json
@@ -123,6 +124,8 @@ WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 MAX_NAMED = 10  # bookings a refused maintenance window names
 MAX_CHUNKS = 100_000  # parts of available-cars answers kept ready; beyond, they are made afresh
 MAX_BATCH = 64  # writes in one transaction at most
+MAX_FEED_PERIOD = timedelta(days=400)  # the longest period a calendar feed covers: its default (395 days) fits
+MAX_FEED_EVENTS = 5000  # bookings and windows in one feed: what it costs to make grows with them
 # An ISO 8601 duration of days, hours and minutes: P3D, PT4H, P1DT12H, PT90M. (No lookahead, so that
 # the OpenAPI document can state it and fuzzers generate from it.)
 DURATION_PATTERN = r"^P(?:\d{1,5}D(?:T(?:\d{1,7}H(?:\d{1,9}M)?|\d{1,9}M))?|T(?:\d{1,7}H(?:\d{1,9}M)?|\d{1,9}M))$"
@@ -615,6 +618,9 @@ class Fleet:
         self.cars, self.car_by_vin, self.schedules = {}, {}, {}
         self.bookings, self.windows, self.by_email = {}, {}, {}
         self.cars_version = 0  # counts changes of cars: what a rendering of the fleet is made from
+        # Counts every change of any record, and names this fleet among all others (other processes,
+        # other apps, a reload): together they tell whether a feed or the board could have changed.
+        self.version, self.origin = 0, os.urandom(8).hex()
         self.coverage = self._offerable = None  # made when first asked for
         for car in cars:
             self.put_car(car)
@@ -711,16 +717,19 @@ class Fleet:
     # -- changes: made only after COMMIT ----------------------------------------------------------
 
     def put_dealer(self, dealer):
+        self.version += 1
         self.dealers[dealer.id] = dealer
         self._offerable = None  # its turnaround may have changed
 
     def drop_dealer(self, dealer_id):
+        self.version += 1
         del self.dealers[dealer_id]
 
     # A VIN maps to a car only while that car holds it: when a batch of changes swaps VINs between
     # cars, or gives a deleted car's VIN to a new one, a later step must not remove the new owner.
 
     def put_car(self, car):
+        self.version += 1
         old = self.cars.get(car.id)
         if old is not None and self.car_by_vin.get(old.vin) == car.id:
             del self.car_by_vin[old.vin]
@@ -733,6 +742,7 @@ class Fleet:
         self.cars_version += 1
 
     def drop_car(self, car_id):
+        self.version += 1
         car = self.cars.pop(car_id)
         if self.car_by_vin.get(car.vin) == car_id:
             del self.car_by_vin[car.vin]
@@ -744,6 +754,7 @@ class Fleet:
         self.cars_version += 1
 
     def put_booking(self, booking):
+        self.version += 1
         old = self.bookings.get(booking.id)
         if old is not None:
             self._unschedule_booking(old)
@@ -753,13 +764,16 @@ class Fleet:
         self.by_email.setdefault(booking.customer_email.casefold(), set()).add(booking.id)
 
     def drop_booking(self, booking_id):
+        self.version += 1
         self._unschedule_booking(self.bookings.pop(booking_id))
 
     def put_window(self, window):
+        self.version += 1
         self.windows[window.id] = window
         self._schedule(window)
 
     def drop_window(self, window_id):
+        self.version += 1
         self._unschedule(self.windows.pop(window_id))
 
     def _schedule(self, entry):
@@ -2530,7 +2544,8 @@ class FeedQuery(EndAfterStart, Schema):
     start_datetime = Instant(in_query=True, metadata=about(
         "Events that end after it; 30 days before today (00:00 UTC) when left out."))
     end_datetime = Instant(in_query=True, metadata=about(
-        "Events that start before it; 365 days after today (00:00 UTC) when left out."))
+        f"Events that start before it; 365 days after today (00:00 UTC) when left out. The period is at most "
+        f"{MAX_FEED_PERIOD.days} days, and a feed holds at most {MAX_FEED_EVENTS:,} events (more is a 422)."))
 
 
 class FleetFeedQuery(FeedQuery):
@@ -3194,18 +3209,39 @@ def available_slots():
 FEED_PAST, FEED_AHEAD = timedelta(days=30), timedelta(days=365)
 
 
-def feed_period(filters):
+def feed_period(filters, today):
     """The period a feed covers: as asked, or from 30 days ago to 365 days ahead, counted from
     today's midnight (UTC), so that the feed stays the same all day while nothing changes."""
-    today = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
-    return filters.get("start_datetime", today - FEED_PAST), filters.get("end_datetime", today + FEED_AHEAD)
+    start = filters.get("start_datetime", today - FEED_PAST)
+    end = filters.get("end_datetime", today + FEED_AHEAD)
+    check_period(start, end)  # a start given alone may fall after the default end
+    if end - start > MAX_FEED_PERIOD:
+        raise InvalidError("end_datetime", f"The period is longer than {MAX_FEED_PERIOD.days} days, the longest a "
+                                           "feed covers: ask for a shorter one.")
+    return start, end
 
 
-def feed(name, entries):
-    """An iCalendar (RFC 5545) feed of (car, entry) pairs, with an ETag: a calendar program that polls
-    gets 304 Not Modified while nothing in it changed. One VEVENT per entry, its UID stable (made from
-    the entry's kind and id), its times in UTC; DTSTAMP is today's midnight (UTC)."""
-    stamp = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+def entity_tag(*parts):
+    """An ETag for a response made from the fleet as it stands and from `parts` (whatever else its
+    body depends on). Taken before the body is made: a change in between makes the tag older than
+    the body (the next request gets a 200), never newer (a 304 for something the client lacks)."""
+    fleet = store().fleet
+    key = repr((fleet.origin, fleet.version, str(store().zone), PRESENTATION.get().currency, *parts))
+    return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+
+
+def not_modified(tag):
+    """304 Not Modified when the request's If-None-Match names `tag`; otherwise None."""
+    if not request.if_none_match.contains_weak(tag):
+        return None
+    response = Response(status=304, headers={"Cache-Control": "no-cache"})
+    response.set_etag(tag)
+    return response
+
+
+def ical(name, entries, stamp):
+    """An iCalendar (RFC 5545) document of (car, entry) pairs: one VEVENT per entry, its UID stable
+    (made from the entry's kind and id), its times in UTC, its DTSTAMP `stamp`."""
     calendar = icalendar.Calendar()
     calendar.add("prodid", "-//Dealership API//EN")
     calendar.add("version", "2.0")
@@ -3223,9 +3259,30 @@ def feed(name, entries):
         event.add("dtend", entry.end_datetime)
         event.add("categories", ["Booking" if type(entry) is Booking else "Maintenance"])
         calendar.add_component(event)
-    response = Response(calendar.to_ical(), mimetype="text/calendar", headers={"Cache-Control": "no-cache"})
-    response.add_etag()
-    return response.make_conditional(request)
+    return calendar.to_ical()
+
+
+def feed(name, filters, **which):
+    """The feed `name` of the bookings and windows of `which` (car_id=, dealer_id= or the whole
+    fleet) in the period that `filters` ask for, with an ETag: a calendar program that polls gets
+    304 Not Modified, decided before its entries are looked up, while nothing in it can have
+    changed. DTSTAMP is today's midnight (UTC). More than MAX_FEED_EVENTS entries are a 422,
+    counted before the calendar is made."""
+    stamp = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    start, end = feed_period(filters, stamp)
+    tag = entity_tag("feed", name, sorted(which.items()), start, end, stamp)
+    unchanged = not_modified(tag)
+    if unchanged is not None:
+        return unchanged
+    entries = store().read(Fleet.entries, start, end, **which)
+    if len(entries) > MAX_FEED_EVENTS:
+        narrower = "" if "car_id" in which else ", or the feed of one dealer (dealer_id) or one car"
+        raise InvalidError("end_datetime", f"The feed would hold {len(entries):,} bookings and maintenance windows, "
+                                           f"more than the {MAX_FEED_EVENTS:,} a feed carries: ask for a shorter "
+                                           f"period{narrower}.")
+    response = Response(ical(name, entries, stamp), mimetype="text/calendar", headers={"Cache-Control": "no-cache"})
+    response.set_etag(tag)
+    return response
 
 
 @bp.get("/cars/<digits:car_id>/calendar.ics")
@@ -3237,8 +3294,7 @@ def car_feed(car_id):
     ahead unless a period is given; no customer's name or e-mail.
     """
     car = store().fleet.car(car_id)
-    start, end = feed_period(query(FEED_QUERY))
-    return feed(f"{car.brand} {car.model} (car {car.id})", store().read(Fleet.entries, start, end, car_id=car_id))
+    return feed(f"{car.brand} {car.model} (car {car.id})", query(FEED_QUERY), car_id=car_id)
 
 
 @bp.get("/calendar.ics")
@@ -3252,8 +3308,7 @@ def fleet_feed():
     filters = query(FLEET_FEED_QUERY)
     dealer_id = filters.get("dealer_id")
     name = "Fleet" if dealer_id is None else store().fleet.dealer(dealer_id).name
-    start, end = feed_period(filters)
-    return feed(name, store().read(Fleet.entries, start, end, dealer_id=dealer_id))
+    return feed(name, filters, dealer_id=dealer_id)
 
 
 # ---------------------------------------------------------------------------------------------

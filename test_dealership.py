@@ -3552,3 +3552,93 @@ def test_serve_refuses_a_damaged_wal_in_one_line_and_leaves_it_as_it_is(tmp_path
     assert "is damaged" in last and "DEALERSHIP_ACCEPT_WAL_LOSS=1" in last
     assert "Traceback" not in done.stderr
     assert files_of(copy) == before
+
+
+# Bounds on the feeds and the board: the longest period, the most events or rows, 304 before
+# building, and the rate limit
+# ---------------------------------------------------------------------------------------------
+
+
+FEED_URL = f"{API}/calendar.ics"
+
+
+def feed_query(start, end):
+    return f"start_datetime={start}&end_datetime={end}"
+
+
+def test_a_feed_period_longer_than_the_largest_is_422_on_end_datetime_and_names_the_largest():
+    client = board_app()
+    longest = feed_query("2035-01-01T00:00:00Z", "2036-02-05T00:00:00Z")  # 400 days: 2036 is a leap year
+    assert client.get(f"{FEED_URL}?{longest}").status_code == 200
+    assert client.get(f"{API}/cars/1/calendar.ics?{longest}").status_code == 200
+    far_back = (datetime.now(timezone.utc) - timedelta(days=1000)).replace(microsecond=0).isoformat()
+    for asked in (feed_query("2035-01-01T00:00:00Z", "2036-02-05T00:00:01Z"),
+                  feed_query("2035-01-01T00:00:00Z", "9998-12-31T00:00:00Z"),
+                  "end_datetime=2040-01-01T00:00:00Z",  # from 30 days ago, by default
+                  f"start_datetime={far_back.replace('+', '%2B')}"):  # to 365 days ahead, by default
+        for url in (FEED_URL, f"{API}/cars/1/calendar.ics", f"{FEED_URL}?dealer_id=2"):
+            url += ("&" if "?" in url else "?") + asked
+            body = assert_problem(client.get(url), 422, "end_datetime")
+            assert "400 days" in body["errors"]["end_datetime"][0], body
+    # a start given alone that falls after the default end is a period that ends before it starts
+    body = assert_problem(client.get(f"{FEED_URL}?start_datetime=2040-01-01T00:00:00Z"), 422, "end_datetime")
+    assert body["errors"]["end_datetime"] == ["Must be after start_datetime."]
+
+
+def test_a_feed_with_more_events_than_the_bound_is_422_counted_before_the_calendar_is_made(monkeypatch):
+    client = board_app()  # five entries from May to July 2035: four bookings and a window
+    monkeypatch.setattr(dealership, "MAX_FEED_EVENTS", 3)
+    monkeypatch.setattr(dealership, "ical", lambda *args: pytest.fail("the calendar was made"))
+    summer = feed_query("2035-05-01T00:00:00Z", "2035-08-01T00:00:00Z")
+    body = assert_problem(client.get(f"{FEED_URL}?{summer}"), 422, "end_datetime")
+    message = body["errors"]["end_datetime"][0]
+    assert "5 bookings and maintenance windows" in message and "more than the 3" in message
+    assert "shorter period" in message and "one dealer" in message
+    monkeypatch.undo()
+    monkeypatch.setattr(dealership, "MAX_FEED_EVENTS", 3)
+    assert set(feed_events(client.get(f"{FEED_URL}?dealer_id=2&{summer}"))) == {
+        "booking-3@dealership", "booking-4@dealership", "maintenance-window-1@dealership"}  # three: within it
+    book(client, 1, "2035-07-10T09:00:00Z", "2035-07-11T09:00:00Z")
+    book(client, 1, "2035-07-20T09:00:00Z", "2035-07-21T09:00:00Z")  # car 1 then has four
+    body = assert_problem(client.get(f"{API}/cars/1/calendar.ics?{summer}"), 422, "end_datetime")
+    assert "4 bookings" in body["errors"]["end_datetime"][0] and "one dealer" not in body["errors"]["end_datetime"][0]
+    june = feed_query("2035-06-01T00:00:00Z", "2035-07-01T00:00:00Z")
+    assert set(feed_events(client.get(f"{API}/cars/1/calendar.ics?{june}"))) == {"booking-1@dealership",
+                                                                                   "booking-2@dealership"}
+
+
+def test_a_feed_answers_304_before_building_anything(monkeypatch):
+    client = board_app()
+    url = f"{FEED_URL}?{feed_query('2035-06-01T00:00:00Z', '2035-07-01T00:00:00Z')}"
+    first = client.get(url)
+    assert first.status_code == 200 and first.headers["Cache-Control"] == "no-cache"
+    etag = first.headers["ETag"]
+    monkeypatch.setattr(dealership.Fleet, "entries", lambda *args, **kwargs: pytest.fail("the entries were looked up"))
+    monkeypatch.setattr(dealership, "ical", lambda *args: pytest.fail("the calendar was made"))
+    for sent in (etag, f"W/{etag}", f'"other", {etag}', "*"):
+        again = client.get(url, headers={"If-None-Match": sent})
+        assert again.status_code == 304 and again.get_data() == b"" and again.headers["ETag"] == etag, sent
+    monkeypatch.undo()
+    other = client.get(f"{FEED_URL}?{feed_query('2035-06-01T00:00:00Z', '2035-07-02T00:00:00Z')}",
+                       headers={"If-None-Match": etag})  # another period: another feed
+    assert other.status_code == 200 and other.headers["ETag"] != etag
+
+
+def test_a_feeds_etag_changes_when_a_booking_is_made_or_cancelled_and_differs_between_stores():
+    client = board_app()
+    url = f"{API}/cars/4/calendar.ics?{feed_query('2035-06-01T00:00:00Z', '2035-08-01T00:00:00Z')}"
+    before = client.get(url).headers["ETag"]
+    made = book(client, 4, "2035-07-10T09:00:00Z", "2035-07-11T09:00:00Z").get_json()["id"]
+    after_booking = client.get(url, headers={"If-None-Match": before})
+    assert after_booking.status_code == 200 and after_booking.headers["ETag"] != before
+    assert f"booking-{made}@dealership" in feed_events(after_booking)
+    assert client.get(url, headers={"If-None-Match": after_booking.headers["ETag"]}).status_code == 304
+    assert client.delete(f"{API}/bookings/{made}").status_code == 204
+    after_cancel = client.get(url, headers={"If-None-Match": after_booking.headers["ETag"]})
+    assert after_cancel.status_code == 200 and f"booking-{made}@dealership" not in feed_events(after_cancel)
+    assert after_cancel.headers["ETag"] not in (before, after_booking.headers["ETag"])
+    # the same records in another store (another process, or the same one reloaded) have another tag:
+    # a tag never vouches for a fleet it did not come from
+    twin = board_app()
+    assert twin.get(url).get_data() == client.get(url).get_data()
+    assert twin.get(url, headers={"If-None-Match": after_cancel.headers["ETag"]}).status_code == 200
