@@ -3583,6 +3583,8 @@ BOARD = "dealership_board"
 board_bp = Blueprint(BOARD, __name__)
 handle_errors(board_bp)
 BOARD_DAYS = (7, 14, 28)
+BOARD_ROWS = 100  # cars on one page of the board; the others on the pages after it
+BOARD_MAX_BARS = 5000  # bookings and windows drawn on one page: what it costs to make grows with them
 FIRST_BOARD_DAY, LAST_BOARD_DAY = date(1971, 1, 1), date(9998, 12, 1)
 
 
@@ -3604,6 +3606,8 @@ class BoardQuery(Schema):
     start = Day(metadata=about("The first day shown; the Monday of this week when left out."))
     days = Count(load_default=14, validate=validate.OneOf(BOARD_DAYS), metadata=about("7, 14 or 28 days."))
     dealer_id = Count(validate=validate.Range(min=1), metadata=about("Only this dealer's cars."))
+    page = Count(load_default=1, validate=validate.Range(min=1), metadata=about(
+        f"Which {BOARD_ROWS} cars: page 1 has the first, by dealer and then by id."))
 
 
 BOARD_QUERY = BoardQuery()
@@ -3669,6 +3673,28 @@ def bar_html(entry, period, pad, texts):
     return html
 
 
+def board_page(service, period, dealer_id, page):
+    """One page of the board's rows: BOARD_ROWS cars (a dealer without cars takes one for its heading),
+    by dealer and then by id, as [(dealer, [(car, its entries in the period)])], and how many pages
+    there are. A page past the last is a 404; one with more than BOARD_MAX_BARS entries a 422,
+    counted before any is drawn."""
+    rows = []
+    for dealer, cars in service.read(Fleet.board_rows, period.begin, period.end, dealer_id):
+        rows += [(dealer, car) for car in cars] or [(dealer, None)]
+    pages = max(1, -(-len(rows) // BOARD_ROWS))
+    if page > pages:
+        raise NotFoundError(f"The board has {plural(pages, 'page')} of {BOARD_ROWS} cars: there is no page {page}.")
+    rows = rows[(page - 1) * BOARD_ROWS:page * BOARD_ROWS]
+    bars = sum(len(car[1]) for _, car in rows if car is not None)
+    if bars > BOARD_MAX_BARS:
+        raise InvalidError("days", f"This page of the board would draw {bars:,} bookings and maintenance windows, more "
+                                   f"than the {BOARD_MAX_BARS:,} it draws: show fewer days, or one dealer.")
+    groups = {}
+    for dealer, car in rows:
+        groups.setdefault(dealer.id, (dealer, []))[1].extend([car] if car is not None else [])
+    return list(groups.values()), pages
+
+
 BOARD_TEMPLATE = """<!doctype html>
 <html lang="en">
 <head>
@@ -3724,6 +3750,10 @@ rows are cars in maintenance.</p>
   {% for dealer, href in dealers %}<a href="{{ href }}"{% if dealer.id == dealer_id %} aria-current="page"{% endif %}>{{ dealer.name }}</a>{% endfor %}
   {% if docs %}| <a href="{{ docs }}">API docs</a>{% endif %}
 </nav>
+{% if pages > 1 %}<nav class="pages">Cars, page {{ page }} of {{ pages }}:
+  {% if earlier %}<a href="{{ earlier }}">&larr; Previous {{ rows }} cars</a>{% endif %}
+  {% if later %}<a href="{{ later }}">Next {{ rows }} cars &rarr;</a>{% endif %}
+</nav>{% endif %}
 <div class="board" role="table" aria-label="Cars against days">
   <div class="row head" role="row">
     <div class="car" role="columnheader">Car</div>
@@ -3751,16 +3781,23 @@ rows are cars in maintenance.</p>
 def board():
     """The fleet at a glance: one row per car, grouped by dealer, one column per day; bookings as bars
     placed by their times, maintenance windows hatched, the turnaround after each booking as a light
-    tail, cars in maintenance status greyed. No customer's name or e-mail: the page needs no key."""
+    tail, cars in maintenance status greyed; BOARD_ROWS cars a page. No customer's name or e-mail:
+    the page needs no key. With an ETag: a reload answers 304, decided before anything is drawn,
+    while nothing on the page can have changed."""
     service = store()
     service.sync()
     zone = service.zone
     filters = query(BOARD_QUERY)
     today = datetime.now(zone).date()
     first = filters.get("start", today - timedelta(days=today.weekday()))
-    days, dealer_id = filters["days"], filters.get("dealer_id")
+    days, dealer_id, page = filters["days"], filters.get("dealer_id"), filters["page"]
     if dealer_id is not None:
         service.fleet.dealer(dealer_id)
+    tag = entity_tag("board", today, first, days, dealer_id, page, request.script_root, request.path,
+                     DOCS in current_app.extensions)
+    unchanged = not_modified(tag)
+    if unchanged is not None:
+        return unchanged
     midnights = [datetime.combine(first + timedelta(days=n), dt_time(0), zone).astimezone(timezone.utc)
                  for n in range(days + 1)]
     period = Period(midnights[0], midnights[-1])
@@ -3769,8 +3806,9 @@ def board():
     texts = current_app.extensions.setdefault(BOARD, {})
     if len(texts) > BOARD_TEXTS_KEPT:
         texts.clear()
+    shown, pages = board_page(service, period, dealer_id, page)
     groups = []
-    for dealer, cars in service.read(Fleet.board_rows, period.begin, period.end, dealer_id):
+    for dealer, cars in shown:
         pad = dealer.turnaround_minutes * MINUTE
         rows = [{"car": car, "out": car.status != "available",
                  "bars": Markup("".join(bar_html(entry, period, pad, texts) for entry in entries))}
@@ -3778,18 +3816,24 @@ def board():
         groups.append({"dealer": dealer, "rows": rows})
     link = functools.partial(url_for, f"{BOARD}.board", days=days)
     dealer_arg = {} if dealer_id is None else {"dealer_id": dealer_id}
+    kept = dealer_arg | ({} if page == 1 else {"page": page})  # moving through the days keeps the page of cars
     template = current_app.extensions.get(BOARD_TEMPLATE_KEY)
     if template is None:  # compiled once per app (render_template_string would compile it each time)
         template = current_app.extensions[BOARD_TEMPLATE_KEY] = current_app.jinja_env.from_string(BOARD_TEMPLATE)
-    return render_template(
+    response = Response(render_template(
         template, groups=groups, columns=columns, days=days,
         period=f"{first:%a %d %b %Y} to {first + timedelta(days=days - 1):%a %d %b %Y}", zone=zone,
-        previous=link(start=(first - timedelta(days=days)).isoformat(), **dealer_arg),
-        next=link(start=(first + timedelta(days=days)).isoformat(), **dealer_arg),
-        today=link(**dealer_arg), all_dealers=link(start=first.isoformat()),
+        previous=link(start=(first - timedelta(days=days)).isoformat(), **kept),
+        next=link(start=(first + timedelta(days=days)).isoformat(), **kept),
+        today=link(**kept), all_dealers=link(start=first.isoformat()),
         docs=docs_url() if DOCS in current_app.extensions else None,
         dealers=[(dealer, link(start=first.isoformat(), dealer_id=dealer.id)) for dealer in service.fleet.dealers.values()],
-        dealer_id=dealer_id)
+        dealer_id=dealer_id, page=page, pages=pages, rows=BOARD_ROWS,
+        earlier=link(start=first.isoformat(), **dealer_arg, **({"page": page - 1} if page > 2 else {})) if page > 1 else None,
+        later=link(start=first.isoformat(), **dealer_arg, page=page + 1) if page < pages else None), mimetype="text/html")
+    response.headers["Cache-Control"] = "no-cache"
+    response.set_etag(tag)
+    return response
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3642,3 +3642,54 @@ def test_a_feeds_etag_changes_when_a_booking_is_made_or_cancelled_and_differs_be
     twin = board_app()
     assert twin.get(url).get_data() == client.get(url).get_data()
     assert twin.get(url, headers={"If-None-Match": after_cancel.headers["ETag"]}).status_code == 200
+
+
+def test_the_board_shows_a_page_of_cars_at_a_time_with_links_between_pages(monkeypatch):
+    client = board_app()  # the first dealer's cars 1 and 3, then North's 2 and 4
+    monkeypatch.setattr(dealership, "BOARD_ROWS", 2)
+    first = BoardPage(client.get("/board?start=2035-06-04").get_data(as_text=True))
+    assert list(first.rows) == [1, 3]
+    assert "/board?days=14&start=2035-06-04&page=2" in first.links
+    second_html = client.get("/board?start=2035-06-04&page=2").get_data(as_text=True)
+    second = BoardPage(second_html)
+    assert list(second.rows) == [2, 4] and {bar["row"] for bar in second.bars} == {2}
+    assert "/board?days=14&start=2035-06-04" in second.links and "page=1" not in second_html  # back to page 1
+    assert "/board?days=14&start=2035-06-18&page=2" in second.links  # the next days keep the page of cars
+    assert "page 2 of 2" in second_html
+    body = assert_problem(client.get("/board?start=2035-06-04&page=3"), 404)
+    assert "2 pages" in body["detail"]
+    assert list(BoardPage(client.get("/board?start=2035-06-04&dealer_id=2").get_data(as_text=True)).rows) == [2, 4]
+    dealer = client.post(f"{API}/dealers", json={"name": "Empty"}).get_json()["id"]  # its heading takes a row
+    third = client.get("/board?start=2035-06-04&page=3").get_data(as_text=True)
+    assert f'data-dealer-id="{dealer}"' in third and not BoardPage(third).rows
+    for bad in ("page=0", "page=x", "page=1&page=2"):
+        assert_problem(client.get(f"/board?{bad}"), 422, "page")
+
+
+def test_a_board_page_with_more_bars_than_the_bound_is_422_before_any_is_drawn(monkeypatch):
+    client = board_app()  # four bars in the fortnight: three in North's rows
+    monkeypatch.setattr(dealership, "BOARD_MAX_BARS", 3)
+    monkeypatch.setattr(dealership, "bar_html", lambda *args: pytest.fail("a bar was drawn"))
+    body = assert_problem(client.get("/board?start=2035-06-04"), 422, "days")
+    assert "4 bookings and maintenance windows" in body["errors"]["days"][0]
+    assert "fewer days, or one dealer" in body["errors"]["days"][0]
+    monkeypatch.undo()
+    monkeypatch.setattr(dealership, "BOARD_MAX_BARS", 3)
+    assert len(BoardPage(client.get("/board?start=2035-06-04&dealer_id=2").get_data(as_text=True)).bars) == 2
+    assert len(BoardPage(client.get("/board?start=2035-06-04&days=7").get_data(as_text=True)).bars) == 3
+
+
+def test_the_board_answers_304_before_drawing_and_changes_its_etag_with_a_booking(monkeypatch):
+    client = board_app()
+    first = client.get("/board?start=2035-06-04")
+    etag = first.headers["ETag"]
+    assert first.status_code == 200 and first.headers["Cache-Control"] == "no-cache"
+    monkeypatch.setattr(dealership, "board_page", lambda *args: pytest.fail("the board was made"))
+    again = client.get("/board?start=2035-06-04", headers={"If-None-Match": etag})
+    assert again.status_code == 304 and again.get_data() == b""
+    monkeypatch.undo()
+    assert client.get("/board?start=2035-06-04&days=7", headers={"If-None-Match": etag}).status_code == 200
+    book(client, 4, "2035-06-10T09:00:00Z", "2035-06-11T09:00:00Z")
+    changed = client.get("/board?start=2035-06-04", headers={"If-None-Match": etag})
+    assert changed.status_code == 200 and changed.headers["ETag"] != etag
+    assert len(BoardPage(changed.get_data(as_text=True)).bars) == 5
