@@ -4078,8 +4078,10 @@ def load_demo_data(engine, zone):
 
 def init_limits(app):
     """The app's own Flask-Limiter (two apps share no counts): refused API keys are throttled per
-    client address, and DEALERSHIP_RATE_LIMIT, when set, limits every request to the API. Only when
-    there is something to limit: Flask-Limiter's checks cost some 0.06 ms on every request."""
+    client address, and DEALERSHIP_RATE_LIMIT, when set, limits every request to the API (its feeds
+    included) and to the board, each per route as Flask-Limiter counts a blueprint's limit; the docs
+    stay open. Only when there is something to limit: Flask-Limiter's checks cost some 0.06 ms on
+    every request."""
     if not app.config["DEALERSHIP_API_KEY"] and not app.config["DEALERSHIP_RATE_LIMIT"]:
         return
     limiter = Limiter(get_remote_address, storage_uri=app.config["DEALERSHIP_RATELIMIT_STORAGE_URI"],
@@ -4089,8 +4091,9 @@ def init_limits(app):
                   exempt_when=lambda: not key_required(), scope="refused API keys",
                   error_message="Too many refused API keys from this address: wait before trying again.")(bp)
     if app.config["DEALERSHIP_RATE_LIMIT"]:
-        limiter.limit(app.config["DEALERSHIP_RATE_LIMIT"], scope="requests",
-                      error_message="Too many requests from this address: wait before trying again.")(bp)
+        for blueprint in (bp, board_bp):  # a limit names its blueprint: it holds wherever that is mounted
+            limiter.limit(app.config["DEALERSHIP_RATE_LIMIT"], scope="requests",
+                          error_message="Too many requests from this address: wait before trying again.")(blueprint)
 
 
 def init_app(app, url_prefix=API_PREFIX, docs_prefix=None, board_prefix=None):

@@ -3693,3 +3693,15 @@ def test_the_board_answers_304_before_drawing_and_changes_its_etag_with_a_bookin
     changed = client.get("/board?start=2035-06-04", headers={"If-None-Match": etag})
     assert changed.status_code == 200 and changed.headers["ETag"] != etag
     assert len(BoardPage(changed.get_data(as_text=True)).bars) == 5
+
+
+@pytest.mark.parametrize("path", ["/board", f"{API}/calendar.ics", f"{API}/cars/1/calendar.ics"])
+def test_the_board_and_the_feeds_are_under_the_general_rate_limit_and_the_docs_are_not(path):
+    limited = new_app({"DEALERSHIP_RATE_LIMIT": "3/minute"}).test_client()
+    make_car(limited)  # a write of the API: counted on its own route
+    assert [limited.get(path).status_code for _ in range(3)] == [200, 200, 200]
+    body = assert_problem(limited.get(path), 429)
+    assert "Too many requests" in body["detail"]
+    assert [limited.get(docs).status_code for docs in ["/docs", "/openapi.json"] * 3] == [200] * 6
+    elsewhere = limited.get(path, environ_base={"REMOTE_ADDR": "192.0.2.9"})  # per client address
+    assert elsewhere.status_code == 200
