@@ -3872,6 +3872,41 @@ def configure_logging():
 SERVE_CONNECTIONS = 1000  # open connections waitress accepts: far above its threads, so idle ones lock nobody out
 SERVE_IDLE_SECONDS = 30  # a connection that sends nothing for this long is closed; and the longest a stop waits
 SERVE_WORKER = "DEALERSHIP_SERVE_WORKER"  # set in the environment of serve's worker processes
+# The most of its response a connection holds in waitress's buffers: past it the app thread waits
+# for the client to read, so a client that does not read costs neither memory nor disk beyond it.
+SERVE_BUFFER = 1024 * 1024
+SERVE_PIECE = 64 * 1024  # a response is handed to waitress in pieces of at most this: see Pieces
+
+
+class Pieces:
+    """A WSGI response as pieces of at most SERVE_PIECE bytes. waitress checks its buffer's bound
+    before each write, not within one: a body written whole, as Flask writes one, would be buffered
+    whole (and, past waitress's outbuf_overflow, written to a temporary file)."""
+
+    def __init__(self, app_iter):
+        self.app_iter = app_iter
+
+    def __iter__(self):
+        for chunk in self.app_iter:
+            for start in range(0, len(chunk), SERVE_PIECE):
+                yield chunk[start:start + SERVE_PIECE]
+
+    def close(self):  # WSGI: the server closes what the app returned, which may need it (Flask does)
+        close = getattr(self.app_iter, "close", None)
+        if close is not None:
+            close()
+
+
+def in_pieces(app):
+    """`app`, its responses handed on in Pieces; a file sent through wsgi.file_wrapper stays as it is
+    (waitress reads it from the file as the client takes it)."""
+    def wsgi(environ, start_response):
+        app_iter = app(environ, start_response)
+        wrapper = environ.get("wsgi.file_wrapper")
+        if isinstance(wrapper, type) and isinstance(app_iter, wrapper):
+            return app_iter
+        return Pieces(app_iter)
+    return wsgi
 
 
 class WaitressServer:
@@ -3882,15 +3917,34 @@ class WaitressServer:
 
     def __init__(self, app, listener, threads):
         import waitress
-        self.server = waitress.create_server(app, sockets=[listener], threads=threads, ident="dealership",
+        # outbuf_high_watermark: past it the app thread waits for the client to read. A buffer then
+        # holds at most SERVE_BUFFER and a piece, below outbuf_overflow: none is ever spooled to disk.
+        self.server = waitress.create_server(in_pieces(app), sockets=[listener], threads=threads, ident="dealership",
                                              max_request_body_size=app.config["DEALERSHIP_MAX_CONTENT_LENGTH"],
-                                             connection_limit=SERVE_CONNECTIONS, channel_timeout=SERVE_IDLE_SECONDS)
+                                             connection_limit=SERVE_CONNECTIONS, channel_timeout=SERVE_IDLE_SECONDS,
+                                             outbuf_high_watermark=SERVE_BUFFER, outbuf_overflow=2 * SERVE_BUFFER)
         self.server.print_listen("Serving on http://{}:{}")
+        self.next_check = 0
 
     def poll(self, timeout, count=1):
-        """Serve what is ready, waiting up to `timeout` seconds for something to be."""
+        """Serve what is ready, waiting up to `timeout` seconds for something to be; then close the
+        connections whose client has stopped reading."""
         from waitress.wasyncore import loop
         loop(timeout=timeout, map=self.server._map, use_poll=True, count=count)  # internal: the channel map
+        self.close_stalled()
+
+    def close_stalled(self):
+        """Close each connection that has output waiting and has taken none of it for SERVE_IDLE_SECONDS
+        (checked once a second). waitress's own timeout passes over a connection whose request is still
+        running, and closes the others only once their socket can be written to: a client that stops
+        reading would keep its buffer, and the app thread that waits for it, for ever."""
+        now = time.time()  # waitress's clock for last_activity
+        if now < self.next_check:
+            return
+        self.next_check = now + 1
+        for channel in list(self.server.active_channels.values()):  # internal: the open connections
+            if channel.total_outbufs_len and channel.last_activity < now - SERVE_IDLE_SECONDS:
+                channel.handle_close()  # wakes the app thread waiting on it: its write then fails
 
     def finish_in_flight(self, seconds):
         """Take no new connection; let each open one finish what it was sent, closing the idle ones, for

@@ -3705,3 +3705,112 @@ def test_the_board_and_the_feeds_are_under_the_general_rate_limit_and_the_docs_a
     assert [limited.get(docs).status_code for docs in ["/docs", "/openapi.json"] * 3] == [200] * 6
     elsewhere = limited.get(path, environ_base={"REMOTE_ADDR": "192.0.2.9"})  # per client address
     assert elsewhere.status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# serve: a client that does not read its response costs a bounded buffer, never disk or a thread
+# for good
+# ---------------------------------------------------------------------------------------------
+
+
+def seed_cars(path, count):
+    """`count` cars in the database file `path`, written in one transaction: a large GET /cars."""
+    engine = on_file(path).extensions["dealership"].engine
+    with engine.writer().transaction(write=True) as db:
+        for n in range(count):
+            body = car_body(vin=vin(n), model=f"Camry {'x' * 80} {n}", color="y" * 50)
+            db.insert("car", dealership.CAR_SCHEMA.load(body))
+
+
+def unread(port, path, count):
+    """`count` connections, each with a tiny receive window, that ask for `path` and never read."""
+    connections = []
+    for _ in range(count):
+        conn = socket.socket()
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: it sets the window
+        conn.settimeout(10)
+        connections.append(conn)
+        conn.connect(("127.0.0.1", port))
+        conn.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    return connections
+
+
+def spooled(pid, folder):
+    """The files under `folder` that process `pid` holds open (a spooled buffer is unlinked at once)."""
+    found = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith(str(folder)):
+            found.append(target)
+    return found + os.listdir(folder)
+
+
+def test_a_client_that_never_reads_makes_serve_spool_nothing_and_others_are_still_answered(tmp_path, monkeypatch):
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    monkeypatch.setenv("TMPDIR", str(spool))  # where waitress would spool a buffer past outbuf_overflow
+    seed_cars(str(tmp_path / "served.sqlite3"), 12000)
+    with serving(tmp_path, "--workers", "1", "--threads", "8") as (server, port):
+        size = len(urllib.request.urlopen(f"http://127.0.0.1:{port}{API}/cars", timeout=30).read())
+        assert size > 3 * dealership.SERVE_BUFFER  # far more than a connection may buffer
+        connections = unread(port, f"{API}/cars", 6)  # fewer than the threads: see the next test for more
+        try:
+            deadline = time.monotonic() + 4  # time enough to write every response out, or to spool it
+            while time.monotonic() < deadline:
+                assert spooled(server.pid, spool) == []
+                time.sleep(0.2)
+            health = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10)
+            assert json.load(health) == {"status": "ok", "database": "ok"}
+        finally:
+            for conn in connections:
+                conn.close()
+        assert spooled(server.pid, spool) == []
+
+
+def test_connections_that_stop_reading_are_closed_after_the_idle_time_and_free_their_threads(tmp_path, monkeypatch):
+    monkeypatch.setattr(dealership, "SERVE_IDLE_SECONDS", 1)
+    path = str(tmp_path / "served.sqlite3")
+    seed_cars(path, 12000)
+    app = on_file(path)
+    size = len(app.test_client().get(f"{API}/cars").get_data())
+    listener = socket.create_server(("127.0.0.1", 0))
+    # small kernel buffers, inherited by each connection: the response waits in waitress, not in them
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    server = dealership.WaitressServer(app, listener, threads=2)
+    stop = threading.Event()
+
+    def serve():
+        deadline = time.monotonic() + 120
+        while not stop.is_set() and time.monotonic() < deadline:
+            server.poll(timeout=0.1)
+
+    polling = threading.Thread(target=serve)
+    polling.start()
+    connections = []
+    try:
+        port = listener.getsockname()[1]
+        connections = unread(port, f"{API}/cars", 3)  # more than the threads: each one waits on a client
+        health = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30)  # answered once they are closed
+        assert json.load(health) == {"status": "ok", "database": "ok"}
+        time.sleep(4 * dealership.SERVE_IDLE_SECONDS)  # the third one, served last, closed as well
+        for conn in connections:  # each was closed before its response was all sent
+            received = 0
+            for _ in range(100_000):
+                try:
+                    data = conn.recv(65536)
+                except ConnectionError:
+                    break
+                if not data:
+                    break
+                received += len(data)
+            assert 0 < received < size
+    finally:
+        for conn in connections:
+            conn.close()
+        stop.set()
+        polling.join(timeout=10)
+        server.finish_in_flight(1)
+        listener.close()
