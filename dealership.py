@@ -2040,6 +2040,14 @@ class Store:
         except self.engine.Error as error:
             log.warning("could not read %s to catch up: %s", self.engine.name, error)
 
+    def data_version(self):
+        """What names the data as it stands. On a file, the same in every process that serves it:
+        the file's identity and the change log's position (all that is committed up to it is in the
+        fleet); in memory, this fleet's own name and count of changes."""
+        if self.engine.shared:
+            return self.engine.identity, self.position
+        return self.fleet.origin, self.fleet.version
+
     def ping(self):
         """A trivial read of the database; raises engine.Error when it does not answer."""
         if self.engine.shared:
@@ -3225,8 +3233,7 @@ def entity_tag(*parts):
     """An ETag for a response made from the fleet as it stands and from `parts` (whatever else its
     body depends on). Taken before the body is made: a change in between makes the tag older than
     the body (the next request gets a 200), never newer (a 304 for something the client lacks)."""
-    fleet = store().fleet
-    key = repr((fleet.origin, fleet.version, str(store().zone), PRESENTATION.get().currency, *parts))
+    key = repr((store().data_version(), str(store().zone), PRESENTATION.get().currency, *parts))
     return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
 
 

@@ -3814,3 +3814,16 @@ def test_connections_that_stop_reading_are_closed_after_the_idle_time_and_free_t
         polling.join(timeout=10)
         server.finish_in_flight(1)
         listener.close()
+
+
+def test_apps_on_one_file_give_a_feed_the_same_etag_and_both_move_on_a_change(database):
+    """serve's workers are processes on one file: a calendar that polls gets its 304 whichever answers."""
+    first, second = on_file(database).test_client(), on_file(database).test_client()
+    make_car(first)
+    tags = [client.get(f"{API}/calendar.ics").headers["ETag"] for client in (first, second)]
+    assert tags[0] == tags[1]
+    assert second.get(f"{API}/calendar.ics", headers={"If-None-Match": tags[0]}).status_code == 304
+    assert book(first, 1).status_code == 201
+    moved = second.get(f"{API}/calendar.ics", headers={"If-None-Match": tags[0]})
+    assert moved.status_code == 200 and moved.headers["ETag"] != tags[0]
+    assert first.get(f"{API}/calendar.ics").headers["ETag"] == moved.headers["ETag"]

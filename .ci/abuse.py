@@ -12,7 +12,11 @@ Starts the service's own production command on a free loopback port, with its te
 3. a 64 MiB chunked body to POST /api/v1/cars is refused (413, or the connection closed) without
    more than the service's body limit reaching the disk: the server's files in the spool folder
    (deleted ones too, through /proc) are watched throughout;
-4. 2,000 requests with bodies nested from 1 to 100,000 deep, arrays and objects, give no 5xx.
+4. 2,000 requests with bodies nested from 1 to 100,000 deep, arrays and objects, give no 5xx;
+5. calendar feeds are bounded: a feed of the years 2000 to 9998 is a 422, a repeat with its ETag a
+   304, and 32 feed requests at once do not keep a fresh client waiting more than 2 s;
+6. 12 connections that ask for the whole fleet (over 1 MiB) with a tiny receive window and never
+   read make the server spool nothing to disk, and a fresh client is still answered within 1 s.
 Every socket has a timeout, the run has a deadline, and the server is stopped however this exits.
 Nothing is left in the temporary folder unless the check fails: then the server log is kept and its
 path printed.
@@ -159,6 +163,77 @@ def nested_bodies(port, problems):
         problems.append(f"nested bodies gave 5xx: {statuses}")
 
 
+def request(port, path, headers=None):
+    """(status, headers by lower-case name, body) of one GET on a connection of its own."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=30)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, {name.lower(): value for name, value in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
+def fill_fleet(port, cars):
+    """`cars` cars through the API on one connection: the whole fleet's list then passes 1 MiB."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=30)
+    for n in range(cars):
+        body = ('{"brand": "Toyota", "model": "Corolla", "year": 2024, "color": "White", "daily_price": 59.9, '
+                f'"vin": "JTDBR32E7{n:08d}", "dealer_id": 1}}')
+        conn.request("POST", "/api/v1/cars", body.encode(), {"Content-Type": "application/json"})
+        conn.getresponse().read()
+    conn.close()
+
+
+def bounded_feeds(port, problems):
+    everything = "/api/v1/calendar.ics?start_datetime=2000-01-01T00:00:00Z&end_datetime=9998-01-01T00:00:00Z"
+    status, _, _ = request(port, everything)
+    print(f"abuse: a feed of the years 2000 to 9998 answered {status}")
+    if status != 422:
+        problems.append(f"a feed of 7,998 years answered {status}, not 422")
+    status, headers, _ = request(port, "/api/v1/calendar.ics")
+    again, _, _ = request(port, "/api/v1/calendar.ics", {"If-None-Match": headers.get("etag", "")})
+    print(f"abuse: the fleet's feed answered {status}, again with its ETag {again}")
+    if (status, again) != (200, 304):
+        problems.append(f"the fleet's feed and its repeat with the ETag answered {status} and {again}")
+    threads = [threading.Thread(target=request, args=(port, "/api/v1/calendar.ics")) for _ in range(32)]
+    for thread in threads:
+        thread.start()
+    waited = fresh_client_seconds(port)
+    for thread in threads:
+        thread.join(timeout=60)
+    print(f"abuse: with 32 feed requests at once, a fresh client was answered in {waited:.3f} s")
+    if waited > 2:
+        problems.append(f"32 feed requests kept a fresh client waiting {waited:.1f} s")
+
+
+def clients_that_never_read(port, spool, pid, problems):
+    """12 connections ask for the whole fleet with a tiny receive window and read nothing."""
+    stalled = []
+    try:
+        for _ in range(12):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.settimeout(5)
+            s.connect((HOST, port))
+            s.sendall(b"GET /api/v1/cars HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            stalled.append(s)
+        largest = 0
+        for _ in range(10):
+            time.sleep(0.5)
+            largest = max(largest, spool_size(spool, pid))
+        waited = fresh_client_seconds(port)
+    finally:
+        for s in stalled:
+            s.close()
+    print(f"abuse: 12 clients that never read the fleet's list: {largest:,} bytes spooled; a fresh client "
+          f"was answered in {waited:.3f} s")
+    if largest:
+        problems.append(f"clients that never read made the server spool {largest:,} bytes to disk")
+    if waited > 1:
+        problems.append(f"12 clients that never read kept a fresh client waiting {waited:.1f} s")
+
+
 def main():
     problems = []
     spool = tempfile.mkdtemp(prefix="dealership-spool-")
@@ -192,6 +267,9 @@ def main():
 
             huge_chunked_body(port, spool, server.pid, problems)
             nested_bodies(port, problems)
+            fill_fleet(port, 8000)
+            bounded_feeds(port, problems)
+            clients_that_never_read(port, spool, server.pid, problems)
             if fresh_client_seconds(port) > 1 or server.poll() is not None:
                 problems.append("the server does not answer at the end")
     finally:
