@@ -15,7 +15,10 @@ what the clients were told:
   a booking nobody was told about is one of those requests' bodies, exactly;
 - no two bookings of one car overlap, and ids go on after the restart (a new booking's id is higher
   than every id seen before).
-At least three rounds. Every request has a timeout and the run a deadline; the server is stopped
+At least three rounds. Then, with the server running, its database file (and -wal, -shm) is moved
+away, as a careless operator would delete it: every write must answer 503 naming the file, /health
+503 from every worker, reads the same data as before; moved back, writes work again, and a restart
+holds every booking acknowledged and none that was refused. Every request has a timeout and the run a deadline; the server is stopped
 however this exits. Nothing is left in the temporary folder unless the check fails: then the
 server logs (one per start) are kept and their paths printed.
 """
@@ -164,6 +167,42 @@ def check(before, clients, after, problems):
     return sum(len(client.told) for client in clients), len(cut)
 
 
+def file_taken_away(base, database, car_ids, problems):
+    """The database file moved away under the running server, then back."""
+    port = urlsplit(base).port
+    before = stored_bookings(base)
+    aside = f"{database}.aside"
+    os.makedirs(aside)
+    moved = [name for name in (database, f"{database}-wal", f"{database}-shm") if os.path.exists(name)]
+    for name in moved:
+        os.rename(name, os.path.join(aside, os.path.basename(name)))
+    refused, health, counts = [], [], set()
+    for n in range(20):
+        conn = http.client.HTTPConnection(HOST, port, timeout=10)  # a new connection: any worker
+        status, body = call(conn, "POST", f"{API}/bookings", {
+            "car_id": car_ids[n % len(car_ids)], "customer_name": "while the file was gone",
+            "customer_email": "crash@example.com", "start_datetime": (T0 + timedelta(days=500, hours=n)).isoformat(),
+            "end_datetime": (T0 + timedelta(days=500, hours=n, minutes=30)).isoformat()})
+        refused.append((status, (body or {}).get("detail", "")))
+        health.append(call(conn, "GET", "/health")[0])
+        counts.add(len(call(conn, "GET", f"{API}/bookings?limit=1000")[1] or []))
+        conn.close()
+    if os.path.exists(database):
+        problems.append("a new database file appeared at the path while it was gone")
+    for name in moved:
+        os.replace(os.path.join(aside, os.path.basename(name)), name)
+    os.rmdir(aside)
+    if any(status != 503 or database not in detail for status, detail in refused):
+        problems.append(f"with the file gone, writes answered {sorted({s for s, _ in refused})}, not 503 naming it")
+    if set(health) != {503}:
+        problems.append(f"with the file gone, /health answered {sorted(set(health))}")
+    if counts != {min(len(before), 1000)}:
+        problems.append(f"with the file gone, the workers answered {sorted(counts)} bookings, not {len(before)}")
+    print(f"crash: file moved away: 20 writes answered {sorted({s for s, _ in refused})}, /health "
+          f"{sorted(set(health))}, every worker listed {sorted(counts)} bookings; moved back")
+    return before
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -226,6 +265,22 @@ def main():
                                 f"the highest id seen was {highest}")
             print(f"crash: round {round_}: killed after {acknowledged} acknowledged writes with {cut} requests "
                   f"cut off; {len(after)} bookings stored after the restart, the next id {fresh.get('id')}")
+        before = file_taken_away(base, database, car_ids, problems)
+        conn = http.client.HTTPConnection(HOST, urlsplit(base).port, timeout=10)
+        status, fresh = call(conn, "POST", f"{API}/bookings", {
+            "car_id": car_ids[0], "customer_name": "file back", "customer_email": "crash@example.com",
+            "start_datetime": (T0 + timedelta(days=600)).isoformat(),
+            "end_datetime": (T0 + timedelta(days=600, hours=1)).isoformat()})
+        conn.close()
+        if status != 201:
+            problems.append(f"with the file back, a new booking answered {status} {fresh}")
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=10)
+        server, base = start(database, threads=8, command="serve")
+        after = stored_bookings(base)
+        if status == 201 and set(after) != set(before) | {fresh["id"]}:
+            problems.append(f"after the file came back and a restart: {len(after)} bookings, expected "
+                            f"{len(before) + 1} (those acknowledged, and none refused)")
     finally:
         if server is not None:
             stop(server)
