@@ -2729,16 +2729,24 @@ def key_required():
     return bool(current_app.config["DEALERSHIP_API_KEY"]) and view is not None and needs_key(request.method, view)
 
 
+def sent_key():
+    """The Bearer token the request carries, or ""."""
+    auth = request.authorization
+    return auth.token if auth is not None and auth.type == "bearer" and auth.token else ""
+
+
+def carries_the_key():
+    """Whether the request carries DEALERSHIP_API_KEY (compared in constant time)."""
+    key = current_app.config["DEALERSHIP_API_KEY"]
+    return bool(key) and hmac.compare_digest(sent_key().encode(), key.encode())
+
+
 @bp.before_request
 def require_api_key():
     """With DEALERSHIP_API_KEY set, a request that needs it must carry it as a Bearer token."""
-    key = current_app.config["DEALERSHIP_API_KEY"]
-    if not key or not key_required():
+    if not key_required() or carries_the_key():
         return
-    auth = request.authorization
-    token = auth.token if auth is not None and auth.type == "bearer" and auth.token else ""
-    if hmac.compare_digest(token.encode(), key.encode()):
-        return
+    token = sent_key()
     current_app.extensions[REFUSED_KEYS].note(request.remote_addr, request.method, request.path)
     what = "changes data" if request.method in WRITE_METHODS else "reads customers' names and e-mail addresses"
     raise Unauthorized(f"{'The API key does not match' if token else 'No API key was sent'}: this request "
@@ -3926,10 +3934,13 @@ class WaitressServer:
         import waitress
         # outbuf_high_watermark: past it the app thread waits for the client to read. A buffer then
         # holds at most SERVE_BUFFER and a piece, below outbuf_overflow: none is ever spooled to disk.
+        # waitress removes X-Forwarded-* unless it trusts the peer itself; with DEALERSHIP_PROXIES the app's
+        # ProxyFix (create_app) is the one judge of which proxies to trust, so waitress passes them on as sent.
         self.server = waitress.create_server(in_pieces(app), sockets=[listener], threads=threads, ident="dealership",
                                              max_request_body_size=app.config["DEALERSHIP_MAX_CONTENT_LENGTH"],
                                              connection_limit=SERVE_CONNECTIONS, channel_timeout=SERVE_IDLE_SECONDS,
-                                             outbuf_high_watermark=SERVE_BUFFER, outbuf_overflow=2 * SERVE_BUFFER)
+                                             outbuf_high_watermark=SERVE_BUFFER, outbuf_overflow=2 * SERVE_BUFFER,
+                                             clear_untrusted_proxy_headers=not app.config["DEALERSHIP_PROXIES"])
         self.server.print_listen("Serving on http://{}:{}")
         self.next_check = 0
 
@@ -4148,8 +4159,9 @@ def init_limits(app):
     limiter = Limiter(get_remote_address, storage_uri=app.config["DEALERSHIP_RATELIMIT_STORAGE_URI"],
                       headers_enabled=True, swallow_errors=True)
     limiter.init_app(app)
+    # A request with the right key is never held up by refusals, whoever else sent them from its address.
     limiter.limit(app.config["DEALERSHIP_REFUSED_KEY_LIMIT"], deduct_when=lambda response: response.status_code == 401,
-                  exempt_when=lambda: not key_required(), scope="refused API keys",
+                  exempt_when=lambda: not key_required() or carries_the_key(), scope="refused API keys",
                   error_message="Too many refused API keys from this address: wait before trying again.")(bp)
     if app.config["DEALERSHIP_RATE_LIMIT"]:
         for blueprint in (bp, board_bp):  # a limit names its blueprint: it holds wherever that is mounted

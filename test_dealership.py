@@ -1779,7 +1779,7 @@ def test_ten_refused_keys_a_minute_then_429_for_that_address_only(locked):
     wrong, right = {"Authorization": "Bearer guess-guess-guess"}, {"Authorization": "Bearer s3cret-key-for-tests"}
     for _ in range(10):
         assert_problem(locked.post(f"{API}/dealers", json={"name": "X"}, headers=wrong), 401)
-    throttled = locked.post(f"{API}/dealers", json={"name": "X"}, headers=right)
+    throttled = locked.post(f"{API}/dealers", json={"name": "X"}, headers=wrong)
     assert "refused API keys" in assert_problem(throttled, 429)["detail"]
     assert int(throttled.headers["Retry-After"]) > 0
     assert locked.get(f"{API}/cars").status_code == 200  # what needs no key is not held up
@@ -3171,13 +3171,15 @@ def test_serve_refuses_several_workers_on_a_memory_store():
 
 
 @contextmanager
-def serving(tmp_path, *args):
-    """`flask --app dealership serve` on a free loopback port and a file under tmp_path: (process, port)."""
+def serving(tmp_path, *args, settings=None):
+    """`flask --app dealership serve` on a free loopback port and a file under tmp_path, with the DEALERSHIP_*
+    `settings` given: (process, port)."""
     with closing(socket.socket()) as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEALERSHIP_")}
     env["DEALERSHIP_DATABASE"] = str(tmp_path / "served.sqlite3")
+    env.update(settings or {})
     log = open(tmp_path / "served.log", "w+")
     server = subprocess.Popen([sys.executable, "-m", "flask", "--app", "dealership", "serve", "--port", str(port), *args],
                               cwd=os.path.dirname(os.path.abspath(dealership.__file__)), env=env, stdout=log,
@@ -3827,3 +3829,53 @@ def test_apps_on_one_file_give_a_feed_the_same_etag_and_both_move_on_a_change(da
     moved = second.get(f"{API}/calendar.ics", headers={"If-None-Match": tags[0]})
     assert moved.status_code == 200 and moved.headers["ETag"] != tags[0]
     assert first.get(f"{API}/calendar.ics").headers["ETag"] == moved.headers["ETag"]
+
+
+# Under serve as under the test client: clients behind proxies, workers that cannot start, the
+# edges of bookings, text, time and error bodies
+# ---------------------------------------------------------------------------------------------
+
+
+def http(port, method, path, body=None, headers=None):
+    """One request to a served app: (status, JSON body or None)."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data, method=method,
+                                     headers={"Content-Type": "application/json"} | (headers or {}))
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            raw = response.read()
+            return response.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, json.loads(error.read())
+
+
+def test_under_serve_behind_a_proxy_one_clients_refused_keys_do_not_block_anothers_key(tmp_path):
+    key = "s3cret-key-for-tests"
+    settings = {"DEALERSHIP_PROXIES": "1", "DEALERSHIP_API_KEY": key, "DEALERSHIP_REFUSED_KEY_LIMIT": "3/minute"}
+    a, b = {"X-Forwarded-For": "203.0.113.5"}, {"X-Forwarded-For": "198.51.100.7"}
+    wrong, right = {"Authorization": "Bearer guess-guess-guess"}, {"Authorization": f"Bearer {key}"}
+    with serving(tmp_path, "--workers", "1", settings=settings) as (server, port):
+        statuses = []
+        while 429 not in statuses and len(statuses) < 10:
+            statuses.append(http(port, "POST", f"{API}/dealers", {"name": "A"}, a | wrong)[0])
+        assert statuses == [401, 401, 401, 429]
+        assert http(port, "POST", f"{API}/dealers", {"name": "B"}, b | wrong)[0] == 401  # B counts apart from A
+        assert http(port, "POST", f"{API}/dealers", {"name": "B"}, b | right) == (201, {
+            "id": 2, "name": "B", "location": "", "turnaround_minutes": 0})
+        assert http(port, "POST", f"{API}/dealers", {"name": "A"}, a | right)[0] == 201  # the key is never held up
+        assert http(port, "POST", f"{API}/dealers", {"name": "A"}, a | wrong)[0] == 429
+        assert [dealer["name"] for dealer in http(port, "GET", f"{API}/dealers")[1]] == [
+            "Oscar Mobility Main", "B", "A"]
+    log = open(tmp_path / "served.log").read()
+    assert "refused API key from 203.0.113.5" in log and "refused API key from 198.51.100.7" in log
+    assert "refused API key from 127.0.0.1" not in log
+
+
+def test_the_right_key_is_never_throttled_by_refusals_from_its_address(locked):
+    wrong, right = {"Authorization": "Bearer guess-guess-guess"}, {"Authorization": "Bearer s3cret-key-for-tests"}
+    for _ in range(10):
+        assert_problem(locked.post(f"{API}/dealers", json={"name": "X"}, headers=wrong), 401)
+    assert_problem(locked.post(f"{API}/dealers", json={"name": "X"}, headers=wrong), 429)
+    assert locked.post(f"{API}/dealers", json={"name": "Y"}, headers=right).status_code == 201
+    assert [dealer["name"] for dealer in locked.get(f"{API}/dealers").get_json()] == ["Oscar Mobility Main", "Y"]
