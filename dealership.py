@@ -4003,9 +4003,54 @@ def serve_worker(app, listener, threads):
     log.info("stopped: requests in flight finished")
 
 
+# A worker that exits this soon after it was started did not start (a file it cannot open, a broken
+# setting): it is started again after a pause that doubles each time, and after several such starts
+# in a row the supervisor stops, with gunicorn's exit code for a worker that failed to boot, so that a
+# process manager can tell "will not start" from a crash.
+WORKER_START_SECONDS = 10
+FIRST_RESTART_PAUSE, MAX_RESTART_PAUSE = 0.25, 10.0  # seconds
+MAX_FAILED_STARTS = 5
+FAILED_START_EXIT = 3
+
+
+class WorkerSlot:
+    """One of serve's worker processes, and whoever replaces it: when it was started, its failed
+    starts in a row, and when the next one is due (None while one runs)."""
+
+    def __init__(self, number, start):
+        self.number, self.start, self.failures, self.due = number, start, 0, None
+        self.process, self.started = start(), time.monotonic()
+
+    def tend(self):
+        """Start the next worker if one is due; notice if this one exited. False once the slot has
+        failed MAX_FAILED_STARTS starts in a row."""
+        now = time.monotonic()
+        if self.process is None:
+            if now >= self.due:
+                self.process, self.started, self.due = self.start(), now, None
+            return True
+        if self.process.poll() is None:
+            return True
+        pid, code, lived = self.process.pid, self.process.returncode, now - self.started
+        if lived >= WORKER_START_SECONDS:
+            self.failures = 0
+            log.error("worker %d exited with %s; starting another", pid, code)
+            self.process, self.started = self.start(), now
+            return True
+        self.process, self.failures = None, self.failures + 1
+        if self.failures >= MAX_FAILED_STARTS:
+            return False
+        pause = min(FIRST_RESTART_PAUSE * 2 ** (self.failures - 1), MAX_RESTART_PAUSE)
+        log.error("worker %d exited with %s %.1f s after it was started: failed start %d of %d in a row in slot %d; "
+                  "starting another in %g s", pid, code, lived, self.failures, MAX_FAILED_STARTS, self.number, pause)
+        self.due = now + pause
+        return True
+
+
 def supervise(listener, workers, threads):
     """Keep `workers` processes serving `listener` (each `flask ... serve` on the inherited socket),
-    start a new one if one dies, and on SIGTERM or SIGINT pass the signal on and wait for them."""
+    start a new one if one dies (after a growing pause if it died at start), and on SIGTERM or SIGINT
+    pass the signal on and wait for them. Stops, with FAILED_START_EXIT, when workers cannot start."""
     info = click.get_current_context().find_object(ScriptInfo)
     command = [sys.executable, "-m", "flask"] + (["--app", info.app_import_path] if info and info.app_import_path else []) + \
         ["serve", "--threads", str(threads), "--socket-fd", str(listener.fileno())]
@@ -4018,13 +4063,18 @@ def supervise(listener, workers, threads):
     def start():
         return subprocess.Popen(command, pass_fds=[listener.fileno()], env=os.environ | {SERVE_WORKER: "1"})
 
-    children = [start() for _ in range(workers)]
-    while not stopping:
+    slots = [WorkerSlot(n + 1, start) for n in range(workers)]
+    failed = None
+    while not stopping and failed is None:
         time.sleep(0.2)
-        for n, child in enumerate(children):
-            if child.poll() is not None and not stopping:
-                log.error("worker %d exited with %s; starting another", child.pid, child.returncode)
-                children[n] = start()
+        for slot in slots:
+            if not stopping and failed is None and not slot.tend():
+                failed = slot
+    if failed is not None:
+        log.error("workers cannot start: slot %d failed %d starts in a row, each exiting within %d s (the worker's "
+                  "own lines above say why); stopping with exit code %d", failed.number, MAX_FAILED_STARTS,
+                  WORKER_START_SECONDS, FAILED_START_EXIT)
+    children = [slot.process for slot in slots if slot.process is not None]
     for child in children:
         child.send_signal(signal.SIGTERM)
     listener.close()  # the workers close theirs: then the port takes no new connection
@@ -4034,6 +4084,8 @@ def supervise(listener, workers, threads):
         except subprocess.TimeoutExpired:
             child.kill()
     log.info("stopped: %d workers", workers)
+    if failed is not None:
+        click.get_current_context().exit(FAILED_START_EXIT)
 
 
 @click.command("serve")

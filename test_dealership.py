@@ -3879,3 +3879,30 @@ def test_the_right_key_is_never_throttled_by_refusals_from_its_address(locked):
     assert_problem(locked.post(f"{API}/dealers", json={"name": "X"}, headers=wrong), 429)
     assert locked.post(f"{API}/dealers", json={"name": "Y"}, headers=right).status_code == 201
     assert [dealer["name"] for dealer in locked.get(f"{API}/dealers").get_json()] == ["Oscar Mobility Main", "Y"]
+
+
+def test_workers_that_cannot_start_are_restarted_after_growing_pauses_then_serve_stops_saying_why(tmp_path):
+    with serving(tmp_path, "--workers", "2") as (server, port):
+        deadline = time.monotonic() + 30  # both workers up, each on the database file
+        while open(tmp_path / "served.log").read().count("Serving on") < 2:
+            assert time.monotonic() < deadline, open(tmp_path / "served.log").read()
+            time.sleep(0.1)
+        garbage = tmp_path / "garbage"
+        garbage.write_bytes(b"not a database at all " * 100)
+        os.replace(garbage, tmp_path / "served.sqlite3")  # what any new worker opens; the supervisor has its own
+        for name in ("served.sqlite3-wal", "served.sqlite3-shm"):  # else the log's copy of the header is read
+            os.unlink(tmp_path / name)
+        for worker in workers_of(server.pid):
+            os.kill(worker, 9)
+        assert server.wait(timeout=60) == dealership.FAILED_START_EXIT
+    log = open(tmp_path / "served.log").read()
+    gave_up = re.search(r"workers cannot start: slot (\d) failed 5 starts in a row, each exiting within 10 s", log)
+    assert gave_up, log
+    failures = re.findall(r"failed start (\d) of 5 in a row in slot (\d); starting another in ([\d.]+) s", log)
+    slot = [(int(n), float(pause)) for n, number, pause in failures if number == gave_up[1]]
+    assert [n for n, _ in slot] == [1, 2, 3, 4], log  # then the fifth failed start, and no sixth
+    pauses = [pause for _, pause in slot]
+    assert pauses == sorted(set(pauses)), log  # each pause longer than the one before
+    assert len(failures) <= 2 * 4, log
+    assert "is not a SQLite database" in log  # each worker's own reason
+    assert "stopped: 2 workers" in log
