@@ -382,6 +382,14 @@ def check_not_past(start, now, zone, what="booking"):
                                              f"({format_instant(now.replace(microsecond=0), zone)}).")
 
 
+def check_not_ended(booking, now, zone):
+    """A booking that has ended is a record of what happened: it can no longer be changed (only one
+    still to come or running can be moved, extended or given another car)."""
+    if booking.end_datetime <= now:
+        raise ConflictError(f"Booking {booking.id} ended at {format_instant(booking.end_datetime, zone)}: a booking "
+                            "that has ended can no longer be changed.")
+
+
 def free_gaps(entries, start, end, turnaround=timedelta(0)):
     """The gaps of [start, end) that no entry (sorted, non-overlapping), widened by `turnaround` on
     both sides, covers: where a booking could go."""
@@ -1935,14 +1943,15 @@ class Store:
         return booking
 
     def change_booking(self, booking_id, changes):
-        """Apply `changes` to a booking in one step, checked against the rest of the car's schedule.
-        A move, or a change of car, prices the booking again at the car's price of today."""
+        """Apply `changes` to a booking that has not ended, in one step, checked against the rest of the
+        car's schedule. A move, or a change of car, prices the booking again at the car's price of today."""
         def change(db, job):
-            old = self.fleet.booking(booking_id)
+            old, now = self.fleet.booking(booking_id), datetime.now(timezone.utc)
+            check_not_ended(old, now, self.zone)
             booking = replace(old, **changes)
             check_period(booking.start_datetime, booking.end_datetime)
             if booking.start_datetime != old.start_datetime:  # a running booking may still change its end
-                check_not_past(booking.start_datetime, datetime.now(timezone.utc), self.zone)
+                check_not_past(booking.start_datetime, now, self.zone)
             if (booking.car_id, booking.start_datetime, booking.end_datetime) != \
                     (old.car_id, old.start_datetime, old.end_datetime):
                 car = self.fleet.bookable_car(booking.car_id, booking.start_datetime, booking.end_datetime, ignore=old)

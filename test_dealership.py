@@ -3906,3 +3906,25 @@ def test_workers_that_cannot_start_are_restarted_after_growing_pauses_then_serve
     assert len(failures) <= 2 * 4, log
     assert "is not a SQLite database" in log  # each worker's own reason
     assert "stopped: 2 workers" in log
+
+
+def test_a_booking_that_has_ended_cannot_be_changed_but_may_be_cancelled(database):
+    client = on_file(database).test_client()
+    make_car(client, vin=vin(1))
+    make_car(client, vin=vin(2))
+    ended = datetime.now(timezone.utc) - timedelta(hours=1)
+    with closing(sqlite3.connect(database)) as conn, conn:  # booked and over: two days until an hour ago
+        conn.execute("INSERT INTO bookings (car_id, customer_name, customer_email, start_datetime, end_datetime) "
+                     "VALUES (1, 'Ada Lovelace', 'ada@example.com', ?, ?)",
+                     (dealership.to_column(ended - timedelta(days=2)), dealership.to_column(ended)))
+    past = on_file(database).test_client()
+    before, rows = past.get(f"{API}/bookings/1").get_json(), table_rows(database)
+    for changes in ({"car_id": 2}, {"end_datetime": from_now(days=30)}, {"customer_name": "Ada King"},
+                    {"start_datetime": from_now(days=1), "end_datetime": from_now(days=2)}):
+        refused = assert_problem(patch_booking(past, 1, **changes), 409)
+        assert refused["detail"] == (f"Booking 1 ended at {ended.isoformat()}: a booking that has ended can no "
+                                     "longer be changed.")
+    assert past.get(f"{API}/bookings/1").get_json() == before
+    assert table_rows(database) == rows
+    assert past.delete(f"{API}/bookings/1").status_code == 204  # a record may still be removed
+    assert past.get(f"{API}/bookings").get_json() == []
