@@ -2702,7 +2702,9 @@ def test_text_patterns_mean_what_the_service_does():
         c, category = chr(code), unicodedata.category(chr(code))
         assert bool(classes["CONTROLS"].match(c)) == (category == "Cc"), hex(code)
         assert bool(classes["SPACES"].match(c)) == (c.isspace() and category != "Cc"), hex(code)
-        assert bool(classes["FORMATS"].match(c)) == (category == "Cf" and code < 0x10000), hex(code)
+        # U+13439 to U+1343F are format characters since Unicode 15, unassigned before
+        newer = category == "Cn" and 0x13439 <= code <= 0x1343F
+        assert bool(classes["FORMATS"].match(c)) == (category == "Cf" or newer), hex(code)
 
 
 @pytest.mark.parametrize("name", ["\u0085", "\u3000\u2003", "x" * 201, " " + "x" * 201, "Ada\tLovelace", "Ada\nLovelace",
@@ -3928,3 +3930,22 @@ def test_a_booking_that_has_ended_cannot_be_changed_but_may_be_cancelled(databas
     assert table_rows(database) == rows
     assert past.delete(f"{API}/bookings/1").status_code == 204  # a record may still be removed
     assert past.get(f"{API}/bookings").get_json() == []
+
+
+@pytest.mark.parametrize("name", ["\U000E0001", "\U000E0001\U000E0041\U000E007F", " \U0001D173\u200b ", "\U0001BCA0",
+                                  "\U000110BD"])
+def test_a_name_of_invisible_format_characters_above_u_ffff_is_422(client, name):
+    make_car(client)
+    assert_problem(book(client, 1, customer_name=name), 422, "customer_name")
+    assert client.get(f"{API}/bookings").get_json() == []
+
+
+def test_a_flag_written_with_tag_characters_is_a_visible_name_and_the_document_says_so(client):
+    make_car(client)
+    flag = "\U0001F3F4\U000E0067\U000E0062\U000E0073\U000E0063\U000E0074\U000E007F"  # Scotland's
+    response = book(client, 1, customer_name=flag)
+    assert response.status_code == 201 and response.get_json()["customer_name"] == flag
+    pattern = client.get("/openapi.json").get_json()["components"]["schemas"]["Booking"]["properties"][
+        "customer_name"]["pattern"]
+    assert re.search(pattern, flag) and not re.search(pattern, "\U000E0001")
+
