@@ -366,8 +366,16 @@ def order_key(start, booking_id):
 
 
 def format_instant(instant, zone):
-    """An instant as RFC 3339 in `zone`: how every date-time is written out."""
-    return instant.astimezone(zone).isoformat()
+    """An instant as RFC 3339 in `zone`: how every date-time is written out.
+
+    Before standard time, a zone's offset may have seconds (Berlin's local mean time until 1893 is
+    +00:53:28), which RFC 3339 cannot write: the instant is then written with the offset rounded to
+    the minute, so that what is written still reads back as the same instant."""
+    text = instant.astimezone(zone).isoformat()
+    if text[-9] not in "+-":  # the usual ...HH:MM:SS+HH:MM, not an offset with seconds (+HH:MM:SS)
+        return text
+    minutes = round(instant.astimezone(zone).utcoffset() / timedelta(minutes=1))
+    return instant.astimezone(timezone(timedelta(minutes=minutes))).isoformat()
 
 
 def plural(n, noun):
@@ -2293,7 +2301,7 @@ class Instant(fields.DateTime):
                 local, moment = moment, moment.replace(tzinfo=zone)
                 if moment.astimezone(timezone.utc).astimezone(zone).replace(tzinfo=None) != local:
                     raise self.make_error("gap", input=value, zone=zone)
-            moment.astimezone(zone)  # the output must be writable in the store's zone too
+            format_instant(moment, zone)  # the output must be writable in the store's zone too
             return moment.astimezone(timezone.utc)
         except OverflowError:
             raise self.make_error("range") from None

@@ -3949,3 +3949,24 @@ def test_a_flag_written_with_tag_characters_is_a_visible_name_and_the_document_s
         "customer_name"]["pattern"]
     assert re.search(pattern, flag) and not re.search(pattern, "\U000E0001")
 
+
+@pytest.mark.parametrize("zone, start, written", [
+    ("Europe/Berlin", "1800-01-01T00:00:00Z", "1800-01-01T00:53:00+00:53"),  # local mean time: +00:53:28
+    ("America/Chicago", "1800-01-01T12:00:00Z", "1800-01-01T06:09:00-05:51"),  # -05:50:36
+    ("America/Chicago", "0001-01-01T05:51:00Z", "0001-01-01T00:00:00-05:51")])
+def test_an_instant_from_before_standard_time_is_written_with_whole_minutes_and_reads_back(zone, start, written):
+    # the only dates before 2035 here: no zone's offset has had seconds since 1972
+    client = new_app({"DEALERSHIP_TIMEZONE": zone}).test_client()
+    make_car(client)
+    quote = client.get(f"{API}/cars/1/quote", query_string=window(start, "2035-01-15T10:00:00Z")).get_json()
+    assert quote["start_datetime"] == written
+    again = client.get(f"{API}/cars/1/quote", query_string=window(written, "2035-01-15T10:00:00Z")).get_json()
+    assert again == quote
+    assert datetime.fromisoformat(written) == datetime.fromisoformat(start)
+
+
+def test_an_instant_that_cannot_be_written_in_the_zone_is_422_not_500():
+    client = new_app({"DEALERSHIP_TIMEZONE": "America/Chicago"}).test_client()  # -05:50:36, written -05:51
+    make_car(client)
+    refused = client.get(f"{API}/cars/1/quote", query_string=window("0001-01-01T05:50:50Z", "2035-01-15T10:00:00Z"))
+    assert_problem(refused, 422, "start_datetime")
