@@ -61,7 +61,7 @@ from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta, timezone
 from datetime import time as dt_time
 from decimal import ROUND_HALF_UP, Decimal
-from urllib.parse import urlencode
+from urllib.parse import unquote_to_bytes, urlencode, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import click
@@ -79,7 +79,7 @@ from markupsafe import Markup, escape
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 from sortedcontainers import SortedList
 from werkzeug.datastructures import WWWAuthenticate
-from werkzeug.exceptions import (BadRequest, HTTPException, RequestEntityTooLarge, Unauthorized,
+from werkzeug.exceptions import (BadRequest, HTTPException, NotFound, RequestEntityTooLarge, Unauthorized,
                                  UnsupportedMediaType, default_exceptions)
 from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -2735,6 +2735,14 @@ def handle_errors(blueprint_or_app):
 handle_errors(bp)
 
 
+@bp.before_request
+def path_as_written():
+    """Werkzeug's router drops extra slashes at the start of a path (PATH_INFO //api/v1/cars would be
+    /api/v1/cars), whatever merge_slashes says: a URL is taken as written, so that one is a 404."""
+    if request.environ.get("PATH_INFO", "").startswith("//"):
+        raise NotFound()
+
+
 def docs_url():
     """Where the interactive docs of the app handling this request are."""
     return f"{request.script_root}{current_app.extensions[DOCS]}/docs"
@@ -3947,6 +3955,20 @@ def in_pieces(app):
     return wsgi
 
 
+def path_as_sent(app):
+    """waitress drops extra slashes at the start of a path (a request for //api/v1/cars reaches the app
+    as /api/v1/cars): put them back from the request line, so that under serve a URL means what it
+    means under any other server."""
+    def restore(environ, start_response):
+        sent = environ.get("REQUEST_URI", "")
+        path = unquote_to_bytes(sent.partition("?")[0] if sent.startswith("/") else urlsplit(sent).path)
+        extra = len(path) - len(path.lstrip(b"/")) - 1
+        if extra > 0:
+            environ["PATH_INFO"] = "/" * extra + environ["PATH_INFO"]
+        return app(environ, start_response)
+    return restore
+
+
 class WaitressServer:
     """The one place that touches waitress: its public create_server(), and, for a stop that
     finishes the requests in flight (which waitress's own serve() does not do), its event loop and
@@ -3959,7 +3981,8 @@ class WaitressServer:
         # holds at most SERVE_BUFFER and a piece, below outbuf_overflow: none is ever spooled to disk.
         # waitress removes X-Forwarded-* unless it trusts the peer itself; with DEALERSHIP_PROXIES the app's
         # ProxyFix (create_app) is the one judge of which proxies to trust, so waitress passes them on as sent.
-        self.server = waitress.create_server(in_pieces(app), sockets=[listener], threads=threads, ident="dealership",
+        self.server = waitress.create_server(in_pieces(path_as_sent(app)), sockets=[listener], threads=threads,
+                                             ident="dealership",
                                              max_request_body_size=app.config["DEALERSHIP_MAX_CONTENT_LENGTH"],
                                              connection_limit=SERVE_CONNECTIONS, channel_timeout=SERVE_IDLE_SECONDS,
                                              outbuf_high_watermark=SERVE_BUFFER, outbuf_overflow=2 * SERVE_BUFFER,

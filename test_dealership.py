@@ -3970,3 +3970,30 @@ def test_an_instant_that_cannot_be_written_in_the_zone_is_422_not_500():
     make_car(client)
     refused = client.get(f"{API}/cars/1/quote", query_string=window("0001-01-01T05:50:50Z", "2035-01-15T10:00:00Z"))
     assert_problem(refused, 422, "start_datetime")
+
+
+def absolute(port, method, url, body):
+    """One request whose request line names the whole URL (absolute form, as sent to a proxy)."""
+    data = json.dumps(body).encode()
+    with closing(socket.create_connection(("127.0.0.1", port), timeout=10)) as conn:
+        conn.sendall(f"{method} {url} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                     f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(payload)
+
+def test_under_serve_a_path_with_extra_slashes_at_its_start_is_404_as_under_the_test_client(tmp_path, client):
+    for answer in (client.post("/%2Fapi/v1/cars", json=car_body()), client.get("//api/v1/cars")):
+        assert_problem(answer, 404)
+    assert client.get(f"{API}/cars").get_json() == []
+    with serving(tmp_path, "--workers", "1") as (server, port):
+        assert http(port, "POST", f"{API}/cars", car_body())[0] == 201
+        for method, path, body in [("POST", "//api/v1/cars", car_body(vin=vin(2))), ("DELETE", "//api/v1/cars/1", None),
+                                   ("POST", "/%2Fapi/v1/cars", car_body(vin=vin(3))), ("GET", "///api/v1/cars", None),
+                                   ("PUT", f"http://127.0.0.1:{port}//api/v1/cars/1", {"color": "Red"})]:
+            status, problem = http(port, method, path, body) if path.startswith("/") else absolute(port, method, path, body)
+            assert (status, problem["status"]) == (404, 404), (method, path)
+        assert [(car["id"], car["color"]) for car in http(port, "GET", f"{API}/cars")[1]] == [(1, "Blue")]
+
