@@ -1850,6 +1850,28 @@ class Rollback(Exception):
     """The one write of a transaction was refused: roll the transaction back."""
 
 
+REFUSED_WRITE_LOG_EVERY = 10  # seconds: a full or read-only disk refuses every write, thousands a second
+
+
+class ThrottledLog:
+    """A log line for an event that can come thousands of times a second: at most one every `every`
+    seconds, the next one saying how many were left out since the last."""
+
+    def __init__(self, every):
+        self.every, self.lock, self.last, self.left_out = every, threading.Lock(), None, 0
+
+    def log(self, level, message, *args):
+        now = time.monotonic()
+        with self.lock:
+            if self.last is not None and now - self.last < self.every:
+                self.left_out += 1
+                return
+            self.last, left_out, self.left_out = now, self.left_out, 0
+        if left_out:
+            message, args = message + " (and %d more since the last such line)", args + (left_out,)
+        log.log(level, message, *args)
+
+
 class Store:
     """Three locks: `lock` guards the fleet (every query takes it, and every change to it);
     `write_lock` lets one batch of writes of this process at a time use the engine's write
@@ -1864,6 +1886,7 @@ class Store:
         self.engine, self.zone = engine, zone
         self.lock, self.write_lock = threading.Lock(), threading.Lock()
         self.queue = WriteQueue(self._commit)
+        self.refused_writes = ThrottledLog(REFUSED_WRITE_LOG_EVERY)
         with self.lock:
             self._reload(engine.writer())
 
@@ -2097,7 +2120,7 @@ class Store:
             except Rollback:
                 pass
             except self.engine.Error as error:  # BEGIN, catching up, a statement or COMMIT: nothing was kept
-                log.error("write refused by %s: %s", self.engine.name, error)
+                self.refused_writes.log(logging.ERROR, "write refused by %s: %s", self.engine.name, error)
                 failure = self.engine.client_error(error)
                 for job in batch:
                     if job.error is None:
@@ -2124,7 +2147,7 @@ class Store:
                 failure = self.engine.client_error(error)
                 if not isinstance(failure, ConflictError):
                     raise  # the database itself: the whole batch fails
-                log.error("write refused by %s: %s", self.engine.name, error)
+                self.refused_writes.log(logging.ERROR, "write refused by %s: %s", self.engine.name, error)
                 job.error = failure
             except Exception as error:  # a refusal (or a bug): this write's caller gets it
                 job.error = error

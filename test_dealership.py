@@ -3997,3 +3997,25 @@ def test_under_serve_a_path_with_extra_slashes_at_its_start_is_404_as_under_the_
             assert (status, problem["status"]) == (404, 404), (method, path)
         assert [(car["id"], car["color"]) for car in http(port, "GET", f"{API}/cars")[1]] == [(1, "Blue")]
 
+
+
+def test_refused_writes_are_logged_at_most_once_in_ten_seconds_with_a_count_of_those_left_out(database, caplog):
+    app = on_file(database)
+    client, store = app.test_client(), app.extensions["dealership"]
+    make_car(client)
+    db = store.engine.writer()
+    db.conn.execute(f"PRAGMA max_page_count = {db.conn.execute('PRAGMA page_count').fetchone()[0]}")  # a full disk
+    with caplog.at_level("ERROR", logger="dealership"):
+        for n in range(1000):
+            response = client.post(f"{API}/cars", json=car_body(vin=vin(n + 2), model="x" * 100))
+            if response.status_code != 201:
+                break
+        for n in range(30):
+            assert_problem(client.post(f"{API}/cars", json=car_body(vin=vin(n + 2000), model="x" * 100)), 503)
+        assert [r.getMessage() for r in caplog.records].count(f"write refused by {database}: database or disk is full") == 1
+        store.refused_writes.last -= dealership.REFUSED_WRITE_LOG_EVERY  # as if ten seconds had gone by
+        assert_problem(client.post(f"{API}/cars", json=car_body(vin=vin(3000), model="x" * 100)), 503)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("write refused by")]
+    assert lines == [f"write refused by {database}: database or disk is full",
+                     f"write refused by {database}: database or disk is full (and 30 more since the last such line)"]
+
