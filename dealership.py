@@ -3658,7 +3658,7 @@ FIRST_BOARD_DAY, LAST_BOARD_DAY = date(1971, 1, 1), date(9998, 12, 1)
 
 
 class Day(fields.String):
-    """A calendar date written YYYY-MM-DD, from 1971 to 9998."""
+    """A calendar date written YYYY-MM-DD, from FIRST_BOARD_DAY to LAST_BOARD_DAY."""
 
     def _deserialize(self, value, attr, data, **kwargs):
         value = super()._deserialize(value, attr, data, **kwargs)
@@ -3667,7 +3667,8 @@ class Day(fields.String):
         except ValueError:
             day = None
         if day is None or not FIRST_BOARD_DAY <= day <= LAST_BOARD_DAY:
-            raise ValidationError("Must be a date written YYYY-MM-DD (2035-06-04), from 1971 to 9998.")
+            raise ValidationError(f"Must be a date written YYYY-MM-DD (2035-06-04), from {FIRST_BOARD_DAY} to "
+                                  f"{LAST_BOARD_DAY}.")
         return day
 
 

@@ -4019,3 +4019,12 @@ def test_refused_writes_are_logged_at_most_once_in_ten_seconds_with_a_count_of_t
     assert lines == [f"write refused by {database}: database or disk is full",
                      f"write refused by {database}: database or disk is full (and 30 more since the last such line)"]
 
+
+@pytest.mark.parametrize("start, status", [("9998-12-01", 200), ("9998-12-02", 422), ("9998-12-10", 422)])
+def test_the_board_states_the_days_it_shows_exactly_as_it_applies_them(client, start, status):
+    response = client.get("/board", query_string={"start": start, "days": 28})
+    assert response.status_code == status
+    if status == 422:
+        assert assert_problem(response, 422, "start")["errors"]["start"] == [
+            "Must be a date written YYYY-MM-DD (2035-06-04), from 1971-01-01 to 9998-12-01."]
+
