@@ -3308,21 +3308,31 @@ def not_modified(tag):
     return response
 
 
+class FeedText(icalendar.vText):
+    """Text as RFC 5545 escapes it: backslash, semicolon, comma, line break. (icalendar's own escaping
+    first reads a backslash followed by N as a line break, so a note such as 'C:\\Notes\\N42' would
+    reach calendars broken over two lines.)"""
+
+    def to_ical(self):
+        text = str(self).replace("\\", "\\\\").replace(";", "\\;").replace(",", "\\,")
+        return text.replace("\r\n", "\\n").replace("\n", "\\n").encode(self.encoding)
+
+
 def ical(name, entries, stamp):
     """An iCalendar (RFC 5545) document of (car, entry) pairs: one VEVENT per entry, its UID stable
     (made from the entry's kind and id), its times in UTC, its DTSTAMP `stamp`."""
     calendar = icalendar.Calendar()
     calendar.add("prodid", "-//Dealership API//EN")
     calendar.add("version", "2.0")
-    calendar.add("x-wr-calname", f"Dealership: {name}")
+    calendar.add("x-wr-calname", FeedText(f"Dealership: {name}"))
     for car, entry in entries:
         event = icalendar.Event()
         if type(entry) is Booking:
             event.add("uid", f"booking-{entry.id}@dealership")
-            event.add("summary", f"Booked: {car.brand} {car.model} (booking {entry.id})")
+            event.add("summary", FeedText(f"Booked: {car.brand} {car.model} (booking {entry.id})"))
         else:
             event.add("uid", f"maintenance-window-{entry.id}@dealership")
-            event.add("summary", f"Maintenance: {entry.note or 'workshop'} ({car.brand} {car.model})")
+            event.add("summary", FeedText(f"Maintenance: {entry.note or 'workshop'} ({car.brand} {car.model})"))
         event.add("dtstamp", stamp)
         event.add("dtstart", entry.start_datetime)
         event.add("dtend", entry.end_datetime)

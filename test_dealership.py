@@ -4028,3 +4028,20 @@ def test_the_board_states_the_days_it_shows_exactly_as_it_applies_them(client, s
         assert assert_problem(response, 422, "start")["errors"]["start"] == [
             "Must be a date written YYYY-MM-DD (2035-06-04), from 1971-01-01 to 9998-12-01."]
 
+
+def unescaped(line):
+    """An RFC 5545 TEXT value as written, read back: each backslash escape is one character."""
+    return re.sub(r"\\([\\;,nN])", lambda m: "\n" if m[1] in "nN" else m[1], line)
+
+
+def test_a_backslash_in_a_note_or_name_reaches_the_feed_as_written_not_as_a_line_break(client):
+    model, note = r"Note \N", r"Fix C:\Notes\N42; then wash, dry"
+    make_car(client, brand="Nissan", model=model)
+    assert open_window(client, 1, "2035-01-15T10:00:00Z", "2035-01-15T12:00:00Z", note=note).status_code == 201
+    text = client.get(f"{API}/cars/1/calendar.ics", query_string=window("2035-01-01T00:00:00Z", "2035-02-01T00:00:00Z"))
+    lines = re.sub(r"\r\n[ \t]", "", text.get_data(as_text=True)).split("\r\n")  # unfolded
+    summary = next(line for line in lines if line.startswith("SUMMARY:"))
+    assert summary == r"SUMMARY:Maintenance: Fix C:\\Notes\\N42\; then wash\, dry (Nissan Note \\N)"
+    assert unescaped(summary.removeprefix("SUMMARY:")) == f"Maintenance: {note} (Nissan {model})"
+    calendar_name = next(line for line in lines if line.startswith("X-WR-CALNAME:"))
+    assert unescaped(calendar_name.removeprefix("X-WR-CALNAME:")) == f"Dealership: Nissan {model} (car 1)"
