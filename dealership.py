@@ -121,6 +121,7 @@ CAR_STATUSES = ("available", "maintenance")
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100  # bookings (a store can hold millions) and slots (one per car) answered without a limit
 MAX_ERRORS = 20  # offending fields listed in one 422
+MAX_SHOWN_NAME = 100  # characters of a field or parameter name that a 422 repeats: a client's may be 200 KB
 MAX_TURNAROUND = 1440  # minutes: a day
 MAX_NAME = 200  # characters of a customer's name
 MAX_EMAIL = 254  # characters of an e-mail address, once normalized
@@ -2712,11 +2713,18 @@ def problem(status, title, detail, errors=None, headers=None):
     return json_text(to_json(PROBLEM_SCHEMA.dump(body)), status, headers, mimetype="application/problem+json")
 
 
+def shown_name(name):
+    """A field or parameter name as a 422 repeats it: a long one cut to MAX_SHOWN_NAME, with an ellipsis."""
+    name = str(name)
+    return name if len(name) <= MAX_SHOWN_NAME else name[:MAX_SHOWN_NAME - 1] + "\u2026"
+
+
 def invalid(messages):
-    """422 listing each offending field with its messages: at most MAX_ERRORS of them (a body of a
-    million unknown keys must not come back three times as large), and how many more there were."""
+    """422 listing each offending field with its messages: at most MAX_ERRORS of them, each name cut
+    to MAX_SHOWN_NAME (a body of a million unknown keys, or one key of a megabyte, must not come back
+    three times as large), and how many more there were."""
     names = sorted(messages, key=str)
-    shown = {name: messages[name] for name in names[:MAX_ERRORS]}
+    shown = {shown_name(name): messages[name] for name in names[:MAX_ERRORS]}
     more = f" and {len(names) - MAX_ERRORS} more" if len(names) > MAX_ERRORS else ""
     return problem(422, "Unprocessable Content", f"Invalid input: {', '.join(map(str, shown))}{more}.", shown)
 

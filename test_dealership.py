@@ -4045,3 +4045,16 @@ def test_a_backslash_in_a_note_or_name_reaches_the_feed_as_written_not_as_a_line
     assert unescaped(summary.removeprefix("SUMMARY:")) == f"Maintenance: {note} (Nissan {model})"
     calendar_name = next(line for line in lines if line.startswith("X-WR-CALNAME:"))
     assert unescaped(calendar_name.removeprefix("X-WR-CALNAME:")) == f"Dealership: Nissan {model} (car 1)"
+
+
+def test_a_422_repeats_at_most_100_characters_of_a_name_the_client_sent(client):
+    name = "x" * 200_000
+    for response in (client.get(f"{API}/cars", query_string={name: "1"}),
+                     client.post(f"{API}/dealers", json={"name": "North", name: 1})):
+        body = assert_problem(response, 422)
+        shown = "x" * 99 + "\u2026"
+        assert body["errors"] == {shown: ["Unknown field."]} and body["detail"] == f"Invalid input: {shown}."
+        assert len(response.get_data()) < 1000
+    assert len(client.get(f"{API}/dealers").get_json()) == 1
+    short = assert_problem(client.get(f"{API}/cars", query_string={"y" * 100: "1"}), 422)
+    assert list(short["errors"]) == ["y" * 100]
