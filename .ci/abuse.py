@@ -16,7 +16,9 @@ Starts the service's own production command on a free loopback port, with its te
 5. calendar feeds are bounded: a feed of the years 2000 to 9998 is a 422, a repeat with its ETag a
    304, and 32 feed requests at once do not keep a fresh client waiting more than 2 s;
 6. 12 connections that ask for the whole fleet (over 1 MiB) with a tiny receive window and never
-   read make the server spool nothing to disk, and a fresh client is still answered within 1 s.
+   read make the server spool nothing to disk, and a fresh client is still answered within 1 s;
+7. behind a trusted proxy (DEALERSHIP_PROXIES=1, an API key): one client's wrong keys, until it is
+   throttled (429), do not throttle another client's right key, nor its own right key.
 Every socket has a timeout, the run has a deadline, and the server is stopped however this exits.
 Nothing is left in the temporary folder unless the check fails: then the server log is kept and its
 path printed.
@@ -234,6 +236,37 @@ def clients_that_never_read(port, spool, pid, problems):
         problems.append(f"12 clients that never read kept a fresh client waiting {waited:.1f} s")
 
 
+def post_car(port, n, key, client):
+    """POST a car as `client` (its address in X-Forwarded-For, as a proxy in front would send it)."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=10)
+    body = ('{"brand": "Skoda", "model": "Fabia", "year": 2024, "color": "Green", "daily_price": 39.0, '
+            f'"vin": "TMBEA6NJ1L{n:07d}", "dealer_id": 1}}')
+    try:
+        conn.request("POST", "/api/v1/cars", body.encode(), {"Content-Type": "application/json",
+                                                             "Authorization": f"Bearer {key}",
+                                                             "X-Forwarded-For": client})
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+def guessers_behind_a_proxy(problems):
+    key = "abuse-key-0123456789"
+    env = {"DEALERSHIP_API_KEY": key, "DEALERSHIP_PROXIES": "1", "DEALERSHIP_REFUSED_KEY_LIMIT": "5/minute"}
+    with serve(threads=4, command="serve", workers=1, env=env) as (base, _):
+        port = int(base.rsplit(":", 1)[1])
+        guesses = [post_car(port, n, "wrong-key-0123456789", "203.0.113.5") for n in range(8)]
+        other, own = post_car(port, 100, key, "198.51.100.7"), post_car(port, 101, key, "203.0.113.5")
+    print(f"abuse: behind a proxy, one client's wrong keys answered {guesses}; another client's right key "
+          f"{other}, its own right key {own}")
+    if guesses[-1] != 429 or 401 not in guesses:
+        problems.append(f"wrong keys from one client answered {guesses}, not 401s and then 429")
+    if (other, own) != (201, 201):
+        problems.append(f"the right key answered {other} (another client) and {own} (the guesser), not 201")
+
+
 def main():
     problems = []
     spool = tempfile.mkdtemp(prefix="dealership-spool-")
@@ -272,6 +305,7 @@ def main():
             clients_that_never_read(port, spool, server.pid, problems)
             if fresh_client_seconds(port) > 1 or server.poll() is not None:
                 problems.append("the server does not answer at the end")
+        guessers_behind_a_proxy(problems)
     finally:
         shutil.rmtree(spool, ignore_errors=True)
     return verdict("abuse", problems)
