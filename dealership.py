@@ -148,6 +148,14 @@ class ConfigError(click.ClickException, ValueError):
     A ClickException, so that `flask run` (and any Flask command) prints its one line, not a traceback.
     """
 
+    def show(self, file=None):
+        """The one line through the log once the service's log line is set up (so that under serve a
+        worker that cannot start says so with its time and process id), else as click shows it."""
+        if logging.getLogger().handlers:
+            log.error("%s", self.format_message())
+        else:
+            super().show(file)
+
 # ---------------------------------------------------------------------------------------------
 # Settings
 # ---------------------------------------------------------------------------------------------

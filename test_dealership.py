@@ -2525,8 +2525,9 @@ def test_flask_run_refuses_a_bad_file_in_one_line(tmp_path):
                           cwd=os.path.dirname(os.path.abspath(dealership.__file__)), env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
-    assert done.stderr.strip().splitlines()[-1] == (
-        f"Error: DEALERSHIP_DATABASE='{bad}' is not a SQLite database: point the setting at the service's own file.")
+    last = done.stderr.strip().splitlines()[-1]  # one log line, its time and process first
+    assert LOG_LINE.match(last) and " ERROR " in last and last.endswith(
+        f"dealership: DEALERSHIP_DATABASE='{bad}' is not a SQLite database: point the setting at the service's own file.")
     assert "Traceback" not in done.stderr
 
 
@@ -3552,7 +3553,8 @@ def test_serve_refuses_a_damaged_wal_in_one_line_and_leaves_it_as_it_is(tmp_path
                           capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"Error: DEALERSHIP_DATABASE='{copy}': SQLite would drop committed transactions")
+    assert LOG_LINE.match(last) and " ERROR " in last
+    assert f"dealership: DEALERSHIP_DATABASE='{copy}': SQLite would drop committed transactions" in last
     assert "is damaged" in last and "DEALERSHIP_ACCEPT_WAL_LOSS=1" in last
     assert "Traceback" not in done.stderr
     assert files_of(copy) == before
