@@ -7,7 +7,8 @@ is not); and a booking may not start in the past. So that the requests the fuzze
 valid, this hook orders each pair of date-times it is about to send, keeps each inside that range,
 and moves the start of a booking or maintenance window it writes to tomorrow if it was earlier. A
 slot search's duration outside 15 minutes to 90 days (a bound no JSON Schema keyword puts on an ISO
-8601 duration; the parameter's description states it) is brought to the nearer end. An e-mail address whose
+8601 duration; the parameter's description states it) is brought to the nearer end, and a calendar
+feed's period within its bounds (400 days at most; a start alone gets an end). An e-mail address whose
 domain is a special-use name (.test, .local, .invalid...; email-validator refuses them, as mail cannot
 go there) gets .com instead, in a body or a query. And since a PATCH of a booking is
 checked once merged with the stored booking, which the fuzzer cannot see, it drops a lone start or
@@ -98,6 +99,28 @@ def mailable(data):
         head, dot, last = domain.rpartition(".")
         if at and last.lower() in email_validator.SPECIAL_USE_DOMAIN_NAMES:
             data["customer_email"] = f"{local}@{head + dot if dot else domain + '.'}com"
+
+
+FEED_DAYS = 400  # the longest period a calendar feed covers (MAX_FEED_PERIOD)
+
+
+def feed_period(query):
+    """A feed's period (whose default ends 365 days from today, and which may be 400 days at most,
+    rules the document states in words) brought within them, in place: a start alone gets an end
+    30 days on, an end alone a start 30 days before, and a longer period is cut to 400 days."""
+    if not isinstance(query, dict):
+        return
+    start, end = (instant(query.get(key)) for key in PAIR)
+    if start is not None and end is None:
+        end = min(start + timedelta(days=30), datetime(9998, 1, 1, tzinfo=timezone.utc))
+    elif end is not None and start is None:
+        start = max(end - timedelta(days=30), datetime(2, 1, 1, tzinfo=timezone.utc))
+    if start is None or end is None:
+        return
+    end = min(end, start + timedelta(days=FEED_DAYS))
+    if end <= start:
+        end = start + timedelta(seconds=1)
+    query["start_datetime"], query["end_datetime"] = start.isoformat(), end.isoformat()
 
 
 def slot_length(query):
@@ -280,6 +303,8 @@ def before_call(ctx, case, **kwargs):
             case.method.upper() in ("POST", "PATCH") and isinstance(case.body, dict):
         not_past(case.body)
     slot_length(case.query)
+    if case.path.endswith("/calendar.ics"):
+        feed_period(case.query)
     if case.method.upper() not in ("PUT", "PATCH") or not isinstance(case.body, dict):
         return
     if "booking_id" in case.path:
