@@ -46,6 +46,7 @@ import hmac
 import inspect
 import json
 import logging
+import operator
 import os
 import re
 import signal
@@ -371,8 +372,8 @@ def micros(instant):
 
 
 def order_key(start, booking_id):
-    """One integer that sorts bookings by start, then id: the key of the fleet's index."""
-    return micros(start) * ID_SPAN + booking_id
+    """One integer that sorts bookings by start (micros), then id: the key of the fleet's index."""
+    return start * ID_SPAN + booking_id
 
 
 def format_instant(instant, zone):
@@ -503,8 +504,11 @@ class Schedule:
     """
     __slots__ = ("entries", "starts", "ends")
 
-    def __init__(self):
-        self.entries, self.starts, self.ends = [], [], []
+    def __init__(self, entries=()):
+        """A schedule of `entries` (non-overlapping), sorted once."""
+        self.entries = sorted(entries, key=operator.attrgetter("start_datetime"))
+        self.starts = [micros(entry.start_datetime) for entry in self.entries]
+        self.ends = [micros(entry.end_datetime) for entry in self.entries]
 
     def add(self, entry):
         start = micros(entry.start_datetime)
@@ -656,13 +660,20 @@ class Fleet:
         self.coverage = self._offerable = None  # made when first asked for
         for car in cars:
             self.put_car(car)
+        entries = {car_id: [] for car_id in self.cars}  # each car's schedule made in one go, sorted once
         for booking in bookings:
             self.bookings[booking.id] = booking
-            self.schedules[booking.car_id].add(booking)
+            entries[booking.car_id].append(booking)
             self.by_email.setdefault(booking.customer_email.casefold(), set()).add(booking.id)
         for window in windows:
-            self.put_window(window)
-        self.by_start = SortedList(order_key(b.start_datetime, b.id) for b in self.bookings.values())
+            self.windows[window.id] = window
+            entries[window.car_id].append(window)
+        keys = []  # the index by start, from the starts the schedules have worked out already
+        for car_id, found in entries.items():
+            schedule = self.schedules[car_id] = Schedule(found)
+            keys += [order_key(start, entry.id) for start, entry in zip(schedule.starts, schedule.entries)
+                     if type(entry) is Booking]
+        self.by_start = SortedList(keys)
 
     # -- lookups --------------------------------------------------------------------------------
 
@@ -767,7 +778,8 @@ class Fleet:
             del self.car_by_vin[old.vin]
         self.car_by_vin[car.vin] = car.id
         self.cars[car.id] = car
-        self.schedules.setdefault(car.id, Schedule())
+        if car.id not in self.schedules:
+            self.schedules[car.id] = Schedule()
         if self.coverage is not None and old is None and not self.coverage.add_car(car.id):
             self.coverage = None
         self._offerable = None
@@ -792,7 +804,7 @@ class Fleet:
             self._unschedule_booking(old)
         self.bookings[booking.id] = booking
         self._schedule(booking)
-        self.by_start.add(order_key(booking.start_datetime, booking.id))
+        self.by_start.add(order_key(micros(booking.start_datetime), booking.id))
         self.by_email.setdefault(booking.customer_email.casefold(), set()).add(booking.id)
 
     def drop_booking(self, booking_id):
@@ -822,7 +834,7 @@ class Fleet:
 
     def _unschedule_booking(self, booking):
         self._unschedule(booking)
-        self.by_start.remove(order_key(booking.start_datetime, booking.id))
+        self.by_start.remove(order_key(micros(booking.start_datetime), booking.id))
         ids = self.by_email[booking.customer_email.casefold()]
         ids.discard(booking.id)
         if not ids:
@@ -1029,7 +1041,7 @@ class Fleet:
         before `end` when only one is. Unfiltered or from a start, the page is read off the index
         (about the page's own cost); a filter by car, customer or end reads only its candidates."""
         if car_id is None and email is None and end is None:
-            first = 0 if start is None else self.by_start.bisect_left(order_key(start, 0))
+            first = 0 if start is None else self.by_start.bisect_left(order_key(micros(start), 0))
             keys = self.by_start[first + offset:first + offset + limit]
             return [self.bookings[key % ID_SPAN] for key in keys], len(self.by_start) - first
         if car_id is not None:
@@ -1038,7 +1050,7 @@ class Fleet:
             found = sorted((self.bookings[i] for i in self.by_email.get(email.casefold(), ())),
                            key=lambda b: (b.start_datetime, b.id))
         else:  # only those that start before `end` can end by it
-            found = [self.bookings[key % ID_SPAN] for key in self.by_start[:self.by_start.bisect_left(order_key(end, 0))]]
+            found = [self.bookings[key % ID_SPAN] for key in self.by_start[:self.by_start.bisect_left(order_key(micros(end), 0))]]
         if start is not None and end is not None:
             found = [b for b in found if overlaps(b.start_datetime, b.end_datetime, start, end)]
         elif start is not None:
