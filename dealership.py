@@ -2333,7 +2333,7 @@ class Instant(fields.DateTime):
     def _deserialize(self, value, attr, data, **kwargs):
         if not isinstance(value, str):
             raise self.make_error("invalid")
-        if self.in_query:
+        if self.in_query and " " in value:
             value = self.PLUS_AS_SPACE.sub(r"\1+\2", value)
         form = self.FORM.fullmatch(value)
         try:
@@ -2346,10 +2346,15 @@ class Instant(fields.DateTime):
                 local, moment = moment, moment.replace(tzinfo=zone)
                 if moment.astimezone(timezone.utc).astimezone(zone).replace(tzinfo=None) != local:
                     raise self.make_error("gap", input=value, zone=zone)
-            format_instant(moment, zone)  # the output must be writable in the store's zone too
+            if not 2 < moment.year < 9998:  # only within a day of the calendar's ends can writing it fail
+                format_instant(moment, zone)  # the output must be writable in the store's zone too
             return moment.astimezone(timezone.utc)
         except OverflowError:
             raise self.make_error("range") from None
+
+    def _validate(self, value):
+        if self.validators:  # marshmallow makes a combined validator on every call, even of none
+            super()._validate(value)
 
     def _serialize(self, value, attr, obj, **kwargs):
         return None if value is None else format_instant(value, PRESENTATION.get().zone)
