@@ -48,6 +48,7 @@ import json
 import logging
 import operator
 import os
+import random
 import re
 import signal
 import socket
@@ -133,6 +134,7 @@ WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 MAX_NAMED = 10  # bookings a refused maintenance window names
 MAX_CHUNKS = 100_000  # parts of available-cars answers kept ready; beyond, they are made afresh
 MAX_BATCH = 64  # writes in one transaction at most
+WRITE_ATTEMPTS = 3  # runs of a transaction that the database broke off to keep writers apart
 MAX_FEED_PERIOD = timedelta(days=400)  # the longest period a calendar feed covers: its default (395 days) fits
 MAX_FEED_EVENTS = 5000  # bookings and windows in one feed: what it costs to make grows with them
 # An ISO 8601 duration of days, hours and minutes: P3D, PT4H, P1DT12H, PT90M. (No lookahead, so that
@@ -1238,6 +1240,7 @@ class SQLiteConnection:
         self.busy_timeout, self.before_commit = busy_timeout, before_commit
         self.written = 0  # records written since the store's write began (one change-log entry each)
         self.seen_version = None  # PRAGMA data_version when the store last caught up through here
+        self.pending_version = None
         try:
             self.conn = sqlite3.connect(target, timeout=busy_timeout, isolation_level=None, check_same_thread=False,
                                         uri=True)
@@ -1315,9 +1318,11 @@ class SQLiteConnection:
 
     # -- records: one row each, so one entry in the change log each (its triggers write it) ------
 
-    def insert(self, kind, fields):
-        """Insert a record; the database assigns the id."""
+    def insert(self, kind, fields, record_id=None):
+        """Insert a record; the database assigns the id, unless it is given."""
         table, columns = TABLES[kind]
+        if record_id is not None:
+            fields, columns = fields | {"id": record_id}, ("id",) + columns
         self.written += 1
         return self.conn.execute(
             f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
@@ -1369,14 +1374,17 @@ class SQLiteConnection:
         """Changes whenever another connection has committed since the last call."""
         return self.conn.execute("PRAGMA data_version").fetchone()[0]
 
-    def changed(self):
-        """PRAGMA data_version, if another connection has committed since the store last caught up
-        through this one; else None."""
+    def news(self, position):
+        """Whether the change log has gone past `position`: cheap when no other connection has
+        committed since the store last caught up through this one (PRAGMA data_version)."""
         version = self.data_version()
-        return None if version == self.seen_version else version
-
-    def caught_up(self, version):
-        self.seen_version = version
+        if version == self.seen_version:
+            return False
+        if self.newest_change() == position:  # only what the fleet has: the store's own writes
+            self.seen_version = version
+            return False
+        self.pending_version = version  # seen once changes_since has read what came before it
+        return True
 
     def newest_change(self):
         return self.conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]
@@ -1392,7 +1400,16 @@ class SQLiteConnection:
             for position, kind, record_id in self.conn.execute(
                     "SELECT seq, kind, id FROM changes WHERE seq > ? ORDER BY seq", (position,)):
                 changed.setdefault(kind, set()).add(record_id)
-            return {kind: self.records(kind, sorted(ids)) for kind, ids in changed.items()}, position
+            changed = {kind: self.records(kind, sorted(ids)) for kind, ids in changed.items()}
+        self.seen_version = self.pending_version
+        return changed, position
+
+    def after_writes(self, position):
+        """The change log's position once what this transaction wrote since `written` was reset is in."""
+        return position + self.written
+
+    def lock_cars(self, car_ids):
+        """Nothing to do: BEGIN IMMEDIATE has locked the whole database."""
 
     def prune_change_log(self, before, after):
         """Forget all but the newest CHANGE_LOG_KEEP changes, each time the log has grown by
@@ -1608,6 +1625,7 @@ class SQLiteEngine:
         self.shared = path != MEMORY  # a file can have other processes (or apps) on it
         self.busy_timeout = busy_timeout
         self._readers = threading.local()
+        self._writing = threading.Lock()  # the write connection, used by one thread at a time
         if self.shared and not create and not os.path.exists(path):
             raise ConfigError(f"DEALERSHIP_DATABASE={path!r} does not exist, though the service made or found it "
                               "at start: it was deleted or moved since. Put it back, or restart the service.")
@@ -1627,24 +1645,51 @@ class SQLiteEngine:
             self._writer.conn.close()
             raise
 
+    @contextmanager
     def writer(self):
-        return self._writer
+        """The write connection, for one thread at a time."""
+        with self._writing:
+            yield self._writer
 
+    @contextmanager
     def reader(self):
-        """This thread's read connection to the file, opened on first use (in memory: the writer's)."""
-        if not self.shared:
-            return self._writer
+        """This thread's read connection to the file, opened on first use. In memory, and when this
+        thread cannot open one (the file is gone from its path, say), the write connection, which
+        has had the file open since the start: every process then answers with all that was
+        committed to that file, as the others do."""
         reader = getattr(self._readers, "connection", None)
-        if reader is None:
-            reader = SQLiteConnection(file_uri(self.name, "rw"), self.busy_timeout)
+        if reader is None and self.shared:
             try:
-                self.check_file()  # what it opened must be the file every record came from
-            except FileNotAtPath:
-                reader.conn.close()
-                raise
-            reader.conn.execute("PRAGMA query_only = ON")
-            self._readers.connection = reader
+                reader = self._open_reader()
+            except sqlite3.Error:
+                reader = None
+        if reader is None:
+            with self.writer() as writer:
+                yield writer
+        else:
+            yield reader
+
+    def _open_reader(self):
+        reader = SQLiteConnection(file_uri(self.name, "rw"), self.busy_timeout)
+        try:
+            self.check_file()  # what it opened must be the file every record came from
+        except FileNotAtPath:
+            reader.conn.close()
+            raise
+        reader.conn.execute("PRAGMA query_only = ON")
+        self._readers.connection = reader
         return reader
+
+    @staticmethod
+    def combine(position, other):
+        """The change log's position of a fleet with what both positions hold."""
+        return max(position, other)
+
+    @staticmethod
+    def retryable(error):
+        """SQLite's write lock is taken first (BEGIN IMMEDIATE): a transaction is never broken off
+        halfway to let another through."""
+        return False
 
     def _check_wal(self, accept_loss):
         """Refuse a file whose WAL SQLite would cut committed transactions from, leaving the log as it
@@ -1705,7 +1750,7 @@ class SQLiteEngine:
             self._upgrade()
 
     def _upgrade(self):
-        with self._writer.transaction(write=True) as db:
+        with self.writer() as writer, writer.transaction(write=True) as db:
             version = db.conn.execute("PRAGMA user_version").fetchone()[0]  # another process may have
             for step in SCHEMA_STEPS[version:]:
                 db.script(step.sql)
@@ -1759,7 +1804,9 @@ class SQLiteEngine:
         """A trivial read of the file this engine opened; raises sqlite3.Error when the database does
         not answer, or FileNotAtPath when that file is no longer at the path."""
         self.check_file()
-        self.reader().ping()
+        with self.reader() as db:
+            db.ping()
+        return {}
 
     def backup(self, target):
         """A consistent copy of the database at `target`, taken while the service runs (SQLite's
@@ -1790,11 +1837,11 @@ class Job:
     read anything, so it runs alone), and once done its result or error and what the fleet must do
     after COMMIT. `turn`, an Event for a write that waits, is set when it is done or when its
     thread is to run the next batch."""
-    __slots__ = ("change", "cars", "result", "error", "done", "turn", "after_commit")
+    __slots__ = ("change", "cars", "locks", "result", "error", "done", "turn", "after_commit")
 
-    def __init__(self, change, cars):
+    def __init__(self, change, cars, locks):
         self.change, self.cars, self.result, self.error, self.done, self.turn = change, cars, None, None, False, None
-        self.after_commit = []
+        self.locks, self.after_commit = locks, []
 
     def outcome(self):
         if self.error is not None:
@@ -1812,8 +1859,11 @@ class WriteQueue:
         self.commit = commit
         self.lock, self.jobs, self.leading = threading.Lock(), [], False
 
-    def submit(self, change, cars=None):
-        job = Job(change, cars)
+    def submit(self, change, cars=None, locks=None):
+        """`locks`: the cars whose rows the transaction locks before it catches up and checks (by
+        default `cars`): every write to a schedule names its car, so that writers of other processes
+        wait for each other there."""
+        job = Job(change, cars, locks if locks is not None else cars or ())
         with self.lock:
             lead, self.leading = not self.leading, True
             if not lead:
@@ -1909,8 +1959,9 @@ class Store:
         self.lock, self.write_lock = threading.Lock(), threading.Lock()
         self.queue = WriteQueue(self._commit)
         self.refused_writes = ThrottledLog(REFUSED_WRITE_LOG_EVERY)
-        with self.lock:
-            self._reload(engine.writer())
+        self.unread = ThrottledLog(REFUSED_WRITE_LOG_EVERY)
+        with engine.writer() as db, self.lock:
+            self._reload(db)
 
     # -- dealers --------------------------------------------------------------------------------
 
@@ -1968,7 +2019,7 @@ class Store:
             db.update("car", car_id, {name: getattr(car, name) for name in CAR_FIELDS})
             job.after_commit.append((Fleet.put_car, car))
             return car
-        car = self.queue.submit(change)
+        car = self.queue.submit(change, locks={car_id})
         log.info("car %d changed: %s", car_id, ", ".join(sorted(changes)) or "nothing")
         return car
 
@@ -1980,7 +2031,7 @@ class Store:
                 db.delete("window", window.id)
             db.delete("car", car_id)
             job.after_commit.append((Fleet.drop_car, car_id))
-        self.queue.submit(change)
+        self.queue.submit(change, locks={car_id})
         log.info("car %d deleted", car_id)
 
     # -- bookings -------------------------------------------------------------------------------
@@ -2019,9 +2070,15 @@ class Store:
             db.update("booking", booking_id, {name: getattr(booking, name) for name in BOOKING_FIELDS})
             job.after_commit.append((Fleet.put_booking, booking))
             return booking
-        booking = self.queue.submit(change)
+        booking = self.queue.submit(change, locks=self._cars_of(booking_id, changes))
         self._log_booking("changed", booking)
         return booking
+
+    def _cars_of(self, booking_id, changes):
+        """The cars a change of a booking writes to, as the fleet knows it now: its own, and the one
+        it moves to."""
+        booking = self.fleet.bookings.get(booking_id)
+        return {booking.car_id, changes.get("car_id", booking.car_id)} if booking else ()
 
     def cancel_booking(self, booking_id):
         def change(db, job):
@@ -2049,7 +2106,7 @@ class Store:
             window = MaintenanceWindow(id=db.insert("window", row), **row)
             job.after_commit.append((Fleet.put_window, window))
             return window
-        window = self.queue.submit(change)
+        window = self.queue.submit(change, locks={car_id})
         log.info("maintenance window %d created: car %d, %s to %s", window.id, car_id,
                  format_instant(window.start_datetime, self.zone), format_instant(window.end_datetime, self.zone))
         return window
@@ -2059,7 +2116,7 @@ class Store:
             self.fleet.window(car_id, window_id)
             db.delete("window", window_id)
             job.after_commit.append((Fleet.drop_window, window_id))
-        self.queue.submit(change)
+        self.queue.submit(change, locks={car_id})
         log.info("maintenance window %d deleted: car %d", window_id, car_id)
 
     # -- queries: under the lock, so a reader never sees a schedule mid-change -------------------
@@ -2074,92 +2131,81 @@ class Store:
     def sync(self):
         """Bring the fleet up to date if another process (or app) committed since this one looked.
 
-        Called before every request, through this thread's own read connection, so that the usual
-        answer ("nothing new") needs no lock. If the database cannot be read, the request is
+        Called before every request, through a read connection of this thread's own, so that the
+        usual answer ("nothing new") needs no lock. If the database cannot be read, the request is
         answered from the fleet as it is; a write catches up (or fails with 503) inside its own
         transaction."""
         if not self.engine.shared:
             return
         try:
-            db = self.engine.reader()
-        except self.engine.Error:
-            self._catch_up_through_writer()
-            return
-        try:
-            version = db.changed()
-            if version is None:  # nobody else has committed since this thread looked
-                return
-            newest = db.newest_change()  # read before the lock: the probe must not hold it up
-            with self.lock:
-                if newest == self.position:  # only this process's own writes: nothing to apply
-                    db.caught_up(version)
-                else:
-                    self._catch_up(db)
+            with self.engine.reader() as db:
+                if db.news(self.position):
+                    with self.lock:
+                        self._catch_up(db)
         except self.engine.Error as error:
-            log.warning("could not read %s to catch up: %s", self.engine.name, error)
-
-    def _catch_up_through_writer(self):
-        """When this thread cannot open a connection of its own (the file is gone from its path, say),
-        catch up through the write connection, which has had the file open since the start: every
-        process then answers with all that was committed to that file, as the others do."""
-        try:
-            with self.write_lock, self.lock:
-                self._catch_up(self.engine.writer())
-        except self.engine.Error as error:
-            log.warning("could not read %s to catch up: %s", self.engine.name, error)
+            self.unread.log(logging.WARNING, "could not read %s to catch up: %s", self.engine.name, error)
 
     def data_version(self):
         """What names the data as it stands. On a file, the same in every process that serves it:
         the file's identity and the change log's position (all that is committed up to it is in the
-        fleet); in memory, this fleet's own name and count of changes."""
-        if self.engine.shared:
+        fleet); otherwise this fleet's own name and count of changes."""
+        if self.engine.identity is not None:
             return self.engine.identity, self.position
         return self.fleet.origin, self.fleet.version
 
     def ping(self):
-        """A trivial read of the database; raises engine.Error when it does not answer."""
-        if self.engine.shared:
-            self.engine.ping()
-        else:
-            with self.write_lock:  # in memory there is only the one connection
-                self.engine.ping()
+        """A trivial read of the database, and what the engine tells of its state (a dict); raises
+        engine.Error when the database does not answer."""
+        return self.engine.ping()
 
     def _commit(self, batch):
-        """One transaction for the writes of `batch`: the database's write lock, what other processes
-        committed, each write's checks and SQL (under its own savepoint when it shares the
+        """One transaction for the writes of `batch`: the locks of the cars they write to, what other
+        processes committed, each write's checks and SQL (under its own savepoint when it shares the
         transaction, so that a refusal undoes only its own statements), COMMIT, one sync to disk for
         all; only then does the fleet change, in the order the writes ran. A refusal goes to its own
-        caller only; a database error to every caller of the batch, and then nothing of it is kept."""
+        caller only; a database error to every caller of the batch, and then nothing of it is kept.
+        A transaction the database broke off to keep writers of other processes apart (a deadlock,
+        a serialization failure, a clash only its constraint saw) runs again, up to WRITE_ATTEMPTS
+        times, each time caught up afresh."""
         shared = len(batch) > 1
+        cars = sorted({car for job in batch for car in job.locks})
         with self.write_lock:
-            try:
-                with self.engine.writer().transaction(write=True) as db:
-                    if self.engine.shared:
-                        with self.lock:
-                            self._catch_up(db)
-                    position = self._run_each(db, batch, shared)
-                    db.prune_change_log(self.position, position)
-            except Rollback:
-                pass
-            except self.engine.Error as error:  # BEGIN, catching up, a statement or COMMIT: nothing was kept
-                self.refused_writes.log(logging.ERROR, "write refused by %s: %s", self.engine.name, error)
-                failure = self.engine.client_error(error)
+            for attempt in range(1, WRITE_ATTEMPTS + 1):
                 for job in batch:
-                    if job.error is None:
-                        job.error = failure
-            else:
-                with self.lock:
-                    if self.position < position:  # unless a reader has caught up with it already
-                        for job in batch:
-                            for change, record in job.after_commit:
-                                change(self.fleet, record)
-                        self.position = position
+                    job.result, job.error, job.after_commit = None, None, []
+                try:
+                    with self.engine.writer() as writer, writer.transaction(write=True) as db:
+                        db.lock_cars(cars)
+                        if self.engine.shared:
+                            with self.lock:
+                                self._catch_up(db)
+                        position = self._run_each(db, batch, shared, last=attempt == WRITE_ATTEMPTS)
+                        db.prune_change_log(self.position, position)
+                except Rollback:
+                    pass
+                except self.engine.Error as error:  # BEGIN, catching up, a statement or COMMIT: nothing was kept
+                    if attempt < WRITE_ATTEMPTS and self.engine.retryable(error):
+                        time.sleep(random.uniform(0.001, 0.02) * attempt)  # apart from the other writer
+                        continue
+                    self.refused_writes.log(logging.ERROR, "write refused by %s: %s", self.engine.name, error)
+                    failure = self.engine.client_error(error)
+                    for job in batch:
+                        if job.error is None:
+                            job.error = failure
+                else:
+                    with self.lock:
+                        if self.engine.combine(self.position, position) != self.position:
+                            for job in batch:  # unless a reader has caught up with it already
+                                for change, record in job.after_commit:
+                                    change(self.fleet, record)
+                            self.position = self.engine.combine(self.position, position)
+                break
         for job in batch:
             job.done = True
 
-    def _run_each(self, db, batch, shared):
+    def _run_each(self, db, batch, shared, last):
         """Each write of the batch, inside the transaction; the change log's position after them."""
-        position = self.position  # caught up, so the log ends here; each record written adds one entry
+        position = self.position  # caught up: what this transaction writes comes after it
         for job in batch:
             db.written = 0
             try:
@@ -2167,33 +2213,29 @@ class Store:
                     job.result = job.change(db, job)
             except self.engine.Error as error:
                 failure = self.engine.client_error(error)
-                if not isinstance(failure, ConflictError):
-                    raise  # the database itself: the whole batch fails
+                if not isinstance(failure, ConflictError) or (not last and self.engine.retryable(error)):
+                    raise  # the database itself, or a transaction to run again: the whole batch
                 self.refused_writes.log(logging.ERROR, "write refused by %s: %s", self.engine.name, error)
                 job.error = failure
             except Exception as error:  # a refusal (or a bug): this write's caller gets it
                 job.error = error
             if job.error is None:
-                position += db.written
+                position = db.after_writes(position)
             elif not shared:
                 raise Rollback  # its statements undone with the transaction
         return position
 
     def _catch_up(self, db):
         """Apply the changes logged since this process last looked, read through `db` (under the lock)."""
-        version = db.changed()
-        if version is None:  # nobody else has committed since this connection looked
+        if not db.news(self.position):  # nobody else has committed since the fleet was caught up
             return
         changes = db.changes_since(self.position)
         if changes is None:  # pruned past what this process has seen: start afresh
             log.info("%s: more changed than the change log keeps; loading everything again", self.engine.name)
             self._reload(db)
             return
-        changed, newest = changes
-        if newest > self.position:
-            self.fleet.apply(changed)
-            self.position = newest
-        db.caught_up(version)
+        changed, self.position = changes
+        self.fleet.apply(changed)
 
     def _reload(self, db):
         """A new fleet from every record (under the lock), swapped in whole: a lookup that takes no
@@ -4283,7 +4325,7 @@ def open_database(app):
 def load_demo_data(engine, zone):
     """Into a database without cars only: a second dealer (with an hour of turnaround), six cars (one
     in maintenance), three bookings and a maintenance window in the coming days. One transaction, so processes starting together load it once."""
-    with engine.writer().transaction(write=True) as db:
+    with engine.writer() as writer, writer.transaction(write=True) as db:
         if not db.is_empty():
             log.info("%s: demo data skipped: the database has cars already (DEALERSHIP_DEMO_DATA only fills "
                      "an empty one)", engine.name)

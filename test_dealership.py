@@ -2019,7 +2019,7 @@ def test_the_file_is_in_wal_mode_with_the_durability_asked_for(database, tmp_pat
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     for setting, level in [("full", 2), ("normal", 1), ("NORMAL", 1)]:
         app = on_file(str(tmp_path / f"{setting}.sqlite3"), DEALERSHIP_SYNCHRONOUS=setting)
-        assert app.extensions["dealership"].engine.writer().conn.execute("PRAGMA synchronous").fetchone() == (level,)
+        assert app.extensions["dealership"].engine._writer.conn.execute("PRAGMA synchronous").fetchone() == (level,)
 
 
 def test_default_database_is_in_the_instance_folder(tmp_path):
@@ -2222,7 +2222,7 @@ def wait_until(condition, seconds=10):
 def commits(store):
     """A list that gets one entry for every COMMIT the store's write connection runs."""
     seen = []
-    store.engine.writer().conn.set_trace_callback(lambda sql: seen.append(sql) if sql == "COMMIT" else None)
+    store.engine._writer.conn.set_trace_callback(lambda sql: seen.append(sql) if sql == "COMMIT" else None)
     return seen
 
 
@@ -2275,7 +2275,7 @@ def test_a_failed_commit_refuses_every_write_of_its_batch_and_keeps_none(databas
         def __getattr__(self, name):
             return getattr(self.conn, name)
 
-    store.engine.writer().conn = FailingSecondCommit(store.engine.writer().conn)
+    store.engine._writer.conn = FailingSecondCommit(store.engine._writer.conn)
     held = HeldWriter(store)
     queued = [held.queue(lambda car=car: book(client, car)) for car in (1, 2, 3)]
     held.let_go(*(thread for thread, _ in queued))
@@ -2410,7 +2410,7 @@ def test_a_busy_database_gives_503_and_changes_nothing(database):
 def test_a_full_disk_gives_503_and_changes_nothing(database):
     app = on_file(database)
     client = app.test_client()
-    db = app.extensions["dealership"].engine.writer()
+    db = app.extensions["dealership"].engine._writer
     pages = db.conn.execute("PRAGMA page_count").fetchone()[0]
     db.conn.execute(f"PRAGMA max_page_count = {pages}")  # as if the disk were full from here on
     for n in range(1000):
@@ -3397,7 +3397,7 @@ def crashed_copy(tmp_path, bookings=40):
     each). Returns the copy's path and what the app served."""
     path, copy = str(tmp_path / "written.sqlite3"), str(tmp_path / "crashed.sqlite3")
     app = on_file(path, DEALERSHIP_SYNCHRONOUS="normal")
-    app.extensions["dealership"].engine.writer().conn.execute("PRAGMA wal_autocheckpoint = 0")
+    app.extensions["dealership"].engine._writer.conn.execute("PRAGMA wal_autocheckpoint = 0")
     client = app.test_client()
     make_car(client)
     for n in range(bookings):
@@ -3723,7 +3723,7 @@ def test_the_board_and_the_feeds_are_under_the_general_rate_limit_and_the_docs_a
 def seed_cars(path, count):
     """`count` cars in the database file `path`, written in one transaction: a large GET /cars."""
     engine = on_file(path).extensions["dealership"].engine
-    with engine.writer().transaction(write=True) as db:
+    with engine.writer() as writer, writer.transaction(write=True) as db:
         for n in range(count):
             body = car_body(vin=vin(n), model=f"Camry {'x' * 80} {n}", color="y" * 50)
             db.insert("car", dealership.CAR_SCHEMA.load(body))
@@ -4006,7 +4006,7 @@ def test_refused_writes_are_logged_at_most_once_in_ten_seconds_with_a_count_of_t
     app = on_file(database)
     client, store = app.test_client(), app.extensions["dealership"]
     make_car(client)
-    db = store.engine.writer()
+    db = store.engine._writer
     db.conn.execute(f"PRAGMA max_page_count = {db.conn.execute('PRAGMA page_count').fetchone()[0]}")  # a full disk
     with caplog.at_level("ERROR", logger="dealership"):
         for n in range(1000):
