@@ -83,7 +83,7 @@ from markupsafe import Markup, escape
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import TransactionStatus
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 from sortedcontainers import SortedList
 from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import (BadRequest, HTTPException, NotFound, RequestEntityTooLarge, Unauthorized,
@@ -134,6 +134,7 @@ MAX_TURNAROUND = 1440  # minutes: a day
 MAX_NAME = 200  # characters of a customer's name
 MAX_EMAIL = 254  # characters of an e-mail address, once normalized
 CLOCK_TOLERANCE = timedelta(minutes=1)  # how far in the past a new booking may start
+SEED_DEALER_ID = 1  # a new database has one dealer, this one
 SEED_DEALER = {"name": "Oscar Mobility Main", "location": "Munich, Germany", "turnaround_minutes": 0}
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 MAX_NAMED = 10  # bookings a refused maintenance window names
@@ -1076,19 +1077,25 @@ class Fleet:
 # Storage engines: the store of record under the fleet. An engine keeps every record and a change
 # log, and is all the store needs of a database:
 #   engine.name, engine.shared    what messages call it; whether other processes may write to it too
+#   engine.identity               what names the database in every process (None: the fleet names its data)
 #   engine.Error                  what its driver raises; engine.client_error(error) turns it into a
-#                                 ConflictError or a StorageUnavailable (503) for the client
-#   engine.writer(), .reader()    the one write connection (one batch at a time), and this thread's
-#                                 connection for catching up (engine.Error if it cannot be opened)
-#   engine.ping(), .backup(path)  a trivial read; a consistent copy while the service runs
-# and of a connection: transaction(write), savepoint(), insert/update/delete(kind, ...) (one entry
-# in the change log each, counted in `written`), load() (every record and the log's position),
-# changed() and caught_up(version) (has anyone committed since?), newest_change(),
-# changes_since(position) ({kind: {id: record or None}} and the newest position, or None once the
-# log no longer reaches back that far) and prune_change_log(). SQLite is the engine today, on a
-# file or in memory; the SQL of each engine lives in its own classes and nowhere else. A write
+#                                 ConflictError or a StorageUnavailable (503) for the client, and
+#                                 engine.retryable(error) says whether the transaction may run again
+#   engine.writer(), .reader()    context managers lending a connection: for one batch of writes, and
+#                                 for catching up (engine.Error if none can be had)
+#   engine.combine(a, b)          the change log's position of a fleet with what both positions hold
+#   engine.ping(), .backup(path)  a trivial read (and a dict of the engine's state); a consistent copy
+#   engine.close()
+# and of a connection: transaction(write), savepoint(), lock_cars(ids), insert/update/delete(kind,
+# ...) (counted in `written`), records(kind, ids), load() (every record and the log's position),
+# news(position) (has anyone committed what the fleet at `position` lacks? cheap),
+# changes_since(position) ({kind: {id: record or None}} and the new position, or None once the
+# log no longer reaches back that far), after_writes(position) (the position with this
+# transaction's writes), prune_change_log(), id_counters() and set_id_counters(). Positions are
+# the engine's own: the store only keeps and combines them. SQLite (a file, or memory) and
+# PostgreSQL are the engines; the SQL of each lives in its own classes and nowhere else. A write
 # transaction fails (engine.Error, nothing kept) once what it writes to is no longer the database
-# the service loaded (its file deleted or replaced, say).
+# the service loaded (a SQLite file deleted or replaced, say).
 # ---------------------------------------------------------------------------------------------
 
 MEMORY = ":memory:"
@@ -1410,6 +1417,19 @@ class SQLiteConnection:
             changed = {kind: self.records(kind, sorted(ids)) for kind, ids in changed.items()}
         self.seen_version = self.pending_version
         return changed, position
+
+    def id_counters(self):
+        """{kind: the highest id ever given to one} (ids are never given twice, even after a delete)."""
+        given = dict(self.conn.execute("SELECT name, seq FROM sqlite_sequence"))
+        return {kind: given.get(table, 0) for kind, (table, _) in TABLES.items()}
+
+    def set_id_counters(self, counters):
+        """Give the next record of each kind an id above its counter."""
+        for kind, counter in counters.items():
+            table = TABLES[kind][0]
+            if not self.conn.execute("UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = ?",
+                                     (counter, table)).rowcount:
+                self.conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)", (table, counter))
 
     def after_writes(self, position):
         """The change log's position once what this transaction wrote since `written` was reset is in."""
@@ -1815,6 +1835,13 @@ class SQLiteEngine:
             db.ping()
         return {}
 
+    def close(self):
+        """Close the write connection, and this thread's read connection."""
+        self._writer.conn.close()
+        reader = getattr(self._readers, "connection", None)
+        if reader is not None:
+            reader.conn.close()
+
     def backup(self, target):
         """A consistent copy of the database at `target`, taken while the service runs (SQLite's
         online backup), written beside it first and then renamed, so `target` is never half a copy."""
@@ -1846,6 +1873,13 @@ POSTGRES_STATEMENT_TIMEOUT = 30  # seconds: a statement that runs longer is canc
 POSTGRES_IDLE_IN_TRANSACTION = 60  # seconds: a connection left in a transaction is closed
 POSTGRES_DOWN_PAUSE = 1.0  # seconds: after the database failed to answer, connections fail at once
 POSTGRES_RETRY = {"40P01", "40001", "23P01"}  # deadlock, serialization failure, exclusion: run again
+POSTGRES_GONE = {"57P01", "57P02", "57P03"}  # the server shut down or ended the connection
+
+
+def connection_lost(error):
+    """Whether the database did not answer at all (or ended the connection): not a refusal of its own."""
+    return isinstance(error, psycopg.OperationalError) and \
+        (error.sqlstate is None or error.sqlstate.startswith("08") or error.sqlstate in POSTGRES_GONE)
 
 POSTGRES_SCHEMA_STEPS = [
     SchemaStep("""
@@ -2083,6 +2117,18 @@ class PostgresConnection:
     def ping(self):
         self.conn.execute("SELECT count(*) FROM (SELECT 1 FROM dealers LIMIT 1) d").fetchone()
 
+    def id_counters(self):
+        """{kind: the highest id ever given to one} (ids are never given twice, even after a delete)."""
+        return {kind: self.conn.execute(
+            "SELECT coalesce(pg_sequence_last_value(pg_get_serial_sequence(%s, 'id')::regclass), 0)",
+            (table,)).fetchone()[0] for kind, (table, _) in TABLES.items()}
+
+    def set_id_counters(self, counters):
+        """Give the next record of each kind an id above its counter."""
+        for kind, counter in counters.items():
+            self.conn.execute("SELECT setval(pg_get_serial_sequence(%s, 'id'), greatest(%s, 1), %s > 0)",
+                              (TABLES[kind][0], counter, counter))
+
     def lock_cars(self, car_ids):
         """Lock the rows of these cars, in id order, until the transaction ends: writers of other
         processes to the same cars wait here, before they catch up and check."""
@@ -2162,8 +2208,9 @@ class PostgresEngine:
     application or of a newer version of the service.
 
     While the database does not answer, reads are answered from the fleet and writes get 503; a
-    connection that failed sends its pool to check the others, and for POSTGRES_DOWN_PAUSE seconds
-    after a failure, connections fail at once instead of waiting for the pool."""
+    connection found broken sends its pool to check the others (and the write runs again on
+    another), and for POSTGRES_DOWN_PAUSE seconds after the pool could not lend one, connections
+    fail at once instead of waiting for it."""
     Error = psycopg.Error
     shared = True
     identity = None  # positions differ between processes holding the same data: the fleet's own version names it
@@ -2221,13 +2268,15 @@ class PostgresEngine:
     @contextmanager
     def _connection(self):
         if time.monotonic() < self.down_until:
-            raise psycopg.OperationalError(f"the {self.name} did not answer a moment ago")
+            raise PoolTimeout(f"the {self.name} did not answer a moment ago")
         try:
             with self.pool.connection() as conn:
                 yield PostgresConnection(conn, self)
+        except PoolTimeout:  # no connection could be made in DEALERSHIP_BUSY_TIMEOUT
+            self.down_until = time.monotonic() + POSTGRES_DOWN_PAUSE
+            raise
         except psycopg.OperationalError as error:
-            if error.sqlstate is None:  # not an answer of the database: it is gone, or the way to it
-                self.down_until = time.monotonic() + POSTGRES_DOWN_PAUSE
+            if connection_lost(error):
                 self.pool.check()  # the others may be broken too: replace them before they are lent
             raise
 
@@ -2249,7 +2298,7 @@ class PostgresEngine:
         had not caught up with): run the transaction again. So is a connection lost before COMMIT,
         never one lost during it."""
         return error.sqlstate in POSTGRES_RETRY or \
-            (type(error) is psycopg.OperationalError and error.sqlstate is None)
+            (connection_lost(error) and not isinstance(error, (OutcomeUnknown, PoolTimeout)))
 
     def client_error(self, error):
         """What a client is told when PostgreSQL refuses a write: a 409 for a constraint, else a 503
@@ -2263,7 +2312,7 @@ class PostgresEngine:
         if error.sqlstate in ("55P03", "57014"):
             detail, retry = ("The database is busy: another process held what this change needs for longer "
                              "than DEALERSHIP_BUSY_TIMEOUT. Nothing was changed; try again."), 1
-        elif error.sqlstate is None or isinstance(error, psycopg.OperationalError):
+        elif connection_lost(error):
             detail, retry = (f"The database does not answer ({str(error).strip().splitlines()[0]}). Nothing was "
                              "changed; reads are answered as before."), 5
         else:
@@ -2290,6 +2339,15 @@ class PostgresEngine:
     def close(self):
         self.pool.close()
 
+
+
+def open_engine(name, config, create=True):
+    """The engine on `name`: a PostgreSQL URL, ":memory:" or the path of a SQLite file (which it
+    makes unless `create` is False), with the settings of `config` (see SETTINGS)."""
+    if name.startswith(POSTGRES_SCHEMES):
+        return PostgresEngine(name, config["DEALERSHIP_POOL_SIZE"], config["DEALERSHIP_BUSY_TIMEOUT"])
+    return SQLiteEngine(name, config["DEALERSHIP_SYNCHRONOUS"], config["DEALERSHIP_BUSY_TIMEOUT"], create=create,
+                        accept_wal_loss=config["DEALERSHIP_ACCEPT_WAL_LOSS"])
 
 # ---------------------------------------------------------------------------------------------
 # The write queue: group commit. Writes that arrive while one is under way wait, and the next
@@ -4761,6 +4819,58 @@ def backup_command(path):
                f"{plural(counts['maintenance_windows'], 'maintenance window')}.")
 
 
+def copy_records(records, counters, db):
+    """Write every record into the empty database of `db`, in one transaction, ids kept and each id
+    counter set past them. Dealers come first without turnaround, and have it last: a turnaround
+    applies to what is booked from then on, so every booking and window goes in as it stands."""
+    with db.transaction(write=True):
+        db.delete("dealer", SEED_DEALER_ID)  # the one a new database has
+        for dealer in records["dealers"]:
+            db.insert("dealer", {name: getattr(dealer, name) for name in DEALER_FIELDS} | {"turnaround_minutes": 0},
+                      record_id=dealer.id)
+        for kind, key in [("car", "cars"), ("booking", "bookings"), ("window", "windows")]:
+            for record in records[key]:
+                db.insert(kind, {name: getattr(record, name) for name in TABLES[kind][1]}, record_id=record.id)
+        for dealer in records["dealers"]:
+            if dealer.turnaround_minutes:
+                db.update("dealer", dealer.id, {name: getattr(dealer, name) for name in DEALER_FIELDS})
+        db.set_id_counters(counters)
+
+
+@click.command("copy-to")
+@click.argument("target")
+@with_appcontext
+def copy_to_command(target):
+    """Copy every record into TARGET, an empty database: a SQLite file's path or a PostgreSQL URL.
+
+    Ids are kept, and new records get ids above every one given here. Copy while no one writes
+    (stop the service, or copy a backup): what is written meanwhile is not copied."""
+    source = store().engine
+    with source.reader() as db:
+        records, _ = db.load()
+        counters = db.id_counters()
+    if not target.startswith(POSTGRES_SCHEMES):
+        target = os.path.abspath(target)
+    engine = open_engine(target, current_app.config)
+    try:
+        with engine.writer() as db:
+            found, _ = db.load()
+            if found["cars"] or found["bookings"] or found["windows"] or \
+                    found["dealers"] != [Dealer(SEED_DEALER_ID, **SEED_DEALER)]:
+                raise click.ClickException(
+                    f"{engine.name} already holds records ({plural(len(found['dealers']), 'dealer')}, "
+                    f"{plural(len(found['cars']), 'car')}, {plural(len(found['bookings']), 'booking')}): copy-to "
+                    "only fills a new, empty database. Nothing was copied.")
+            copy_records(records, counters, db)
+    except engine.Error as error:
+        raise click.ClickException(f"Could not copy into {engine.name}: {error}. Nothing was copied.") from None
+    finally:
+        engine.close()
+    click.echo(f"Copied {plural(len(records['dealers']), 'dealer')}, {plural(len(records['cars']), 'car')}, "
+               f"{plural(len(records['bookings']), 'booking')} and "
+               f"{plural(len(records['windows']), 'maintenance window')} from {source.name} to {engine.name}.")
+
+
 # ---------------------------------------------------------------------------------------------
 # Wiring: init_app mounts the service on any Flask app; create_app builds the standalone one
 # ---------------------------------------------------------------------------------------------
@@ -4770,9 +4880,7 @@ def open_database(app):
     """The storage engine on the database that DEALERSHIP_DATABASE names: a PostgreSQL URL, a path relative to the
     instance folder (made if missing), an absolute path, or ":memory:"."""
     path = app.config["DEALERSHIP_DATABASE"]
-    if path.startswith(POSTGRES_SCHEMES):
-        return PostgresEngine(path, app.config["DEALERSHIP_POOL_SIZE"], app.config["DEALERSHIP_BUSY_TIMEOUT"])
-    if path != MEMORY:
+    if path != MEMORY and not path.startswith(POSTGRES_SCHEMES):
         path = os.path.join(app.instance_path, path)  # an absolute path stays as it is
         folder = os.path.dirname(path)
         try:
@@ -4784,9 +4892,7 @@ def open_database(app):
             raise ConfigError(f"DEALERSHIP_DATABASE={path!r}: the folder {folder!r} does not exist.")
     # A worker of serve never creates the file: its supervisor made or found it at start, so a
     # missing one was deleted or moved since, and a new empty file would hide that.
-    return SQLiteEngine(path, app.config["DEALERSHIP_SYNCHRONOUS"], app.config["DEALERSHIP_BUSY_TIMEOUT"],
-                        create=not os.environ.get(SERVE_WORKER),
-                        accept_wal_loss=app.config["DEALERSHIP_ACCEPT_WAL_LOSS"])
+    return open_engine(path, app.config, create=not os.environ.get(SERVE_WORKER))
 
 
 def load_demo_data(engine, zone):
@@ -4876,6 +4982,7 @@ def init_app(app, url_prefix=API_PREFIX, docs_prefix=None, board_prefix=None):
         raise ConfigError("The app already has a URL converter named 'digits'; the service needs its own.")
     app.register_blueprint(bp, url_prefix=url_prefix)
     app.cli.add_command(backup_command)
+    app.cli.add_command(copy_to_command)
     app.cli.add_command(serve_command)
     if docs_prefix is not None:
         init_docs(app, docs_prefix)

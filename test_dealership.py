@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import unicodedata
+import urllib.parse
 import urllib.request
 from html.parser import HTMLParser
 from contextlib import closing, contextmanager
@@ -654,11 +655,8 @@ def test_a_running_booking_may_change_its_end_and_car_and_be_cancelled(database)
     client = on_file(database).test_client()
     make_car(client, vin=vin(1))
     make_car(client, vin=vin(2))
-    with closing(sqlite3.connect(database)) as conn, conn:  # booked yesterday, running now
-        conn.execute("INSERT INTO bookings (car_id, customer_name, customer_email, start_datetime, end_datetime) "
-                     "VALUES (1, 'Ada Lovelace', 'ada@example.com', ?, ?)",
-                     (dealership.to_column(datetime.now(timezone.utc) - timedelta(days=1)),
-                      dealership.to_column(datetime.now(timezone.utc) + timedelta(days=1))))
+    now = datetime.now(timezone.utc)
+    insert_booking(database, 1, now - timedelta(days=1), now + timedelta(days=1))  # booked yesterday, running now
     running = on_file(database).test_client()
     new_end = from_now(days=3)
     assert patch_booking(running, 1, end_datetime=new_end).status_code == 200
@@ -1243,24 +1241,24 @@ def write_version_1_file(path):
         conn.execute("COMMIT")
 
 
-def test_a_file_of_schema_version_1_is_upgraded_and_keeps_every_booking(database, caplog):
-    write_version_1_file(database)
+def test_a_file_of_schema_version_1_is_upgraded_and_keeps_every_booking(sqlite_file, caplog):
+    write_version_1_file(sqlite_file)
     caplog.set_level("INFO", logger="dealership")
-    client = on_file(database).test_client()
+    client = on_file(sqlite_file).test_client()
     assert "schema upgraded from version 1 to 2" in caplog.text
-    with closing(sqlite3.connect(database)) as conn:
+    with closing(sqlite3.connect(sqlite_file)) as conn:
         assert conn.execute("PRAGMA user_version").fetchone() == (2,)
     bookings = client.get(f"{API}/bookings").get_json()
     assert [(b["id"], b["start_datetime"], b["total_price"]) for b in bookings] == [
         (1, "2035-01-20T09:00:00+00:00", 193.5), (2, "2035-02-01T09:00:00+00:00", 64.5)]
     assert client.get(f"{API}/dealers/1").get_json()["turnaround_minutes"] == 0
     # the new table and its change log work across apps
-    other = on_file(database).test_client()
+    other = on_file(sqlite_file).test_client()
     assert open_window(client, 1, "2035-01-25T08:00:00Z", "2035-01-25T12:00:00Z").status_code == 201
     assert_problem(book(other, 1, "2035-01-25T09:00:00Z", "2035-01-25T10:00:00Z"), 409)
     assert book(other, 1, "2035-01-26T09:00:00Z", "2035-01-26T10:00:00Z").get_json()["id"] == 3
     # and opening it again changes nothing
-    assert state(on_file(database).test_client()) == state(client)
+    assert state(on_file(sqlite_file).test_client()) == state(client)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1943,9 +1941,78 @@ def test_a_standalone_app_writes_the_service_line_and_a_host_keeps_its_own(tmp_p
 # ---------------------------------------------------------------------------------------------
 
 
+# A superuser's URL to a PostgreSQL server: each test that uses it gets a database of its own.
+POSTGRES_URL = os.environ.get("DEALERSHIP_TEST_DATABASE_URL")
+NO_POSTGRES = "PostgreSQL: set DEALERSHIP_TEST_DATABASE_URL to a superuser's URL (.ci/run does) to run these too"
+ENGINES = ["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(not POSTGRES_URL, reason=NO_POSTGRES))]
+fresh_names = iter(range(1, 1_000_000))
+
+
+def postgres_url_of(database):
+    """DEALERSHIP_TEST_DATABASE_URL, pointed at another database of its server."""
+    parts = urllib.parse.urlsplit(POSTGRES_URL)
+    return urllib.parse.urlunsplit(parts._replace(path=f"/{database}"))
+
+
 @pytest.fixture
-def database(tmp_path):
+def postgres_database(monkeypatch):
+    """The URL of a new, empty PostgreSQL database; after the test, every pool the service opened on
+    it is closed and the database dropped."""
+    import psycopg
+
+    if not POSTGRES_URL:
+        pytest.skip(NO_POSTGRES)
+    name, opened = f"dealership_test_{os.getpid()}_{next(fresh_names)}", []
+    original = dealership.PostgresEngine.__init__
+
+    def tracked(engine, *args, **kwargs):
+        original(engine, *args, **kwargs)
+        opened.append(engine)
+    monkeypatch.setattr(dealership.PostgresEngine, "__init__", tracked)
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield postgres_url_of(name)
+    finally:
+        for engine in opened:
+            engine.close()
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+@pytest.fixture(params=ENGINES)
+def database(request, tmp_path):
+    """A database that two apps share as two processes (or machines) would: a SQLite file, and a
+    PostgreSQL database when DEALERSHIP_TEST_DATABASE_URL is set."""
+    if request.param == "postgresql":
+        return request.getfixturevalue("postgres_database")
     return str(tmp_path / "dealership.sqlite3")
+
+
+@pytest.fixture
+def sqlite_file(tmp_path):
+    """A SQLite file, for what only that engine has: WAL, file permissions, a file moved or replaced."""
+    return str(tmp_path / "dealership.sqlite3")
+
+
+def sql(database, statement, params=()):
+    """Run one statement on the database straight, as another program would (`?` for parameters);
+    its rows, if it returns any."""
+    if database.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(database, autocommit=True) as conn:
+            cursor = conn.execute(statement.replace("?", "%s"), params)
+            return cursor.fetchall() if cursor.description else []
+    with closing(sqlite3.connect(database)) as conn, conn:
+        conn.execute("PRAGMA foreign_keys = ON")
+        return conn.execute(statement, [dealership.to_column(value) for value in params]).fetchall()
+
+
+def insert_booking(database, car_id, start, end):
+    """A booking written straight into the database, past the service's checks (one in the past, say)."""
+    sql(database, "INSERT INTO bookings (car_id, customer_name, customer_email, start_datetime, end_datetime) "
+                  "VALUES (?, 'Ada Lovelace', 'ada@example.com', ?, ?)", (car_id, start, end))
 
 
 def on_file(path, **settings):
@@ -1964,11 +2031,10 @@ def state(client):
     return found
 
 
-def table_rows(path):
-    """Every row of the service's tables, read with a connection of its own."""
-    with closing(sqlite3.connect(path)) as conn:
-        return {table: conn.execute(f"SELECT * FROM {table} ORDER BY id").fetchall()
-                for table in ("dealers", "cars", "bookings", "maintenance_windows")}
+def table_rows(database):
+    """Every row of the service's tables, read with a connection of its own (instants as SQLite keeps them)."""
+    return {table: [tuple(map(dealership.to_column, row)) for row in sql(database, f"SELECT * FROM {table} ORDER BY id")]
+            for table in ("dealers", "cars", "bookings", "maintenance_windows")}
 
 
 def test_data_survives_a_new_app_on_the_same_file(database):
@@ -1994,13 +2060,13 @@ def test_data_survives_a_new_app_on_the_same_file(database):
     assert book(again, 1, "2035-03-01T10:00:00Z", "2035-03-01T11:00:00Z").get_json()["id"] == 4
 
 
-def test_times_are_stored_in_utc_and_the_database_guards_itself(database):
-    client = on_file(database).test_client()
+def test_times_are_stored_in_utc_and_the_database_guards_itself(sqlite_file):
+    client = on_file(sqlite_file).test_client()
     make_car(client, vin=vin(1))
     book(client, 1, "2035-01-15T10:00:00+02:00", "2035-01-15T12:00:00+02:00")
-    rows = table_rows(database)
+    rows = table_rows(sqlite_file)
     assert rows["bookings"][0][4:] == ("2035-01-15T08:00:00.000000+00:00", "2035-01-15T10:00:00.000000+00:00", 10000)
-    with closing(sqlite3.connect(database)) as conn:
+    with closing(sqlite3.connect(sqlite_file)) as conn:
         conn.execute("PRAGMA foreign_keys = ON")
         for statement in [
             "INSERT INTO bookings (car_id, customer_name, customer_email, start_datetime, end_datetime) "
@@ -2014,8 +2080,8 @@ def test_times_are_stored_in_utc_and_the_database_guards_itself(database):
                 conn.execute(statement)
 
 
-def test_the_file_is_in_wal_mode_with_the_durability_asked_for(database, tmp_path):
-    with closing(sqlite3.connect(on_file(database).extensions["dealership"].engine.name)) as conn:
+def test_the_file_is_in_wal_mode_with_the_durability_asked_for(sqlite_file, tmp_path):
+    with closing(sqlite3.connect(on_file(sqlite_file).extensions["dealership"].engine.name)) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     for setting, level in [("full", 2), ("normal", 1), ("NORMAL", 1)]:
         app = on_file(str(tmp_path / f"{setting}.sqlite3"), DEALERSHIP_SYNCHRONOUS=setting)
@@ -2227,8 +2293,8 @@ def commits(store):
 
 
 @pytest.mark.parametrize("on_a_file", [False, True])
-def test_bookings_that_arrive_together_share_one_commit_and_a_refusal_undoes_only_its_own(database, on_a_file):
-    app = on_file(database) if on_a_file else new_app()
+def test_bookings_that_arrive_together_share_one_commit_and_a_refusal_undoes_only_its_own(sqlite_file, on_a_file):
+    app = on_file(sqlite_file) if on_a_file else new_app()
     client, store = app.test_client(), app.extensions["dealership"]
     for n in range(4):
         make_car(client, vin=vin(n), status="maintenance" if n == 2 else "available")
@@ -2249,16 +2315,16 @@ def test_bookings_that_arrive_together_share_one_commit_and_a_refusal_undoes_onl
     assert len(seen) == 3
     assert [(b["id"], b["car_id"]) for b in client.get(f"{API}/bookings").get_json()] == [(1, 1), (2, 2), (3, 4)]
     if on_a_file:
-        assert [row[:2] for row in table_rows(database)["bookings"]] == [(1, 1), (2, 2), (3, 4)]
-        assert state(on_file(database).test_client()) == state(client)
+        assert [row[:2] for row in table_rows(sqlite_file)["bookings"]] == [(1, 1), (2, 2), (3, 4)]
+        assert state(on_file(sqlite_file).test_client()) == state(client)
 
 
-def test_a_failed_commit_refuses_every_write_of_its_batch_and_keeps_none(database):
-    app = on_file(database)
+def test_a_failed_commit_refuses_every_write_of_its_batch_and_keeps_none(sqlite_file):
+    app = on_file(sqlite_file)
     client, store = app.test_client(), app.extensions["dealership"]
     for n in range(3):
         make_car(client, vin=vin(n))
-    before, rows = state(client), table_rows(database)
+    before, rows = state(client), table_rows(sqlite_file)
 
     class FailingSecondCommit:
         """The write connection, but its second COMMIT fails as a full or broken disk would."""
@@ -2281,7 +2347,7 @@ def test_a_failed_commit_refuses_every_write_of_its_batch_and_keeps_none(databas
     held.let_go(*(thread for thread, _ in queued))
     for _, (response,) in queued:
         assert response.status_code == 503 and "nothing was changed" in response.get_json()["detail"]
-    assert state(client) == before and table_rows(database) == rows
+    assert state(client) == before and table_rows(sqlite_file) == rows
     assert book(client, 1).status_code == 201  # the next batch commits
 
 
@@ -2373,14 +2439,14 @@ def read_only(path):
             os.chmod(path, 0o644)
 
 
-def test_a_read_only_file_answers_reads_and_refuses_writes_with_503(database):
-    client = on_file(database).test_client()
+def test_a_read_only_file_answers_reads_and_refuses_writes_with_503(sqlite_file):
+    client = on_file(sqlite_file).test_client()
     make_car(client)
     book(client, 1)
     del client
     gc.collect()  # closes the first app's connection, so the file is checkpointed and complete
-    with read_only(database):
-        client = on_file(database).test_client()
+    with read_only(sqlite_file):
+        client = on_file(sqlite_file).test_client()
         before = state(client)
         assert len(before["bookings"]) == 1
         for method, path, body in [("post", "/cars", car_body(vin=vin(2))), ("post", "/bookings", booking_body(1, "2035-02-01T10:00:00Z", "2035-02-01T11:00:00Z")),
@@ -2392,11 +2458,11 @@ def test_a_read_only_file_answers_reads_and_refuses_writes_with_503(database):
         assert client.get("/health").status_code == 200
 
 
-def test_a_busy_database_gives_503_and_changes_nothing(database):
-    client = on_file(database, DEALERSHIP_BUSY_TIMEOUT=0.2).test_client()
+def test_a_busy_database_gives_503_and_changes_nothing(sqlite_file):
+    client = on_file(sqlite_file, DEALERSHIP_BUSY_TIMEOUT=0.2).test_client()
     make_car(client)
     before = state(client)
-    with closing(sqlite3.connect(database, isolation_level=None)) as other:
+    with closing(sqlite3.connect(sqlite_file, isolation_level=None)) as other:
         other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
         response = book(client, 1)
         assert "busy" in assert_problem(response, 503)["detail"]
@@ -2407,29 +2473,29 @@ def test_a_busy_database_gives_503_and_changes_nothing(database):
     assert book(client, 1).status_code == 201
 
 
-def test_a_full_disk_gives_503_and_changes_nothing(database):
-    app = on_file(database)
+def test_a_full_disk_gives_503_and_changes_nothing(sqlite_file):
+    app = on_file(sqlite_file)
     client = app.test_client()
     db = app.extensions["dealership"].engine._writer
     pages = db.conn.execute("PRAGMA page_count").fetchone()[0]
     db.conn.execute(f"PRAGMA max_page_count = {pages}")  # as if the disk were full from here on
     for n in range(1000):
-        before, rows = state(client), table_rows(database)
+        before, rows = state(client), table_rows(sqlite_file)
         response = client.post(f"{API}/cars", json=car_body(vin=vin(n), model="x" * 100))
         if response.status_code != 201:
             break
     assert "full" in assert_problem(response, 503)["detail"]
     assert state(client) == before
-    assert table_rows(database) == rows
+    assert table_rows(sqlite_file) == rows
 
 
-def test_health_is_503_when_the_database_does_not_answer(database):
-    client = on_file(database).test_client()
+def test_health_is_503_when_the_database_does_not_answer(sqlite_file):
+    client = on_file(sqlite_file).test_client()
     make_car(client)
     assert client.get("/health").get_json() == {"status": "ok", "database": "ok"}
-    with closing(sqlite3.connect(database)) as other:
+    with closing(sqlite3.connect(sqlite_file)) as other:
         other.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything in the file itself
-    with open(database, "r+b") as f:
+    with open(sqlite_file, "r+b") as f:
         f.write(b"overwritten by mistake" * 10)  # the file is damaged under the running service
     response = client.get("/health")
     assert "does not answer" in assert_problem(response, 503)["detail"]
@@ -2446,21 +2512,20 @@ def test_the_change_log_stays_bounded_and_a_lagging_app_converges(database, monk
     near, far = on_file(database).test_client(), on_file(database).test_client()
     make_car(writer)
     base = datetime(2035, 1, 1, tzinfo=timezone.utc)
-    with closing(sqlite3.connect(database)) as conn:
-        for n in range(3000):
-            start = base + timedelta(hours=n)
-            response = book(writer, 1, start.isoformat(), (start + timedelta(hours=1)).isoformat())
-            if n % 3:
-                assert writer.delete(f"{API}/bookings/{response.get_json()['id']}").status_code == 204
-            if n % 100 == 0:
-                assert conn.execute("SELECT count(*) FROM changes").fetchone()[0] <= 250
-                state(near)  # keeps up: catches up from the log
-        with caplog.at_level("INFO", logger="dealership"):
-            assert state(near) == state(writer)
-            assert "loading everything again" not in caplog.text
-            assert state(far) == state(writer)  # 4,000 changes behind, past the log: reloads in full
-            assert "loading everything again" in caplog.text
-        assert len(state(far)["bookings"]) == 1000
+    for n in range(3000):
+        start = base + timedelta(hours=n)
+        response = book(writer, 1, start.isoformat(), (start + timedelta(hours=1)).isoformat())
+        if n % 3:
+            assert writer.delete(f"{API}/bookings/{response.get_json()['id']}").status_code == 204
+        if n % 100 == 0:
+            assert sql(database, "SELECT count(*) FROM changes")[0][0] <= 250
+            state(near)  # keeps up: catches up from the log
+    with caplog.at_level("INFO", logger="dealership"):
+        assert state(near) == state(writer)
+        assert "loading everything again" not in caplog.text
+        assert state(far) == state(writer)  # 4,000 changes behind, past the log: reloads in full
+        assert "loading everything again" in caplog.text
+    assert len(state(far)["bookings"]) == 1000
 
 
 def test_demo_data_is_loaded_only_into_an_empty_database(database):
@@ -2474,41 +2539,41 @@ def test_demo_data_is_loaded_only_into_an_empty_database(database):
     (b"this is not a database, it is a text file\n" * 100, "is not a SQLite database"),
     (None, "another application"),
 ])
-def test_a_file_that_is_not_ours_refuses_to_start(database, content, message):
+def test_a_file_that_is_not_ours_refuses_to_start(sqlite_file, content, message):
     if content is None:
-        with closing(sqlite3.connect(database)) as conn:
+        with closing(sqlite3.connect(sqlite_file)) as conn:
             conn.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY)")
     else:
-        with open(database, "wb") as f:
+        with open(sqlite_file, "wb") as f:
             f.write(content)
     with pytest.raises(dealership.ConfigError, match=message) as refused:
-        on_file(database)
-    assert database in str(refused.value)
+        on_file(sqlite_file)
+    assert sqlite_file in str(refused.value)
 
 
-def test_a_file_from_a_newer_version_refuses_to_start(database):
-    on_file(database)
+def test_a_file_from_a_newer_version_refuses_to_start(sqlite_file):
+    on_file(sqlite_file)
     gc.collect()
-    with closing(sqlite3.connect(database)) as conn:
+    with closing(sqlite3.connect(sqlite_file)) as conn:
         conn.execute(f"PRAGMA user_version = {dealership.SCHEMA_VERSION + 1}")
     with pytest.raises(dealership.ConfigError, match="newer version"):
-        on_file(database)
+        on_file(sqlite_file)
 
 
-def test_a_damaged_file_refuses_to_start(database):
-    client = on_file(database).test_client()
+def test_a_damaged_file_refuses_to_start(sqlite_file):
+    client = on_file(sqlite_file).test_client()
     for n in range(40):
         make_car(client, vin=vin(n))
     del client
     gc.collect()
-    with closing(sqlite3.connect(database)) as conn:
+    with closing(sqlite3.connect(sqlite_file)) as conn:
         root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'cars'").fetchone()[0]
         page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-    with open(database, "r+b") as f:
+    with open(sqlite_file, "r+b") as f:
         f.seek((root - 1) * page_size)
         f.write(b"\xff" * 16)  # the table's first page no longer makes sense
     with pytest.raises(dealership.ConfigError, match="is damaged.*restore"):
-        on_file(database)
+        on_file(sqlite_file)
 
 
 def test_a_folder_that_does_not_exist_refuses_to_start(tmp_path):
@@ -2531,14 +2596,14 @@ def test_flask_run_refuses_a_bad_file_in_one_line(tmp_path):
     assert "Traceback" not in done.stderr
 
 
-def test_backup_writes_a_consistent_copy_while_the_service_runs(database, tmp_path):
-    app = on_file(database, DEALERSHIP_SYNCHRONOUS="normal")
+def test_backup_writes_a_consistent_copy_while_the_service_runs(sqlite_file, tmp_path):
+    app = on_file(sqlite_file, DEALERSHIP_SYNCHRONOUS="normal")
     client = app.test_client()
     make_car(client)
     stop = threading.Event()
 
     def keep_booking():
-        writer = on_file(database, DEALERSHIP_SYNCHRONOUS="normal").test_client()
+        writer = on_file(sqlite_file, DEALERSHIP_SYNCHRONOUS="normal").test_client()
         hour = 0
         while not stop.is_set() and hour < 5000:
             start = datetime(2035, 1, 1, tzinfo=timezone.utc) + timedelta(hours=hour)
@@ -2555,7 +2620,7 @@ def test_backup_writes_a_consistent_copy_while_the_service_runs(database, tmp_pa
         stop.set()
         thread.join(timeout=30)
     assert result.exit_code == 0, result.output
-    assert result.output.startswith(f"Backed up {database} to {copy}: 1 dealer, 1 car, ")
+    assert result.output.startswith(f"Backed up {sqlite_file} to {copy}: 1 dealer, 1 car, ")
     assert re.search(r" bookings?, 0 maintenance windows\.$", result.output.rstrip())
     assert not os.path.exists(copy + ".partial")
     with closing(sqlite3.connect(copy)) as conn:
@@ -2570,6 +2635,232 @@ def test_backup_of_a_memory_database_says_there_is_nothing_to_copy(app, tmp_path
     result = app.test_cli_runner().invoke(args=["backup", str(tmp_path / "copy.sqlite3")])
     assert result.exit_code != 0
     assert "no file to back up" in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage: PostgreSQL, one database for several machines (here: apps), and its own guards
+# ---------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def postgres(database):
+    """A connection of its own to the test's PostgreSQL database, as another program (or psql) has."""
+    import psycopg
+
+    with psycopg.connect(database, autocommit=True) as conn:
+        yield conn
+
+
+def test_postgresql_keeps_times_in_utc_and_refuses_what_breaks_a_rule_whoever_writes(postgres_database):
+    import psycopg
+
+    client = on_file(postgres_database).test_client()
+    set_turnaround(client, 30)
+    make_car(client, vin=vin(1))
+    book(client, 1, "2035-01-15T10:00:00+02:00", "2035-01-15T12:00:00+02:00")
+    assert table_rows(postgres_database)["bookings"][0][4:] == (
+        "2035-01-15T08:00:00.000000+00:00", "2035-01-15T10:00:00.000000+00:00", 10000)
+    before = table_rows(postgres_database)
+    insert = ("INSERT INTO bookings (car_id, customer_name, customer_email, start_datetime, end_datetime) "
+              "VALUES (%s, 'x', 'x@example.com', %s, %s)")
+    with postgres(postgres_database) as conn:
+        for params, refusal in [
+            ((1, "2035-01-15T09:00:00Z", "2035-01-15T11:00:00Z"), psycopg.errors.ExclusionViolation),  # overlap
+            ((1, "2035-01-15T10:20:00Z", "2035-01-15T11:00:00Z"), psycopg.errors.ExclusionViolation),  # turnaround
+            ((1, "2035-01-15T07:45:00Z", "2035-01-15T08:00:00Z"), psycopg.errors.ExclusionViolation),  # before it
+            ((1, "2035-01-16T10:00:00Z", "2035-01-16T09:00:00Z"), psycopg.errors.CheckViolation),
+            ((99, "2035-01-16T10:00:00Z", "2035-01-16T11:00:00Z"), psycopg.errors.ForeignKeyViolation),
+        ]:
+            with pytest.raises(refusal):
+                conn.execute(insert, params)
+        with pytest.raises(psycopg.errors.ExclusionViolation):  # a window is in the same constraint
+            conn.execute("INSERT INTO maintenance_windows (car_id, start_datetime, end_datetime) "
+                         "VALUES (1, '2035-01-15T10:10:00Z', '2035-01-15T12:00:00Z')")
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute("INSERT INTO cars (brand, model, year, color, daily_price, vin, status, dealer_id) "
+                         f"VALUES ('a', 'b', 2020, 'c', 1.0, '{vin(1)}', 'available', 1)")
+        conn.execute(insert, (1, "2035-01-15T10:30:00Z", "2035-01-15T11:00:00Z"))  # right after the turnaround
+    assert len(table_rows(postgres_database)["bookings"]) == len(before["bookings"]) + 1
+    assert book(client, 1, "2035-01-15T11:00:00Z", "2035-01-15T11:20:00Z").status_code == 409  # the service sees it
+
+
+def test_a_lower_turnaround_frees_time_in_the_constraint_too_and_a_higher_one_keeps_what_is_booked(postgres_database):
+    client = on_file(postgres_database).test_client()
+    set_turnaround(client, 60)
+    make_car(client)
+    book(client, 1, "2035-01-15T10:00:00Z", "2035-01-15T12:00:00Z")
+    assert book(client, 1, "2035-01-15T12:30:00Z", "2035-01-15T13:00:00Z").status_code == 409
+    set_turnaround(client, 15)
+    assert book(client, 1, "2035-01-15T12:30:00Z", "2035-01-15T13:00:00Z").status_code == 201
+    set_turnaround(client, 120)  # what is booked stays valid; what comes next keeps two hours' distance
+    assert patch_booking(client, 2, customer_name="Grace Hopper").status_code == 200
+    assert book(client, 1, "2035-01-15T14:00:00Z", "2035-01-15T15:00:00Z").status_code == 409
+    assert book(client, 1, "2035-01-15T15:00:00Z", "2035-01-15T16:00:00Z").status_code == 201
+    client.post(f"{API}/dealers", json={"name": "South", "location": "Rome", "turnaround_minutes": 0})
+    assert client.patch(f"{API}/cars/1", json={"dealer_id": 2}).status_code == 200  # a dealer without turnaround
+    assert book(client, 1, "2035-01-15T16:00:00Z", "2035-01-15T17:00:00Z").status_code == 201
+
+
+def test_a_transaction_that_commits_after_a_later_one_is_still_seen(postgres_database):
+    """Change log entries are numbered when written, not when committed: 'the largest number seen'
+    would miss the first transaction here for ever."""
+    client = on_file(postgres_database).test_client()
+    make_car(client, vin=vin(1))
+    make_car(client, vin=vin(2))
+    insert = ("INSERT INTO bookings (car_id, customer_name, customer_email, start_datetime, end_datetime) "
+              "VALUES (%s, 'x', 'x@example.com', '2035-01-15T10:00:00Z', '2035-01-15T11:00:00Z')")
+    with postgres(postgres_database) as first, postgres(postgres_database) as second:
+        first.execute("BEGIN")
+        first.execute(insert, (1,))  # takes the lower number
+        second.execute(insert, (2,))  # a higher one, committed at once
+        assert [b["car_id"] for b in client.get(f"{API}/bookings").get_json()] == [2]
+        first.execute("COMMIT")
+    assert [b["car_id"] for b in client.get(f"{API}/bookings").get_json()] == [1, 2]
+    assert book(client, 1, "2035-01-15T10:30:00Z", "2035-01-15T11:30:00Z").status_code == 409
+
+
+def test_a_clash_only_the_constraint_saw_is_told_as_the_service_tells_it(postgres_database, monkeypatch):
+    """A writer whose fleet missed a booking (here: a check skipped once) is refused by the database;
+    the transaction runs again, caught up, and the client hears the usual 409."""
+    client = on_file(postgres_database).test_client()
+    make_car(client)
+    book(client, 1)
+    checks, real = [], dealership.Fleet.bookable_car
+
+    def blind_once(fleet, car_id, start, end, ignore=None):
+        checks.append(car_id)
+        return fleet.car(car_id) if len(checks) == 1 else real(fleet, car_id, start, end, ignore)
+    monkeypatch.setattr(dealership.Fleet, "bookable_car", blind_once)
+    refused = book(client, 1, "2035-01-15T11:00:00Z", "2035-01-15T13:00:00Z")
+    assert assert_problem(refused, 409)["detail"] == (
+        "Car 1 is already booked from 2035-01-15T10:00:00+00:00 to 2035-01-15T12:00:00+00:00 by booking 1.")
+    assert len(checks) == 2 and len(table_rows(postgres_database)["bookings"]) == 1
+
+
+def test_a_car_locked_by_another_writer_for_too_long_gives_503_and_changes_nothing(postgres_database):
+    client = on_file(postgres_database, DEALERSHIP_BUSY_TIMEOUT=0.2).test_client()
+    make_car(client)
+    before, rows = state(client), table_rows(postgres_database)
+    with postgres(postgres_database) as other:
+        other.execute("BEGIN")
+        other.execute("SELECT * FROM cars WHERE id = 1 FOR UPDATE")
+        response = book(client, 1)
+        other.execute("ROLLBACK")
+    assert "busy" in assert_problem(response, 503)["detail"] and response.headers["Retry-After"] == "1"
+    assert state(client) == before and table_rows(postgres_database) == rows
+    assert book(client, 1).status_code == 201
+
+
+def test_connections_cut_by_the_server_are_replaced_without_a_restart(postgres_database):
+    app = on_file(postgres_database)
+    client = app.test_client()
+    make_car(client)
+    with postgres(postgres_database) as admin:
+        cut = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                            "WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchone()[0]
+    assert cut >= 1
+    assert book(client, 1).status_code == 201  # a connection lost before COMMIT: the write runs again
+    assert len(client.get(f"{API}/cars").get_json()) == 1
+    assert client.get("/health").get_json()["database"] == "ok"
+    assert len(table_rows(postgres_database)["bookings"]) == 1
+
+
+def test_a_connection_lost_during_commit_is_a_503_that_says_the_outcome_is_unknown(postgres_database):
+    client = on_file(postgres_database).test_client()
+    make_car(client)
+    with postgres(postgres_database) as admin:  # at COMMIT, the server ends the connection that commits
+        admin.execute("CREATE FUNCTION hang_up() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                      "BEGIN PERFORM pg_terminate_backend(pg_backend_pid()); RETURN NULL; END $$")
+        admin.execute("CREATE CONSTRAINT TRIGGER hang_up AFTER INSERT ON bookings DEFERRABLE INITIALLY DEFERRED "
+                      "FOR EACH ROW EXECUTE FUNCTION hang_up()")
+        response = book(client, 1)
+        admin.execute("DROP TRIGGER hang_up ON bookings")
+    assert "may or may not have been made" in assert_problem(response, 503)["detail"]
+    assert client.get(f"{API}/bookings").get_json() == []  # this one was not: nothing is made up
+    assert book(client, 1).status_code == 201
+
+
+def test_health_on_postgresql_tells_the_pool(postgres_database):
+    body = on_file(postgres_database, DEALERSHIP_POOL_SIZE=3).test_client().get("/health").get_json()
+    assert body["status"] == body["database"] == "ok"
+    assert body["pool"]["max"] == 3 and 1 <= body["pool"]["size"] <= 3
+
+
+@pytest.mark.parametrize("url, message", [
+    ("postgresql://nobody@/no_such_database?host=/no/such/folder",
+     "DEALERSHIP_DATABASE: cannot use the PostgreSQL database 'no_such_database' on /no/such/folder: "),
+    ("postgresql://nobody:secret@127.0.0.1:1/shop?connect_timeout=1",
+     "DEALERSHIP_DATABASE: cannot use the PostgreSQL database 'shop' on 127.0.0.1:1: "),
+    ("postgresql://host/db?nonsense=1", "DEALERSHIP_DATABASE: cannot use the PostgreSQL (a URL that cannot be read)"),
+])
+def test_a_database_that_cannot_be_reached_is_one_clear_line_at_start(url, message):
+    with pytest.raises(dealership.ConfigError) as refused:
+        on_file(url)
+    assert str(refused.value).startswith(message) and "\n" not in str(refused.value)
+    assert "secret" not in str(refused.value)
+
+
+def test_a_postgresql_database_of_another_application_or_a_newer_version_refuses_to_start(postgres_database):
+    with postgres(postgres_database) as conn:
+        conn.execute("CREATE TABLE invoices (id integer)")
+    with pytest.raises(dealership.ConfigError, match="tables of another application"):
+        on_file(postgres_database)
+    with postgres(postgres_database) as conn:
+        conn.execute("DROP TABLE invoices")
+    on_file(postgres_database)
+    with postgres(postgres_database) as conn:
+        conn.execute("UPDATE dealership_schema SET version = version + 1")
+    with pytest.raises(dealership.ConfigError, match="newer version of the service"):
+        on_file(postgres_database)
+
+
+def test_backup_on_postgresql_gives_the_pg_dump_command_instead(postgres_database, tmp_path):
+    app = on_file(postgres_database)
+    result = app.test_cli_runner().invoke(args=["backup", str(tmp_path / "copy.dump")])
+    assert result.exit_code != 0
+    assert f"pg_dump --format=custom --file={tmp_path / 'copy.dump'} " in result.output
+    assert not (tmp_path / "copy.dump").exists()
+
+
+def filled(database):
+    """An app on `database` with a bit of everything: two dealers (one with turnaround), cars, bookings
+    and a maintenance window, and records deleted (their ids are never given again)."""
+    client = on_file(database).test_client()
+    client.post(f"{API}/dealers", json={"name": "North", "location": "Hamburg", "turnaround_minutes": 45})
+    for n in range(1, 5):
+        make_car(client, vin=vin(n), dealer_id=1 + n % 2)
+    book(client, 1)
+    book(client, 2, "2035-01-15T12:30:00Z", "2035-01-15T14:00:00Z")
+    book(client, 2, "2035-01-16T12:30:00Z", "2035-01-16T14:00:00Z")
+    book(client, 3, "2035-01-15T12:30:00Z", "2035-01-15T14:00:00Z")
+    set_turnaround(client, 120, dealer_id=2)  # raised: what is booked stays as it is
+    open_window(client, 1, "2035-01-20T08:00:00Z", "2035-01-20T10:00:00Z")
+    assert client.delete(f"{API}/bookings/4").status_code == 204
+    assert client.delete(f"{API}/cars/4").status_code == 204
+    return client
+
+
+@pytest.mark.parametrize("target_engine", ENGINES)
+def test_copy_to_moves_every_record_ids_kept_and_back_again(tmp_path, request, target_engine):
+    source = str(tmp_path / "source.sqlite3")
+    before = state(filled(source))
+    target = request.getfixturevalue("postgres_database") if target_engine == "postgresql" else \
+        str(tmp_path / "target.sqlite3")
+    result = on_file(source).test_cli_runner().invoke(args=["copy-to", target])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("Copied 2 dealers, 3 cars, 3 bookings and 1 maintenance window from ")
+    moved = on_file(target).test_client()
+    assert state(moved) == before
+    assert make_car(moved, vin=vin(9))["id"] == 5  # past the deleted car's id, as at the source
+    assert book(moved, 1, "2035-02-01T10:00:00Z", "2035-02-01T11:00:00Z").get_json()["id"] == 5
+    assert book(moved, 1, "2035-01-15T13:00:00Z", "2035-01-15T13:30:00Z").status_code == 409  # its turnaround came along
+
+    again = on_file(target).test_cli_runner().invoke(args=["copy-to", source])  # into a database that has data
+    assert again.exit_code != 0 and "already holds records" in again.output and "Nothing was copied" in again.output
+    back = str(tmp_path / "back.sqlite3")
+    assert on_file(target).test_cli_runner().invoke(args=["copy-to", back]).exit_code == 0
+    assert state(on_file(back).test_client()) == state(moved)
+    assert make_car(on_file(back).test_client(), vin=vin(10))["id"] == 6
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3314,8 +3605,8 @@ def in_a_new_thread(action):
     return results[0]
 
 
-def test_a_file_replaced_under_two_apps_refuses_every_write_and_keeps_nothing(database, tmp_path):
-    first, second = on_file(database).test_client(), on_file(database).test_client()
+def test_a_file_replaced_under_two_apps_refuses_every_write_and_keeps_nothing(sqlite_file, tmp_path):
+    first, second = on_file(sqlite_file).test_client(), on_file(sqlite_file).test_client()
     make_car(first)
     assert book(first, 1).status_code == 201
     before = state(first)
@@ -3324,33 +3615,33 @@ def test_a_file_replaced_under_two_apps_refuses_every_write_and_keeps_nothing(da
     on_file(other)  # another database of the service: its seed dealer, no car
     gc.collect()  # closed: one self-contained file
     for suffix in ("-wal", "-shm"):  # replaced as a restore would: the old file's log goes with it
-        os.remove(database + suffix)
-    os.replace(other, database)
-    replacement = table_rows(database)
+        os.remove(sqlite_file + suffix)
+    os.replace(other, sqlite_file)
+    replacement = table_rows(sqlite_file)
     for client in (first, second):
         refused = book(client, 1, "2035-02-01T10:00:00Z", "2035-02-01T11:00:00Z")
-        assert database in assert_problem(refused, 503)["detail"]
+        assert sqlite_file in assert_problem(refused, 503)["detail"]
         assert refused.headers["Retry-After"] == "60"
         assert_problem(client.post(f"{API}/cars", json=car_body(vin=vin(2))), 503)
         health = client.get("/health")
         assert "no longer the one the service opened" in assert_problem(health, 503)["detail"]
         assert state(client) == before
         assert in_a_new_thread(lambda client=client: state(client)) == before
-    assert table_rows(database) == replacement
+    assert table_rows(sqlite_file) == replacement
 
 
-def test_a_file_moved_away_refuses_writes_until_it_is_back(database, tmp_path):
-    client = on_file(database).test_client()
+def test_a_file_moved_away_refuses_writes_until_it_is_back(sqlite_file, tmp_path):
+    client = on_file(sqlite_file).test_client()
     make_car(client)
     before, aside = state(client), str(tmp_path / "aside.sqlite3")
-    os.rename(database, aside)
-    assert database in assert_problem(book(client, 1), 503)["detail"]
+    os.rename(sqlite_file, aside)
+    assert sqlite_file in assert_problem(book(client, 1), 503)["detail"]
     assert_problem(client.get("/health"), 503)
-    assert state(client) == before and not os.path.exists(database)
-    os.rename(aside, database)
+    assert state(client) == before and not os.path.exists(sqlite_file)
+    os.rename(aside, sqlite_file)
     assert book(client, 1).status_code == 201
     assert client.get("/health").status_code == 200
-    assert len(table_rows(database)["bookings"]) == 1
+    assert len(table_rows(sqlite_file)["bookings"]) == 1
 
 
 def test_under_serve_a_deleted_file_refuses_writes_on_every_worker_and_is_not_made_again(tmp_path):
@@ -3379,11 +3670,11 @@ def test_under_serve_a_deleted_file_refuses_writes_on_every_worker_and_is_not_ma
     assert "Traceback" not in open(tmp_path / "served.log").read()
 
 
-def test_a_worker_of_serve_never_makes_the_file_it_should_find(database, monkeypatch):
+def test_a_worker_of_serve_never_makes_the_file_it_should_find(sqlite_file, monkeypatch):
     monkeypatch.setenv(dealership.SERVE_WORKER, "1")
     with pytest.raises(dealership.ConfigError, match="does not exist.*deleted or moved") as refused:
-        on_file(database)
-    assert database in str(refused.value) and not os.path.exists(database)
+        on_file(sqlite_file)
+    assert sqlite_file in str(refused.value) and not os.path.exists(sqlite_file)
 
 
 def copy_file(source, target):
@@ -3823,9 +4114,9 @@ def test_connections_that_stop_reading_are_closed_after_the_idle_time_and_free_t
         listener.close()
 
 
-def test_apps_on_one_file_give_a_feed_the_same_etag_and_both_move_on_a_change(database):
+def test_apps_on_one_file_give_a_feed_the_same_etag_and_both_move_on_a_change(sqlite_file):
     """serve's workers are processes on one file: a calendar that polls gets its 304 whichever answers."""
-    first, second = on_file(database).test_client(), on_file(database).test_client()
+    first, second = on_file(sqlite_file).test_client(), on_file(sqlite_file).test_client()
     make_car(first)
     tags = [client.get(f"{API}/calendar.ics").headers["ETag"] for client in (first, second)]
     assert tags[0] == tags[1]
@@ -3918,10 +4209,7 @@ def test_a_booking_that_has_ended_cannot_be_changed_but_may_be_cancelled(databas
     make_car(client, vin=vin(1))
     make_car(client, vin=vin(2))
     ended = datetime.now(timezone.utc) - timedelta(hours=1)
-    with closing(sqlite3.connect(database)) as conn, conn:  # booked and over: two days until an hour ago
-        conn.execute("INSERT INTO bookings (car_id, customer_name, customer_email, start_datetime, end_datetime) "
-                     "VALUES (1, 'Ada Lovelace', 'ada@example.com', ?, ?)",
-                     (dealership.to_column(ended - timedelta(days=2)), dealership.to_column(ended)))
+    insert_booking(database, 1, ended - timedelta(days=2), ended)  # booked and over: two days until an hour ago
     past = on_file(database).test_client()
     before, rows = past.get(f"{API}/bookings/1").get_json(), table_rows(database)
     for changes in ({"car_id": 2}, {"end_datetime": from_now(days=30)}, {"customer_name": "Ada King"},
@@ -4002,8 +4290,8 @@ def test_under_serve_a_path_with_extra_slashes_at_its_start_is_404_as_under_the_
 
 
 
-def test_refused_writes_are_logged_at_most_once_in_ten_seconds_with_a_count_of_those_left_out(database, caplog):
-    app = on_file(database)
+def test_refused_writes_are_logged_at_most_once_in_ten_seconds_with_a_count_of_those_left_out(sqlite_file, caplog):
+    app = on_file(sqlite_file)
     client, store = app.test_client(), app.extensions["dealership"]
     make_car(client)
     db = store.engine._writer
@@ -4015,12 +4303,12 @@ def test_refused_writes_are_logged_at_most_once_in_ten_seconds_with_a_count_of_t
                 break
         for n in range(30):
             assert_problem(client.post(f"{API}/cars", json=car_body(vin=vin(n + 2000), model="x" * 100)), 503)
-        assert [r.getMessage() for r in caplog.records].count(f"write refused by {database}: database or disk is full") == 1
+        assert [r.getMessage() for r in caplog.records].count(f"write refused by {sqlite_file}: database or disk is full") == 1
         store.refused_writes.last -= dealership.REFUSED_WRITE_LOG_EVERY  # as if ten seconds had gone by
         assert_problem(client.post(f"{API}/cars", json=car_body(vin=vin(3000), model="x" * 100)), 503)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("write refused by")]
-    assert lines == [f"write refused by {database}: database or disk is full",
-                     f"write refused by {database}: database or disk is full (and 30 more since the last such line)"]
+    assert lines == [f"write refused by {sqlite_file}: database or disk is full",
+                     f"write refused by {sqlite_file}: database or disk is full (and 30 more since the last such line)"]
 
 
 @pytest.mark.parametrize("start, status", [("9998-12-01", 200), ("9998-12-02", 422), ("9998-12-10", 422)])
