@@ -2225,7 +2225,7 @@ class PostgresEngine:
         except psycopg.Error as error:
             raise ConfigError(f"DEALERSHIP_DATABASE: cannot use the {self.name}: "
                               f"{str(error).strip().splitlines()[0]}") from None
-        self.pool = ConnectionPool(url, min_size=min(2, pool_size), max_size=pool_size, open=False,
+        self.pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=False,
                                    kwargs={"autocommit": True}, configure=self._configure,
                                    timeout=busy_timeout, name="dealership")
         self.pool.open()

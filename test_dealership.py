@@ -27,9 +27,73 @@ API = "/api/v1"
 PROBLEM = "application/problem+json"
 
 
+# A superuser's URL to a PostgreSQL server: each test that uses it gets databases of its own.
+POSTGRES_URL = os.environ.get("DEALERSHIP_TEST_DATABASE_URL")
+NO_POSTGRES = "PostgreSQL: set DEALERSHIP_TEST_DATABASE_URL to a superuser's URL (.ci/run does) to run these too"
+ENGINES = ["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(not POSTGRES_URL, reason=NO_POSTGRES))]
+fresh_names = iter(range(1, 1_000_000))
+
+
+class PostgresDatabases:
+    """New, empty PostgreSQL databases for one test; after it, every pool the service opened is
+    closed and the databases dropped."""
+
+    def __init__(self, monkeypatch):
+        self.names, self.opened = [], []
+        original = dealership.PostgresEngine.__init__
+
+        def tracked(engine, *args, **kwargs):
+            original(engine, *args, **kwargs)
+            self.opened.append(engine)
+        monkeypatch.setattr(dealership.PostgresEngine, "__init__", tracked)
+
+    def new(self):
+        import psycopg
+
+        name = f"dealership_test_{os.getpid()}_{next(fresh_names)}"
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+            admin.execute(f"CREATE DATABASE {name}")
+        self.names.append(name)
+        parts = urllib.parse.urlsplit(POSTGRES_URL)
+        return urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))
+
+    def drop(self):
+        import psycopg
+
+        for engine in self.opened:
+            engine.close()
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+            for name in self.names:
+                admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def postgres_databases(monkeypatch):
+    if not POSTGRES_URL:
+        pytest.skip(NO_POSTGRES)
+    databases = PostgresDatabases(monkeypatch)
+    try:
+        yield databases
+    finally:
+        databases.drop()
+
+
+@pytest.fixture
+def postgres_database(postgres_databases):
+    """The URL of a new, empty PostgreSQL database."""
+    return postgres_databases.new()
+
+
+# The engine every test's own app runs on (tests of two apps on one database run on SQLite and
+# PostgreSQL whatever this says): "memory" (the default), "sqlite" or "postgresql".
+TEST_ENGINE = os.environ.get("DEALERSHIP_TEST_ENGINE", "memory")
+fresh_databases = []  # what new_app takes its database from, in this test (see no_instance_database)
+
+
 def new_app(config=None):
-    """A standalone app on a fresh in-memory database: tests never touch the instance folder."""
-    return create_app({"TESTING": True, "DEALERSHIP_DATABASE": ":memory:"} | (config or {}))
+    """A standalone app on a fresh database, in memory unless DEALERSHIP_TEST_ENGINE says otherwise:
+    tests never touch the instance folder."""
+    return create_app({"TESTING": True, "DEALERSHIP_DATABASE": fresh_databases[0]()} | (config or {}))
 
 
 def host_app(name):
@@ -42,9 +106,17 @@ def host_app(name):
 
 
 @pytest.fixture(autouse=True)
-def no_instance_database(monkeypatch):
-    """A safety net: an app made without a database setting still gets an in-memory one."""
+def no_instance_database(monkeypatch, request, tmp_path):
+    """A safety net: an app made without a database setting still gets an in-memory one. And where
+    new_app takes its databases from: each a new one, on the engine under test."""
     monkeypatch.setenv("DEALERSHIP_DATABASE", ":memory:")
+    names = iter(range(1, 1000))
+    if TEST_ENGINE == "sqlite":
+        fresh_databases[:] = [lambda: str(tmp_path / f"app-{next(names)}.sqlite3")]
+    elif TEST_ENGINE == "postgresql":
+        fresh_databases[:] = [request.getfixturevalue("postgres_databases").new]
+    else:
+        fresh_databases[:] = [lambda: dealership.MEMORY]
 
 
 @pytest.fixture
@@ -108,7 +180,9 @@ def window(start, end):
 def test_health(client):
     response = client.get("/health")
     assert response.status_code == 200
-    assert response.get_json() == {"status": "ok", "database": "ok"}
+    body = response.get_json()
+    assert (body.pop("status"), body.pop("database")) == ("ok", "ok")
+    assert body == ({"pool": body.get("pool")} if TEST_ENGINE == "postgresql" else {})  # its state, on PostgreSQL
 
 
 def test_the_front_door_leads_to_the_docs_and_the_api_index_to_everything(client):
@@ -359,7 +433,7 @@ def test_every_json_body_keeps_field_order_and_ends_with_one_newline(client):
              "reason"],
         f"{API}/cars/1/maintenance-windows/1": ["id", "car_id", "start_datetime", "end_datetime", "note"],
         f"{API}/cars/99": ["title", "status", "detail"],
-        "/health": ["status", "database"],
+        "/health": ["status", "database"] + (["pool"] if TEST_ENGINE == "postgresql" else []),
     }
     for path, names in fields.items():
         text = client.get(path).get_data(as_text=True)
@@ -1134,7 +1208,7 @@ def test_slot_search_matches_a_brute_force_oracle_over_random_schedules():
     rng = random.Random(20261125)
     base = datetime(2035, 1, 1, tzinfo=timezone.utc)
     for round_ in range(300):
-        client = new_app().test_client()
+        client = new_app({"DEALERSHIP_DATABASE": ":memory:"}).test_client()  # the fleet's search, on any engine
         turnaround = rng.choice([0, 0, 15, 60, 240])
         set_turnaround(client, turnaround)
         cars = [make_car(client, vin=vin(n), daily_price=10.0 + n)["id"] for n in range(rng.randrange(1, 7))]
@@ -1941,45 +2015,6 @@ def test_a_standalone_app_writes_the_service_line_and_a_host_keeps_its_own(tmp_p
 # ---------------------------------------------------------------------------------------------
 
 
-# A superuser's URL to a PostgreSQL server: each test that uses it gets a database of its own.
-POSTGRES_URL = os.environ.get("DEALERSHIP_TEST_DATABASE_URL")
-NO_POSTGRES = "PostgreSQL: set DEALERSHIP_TEST_DATABASE_URL to a superuser's URL (.ci/run does) to run these too"
-ENGINES = ["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(not POSTGRES_URL, reason=NO_POSTGRES))]
-fresh_names = iter(range(1, 1_000_000))
-
-
-def postgres_url_of(database):
-    """DEALERSHIP_TEST_DATABASE_URL, pointed at another database of its server."""
-    parts = urllib.parse.urlsplit(POSTGRES_URL)
-    return urllib.parse.urlunsplit(parts._replace(path=f"/{database}"))
-
-
-@pytest.fixture
-def postgres_database(monkeypatch):
-    """The URL of a new, empty PostgreSQL database; after the test, every pool the service opened on
-    it is closed and the database dropped."""
-    import psycopg
-
-    if not POSTGRES_URL:
-        pytest.skip(NO_POSTGRES)
-    name, opened = f"dealership_test_{os.getpid()}_{next(fresh_names)}", []
-    original = dealership.PostgresEngine.__init__
-
-    def tracked(engine, *args, **kwargs):
-        original(engine, *args, **kwargs)
-        opened.append(engine)
-    monkeypatch.setattr(dealership.PostgresEngine, "__init__", tracked)
-    with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    try:
-        yield postgres_url_of(name)
-    finally:
-        for engine in opened:
-            engine.close()
-        with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
-
-
 @pytest.fixture(params=ENGINES)
 def database(request, tmp_path):
     """A database that two apps share as two processes (or machines) would: a SQLite file, and a
@@ -2294,7 +2329,7 @@ def commits(store):
 
 @pytest.mark.parametrize("on_a_file", [False, True])
 def test_bookings_that_arrive_together_share_one_commit_and_a_refusal_undoes_only_its_own(sqlite_file, on_a_file):
-    app = on_file(sqlite_file) if on_a_file else new_app()
+    app = on_file(sqlite_file) if on_a_file else new_app({"DEALERSHIP_DATABASE": ":memory:"})
     client, store = app.test_client(), app.extensions["dealership"]
     for n in range(4):
         make_car(client, vin=vin(n), status="maintenance" if n == 2 else "available")
@@ -2631,8 +2666,8 @@ def test_backup_writes_a_consistent_copy_while_the_service_runs(sqlite_file, tmp
     assert [b["id"] for b in booked] == list(range(1, len(booked) + 1))  # a prefix of what was written
 
 
-def test_backup_of_a_memory_database_says_there_is_nothing_to_copy(app, tmp_path):
-    result = app.test_cli_runner().invoke(args=["backup", str(tmp_path / "copy.sqlite3")])
+def test_backup_of_a_memory_database_says_there_is_nothing_to_copy(tmp_path):
+    result = new_app({"DEALERSHIP_DATABASE": ":memory:"}).test_cli_runner().invoke(args=["backup", str(tmp_path / "copy.sqlite3")])
     assert result.exit_code != 0
     assert "no file to back up" in result.output
 
@@ -3460,7 +3495,8 @@ def test_available_cars_by_day_coverage_match_a_brute_force_through_every_kind_o
 
 
 def test_serve_refuses_several_workers_on_a_memory_store():
-    result = new_app().test_cli_runner().invoke(args=["serve", "--workers", "2", "--port", "0"])
+    result = new_app({"DEALERSHIP_DATABASE": ":memory:"}).test_cli_runner().invoke(
+        args=["serve", "--workers", "2", "--port", "0"])
     assert result.exit_code != 0
     assert "--workers 2 with DEALERSHIP_DATABASE=':memory:'" in result.output and "--workers 1" in result.output
 

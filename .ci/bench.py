@@ -5,6 +5,7 @@ Run from the project root with the project's environment active:
 
     python .ci/bench.py 2>/dev/null                         # 1,000 cars x 50 bookings each, in memory
     python .ci/bench.py --database file 2>/dev/null         # the same on a SQLite file in a temporary folder
+    python .ci/bench.py --database postgresql 2>/dev/null   # the same on PostgreSQL (see below)
     python .ci/bench.py --cars 2000 --per-car 100 2>/dev/null
 
 (2>/dev/null drops the service's own log lines, one per change, which create_app writes to stderr.)
@@ -24,8 +25,10 @@ The median of the pair ratios is what the targets are written in:
   memory   resident bytes added per stored booking                   bytes/booking target <= 1,000
   reopen   seconds for create_app() on the filled file (file only)   reopen s     target <= 2
 
---database takes ":memory:" (the default), "file" (a new file in a temporary folder, removed after), or a
-path to a file that does not exist yet. A service without DEALERSHIP_DATABASE ignores the setting.
+--database takes ":memory:" (the default), "file" (a new file in a temporary folder, removed after), a
+path to a file that does not exist yet, or "postgresql": two new databases (the store, and the empty one
+of growth), dropped after, on the server of DEALERSHIP_TEST_DATABASE_URL, a superuser's URL such as
+postgresql://postgres@/postgres?host=/run/postgresql. A service without DEALERSHIP_DATABASE ignores the setting.
 
 Absolute times on a shared machine are noise; the ratios are measured side by side in one run.
 """
@@ -123,20 +126,46 @@ def main():
     ap.add_argument("--cars", type=int, default=1000)
     ap.add_argument("--per-car", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=30)
-    ap.add_argument("--database", default=":memory:", help='":memory:", "file", or a new file\'s path')
+    ap.add_argument("--database", default=":memory:", help='":memory:", "file", "postgresql", or a new file\'s path')
     a = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # so the folder is still removed
     scratch = tempfile.mkdtemp(prefix="dealership-bench-")
+    databases = []
     try:
-        return run(a, scratch)
+        return run(a, scratch, databases)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        for name in databases:
+            with postgres_admin() as admin:
+                admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-def run(a, scratch):
+def postgres_admin():
+    import psycopg
+
+    url = os.environ.get("DEALERSHIP_TEST_DATABASE_URL")
+    if not url:
+        sys.exit("bench: --database postgresql needs DEALERSHIP_TEST_DATABASE_URL, a superuser's URL")
+    return psycopg.connect(url, autocommit=True)
+
+
+def new_postgres_database(name, databases):
+    """A new database on the server of DEALERSHIP_TEST_DATABASE_URL, and its URL."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    with postgres_admin() as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    databases.append(name)
+    parts = urlsplit(os.environ["DEALERSHIP_TEST_DATABASE_URL"])
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+def run(a, scratch, databases):
     on_file = a.database != ":memory:"
     database = os.path.join(scratch, "bench.sqlite3") if a.database == "file" else a.database
-    if on_file and os.path.exists(database):
+    if a.database == "postgresql":
+        database = new_postgres_database(f"dealership_bench_{os.getpid()}", databases)
+    elif on_file and os.path.exists(database):
         sys.exit(f"bench: {database} exists already; give a new path")
 
     def app(path):
@@ -163,7 +192,11 @@ def run(a, scratch):
         must(floor.post("/echo", json=probe), 201)
         must(floor.delete("/echo"), 204)
 
-    empty = app(os.path.join(scratch, "empty.sqlite3") if on_file else ":memory:").test_client()
+    if a.database == "postgresql":
+        empty_database = new_postgres_database(f"dealership_bench_{os.getpid()}_empty", databases)
+    else:
+        empty_database = os.path.join(scratch, "empty.sqlite3") if on_file else ":memory:"
+    empty = app(empty_database).test_client()
     empty_car = fill(empty, 1, 0)[0]
     far = booking(ids[0], T0 + timedelta(days=365 * 50), 1)
     far_empty = dict(far, car_id=empty_car)

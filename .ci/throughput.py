@@ -4,6 +4,7 @@
     python .ci/throughput.py                      # `flask --app dealership serve`: default workers and --workers 1
     python .ci/throughput.py --compare            # waitress, gunicorn (gthread) and Granian, each with 1 and N workers
     python .ci/throughput.py --seconds 5 --connections 32
+    python .ci/throughput.py --engines            # new bookings/s through `serve` on a SQLite file and on PostgreSQL
 
 For each server it starts the service on loopback on a new database file, fills 200 cars and 2,000
 bookings through the API, and drives it with a fixed number of keep-alive clients for a fixed time
@@ -20,6 +21,11 @@ the machine's cores, so requests/s are lower than a server alone would reach. --
 gunicorn and Granian into the running environment if they are missing (they are not requirements).
 The servers' logs are removed at the end unless a target is missed or a request failed: then they
 are kept and their paths printed.
+
+--engines runs `serve` (default workers, durable commits: DEALERSHIP_SYNCHRONOUS=full, PostgreSQL's
+synchronous_commit as the server has it) on a new SQLite file and then on a new PostgreSQL database of the
+server of DEALERSHIP_TEST_DATABASE_URL (a superuser's URL; the database is dropped after), fills each
+alike and drives only new bookings on different cars: requests/s and p99 of both, side by side.
 """
 import argparse
 import json
@@ -235,17 +241,74 @@ def report(name, results):
         print(f"{kind:10} {rps:14.0f} {p50:8.2f} {p99:8.2f} {bare_rps:11.0f} {rps / bare_rps:13.2f} {failed + bare_failed:9d}")
 
 
+def new_postgres_database(name):
+    """A new database on the server of DEALERSHIP_TEST_DATABASE_URL, and its URL."""
+    import psycopg
+    from urllib.parse import urlsplit, urlunsplit
+
+    url = os.environ.get("DEALERSHIP_TEST_DATABASE_URL")
+    if not url:
+        sys.exit("throughput: --engines needs DEALERSHIP_TEST_DATABASE_URL, a superuser's URL")
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.execute(f"CREATE DATABASE {name}")
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+def drop_postgres_database(name):
+    import psycopg
+
+    with psycopg.connect(os.environ["DEALERSHIP_TEST_DATABASE_URL"], autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def measure_engines(a, folder):
+    """New bookings per second through `serve` with its default workers, on a SQLite file and on
+    PostgreSQL: {engine: (requests/s, p50, p99, failures)}."""
+    name = f"dealership_throughput_{os.getpid()}"
+    results = {}
+    for engine, database in [("SQLite file", os.path.join(folder, "engines.sqlite3")),
+                             ("PostgreSQL", new_postgres_database(name))]:
+        service, base = start("serve", None, "dealership:create_app", {"DEALERSHIP_DATABASE": database})
+        try:
+            fill(base)
+            script = os.path.join(folder, "load.lua")
+            with open(script, "w") as f:
+                f.write(LUA % {"cars": CARS, "base": int(FAR.timestamp()), "available": available_path()})
+                f.write('\nkind = os.getenv("WRK_KIND")\n')
+            results[engine] = drive(base, "book", a.seconds, a.connections, script)
+        finally:
+            stop(service)
+    drop_postgres_database(name)
+    return results
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=int, default=10, help="per kind of request")
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--compare", action="store_true", help="waitress, gunicorn and Granian with 1 and N workers")
+    ap.add_argument("--engines", action="store_true", help="new bookings/s on a SQLite file and on PostgreSQL")
     a = ap.parse_args()
     cores = os.cpu_count()
     print(f"machine: {cores} cores; clients ({'wrk -t2' if shutil.which('wrk') else 'Python threads'}, "
           f"{a.connections} keep-alive connections, {a.seconds} s per kind) and servers share them")
     folder = tempfile.mkdtemp(prefix="dealership-throughput-")
     problems = []
+    if a.engines:
+        try:
+            results = measure_engines(a, folder)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        print(f"\nnew bookings on different cars, `serve` with default workers, {a.connections} clients")
+        print(f"{'engine':12} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'failures':>9}")
+        for engine, (rps, p50, p99, failed) in results.items():
+            print(f"{engine:12} {rps:8.0f} {p50:8.2f} {p99:8.2f} {failed:9d}")
+        ratio = results["PostgreSQL"][0] / results["SQLite file"][0]
+        print(f"PostgreSQL / SQLite file: {ratio:.2f}")
+        failed = sum(figures[3] for figures in results.values())
+        print("throughput: no request failed" if not failed else f"throughput: {failed} requests failed")
+        return 1 if failed else 0
     try:
         runs = [(s, w) for s in ("waitress", "gunicorn", "granian") for w in (1, cores)] if a.compare else \
             [("serve", None), ("serve", 1)]
