@@ -34,12 +34,32 @@ ENGINES = ["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(not POS
 fresh_names = iter(range(1, 1_000_000))
 
 
-class PostgresDatabases:
-    """New, empty PostgreSQL databases for one test; after it, every pool the service opened is
-    closed and the databases dropped."""
+@pytest.fixture(scope="session")
+def postgres_tests_database():
+    """One database for the test run, dropped after it; each test works in schemas of its own there."""
+    import psycopg
 
-    def __init__(self, monkeypatch):
-        self.names, self.opened = [], []
+    name = f"dealership_tests_{os.getpid()}"
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    parts = urllib.parse.urlsplit(POSTGRES_URL)
+    url = urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION btree_gist")  # in public, where the schemas' constraints find it
+    try:
+        yield url
+    finally:
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+class PostgresDatabases:
+    """New, empty PostgreSQL databases for one test, each a schema of its own in the run's database
+    (a URL whose search_path names it); after the test, every pool the service opened is closed and
+    the schemas dropped."""
+
+    def __init__(self, monkeypatch, url):
+        self.url, self.schemas, self.opened = url, [], []
         original = dealership.PostgresEngine.__init__
 
         def tracked(engine, *args, **kwargs):
@@ -50,28 +70,29 @@ class PostgresDatabases:
     def new(self):
         import psycopg
 
-        name = f"dealership_test_{os.getpid()}_{next(fresh_names)}"
-        with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
-            admin.execute(f"CREATE DATABASE {name}")
-        self.names.append(name)
-        parts = urllib.parse.urlsplit(POSTGRES_URL)
-        return urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))
+        schema = f"test_{next(fresh_names)}"
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(f"CREATE SCHEMA {schema}")
+        self.schemas.append(schema)
+        parts = urllib.parse.urlsplit(self.url)
+        query = "&".join(filter(None, [parts.query, f"options=-csearch_path%3D{schema}"]))
+        return urllib.parse.urlunsplit(parts._replace(query=query))
 
     def drop(self):
         import psycopg
 
         for engine in self.opened:
             engine.close()
-        with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
-            for name in self.names:
-                admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            for schema in self.schemas:
+                conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 @pytest.fixture
-def postgres_databases(monkeypatch):
+def postgres_databases(monkeypatch, request):
     if not POSTGRES_URL:
         pytest.skip(NO_POSTGRES)
-    databases = PostgresDatabases(monkeypatch)
+    databases = PostgresDatabases(monkeypatch, request.getfixturevalue("postgres_tests_database"))
     try:
         yield databases
     finally:
@@ -80,7 +101,7 @@ def postgres_databases(monkeypatch):
 
 @pytest.fixture
 def postgres_database(postgres_databases):
-    """The URL of a new, empty PostgreSQL database."""
+    """The URL of a new, empty PostgreSQL database (a schema of its own)."""
     return postgres_databases.new()
 
 
@@ -2353,6 +2374,28 @@ def test_bookings_that_arrive_together_share_one_commit_and_a_refusal_undoes_onl
         assert [row[:2] for row in table_rows(sqlite_file)["bookings"]] == [(1, 1), (2, 2), (3, 4)]
         assert state(on_file(sqlite_file).test_client()) == state(client)
 
+
+
+def test_on_postgresql_bookings_that_arrive_together_share_one_transaction_each_under_its_savepoint(postgres_database):
+    app = on_file(postgres_database)
+    client, store = app.test_client(), app.extensions["dealership"]
+    for n in range(4):
+        make_car(client, vin=vin(n), status="maintenance" if n == 2 else "available")
+    held = HeldWriter(store)
+    queued = [held.queue(lambda car=car, start=start: book(client, car, start, end))
+              for car, start, end in [(1, "2035-01-15T10:00:00Z", "2035-01-15T12:00:00Z"),
+                                      (2, "2035-01-15T10:00:00Z", "2035-01-15T12:00:00Z"),
+                                      (3, "2035-01-15T10:00:00Z", "2035-01-15T12:00:00Z"),
+                                      (1, "2035-01-15T11:00:00Z", "2035-01-15T13:00:00Z"),
+                                      (4, "2035-01-15T10:00:00Z", "2035-01-15T12:00:00Z")]]
+    held.let_go(*(thread for thread, _ in queued))
+    assert [results[0].status_code for _, results in queued] == [201, 201, 409, 409, 201]
+    # the change log names each change's transaction: bookings 1 and 2 committed together, 3 after
+    together = sql(postgres_database, "SELECT array_agg(id ORDER BY id) FROM changes WHERE kind = 'booking' "
+                                      "GROUP BY xid ORDER BY min(seq)")
+    assert [row[0] for row in together] == [[1, 2], [3]]
+    assert [row[:2] for row in table_rows(postgres_database)["bookings"]] == [(1, 1), (2, 2), (3, 4)]
+    assert state(on_file(postgres_database).test_client()) == state(client)
 
 def test_a_failed_commit_refuses_every_write_of_its_batch_and_keeps_none(sqlite_file):
     app = on_file(sqlite_file)
