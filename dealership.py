@@ -1864,8 +1864,8 @@ class SQLiteEngine:
 # The same tables, and a change log that other processes read to catch up. A sequence number is
 # taken at INSERT, not at COMMIT, so "the largest I have seen" would miss a transaction that commits
 # after a later one: each change records its transaction id instead, and a process reads the log
-# from the oldest transaction still running when it last looked (its snapshot's xmin, the horizon),
-# skipping those it has applied. The bookings and maintenance windows of a car are kept apart by an
+# from the oldest transaction still running when it last looked (its snapshot's xmin, the horizon;
+# see HORIZON_SQL for what a crash changes), skipping those it has applied. The bookings and maintenance windows of a car are kept apart by an
 # exclusion constraint as well as by the service's own checks, across every connection anywhere.
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
@@ -2001,9 +2001,19 @@ POSTGRES_SCHEMA_VERSION = len(POSTGRES_SCHEMA_STEPS)
 POSTGRES_RECORDS = {"dealer": Dealer, "car": Car, "booking": Booking, "window": MaintenanceWindow}
 
 
+# The horizon of a snapshot: the oldest transaction still running (all below it have ended), and the
+# newest one in the log. After a crash PostgreSQL may hand out again the ids of transactions that
+# never committed (nothing of them reached its log), though a process saw them as ended; a committed
+# one's id it never hands out again. So the horizon is never above the newest logged one + 1.
+HORIZON_SQL = ("pg_snapshot_xmin(pg_current_snapshot())::text, "
+               "(SELECT newest.xid::text FROM changes newest ORDER BY newest.xid DESC LIMIT 1)")
 NEWS_STATEMENT = b"dealership_news"  # see PostgresConnection.news
-NEWS_QUERY = ("SELECT pg_snapshot_xmin(pg_current_snapshot())::text, "
-              "(SELECT string_agg(DISTINCT xid::text, ',') FROM changes WHERE xid >= %s::xid8)")
+NEWS_QUERY = f"SELECT {HORIZON_SQL}, (SELECT string_agg(DISTINCT xid::text, ',') FROM changes WHERE xid >= %s::xid8)"
+
+
+def log_horizon(xmin, newest):
+    """The horizon from a snapshot's xmin and the newest transaction id in the log (text, or None)."""
+    return int(xmin) if newest is None else min(int(xmin), int(newest) + 1)
 
 
 @dataclass(frozen=True)
@@ -2109,12 +2119,12 @@ class PostgresConnection:
     def load(self):
         """Every record, as Fleet takes them, and the change log's position, read in one snapshot."""
         with self.transaction(write=False):
-            horizon, xids = self.conn.execute(
-                "SELECT pg_snapshot_xmin(s)::text, array(SELECT DISTINCT xid::text FROM changes "
-                "WHERE xid >= pg_snapshot_xmin(s)) FROM pg_current_snapshot() s").fetchone()
+            horizon = log_horizon(*self.conn.execute(f"SELECT {HORIZON_SQL}").fetchone())
+            xids = self.conn.execute("SELECT DISTINCT xid::text FROM changes WHERE xid >= %s::xid8",
+                                     (str(horizon),)).fetchall()
             records = {"dealers": self.records("dealer"), "cars": self.records("car"),
                        "bookings": self.records("booking"), "windows": self.records("window")}
-        return records, LogPosition(int(horizon), frozenset(map(int, xids)))
+        return records, LogPosition(horizon, frozenset(int(xid) for xid, in xids))
 
     def is_empty(self):
         return self.conn.execute("SELECT NOT EXISTS (SELECT 1 FROM cars)").fetchone()[0]
@@ -2149,10 +2159,11 @@ class PostgresConnection:
         psycopg's cursor it takes twice as long), prepared again whenever the server has forgotten it
         (psycopg deallocates every prepared statement after a ROLLBACK)."""
         if self.conn.info.transaction_status != TransactionStatus.IDLE:
-            horizon, xids = self.conn.execute(NEWS_QUERY, (str(position.horizon),)).fetchone()
+            xmin, newest, xids = self.conn.execute(NEWS_QUERY, (str(position.horizon),)).fetchone()
         else:
-            horizon, xids = self._news_prepared(b"%d" % position.horizon)
-        return int(horizon) != position.horizon or bool(xids and not set(map(int, xids.split(","))) <= position.applied)
+            xmin, newest, xids = self._news_prepared(b"%d" % position.horizon)
+        return log_horizon(xmin, newest) != position.horizon or \
+            bool(xids and not set(map(int, xids.split(","))) <= position.applied)
 
     def _news_prepared(self, horizon):
         pgconn = self.conn.pgconn
@@ -2164,8 +2175,7 @@ class PostgresConnection:
             result = pgconn.exec_prepared(NEWS_STATEMENT, [horizon])
         if result.status != ExecStatus.TUPLES_OK:
             raise psycopg.errors.error_from_result(result)
-        xids = result.get_value(0, 1)
-        return result.get_value(0, 0).decode(), xids and xids.decode()
+        return [value and value.decode() for value in (result.get_value(0, column) for column in range(3))]
 
     def changes_since(self, position):
         """({kind: {id: record, or None when it is gone}} changed by transactions that `position` has
@@ -2173,14 +2183,14 @@ class PostgresConnection:
         The horizon and the log are read in one statement, so in one snapshot."""
         with self.transaction(write=False):
             rows = self.conn.execute(
-                "SELECT pg_snapshot_xmin(pg_current_snapshot())::text, (SELECT below::text FROM change_log_start), "
+                f"SELECT {HORIZON_SQL}, (SELECT below::text FROM change_log_start), "
                 "c.xid::text, c.kind, c.id FROM (SELECT 1) one LEFT JOIN changes c ON c.xid >= %s::xid8",
                 (str(position.horizon),)).fetchall()
-            horizon, start = int(rows[0][0]), int(rows[0][1])
+            horizon, start = log_horizon(rows[0][0], rows[0][1]), int(rows[0][2])
             if position.horizon < start:
                 return None
             changed, seen = {}, set()
-            for _, _, xid, kind, record_id in rows:
+            for _, _, _, xid, kind, record_id in rows:
                 if xid is not None:
                     seen.add(int(xid))
                     if int(xid) not in position.applied:
