@@ -1871,7 +1871,8 @@ class SQLiteEngine:
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 POSTGRES_STATEMENT_TIMEOUT = 30  # seconds: a statement that runs longer is cancelled (503)
 POSTGRES_IDLE_IN_TRANSACTION = 60  # seconds: a connection left in a transaction is closed
-POSTGRES_DOWN_PAUSE = 1.0  # seconds: after the database failed to answer, connections fail at once
+POSTGRES_DOWN_PAUSE = 1.0  # seconds: after the pool could lend no connection, requests for one fail at once
+POSTGRES_FAILING_WAIT = 0.25  # seconds a request waits for the pool once a connection was lost (else the busy timeout)
 POSTGRES_RETRY = {"40P01", "40001", "23P01"}  # deadlock, serialization failure, exclusion: run again
 POSTGRES_GONE = {"57P01", "57P02", "57P03"}  # the server shut down or ended the connection
 
@@ -2240,15 +2241,16 @@ class PostgresEngine:
 
     While the database does not answer, reads are answered from the fleet and writes get 503; a
     connection found broken sends its pool to check the others (and the write runs again on
-    another), and for POSTGRES_DOWN_PAUSE seconds after the pool could not lend one, connections
-    fail at once instead of waiting for it."""
+    another); from then until a connection is lent again, a request waits for the pool only
+    POSTGRES_FAILING_WAIT seconds, and for POSTGRES_DOWN_PAUSE seconds after the pool could not lend
+    one, requests for one fail at once."""
     Error = psycopg.Error
     shared = True
     identity = None  # positions differ between processes holding the same data: the fleet's own version names it
 
     def __init__(self, url, pool_size=8, busy_timeout=5.0):
         self.url, self.name, self.busy_timeout = url, postgres_place(url), busy_timeout
-        self.commits, self.down_until = 0, 0.0
+        self.commits, self.down_until, self.failing = 0, 0.0, False
         try:
             with psycopg.connect(url, autocommit=True, connect_timeout=max(1, round(busy_timeout))) as conn:
                 self._configure(conn)
@@ -2300,14 +2302,17 @@ class PostgresEngine:
     def _connection(self):
         if time.monotonic() < self.down_until:
             raise PoolTimeout(f"the {self.name} did not answer a moment ago")
-        try:
-            with self.pool.connection() as conn:
+        try:  # while the database is failing, a read is answered from the fleet and a write refused at once
+            with self.pool.connection(timeout=POSTGRES_FAILING_WAIT if self.failing else None) as conn:
+                self.failing = False
                 yield PostgresConnection(conn, self)
-        except PoolTimeout:  # no connection could be made in DEALERSHIP_BUSY_TIMEOUT
-            self.down_until = time.monotonic() + POSTGRES_DOWN_PAUSE
+        except PoolTimeout:  # no connection could be had
+            self.failing, self.down_until = True, time.monotonic() + POSTGRES_DOWN_PAUSE
+            self.pool.check()  # and the pool tries to connect again now, if it has no connection left
             raise
         except psycopg.OperationalError as error:
             if connection_lost(error):
+                self.failing = True
                 self.pool.check()  # the others may be broken too: replace them before they are lent
             raise
 
@@ -4818,6 +4823,9 @@ def serve_command(host, port, workers, threads, socket_fd):
     app = current_app._get_current_object()
     if socket_fd is not None:
         return serve_worker(app, socket.socket(fileno=socket_fd), threads)
+    if isinstance(store().engine, PostgresEngine) and threads > app.config["DEALERSHIP_POOL_SIZE"]:
+        log.warning("--threads %d is more than DEALERSHIP_POOL_SIZE=%d: threads will wait for a connection to "
+                    "PostgreSQL; set DEALERSHIP_POOL_SIZE=%d", threads, app.config["DEALERSHIP_POOL_SIZE"], threads)
     memory = not store().engine.shared
     if workers is not None and workers > 1 and memory:
         raise click.ClickException(
