@@ -2892,6 +2892,17 @@ def test_a_postgresql_database_of_another_application_or_a_newer_version_refuses
         on_file(postgres_database)
 
 
+
+def test_serve_says_when_its_threads_would_wait_for_postgresql_connections(postgres_database, caplog):
+    app = on_file(postgres_database, DEALERSHIP_POOL_SIZE=4)
+    with caplog.at_level("WARNING", logger="dealership"):  # an address it cannot listen on: it stops there
+        app.test_cli_runner().invoke(args=["serve", "--threads", "8", "--host", "256.0.0.1", "--workers", "1"])
+    assert "--threads 8 is more than DEALERSHIP_POOL_SIZE=4" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dealership"):
+        app.test_cli_runner().invoke(args=["serve", "--threads", "4", "--host", "256.0.0.1", "--workers", "1"])
+    assert "DEALERSHIP_POOL_SIZE" not in caplog.text
+
 def test_backup_on_postgresql_gives_the_pg_dump_command_instead(postgres_database, tmp_path):
     app = on_file(postgres_database)
     result = app.test_cli_runner().invoke(args=["backup", str(tmp_path / "copy.dump")])
