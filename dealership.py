@@ -26,13 +26,15 @@ Settings (DEALERSHIP_TIMEZONE, DEALERSHIP_API_KEY, DEALERSHIP_DATABASE, ...: see
 from the config mapping given to create_app, or from environment variables of the same names.
 
 Every request is answered from dicts in memory, per app (``app.extensions["dealership"]``); every
-change is written first to a SQLite file (DEALERSHIP_DATABASE), which several processes on one
-machine may share: each catches up with the others' changes before it answers. Writes that arrive
+change is written first to the database (DEALERSHIP_DATABASE): a SQLite file, which several
+processes on one machine may share, or PostgreSQL, which processes on any number of machines may:
+each catches up with the others' changes before it answers. Writes that arrive
 together share one transaction and one sync to disk (group commit), each answered once it holds.
 
 The sections, each using only what stands above it: constants and settings; records (immutable),
 domain errors and the pure domain rules; the fleet in memory (dicts, schedules, day coverage,
-queries: no locks, no SQL); storage engines (SQLite, on a file or in memory: all the SQL); the
+queries: no locks, no SQL); storage engines (SQLite, on a file or in memory, and PostgreSQL: all
+the SQL); the
 write queue (group commit); the Store, which holds the locks and ties fleet, engine and queue
 together; schemas; HTTP helpers and the one error mapping; routes by resource and the calendar
 feeds; the OpenAPI document and docs page; the planning board; logs; CLI commands and the server
@@ -4995,7 +4997,7 @@ def init_app(app, url_prefix=API_PREFIX, docs_prefix=None, board_prefix=None):
     With `docs_prefix` ("" for the root), also mount {docs_prefix}/openapi.json and {docs_prefix}/docs;
     with `board_prefix` ("" for the root), the planning board at {board_prefix}/board.
     Settings are read from app.config (see SETTINGS); a bad one, or a database file that cannot be
-    used, raises ConfigError. Registers the `backup` CLI command.
+    used, raises ConfigError. Registers the `backup`, `copy-to` and `serve` CLI commands.
     """
     for name, (default, read) in SETTINGS.items():
         app.config[name] = read(name, app.config.get(name, default))
