@@ -1244,7 +1244,47 @@ SCHEMA_STEPS = [
 SCHEMA_VERSION = len(SCHEMA_STEPS)
 
 
-class SQLiteConnection:
+class RecordRows:
+    """A record is one row of its kind's table (TABLES), written and read by the same statements on
+    every engine; a connection class says what differs: its driver's placeholder (PARAM), what it
+    stores for a value (column), the record a row is (record), how it learns a new row's id
+    (_insert) and reads rows by ids (_rows). Each record written is one entry in the change log
+    (the tables' triggers write it), counted in `written`."""
+
+    def insert(self, kind, fields, record_id=None):
+        """Insert a record; the database assigns the id, unless it is given."""
+        table, columns = TABLES[kind]
+        if record_id is not None:
+            fields, columns = fields | {"id": record_id}, ("id",) + columns
+        self.written += 1
+        places = ", ".join([self.PARAM] * len(columns))
+        return self._insert(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({places})",
+                            [self.column(fields[name]) for name in columns])
+
+    def update(self, kind, record_id, fields):
+        table, columns = TABLES[kind]
+        self.written += 1
+        self.conn.execute(f"UPDATE {table} SET {', '.join(f'{name} = {self.PARAM}' for name in columns)} "
+                          f"WHERE id = {self.PARAM}", [self.column(fields[name]) for name in columns] + [record_id])
+
+    def delete(self, kind, record_id):
+        self.written += 1
+        self.conn.execute(f"DELETE FROM {TABLES[kind][0]} WHERE id = {self.PARAM}", (record_id,))
+
+    def records(self, kind, ids=None):
+        """Every record of a kind by id or, given ids, a dict of id -> record in id order, None for a
+        record that is gone."""
+        table, columns = TABLES[kind]
+        select = f"SELECT id, {', '.join(columns)} FROM {table}"
+        if ids is None:
+            return [self.record(kind, row) for row in self.conn.execute(select + " ORDER BY id")]
+        found = dict.fromkeys(ids)
+        for row in self._rows(select, ids):
+            found[row[0]] = self.record(kind, row)
+        return found
+
+
+class SQLiteConnection(RecordRows):
     """One SQLite connection in autocommit mode: every transaction is written out as BEGIN ...
     COMMIT, so that a check and its write sit in one."""
 
@@ -1332,41 +1372,22 @@ class SQLiteConnection:
             except sqlite3.Error:
                 pass  # SQLite rolls back by itself when it cannot go on
 
-    # -- records: one row each, so one entry in the change log each (its triggers write it) ------
+    # -- records: one row each (see RecordRows), so one entry in the change log each -----------
 
-    def insert(self, kind, fields, record_id=None):
-        """Insert a record; the database assigns the id, unless it is given."""
-        table, columns = TABLES[kind]
-        if record_id is not None:
-            fields, columns = fields | {"id": record_id}, ("id",) + columns
-        self.written += 1
-        return self.conn.execute(
-            f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
-            [to_column(fields[name]) for name in columns]).lastrowid
+    PARAM = "?"
+    column = staticmethod(to_column)
 
-    def update(self, kind, record_id, fields):
-        table, columns = TABLES[kind]
-        self.written += 1
-        self.conn.execute(f"UPDATE {table} SET {', '.join(f'{name} = ?' for name in columns)} WHERE id = ?",
-                          [to_column(fields[name]) for name in columns] + [record_id])
+    @staticmethod
+    def record(kind, row):
+        return RECORD_FROM_ROW[kind](row)
 
-    def delete(self, kind, record_id):
-        self.written += 1
-        self.conn.execute(f"DELETE FROM {TABLES[kind][0]} WHERE id = ?", (record_id,))
+    def _insert(self, statement, values):
+        return self.conn.execute(statement, values).lastrowid
 
-    def records(self, kind, ids=None):
-        """Every record of a kind by id or, given ids, a dict of id -> record in id order, None for a
-        record that is gone."""
-        table, columns = TABLES[kind]
-        select, build = f"SELECT id, {', '.join(columns)} FROM {table}", RECORD_FROM_ROW[kind]
-        if ids is None:
-            return [build(row) for row in self.conn.execute(select + " ORDER BY id")]
-        found = dict.fromkeys(ids)
+    def _rows(self, select, ids):
         for i in range(0, len(ids), 500):
             chunk = ids[i:i + 500]
-            for row in self.conn.execute(f"{select} WHERE id IN ({', '.join('?' * len(chunk))})", chunk):
-                found[row[0]] = build(row)
-        return found
+            yield from self.conn.execute(f"{select} WHERE id IN ({', '.join('?' * len(chunk))})", chunk)
 
     def load(self):
         """Every record, as Fleet takes them ({"dealers": [...], ...}), and the change log's position,
@@ -1867,8 +1888,9 @@ class SQLiteEngine:
 # taken at INSERT, not at COMMIT, so "the largest I have seen" would miss a transaction that commits
 # after a later one: each change records its transaction id instead, and a process reads the log
 # from the oldest transaction still running when it last looked (its snapshot's xmin, the horizon;
-# see HORIZON_SQL for what a crash changes), skipping those it has applied. The bookings and maintenance windows of a car are kept apart by an
-# exclusion constraint as well as by the service's own checks, across every connection anywhere.
+# see HORIZON_SQL for what a crash changes), skipping those it has applied. The bookings and
+# maintenance windows of a car are kept apart by an exclusion constraint as well as by the
+# service's own checks, across every connection anywhere.
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 POSTGRES_STATEMENT_TIMEOUT = 30  # seconds: a statement that runs longer is cancelled (503)
@@ -2036,7 +2058,7 @@ class OutcomeUnknown(psycopg.OperationalError):
     """The connection was lost while the database committed: the change may or may not be in."""
 
 
-class PostgresConnection:
+class PostgresConnection(RecordRows):
     """One PostgreSQL connection lent by the pool, in autocommit mode: every transaction is written
     out as BEGIN ... COMMIT, as on SQLite."""
 
@@ -2087,37 +2109,23 @@ class PostgresConnection:
             except psycopg.Error:
                 pass  # the pool closes a connection it cannot reset
 
-    def insert(self, kind, fields, record_id=None):
-        """Insert a record; the database assigns the id, unless it is given."""
-        table, columns = TABLES[kind]
-        if record_id is not None:
-            fields, columns = fields | {"id": record_id}, ("id",) + columns
-        self.written += 1
-        return self.conn.execute(
-            f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(['%s'] * len(columns))}) RETURNING id",
-            [fields[name] for name in columns]).fetchone()[0]
+    # -- records: one row each (see RecordRows) --------------------------------------------------
 
-    def update(self, kind, record_id, fields):
-        table, columns = TABLES[kind]
-        self.written += 1
-        self.conn.execute(f"UPDATE {table} SET {', '.join(f'{name} = %s' for name in columns)} WHERE id = %s",
-                          [fields[name] for name in columns] + [record_id])
+    PARAM = "%s"
 
-    def delete(self, kind, record_id):
-        self.written += 1
-        self.conn.execute(f"DELETE FROM {TABLES[kind][0]} WHERE id = %s", (record_id,))
+    @staticmethod
+    def column(value):
+        return value  # psycopg writes a datetime as a timestamptz
 
-    def records(self, kind, ids=None):
-        """Every record of a kind by id or, given ids, a dict of id -> record in id order, None for a
-        record that is gone."""
-        table, columns = TABLES[kind]
-        select, build = f"SELECT id, {', '.join(columns)} FROM {table}", POSTGRES_RECORDS[kind]
-        if ids is None:
-            return [build(*row) for row in self.conn.execute(select + " ORDER BY id")]
-        found = dict.fromkeys(ids)
-        for row in self.conn.execute(f"{select} WHERE id = ANY(%s)", (list(ids),)):
-            found[row[0]] = build(*row)
-        return found
+    @staticmethod
+    def record(kind, row):
+        return POSTGRES_RECORDS[kind](*row)
+
+    def _insert(self, statement, values):
+        return self.conn.execute(statement + " RETURNING id", values).fetchone()[0]
+
+    def _rows(self, select, ids):
+        return self.conn.execute(f"{select} WHERE id = ANY(%s)", (list(ids),))
 
     def load(self):
         """Every record, as Fleet takes them, and the change log's position, read in one snapshot."""
