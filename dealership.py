@@ -1906,6 +1906,7 @@ def connection_lost(error):
     return isinstance(error, psycopg.OperationalError) and \
         (error.sqlstate is None or error.sqlstate.startswith("08") or error.sqlstate in POSTGRES_GONE)
 
+
 POSTGRES_SCHEMA_STEPS = [
     SchemaStep("""
     CREATE EXTENSION IF NOT EXISTS btree_gist;
@@ -2384,7 +2385,6 @@ class PostgresEngine:
 
     def close(self):
         self.pool.close()
-
 
 
 def open_engine(name, config, create=True):

@@ -2375,7 +2375,6 @@ def test_bookings_that_arrive_together_share_one_commit_and_a_refusal_undoes_onl
         assert state(on_file(sqlite_file).test_client()) == state(client)
 
 
-
 def test_on_postgresql_bookings_that_arrive_together_share_one_transaction_each_under_its_savepoint(postgres_database):
     app = on_file(postgres_database)
     client, store = app.test_client(), app.extensions["dealership"]
@@ -2396,6 +2395,7 @@ def test_on_postgresql_bookings_that_arrive_together_share_one_transaction_each_
     assert [row[0] for row in together] == [[1, 2], [3]]
     assert [row[:2] for row in table_rows(postgres_database)["bookings"]] == [(1, 1), (2, 2), (3, 4)]
     assert state(on_file(postgres_database).test_client()) == state(client)
+
 
 def test_a_failed_commit_refuses_every_write_of_its_batch_and_keeps_none(sqlite_file):
     app = on_file(sqlite_file)
@@ -2892,7 +2892,6 @@ def test_a_postgresql_database_of_another_application_or_a_newer_version_refuses
         on_file(postgres_database)
 
 
-
 def test_serve_says_when_its_threads_would_wait_for_postgresql_connections(postgres_database, caplog):
     app = on_file(postgres_database, DEALERSHIP_POOL_SIZE=4)
     with caplog.at_level("WARNING", logger="dealership"):  # an address it cannot listen on: it stops there
@@ -2902,6 +2901,7 @@ def test_serve_says_when_its_threads_would_wait_for_postgresql_connections(postg
     with caplog.at_level("WARNING", logger="dealership"):
         app.test_cli_runner().invoke(args=["serve", "--threads", "4", "--host", "256.0.0.1", "--workers", "1"])
     assert "DEALERSHIP_POOL_SIZE" not in caplog.text
+
 
 def test_backup_on_postgresql_gives_the_pg_dump_command_instead(postgres_database, tmp_path):
     app = on_file(postgres_database)
@@ -3020,7 +3020,6 @@ def test_the_location_of_a_new_record_is_what_url_for_writes(prefix, root):
     padded = client.post(f"{at}/cars/001/maintenance-windows", base_url=base,
                          json={"start_datetime": "2035-01-11T10:00:00Z", "end_datetime": "2035-01-11T12:00:00Z"})
     assert padded.headers["Location"] == expected["window"][:-1] + "2"  # the car's id as url_for writes it
-
 
 
 def openapi_path(rule):
@@ -3281,7 +3280,6 @@ def test_slots_written_directly_match_what_their_schema_writes(zone):
             written = dealership.OFFER_SCHEMA.dump_slots(page, length)
             assert [json.loads(part) for part in written] == expected
             assert [list(json.loads(part)) for part in written] == [list(offer) for offer in expected]
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -4365,6 +4363,7 @@ def absolute(port, method, url, body):
     head, _, payload = answer.partition(b"\r\n\r\n")
     return int(head.split()[1]), json.loads(payload)
 
+
 def test_under_serve_a_path_with_extra_slashes_at_its_start_is_404_as_under_the_test_client(tmp_path, client):
     for answer in (client.post("/%2Fapi/v1/cars", json=car_body()), client.get("//api/v1/cars")):
         assert_problem(answer, 404)
@@ -4377,7 +4376,6 @@ def test_under_serve_a_path_with_extra_slashes_at_its_start_is_404_as_under_the_
             status, problem = http(port, method, path, body) if path.startswith("/") else absolute(port, method, path, body)
             assert (status, problem["status"]) == (404, 404), (method, path)
         assert [(car["id"], car["color"]) for car in http(port, "GET", f"{API}/cars")[1]] == [(1, "Blue")]
-
 
 
 def test_refused_writes_are_logged_at_most_once_in_ten_seconds_with_a_count_of_those_left_out(sqlite_file, caplog):
