@@ -2237,7 +2237,7 @@ def postgres_place(url):
         params = conninfo_to_dict(url)
     except psycopg.Error:
         return "PostgreSQL (a URL that cannot be read)"
-    host = params.get("host") or "localhost"
+    host = params.get("host") or "the default host (PGHOST, else the local socket)"
     port = f":{params['port']}" if params.get("port") else ""
     return f"PostgreSQL database {params.get('dbname') or params.get('user') or '(default)'!r} on {host}{port}"
 
