@@ -1088,7 +1088,7 @@ class Fleet:
 #   engine.combine(a, b)          the change log's position of a fleet with what both positions hold
 #   engine.ping(), .backup(path)  a trivial read (and a dict of the engine's state); a consistent copy
 #   engine.close()
-# and of a connection: transaction(write), savepoint(), lock_cars(ids), insert/update/delete(kind,
+# and of a connection: transaction(write), savepoint(), lock(rows), insert/update/delete(kind,
 # ...) (counted in `written`), records(kind, ids), load() (every record and the log's position),
 # news(position) (has anyone committed what the fleet at `position` lacks? cheap),
 # changes_since(position) ({kind: {id: record or None}} and the new position, or None once the
@@ -1244,6 +1244,11 @@ SCHEMA_STEPS = [
 SCHEMA_VERSION = len(SCHEMA_STEPS)
 
 
+class StaleRecord(Exception):
+    """A record to change or delete was no longer there: another process changed it after this
+    one caught up. The transaction runs again, caught up."""
+
+
 class RecordRows:
     """A record is one row of its kind's table (TABLES), written and read by the same statements on
     every engine; a connection class says what differs: its driver's placeholder (PARAM), what it
@@ -1264,12 +1269,18 @@ class RecordRows:
     def update(self, kind, record_id, fields):
         table, columns = TABLES[kind]
         self.written += 1
-        self.conn.execute(f"UPDATE {table} SET {', '.join(f'{name} = {self.PARAM}' for name in columns)} "
-                          f"WHERE id = {self.PARAM}", [self.column(fields[name]) for name in columns] + [record_id])
+        self._one(self.conn.execute(f"UPDATE {table} SET {', '.join(f'{name} = {self.PARAM}' for name in columns)} "
+                                    f"WHERE id = {self.PARAM}",
+                                    [self.column(fields[name]) for name in columns] + [record_id]))
 
     def delete(self, kind, record_id):
         self.written += 1
-        self.conn.execute(f"DELETE FROM {TABLES[kind][0]} WHERE id = {self.PARAM}", (record_id,))
+        self._one(self.conn.execute(f"DELETE FROM {TABLES[kind][0]} WHERE id = {self.PARAM}", (record_id,)))
+
+    @staticmethod
+    def _one(cursor):
+        if cursor.rowcount != 1:
+            raise StaleRecord
 
     def records(self, kind, ids=None):
         """Every record of a kind by id or, given ids, a dict of id -> record in id order, None for a
@@ -1458,7 +1469,7 @@ class SQLiteConnection(RecordRows):
         """The change log's position once what this transaction wrote since `written` was reset is in."""
         return position + self.written
 
-    def lock_cars(self, car_ids):
+    def lock(self, rows):
         """Nothing to do: BEGIN IMMEDIATE has locked the whole database."""
 
     def prune_change_log(self, before, after):
@@ -1964,11 +1975,13 @@ POSTGRES_SCHEMA_STEPS = [
     );
     CREATE FUNCTION block_period() RETURNS trigger LANGUAGE plpgsql AS $$
     DECLARE
-        pad integer := (SELECT d.turnaround_minutes FROM cars c JOIN dealers d ON d.id = c.dealer_id
-                        WHERE c.id = NEW.car_id);
+        pad integer;
         entry_booking bigint := CASE TG_ARGV[0] WHEN 'booking' THEN NEW.id END;
         entry_window bigint := CASE TG_ARGV[0] WHEN 'window' THEN NEW.id END;
     BEGIN
+        -- the turnaround as committed, kept until this transaction ends: a change of it waits
+        SELECT d.turnaround_minutes INTO pad FROM cars c JOIN dealers d ON d.id = c.dealer_id
+        WHERE c.id = NEW.car_id FOR SHARE OF d;
         DELETE FROM blocked_periods WHERE booking_id = entry_booking OR window_id = entry_window;
         INSERT INTO blocked_periods (car_id, booking_id, window_id, turnaround_minutes, period)
         VALUES (NEW.car_id, entry_booking, entry_window, pad,
@@ -2033,8 +2046,22 @@ POSTGRES_RECORDS = {"dealer": Dealer, "car": Car, "booking": Booking, "window": 
 # one's id it never hands out again. So the horizon is never above the newest logged one + 1.
 HORIZON_SQL = ("pg_snapshot_xmin(pg_current_snapshot())::text, "
                "(SELECT newest.xid::text FROM changes newest ORDER BY newest.xid DESC LIMIT 1)")
+# Each change not yet applied, with its record as it stands (JSON, or null once it is gone).
+CHANGES_QUERY = (f"SELECT {HORIZON_SQL}, (SELECT below::text FROM change_log_start), c.xid::text, c.kind, c.id, "
+                 "CASE c.kind " + " ".join(f"WHEN '{kind}' THEN (SELECT to_jsonb(r) FROM {table} r WHERE r.id = c.id)"
+                                           for kind, (table, _) in TABLES.items()) +
+                 " END FROM (SELECT 1) one LEFT JOIN changes c ON c.xid >= %s::xid8")
 NEWS_STATEMENT = b"dealership_news"  # see PostgresConnection.news
 NEWS_QUERY = f"SELECT {HORIZON_SQL}, (SELECT string_agg(DISTINCT xid::text, ',') FROM changes WHERE xid >= %s::xid8)"
+
+
+def record_from_json(kind, data):
+    """A record from its row as PostgreSQL's to_jsonb() writes it."""
+    fields = {name: data[name] for name in TABLES[kind][1]}
+    for name in ("start_datetime", "end_datetime"):
+        if name in fields:
+            fields[name] = datetime.fromisoformat(fields[name])
+    return POSTGRES_RECORDS[kind](id=data["id"], **fields)
 
 
 def log_horizon(xmin, newest):
@@ -2129,7 +2156,12 @@ class PostgresConnection(RecordRows):
         return self.conn.execute(f"{select} WHERE id = ANY(%s)", (list(ids),))
 
     def load(self):
-        """Every record, as Fleet takes them, and the change log's position, read in one snapshot."""
+        """Every record, as Fleet takes them, and the change log's position, read in one snapshot
+        (not inside a write transaction, whose statements each see another: there it raises a
+        serialization failure, and the write runs again once the store has loaded afresh)."""
+        if self.conn.info.transaction_status != TransactionStatus.IDLE:
+            raise psycopg.errors.SerializationFailure("the change log no longer reaches back to this process's "
+                                                      "position: it loads everything again before the write")
         with self.transaction(write=False):
             horizon = log_horizon(*self.conn.execute(f"SELECT {HORIZON_SQL}").fetchone())
             xids = self.conn.execute("SELECT DISTINCT xid::text FROM changes WHERE xid >= %s::xid8",
@@ -2156,11 +2188,15 @@ class PostgresConnection(RecordRows):
             self.conn.execute("SELECT setval(pg_get_serial_sequence(%s, 'id'), greatest(%s, 1), %s > 0)",
                               (TABLES[kind][0], counter, counter))
 
-    def lock_cars(self, car_ids):
-        """Lock the rows of these cars, in id order, until the transaction ends: writers of other
-        processes to the same cars wait here, before they catch up and check."""
-        if car_ids:
-            self.conn.execute("SELECT id FROM cars WHERE id = ANY(%s) ORDER BY id FOR UPDATE", (list(car_ids),))
+    def lock(self, rows):
+        """Lock these rows ((kind, id) pairs: dealers, then cars, each in id order) until the
+        transaction ends: writers of other processes to the same records wait here, before they
+        catch up and check. A dealer's row is locked against changes but not against new cars."""
+        for kind, strength in (("dealer", "NO KEY UPDATE"), ("car", "UPDATE")):
+            ids = sorted(record_id for of, record_id in rows if of == kind)
+            if ids:
+                self.conn.execute(f"SELECT id FROM {TABLES[kind][0]} WHERE id = ANY(%s) ORDER BY id FOR {strength}",
+                                  (ids,))
 
     # -- the change log -------------------------------------------------------------------------
 
@@ -2191,23 +2227,21 @@ class PostgresConnection(RecordRows):
 
     def changes_since(self, position):
         """({kind: {id: record, or None when it is gone}} changed by transactions that `position` has
-        not applied, the position with them), or None when the log no longer reaches back that far.
-        The horizon and the log are read in one statement, so in one snapshot."""
-        with self.transaction(write=False):
-            rows = self.conn.execute(
-                f"SELECT {HORIZON_SQL}, (SELECT below::text FROM change_log_start), "
-                "c.xid::text, c.kind, c.id FROM (SELECT 1) one LEFT JOIN changes c ON c.xid >= %s::xid8",
-                (str(position.horizon),)).fetchall()
-            horizon, start = log_horizon(rows[0][0], rows[0][1]), int(rows[0][2])
-            if position.horizon < start:
-                return None
-            changed, seen = {}, set()
-            for _, _, _, xid, kind, record_id in rows:
-                if xid is not None:
-                    seen.add(int(xid))
-                    if int(xid) not in position.applied:
-                        changed.setdefault(kind, set()).add(record_id)
-            changed = {kind: self.records(kind, sorted(ids)) for kind, ids in changed.items()}
+        not applied, the position with them), or None when the log no longer reaches back that far,
+        or the server's transaction ids went back (a failover, a restore): then load everything.
+        The horizon, the log and the records are read in one statement, so in one snapshot, even
+        inside a write transaction (where each statement has a snapshot of its own)."""
+        rows = self.conn.execute(CHANGES_QUERY, (str(position.horizon),)).fetchall()
+        horizon, start = log_horizon(rows[0][0], rows[0][1]), int(rows[0][2])
+        if position.horizon < start or horizon < position.horizon:
+            return None
+        changed, seen = {}, set()
+        for *_, xid, kind, record_id, data in rows:
+            if xid is not None:
+                seen.add(int(xid))
+                if int(xid) not in position.applied:
+                    changed.setdefault(kind, {})[record_id] = data and record_from_json(kind, data)
+        changed = {kind: dict(sorted(records.items())) for kind, records in changed.items()}
         return changed, position.combine(LogPosition(horizon, frozenset(seen)))
 
     def after_writes(self, position):
@@ -2220,12 +2254,13 @@ class PostgresConnection(RecordRows):
 
     def prune_change_log(self, before, after):
         """Every CHANGE_LOG_PRUNE_EVERY commits of this process, forget the changes of transactions
-        older than the one of the CHANGE_LOG_KEEP-th newest change; a process whose horizon is older
-        than that loads everything again."""
+        older than the one of the CHANGE_LOG_KEEP-th newest change (and than every transaction still
+        running); a process whose horizon is older than that loads everything again."""
         self.engine.commits += 1
         if self.engine.commits % CHANGE_LOG_PRUNE_EVERY == 0:
             self.conn.execute(
-                "WITH cut AS (SELECT xid FROM changes ORDER BY seq DESC OFFSET %s LIMIT 1), "
+                "WITH cut AS (SELECT least(xid, pg_snapshot_xmin(pg_current_snapshot())) AS xid "
+                "FROM changes ORDER BY seq DESC OFFSET %s LIMIT 1), "
                 "gone AS (DELETE FROM changes WHERE xid < (SELECT xid FROM cut)) "
                 "UPDATE change_log_start SET below = greatest(below, (SELECT xid FROM cut)) "
                 "WHERE EXISTS (SELECT 1 FROM cut)", (CHANGE_LOG_KEEP,))
@@ -2429,10 +2464,10 @@ class WriteQueue:
         self.lock, self.jobs, self.leading = threading.Lock(), [], False
 
     def submit(self, change, cars=None, locks=None):
-        """`locks`: the cars whose rows the transaction locks before it catches up and checks (by
-        default `cars`): every write to a schedule names its car, so that writers of other processes
-        wait for each other there."""
-        job = Job(change, cars, locks if locks is not None else cars or ())
+        """`locks`: the rows ((kind, id) pairs) the transaction locks before it catches up and checks
+        (by default those of `cars`): every write names the records it changes, so that writers of
+        other processes wait for each other there."""
+        job = Job(change, cars, locks if locks is not None else {("car", car) for car in cars or ()})
         with self.lock:
             lead, self.leading = not self.leading, True
             if not lead:
@@ -2551,7 +2586,7 @@ class Store:
             db.update("dealer", dealer_id, {name: getattr(dealer, name) for name in DEALER_FIELDS})
             job.after_commit.append((Fleet.put_dealer, dealer))
             return dealer
-        dealer = self.queue.submit(change)
+        dealer = self.queue.submit(change, locks={("dealer", dealer_id)})
         log.info("dealer %d changed: %s", dealer_id, ", ".join(sorted(changes)) or "nothing")
         return dealer
 
@@ -2560,7 +2595,7 @@ class Store:
             self.fleet.check_dealer_removable(dealer_id)
             db.delete("dealer", dealer_id)
             job.after_commit.append((Fleet.drop_dealer, dealer_id))
-        self.queue.submit(change)
+        self.queue.submit(change, locks={("dealer", dealer_id)})
         log.info("dealer %d deleted", dealer_id)
 
     # -- cars -----------------------------------------------------------------------------------
@@ -2588,7 +2623,7 @@ class Store:
             db.update("car", car_id, {name: getattr(car, name) for name in CAR_FIELDS})
             job.after_commit.append((Fleet.put_car, car))
             return car
-        car = self.queue.submit(change, locks={car_id})
+        car = self.queue.submit(change, locks={("car", car_id)})
         log.info("car %d changed: %s", car_id, ", ".join(sorted(changes)) or "nothing")
         return car
 
@@ -2600,7 +2635,7 @@ class Store:
                 db.delete("window", window.id)
             db.delete("car", car_id)
             job.after_commit.append((Fleet.drop_car, car_id))
-        self.queue.submit(change, locks={car_id})
+        self.queue.submit(change, locks={("car", car_id)})
         log.info("car %d deleted", car_id)
 
     # -- bookings -------------------------------------------------------------------------------
@@ -2644,10 +2679,10 @@ class Store:
         return booking
 
     def _cars_of(self, booking_id, changes):
-        """The cars a change of a booking writes to, as the fleet knows it now: its own, and the one
-        it moves to."""
+        """The rows of the cars a change of a booking writes to, as the fleet knows it now: its own,
+        and the one it moves to."""
         booking = self.fleet.bookings.get(booking_id)
-        return {booking.car_id, changes.get("car_id", booking.car_id)} if booking else ()
+        return {("car", booking.car_id), ("car", changes.get("car_id", booking.car_id))} if booking else set()
 
     def cancel_booking(self, booking_id):
         def change(db, job):
@@ -2655,7 +2690,7 @@ class Store:
             db.delete("booking", booking_id)
             job.after_commit.append((Fleet.drop_booking, booking_id))
             return booking
-        self._log_booking("cancelled", self.queue.submit(change))
+        self._log_booking("cancelled", self.queue.submit(change, locks=self._cars_of(booking_id, {})))
 
     def _log_booking(self, what, booking):
         # ids and times only: never the customer's name or e-mail
@@ -2675,7 +2710,7 @@ class Store:
             window = MaintenanceWindow(id=db.insert("window", row), **row)
             job.after_commit.append((Fleet.put_window, window))
             return window
-        window = self.queue.submit(change, locks={car_id})
+        window = self.queue.submit(change, locks={("car", car_id)})
         log.info("maintenance window %d created: car %d, %s to %s", window.id, car_id,
                  format_instant(window.start_datetime, self.zone), format_instant(window.end_datetime, self.zone))
         return window
@@ -2685,7 +2720,7 @@ class Store:
             self.fleet.window(car_id, window_id)
             db.delete("window", window_id)
             job.after_commit.append((Fleet.drop_window, window_id))
-        self.queue.submit(change, locks={car_id})
+        self.queue.submit(change, locks={("car", car_id)})
         log.info("maintenance window %d deleted: car %d", window_id, car_id)
 
     # -- queries: under the lock, so a reader never sees a schedule mid-change -------------------
@@ -2737,14 +2772,14 @@ class Store:
         a serialization failure, a clash only its constraint saw) runs again, up to WRITE_ATTEMPTS
         times, each time caught up afresh."""
         shared = len(batch) > 1
-        cars = sorted({car for job in batch for car in job.locks})
+        rows = {row for job in batch for row in job.locks}
         with self.write_lock:
             for attempt in range(1, WRITE_ATTEMPTS + 1):
                 for job in batch:
                     job.result, job.error, job.after_commit = None, None, []
                 try:
                     with self.engine.writer() as writer, writer.transaction(write=True) as db:
-                        db.lock_cars(cars)
+                        db.lock(rows)
                         if self.engine.shared:
                             with self.lock:
                                 self._catch_up(db)
@@ -2752,9 +2787,11 @@ class Store:
                         db.prune_change_log(self.position, position)
                 except Rollback:
                     pass
-                except self.engine.Error as error:  # BEGIN, catching up, a statement or COMMIT: nothing was kept
-                    if attempt < WRITE_ATTEMPTS and self.engine.retryable(error):
+                except (StaleRecord, self.engine.Error) as error:  # BEGIN, catching up, a statement or COMMIT:
+                    if isinstance(error, StaleRecord) or \
+                            (attempt < WRITE_ATTEMPTS and self.engine.retryable(error)):  # nothing was kept
                         time.sleep(random.uniform(0.001, 0.02) * attempt)  # apart from the other writer
+                        self.sync()  # through a snapshot of its own, which may load everything again
                         continue
                     self.refused_writes.log(logging.ERROR, "write refused by %s: %s", self.engine.name, error)
                     failure = self.engine.client_error(error)
@@ -2780,6 +2817,11 @@ class Store:
             try:
                 with db.savepoint() if shared else nullcontext(), self.lock:
                     job.result = job.change(db, job)
+            except StaleRecord:
+                if not last:
+                    raise
+                job.error = ConflictError("Another process changed this record at the same moment; nothing was "
+                                          "changed: try again.")
             except self.engine.Error as error:
                 failure = self.engine.client_error(error)
                 if not isinstance(failure, ConflictError) or (not last and self.engine.retryable(error)):
@@ -2803,14 +2845,15 @@ class Store:
             log.info("%s: more changed than the change log keeps; loading everything again", self.engine.name)
             self._reload(db)
             return
-        changed, self.position = changes
+        changed, position = changes
         self.fleet.apply(changed)
+        self.position = position
 
     def _reload(self, db):
         """A new fleet from every record (under the lock), swapped in whole: a lookup that takes no
         lock never sees a dict half filled."""
-        records, self.position = db.load()
-        self.fleet = Fleet(self.zone, **records)
+        records, position = db.load()
+        self.fleet, self.position = Fleet(self.zone, **records), position
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2853,6 +2853,37 @@ def test_a_connection_lost_during_commit_is_a_503_that_says_the_outcome_is_unkno
     assert book(client, 1).status_code == 201
 
 
+@pytest.mark.parametrize("method, path, body", [("patch", "/bookings/1", {"customer_name": "Grace Hopper"}),
+                                                ("delete", "/bookings/1", None)])
+def test_a_write_on_a_record_another_process_removed_meanwhile_runs_again_and_never_puts_it_back(
+        database, monkeypatch, method, path, body):
+    client = on_file(database).test_client()
+    make_car(client)
+    book(client, 1)
+    sql(database, "DELETE FROM bookings WHERE id = 1")  # another program, after this one caught up
+    real_sync, real_catch_up, blind = dealership.Store.sync, dealership.Store._catch_up, ["sync", "catch up"]
+    monkeypatch.setattr(dealership.Store, "sync", lambda store: blind.remove("sync") if "sync" in blind
+                        else real_sync(store))
+    monkeypatch.setattr(dealership.Store, "_catch_up", lambda store, db: blind.remove("catch up")
+                        if "catch up" in blind else real_catch_up(store, db))
+    assert_problem(getattr(client, method)(API + path, json=body), 404)  # once caught up, as it is
+    assert blind == [] and client.get(f"{API}/bookings").get_json() == []
+    assert table_rows(database)["bookings"] == []
+
+
+def test_a_process_whose_log_position_the_server_no_longer_knows_loads_everything_again(postgres_database, caplog):
+    app = on_file(postgres_database)
+    client, store = app.test_client(), app.extensions["dealership"]
+    make_car(client)
+    stale = store.position = dealership.LogPosition(store.position.horizon + 1_000_000)  # as before a failover
+    insert_booking(postgres_database, 1, datetime(2035, 1, 15, 10, tzinfo=timezone.utc),
+                   datetime(2035, 1, 15, 12, tzinfo=timezone.utc))
+    with caplog.at_level("INFO", logger="dealership"):
+        assert [b["car_id"] for b in client.get(f"{API}/bookings").get_json()] == [1]
+    assert "loading everything again" in caplog.text
+    assert store.position.horizon < stale.horizon
+
+
 def test_health_on_postgresql_tells_the_pool(postgres_database):
     body = on_file(postgres_database, DEALERSHIP_POOL_SIZE=3).test_client().get("/health").get_json()
     assert body["status"] == body["database"] == "ok"
