@@ -1248,6 +1248,12 @@ class StaleRecord(Exception):
     """A record to change or delete was no longer there: another process changed it after this
     one caught up. The transaction runs again, caught up."""
 
+    @staticmethod
+    def conflict():
+        """What the client is told if it happens every time the write runs."""
+        return ConflictError("Another process changed this record at the same moment, each time this write ran; "
+                             "nothing was changed: try again.")
+
 
 class RecordRows:
     """A record is one row of its kind's table (TABLES), written and read by the same statements on
@@ -2788,13 +2794,13 @@ class Store:
                 except Rollback:
                     pass
                 except (StaleRecord, self.engine.Error) as error:  # BEGIN, catching up, a statement or COMMIT:
-                    if isinstance(error, StaleRecord) or \
-                            (attempt < WRITE_ATTEMPTS and self.engine.retryable(error)):  # nothing was kept
+                    stale = isinstance(error, StaleRecord)  # nothing was kept
+                    if attempt < WRITE_ATTEMPTS and (stale or self.engine.retryable(error)):
                         time.sleep(random.uniform(0.001, 0.02) * attempt)  # apart from the other writer
                         self.sync()  # through a snapshot of its own, which may load everything again
                         continue
                     self.refused_writes.log(logging.ERROR, "write refused by %s: %s", self.engine.name, error)
-                    failure = self.engine.client_error(error)
+                    failure = StaleRecord.conflict() if stale else self.engine.client_error(error)
                     for job in batch:
                         if job.error is None:
                             job.error = failure
@@ -2820,8 +2826,7 @@ class Store:
             except StaleRecord:
                 if not last:
                     raise
-                job.error = ConflictError("Another process changed this record at the same moment; nothing was "
-                                          "changed: try again.")
+                job.error = StaleRecord.conflict()
             except self.engine.Error as error:
                 failure = self.engine.client_error(error)
                 if not isinstance(failure, ConflictError) or (not last and self.engine.retryable(error)):
