@@ -1286,7 +1286,7 @@ class RecordRows:
     @staticmethod
     def _one(cursor):
         if cursor.rowcount != 1:
-            raise StaleRecord
+            raise StaleRecord(f"the record to change matched {cursor.rowcount} rows, not 1")
 
     def records(self, kind, ids=None):
         """Every record of a kind by id or, given ids, a dict of id -> record in id order, None for a
