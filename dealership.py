@@ -52,12 +52,15 @@ import operator
 import os
 import random
 import re
+import secrets
 import shlex
+import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import unicodedata
@@ -66,17 +69,20 @@ from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta, timezone
 from datetime import time as dt_time
 from decimal import ROUND_HALF_UP, Decimal
-from urllib.parse import unquote_to_bytes, urlencode, urlsplit
+from urllib.parse import quote as percent_encoded, unquote_to_bytes, urlencode, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import click
 import email_validator
 import icalendar
 import limits
+import prometheus_client
+import prometheus_client.multiprocess
+import pythonjsonlogger.json
 import psycopg
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
-from flask import Blueprint, Flask, Response, current_app, redirect, render_template, request, url_for
+from flask import Blueprint, Flask, Response, current_app, g, has_request_context, redirect, render_template, request, url_for
 from flask.cli import ScriptInfo, with_appcontext
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
@@ -279,6 +285,9 @@ SETTINGS = {
     "DEALERSHIP_RATELIMIT_STORAGE_URI": ("memory://", text_setting),  # Flask-Limiter's counts: shared, if need be
     "DEALERSHIP_PROXIES": (0, whole_number(0)),  # trusted proxies in front, whose X-Forwarded-For tells the client
     "DEALERSHIP_CURRENCY": ("EUR", currency_code),  # what prices are in: shown beside them, never converted
+    "DEALERSHIP_LOG_FORMAT": ("text", one_of("text", "json")),  # json: one object per line, for log shippers
+    "DEALERSHIP_ACCESS_LOG": (None, optional(boolean)),  # a line per request; not set: on under serve only
+    "DEALERSHIP_METRICS_KEY": (None, optional(api_key)),  # if set, GET /metrics needs it as a Bearer token
 }
 
 
@@ -342,7 +351,14 @@ WINDOW_FIELDS = ("car_id", "start_datetime", "end_datetime", "note")
 
 
 class DomainError(Exception):
-    """A refusal by the service's own rules; str() is the message for the client."""
+    """A refusal by the service's own rules; str() is the message for the client, `reason` the rule
+    it broke as the refusals metric counts it (one of REFUSAL_REASONS; None: not a refusal)."""
+    reason = None
+
+    def __init__(self, message, reason=None):
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
 
 
 class NotFoundError(DomainError):
@@ -351,14 +367,21 @@ class NotFoundError(DomainError):
 
 class ConflictError(DomainError):
     """The change clashes with what is stored (409)."""
+    reason = "conflict"
 
 
 class InvalidError(DomainError):
     """A value breaks a rule that involves more than its field's own syntax (422 on `field`)."""
+    reason = "invalid_input"
 
-    def __init__(self, field, message):
-        super().__init__(message)
+    def __init__(self, field, message, reason=None):
+        super().__init__(message, reason)
         self.field = field
+
+
+# What a refusal is counted as: the rule a request broke, or how it was turned away.
+REFUSAL_REASONS = ("overlap", "turnaround", "maintenance", "car_not_available", "in_the_past", "conflict",
+                   "invalid_input", "unauthorized", "rate_limited")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,7 +439,7 @@ def check_not_past(start, now, zone, what="booking"):
     for clocks that differ."""
     if start < now - CLOCK_TOLERANCE:
         raise InvalidError("start_datetime", f"Is in the past: a {what} can start from now on "
-                                             f"({format_instant(now.replace(microsecond=0), zone)}).")
+                                             f"({format_instant(now.replace(microsecond=0), zone)}).", "in_the_past")
 
 
 def check_not_ended(booking, now, zone):
@@ -468,22 +491,24 @@ def describe(entry):
 
 
 def clash(car, turnaround_minutes, start, end, other, zone):
-    """Why [start, end) cannot go on `car` beside the entry `other` of its schedule: an overlap, or
-    too little turnaround."""
+    """Why [start, end) cannot go on `car` beside the entry `other` of its schedule (a ConflictError):
+    an overlap with a booking, with maintenance, or too little turnaround."""
     name = describe(other)
     shown_start, shown_end = format_instant(other.start_datetime, zone), format_instant(other.end_datetime, zone)
     if overlaps(start, end, other.start_datetime, other.end_datetime):
         if type(other) is Booking:
-            return f"Car {car.id} is already booked from {shown_start} to {shown_end} by {name}."
-        return f"Car {car.id} is in maintenance from {shown_start} to {shown_end}: {name}."
+            return ConflictError(f"Car {car.id} is already booked from {shown_start} to {shown_end} by {name}.",
+                                 "overlap")
+        return ConflictError(f"Car {car.id} is in maintenance from {shown_start} to {shown_end}: {name}.",
+                             "maintenance")
     why = f"dealer {car.dealer_id} needs {plural(turnaround_minutes, 'minute')} of turnaround between two " \
           "entries of a car's schedule"
     turnaround = timedelta(minutes=turnaround_minutes)
     if other.end_datetime <= start:
-        return f"Car {car.id} is not ready until {format_instant(other.end_datetime + turnaround, zone)}: " \
-               f"{name} ends at {shown_end}, and {why}."
-    return f"Car {car.id} must be back by {format_instant(other.start_datetime - turnaround, zone)}, ready for " \
-           f"{name} at {shown_start}: {why}."
+        return ConflictError(f"Car {car.id} is not ready until {format_instant(other.end_datetime + turnaround, zone)}: "
+                             f"{name} ends at {shown_end}, and {why}.", "turnaround")
+    return ConflictError(f"Car {car.id} must be back by {format_instant(other.start_datetime - turnaround, zone)}, "
+                         f"ready for {name} at {shown_start}: {why}.", "turnaround")
 
 
 def bookings_in_the_way(car, turnaround_minutes, bookings, zone):
@@ -741,11 +766,10 @@ class Fleet:
         its dealer's turnaround, overlaps no other entry of its schedule."""
         car = self.car(car_id)
         if car.status != "available":
-            raise ConflictError(f"Car {car.id} is in {car.status} and cannot be booked.")
+            raise ConflictError(f"Car {car.id} is in {car.status} and cannot be booked.", "car_not_available")
         for other in self.schedules[car.id].near(micros(start), micros(end), self.turnaround_micros(car)):
             if other is not ignore:
-                raise ConflictError(clash(car, self.dealers[car.dealer_id].turnaround_minutes, start, end, other,
-                                          self.zone))
+                raise clash(car, self.dealers[car.dealer_id].turnaround_minutes, start, end, other, self.zone)
         return car
 
     def check_window_fits(self, car_id, start, end):
@@ -756,9 +780,9 @@ class Fleet:
         hits = self.schedules[car_id].near(micros(start), micros(end), turnaround * MINUTE)
         in_the_way = [entry for entry in hits if type(entry) is Booking]
         if in_the_way:
-            raise ConflictError(bookings_in_the_way(car, turnaround, in_the_way, self.zone))
+            raise ConflictError(bookings_in_the_way(car, turnaround, in_the_way, self.zone), "overlap")
         if hits:
-            raise ConflictError(clash(car, turnaround, start, end, hits[0], self.zone))
+            raise clash(car, turnaround, start, end, hits[0], self.zone)
 
     def refusal(self, car_id, start, end, now):
         """Why a booking of [start, end) on the car, made `now`, would be refused; None if it would not."""
@@ -2522,6 +2546,60 @@ class WriteQueue:
 
 
 # ---------------------------------------------------------------------------------------------
+# Metrics: what the service counts, for Prometheus (GET /metrics). Each store has its own registry;
+# under serve with several workers each worker writes its figures to a folder that prometheus_client's
+# multiprocess mode sums (see supervise). No label holds personal data or an unbounded value.
+# ---------------------------------------------------------------------------------------------
+
+SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # others count as "other"
+BOOKING_ACTIONS = ("created", "changed", "cancelled")
+RECORD_KINDS = ("dealers", "cars", "bookings", "maintenance_windows")
+
+
+class Metrics:
+    """Every metric the service keeps, in a registry of its own (two apps in one process share none)."""
+
+    def __init__(self):
+        self.registry = registry = prometheus_client.CollectorRegistry()
+        self.requests = prometheus_client.Counter(
+            "dealership_http_requests", "Requests answered, by method, route template and status.",
+            ["method", "route", "status"], registry=registry)
+        self.duration = prometheus_client.Histogram(
+            "dealership_http_request_duration_seconds", "Time to answer a request, by method and route template.",
+            ["method", "route"], buckets=SECONDS_BUCKETS, registry=registry)
+        self.bookings = prometheus_client.Counter(
+            "dealership_bookings", "Bookings created, changed and cancelled through this service.", ["action"],
+            registry=registry)
+        self.refusals = prometheus_client.Counter(
+            "dealership_refusals", "Requests refused, by the rule they broke or how they were turned away.",
+            ["reason"], registry=registry)
+        self.unavailable = prometheus_client.Counter(
+            "dealership_storage_unavailable", "Requests answered 503 because the database could not be used.",
+            registry=registry)
+        self.batch_size = prometheus_client.Histogram(
+            "dealership_write_batch_size", "Writes committed together in one transaction (its count: the batches).",
+            buckets=(1, 2, 4, 8, 16, 32, 64), registry=registry)
+        self.commit_duration = prometheus_client.Histogram(
+            "dealership_commit_duration_seconds", "Write transactions that held, from BEGIN to the end of COMMIT "
+            "(its sync to disk included).", buckets=SECONDS_BUCKETS, registry=registry)
+        self.changes_applied = prometheus_client.Counter(
+            "dealership_changes_applied", "Records read from the change log: what other processes changed.",
+            registry=registry)
+        self.caught_up = prometheus_client.Gauge(
+            "dealership_caught_up_timestamp_seconds", "When the store last found it held every committed change "
+            "(Unix time; checked on every request); with several workers, the one that looked longest ago.",
+            registry=registry, multiprocess_mode="livemin")
+        self.records = prometheus_client.Gauge(
+            "dealership_records", "Records stored, by kind.", ["kind"], registry=registry,
+            multiprocess_mode="livemostrecent")
+        for action in BOOKING_ACTIONS:  # every series there is, from 0
+            self.bookings.labels(action)
+        for reason in REFUSAL_REASONS:
+            self.refusals.labels(reason)
+
+
+# ---------------------------------------------------------------------------------------------
 # The store: the fleet every request reads, the engine under it and the write queue, tied
 # together. Every write checks and writes in one transaction, and the fleet changes only after
 # COMMIT. Readers never wait for the disk or for another process.
@@ -2564,8 +2642,8 @@ class Store:
     appends to `job.after_commit` what the fleet must do once the transaction holds (a Fleet method
     and its record), and returns its result; the write queue runs it."""
 
-    def __init__(self, engine, zone=timezone.utc):
-        self.engine, self.zone = engine, zone
+    def __init__(self, engine, zone=timezone.utc, metrics=None):
+        self.engine, self.zone, self.metrics = engine, zone, metrics or Metrics()
         self.lock, self.write_lock = threading.Lock(), threading.Lock()
         self.queue = WriteQueue(self._commit)
         self.refused_writes = ThrottledLog(REFUSED_WRITE_LOG_EVERY)
@@ -2699,6 +2777,7 @@ class Store:
         self._log_booking("cancelled", self.queue.submit(change, locks=self._cars_of(booking_id, {})))
 
     def _log_booking(self, what, booking):
+        self.metrics.bookings.labels(what).inc()
         # ids and times only: never the customer's name or e-mail
         log.info("booking %d %s: car %d, %s to %s", booking.id, what, booking.car_id,
                  format_instant(booking.start_datetime, self.zone), format_instant(booking.end_datetime, self.zone))
@@ -2745,15 +2824,27 @@ class Store:
         usual answer ("nothing new") needs no lock. If the database cannot be read, the request is
         answered from the fleet as it is; a write catches up (or fails with 503) inside its own
         transaction."""
-        if not self.engine.shared:
-            return
         try:
+            self.refresh()
+        except self.engine.Error as error:
+            self.unread.log(logging.WARNING, "could not read %s to catch up: %s", self.engine.name, error)
+
+    def refresh(self):
+        """sync, raising engine.Error when the database cannot be read."""
+        if self.engine.shared:
             with self.engine.reader() as db:
                 if db.news(self.position):
                     with self.lock:
                         self._catch_up(db)
-        except self.engine.Error as error:
-            self.unread.log(logging.WARNING, "could not read %s to catch up: %s", self.engine.name, error)
+        self.metrics.caught_up.set(time.time())
+
+    def count_records(self):
+        """Set the gauges of records stored, from the fleet as it stands."""
+        with self.lock:
+            fleet = self.fleet
+            counts = len(fleet.dealers), len(fleet.cars), len(fleet.bookings), len(fleet.windows)
+        for kind, count in zip(RECORD_KINDS, counts):
+            self.metrics.records.labels(kind).set(count)
 
     def data_version(self):
         """What names the data as it stands. On a file, the same in every process that serves it:
@@ -2784,6 +2875,7 @@ class Store:
                 for job in batch:
                     job.result, job.error, job.after_commit = None, None, []
                 try:
+                    began = time.perf_counter()
                     with self.engine.writer() as writer, writer.transaction(write=True) as db:
                         db.lock(rows)
                         if self.engine.shared:
@@ -2805,6 +2897,8 @@ class Store:
                         if job.error is None:
                             job.error = failure
                 else:
+                    self.metrics.commit_duration.observe(time.perf_counter() - began)
+                    self.metrics.batch_size.observe(len(batch))
                     with self.lock:
                         if self.engine.combine(self.position, position) != self.position:
                             for job in batch:  # unless a reader has caught up with it already
@@ -2853,6 +2947,7 @@ class Store:
         changed, position = changes
         self.fleet.apply(changed)
         self.position = position
+        self.metrics.changes_applied.inc(sum(map(len, changed.values())))
 
     def _reload(self, db):
         """A new fleet from every record (under the lock), swapped in whole: a lookup that takes no
@@ -3240,6 +3335,9 @@ class ProblemSchema(Schema):
     detail = fields.String(required=True, metadata=about("What was wrong, and how to put it right."))
     errors = fields.Dict(keys=fields.String(), values=fields.List(fields.String()), metadata=about(
         "With 422: each offending field or query parameter, with its messages."))
+    request_id = fields.String(metadata=about(
+        "The request's id, as in its X-Request-ID response header and in the service's log lines.",
+        "4bf92f3577b34da6a3ce929d0e0e4736"))
 
 
 class PageQuery(Schema):
@@ -3362,6 +3460,71 @@ def store():
     return current_app.extensions[EXTENSION]
 
 
+# -- every request: its id, its metrics and its line in the access log ---------------------------
+# Registered on the service's blueprints, and by create_app on the whole app: whichever runs first
+# for a request does the work once.
+
+REQUEST_ID_HEADER = "X-Request-ID"
+REQUEST_ID_TEXT = re.compile(r"[ -~]{1,200}")  # 1 to 200 printable ASCII characters: a proxy's or a client's
+# Query parameters whose values the access log leaves out: customers' details and secrets, by name.
+PERSONAL_PARAMETER = re.compile(r"mail|name|phone|key|token|secret|pass", re.IGNORECASE)
+REFUSAL_BY_STATUS = {400: "invalid_input", 413: "invalid_input", 415: "invalid_input", 422: "invalid_input",
+                     401: "unauthorized", 429: "rate_limited"}
+access_log = logging.getLogger("dealership.access")
+
+
+def take_request_id():
+    """The request's id: one a host app has set already (as g.request_id), the X-Request-ID the request
+    carries if it is 1 to 200 printable ASCII characters, else a new random one."""
+    if "request_started" in g:
+        return
+    g.request_started = time.perf_counter()
+    if "request_id" not in g:
+        sent = request.headers.get(REQUEST_ID_HEADER, "")
+        g.request_id = sent if REQUEST_ID_TEXT.fullmatch(sent) else secrets.token_hex(16)
+
+
+def logged_path():
+    """The path and query as the access log writes them: percent-encoded (a line is one line), and
+    without the values of personal parameters."""
+    path = percent_encoded(request.path, safe="/:@!$&'()*+,;=")
+    if not request.args:
+        return path
+    pairs = [(name, "..." if PERSONAL_PARAMETER.search(name) else value) for name, value in request.args.items(multi=True)]
+    return f"{path}?{urlencode(pairs)}"
+
+
+def answer_request(response):
+    """The request id on the response; the request counted and timed; its line in the access log."""
+    if "request_answered" in g or "request_started" not in g:
+        return response
+    g.request_answered = True
+    response.headers.setdefault(REQUEST_ID_HEADER, g.request_id)
+    seconds = time.perf_counter() - g.request_started
+    method = request.method if request.method in HTTP_METHODS else "other"
+    route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+    metrics = store().metrics
+    metrics.requests.labels(method, route, str(response.status_code)).inc()
+    metrics.duration.labels(method, route).observe(seconds)
+    refusal = g.get("refusal")
+    if refusal == "storage":
+        metrics.unavailable.inc()
+    elif refusal is not None:
+        metrics.refusals.labels(refusal).inc()
+    if current_app.config["DEALERSHIP_ACCESS_LOG"]:
+        fields = {"client": request.remote_addr, "method": request.method, "path": logged_path(),
+                  "status": response.status_code, "bytes": response.content_length,
+                  "duration_ms": round(seconds * 1000, 2)}
+        access_log.info('%(client)s "%(method)s %(path)s" %(status)s %(bytes)s B %(duration_ms)s ms', fields,
+                        extra=fields)
+    return response
+
+
+def observe(blueprint_or_app):
+    blueprint_or_app.before_request(take_request_id)
+    blueprint_or_app.after_request(answer_request)
+
+
 def no_content():
     """204 with no body and so no Content-Type."""
     response = Response(status=204)
@@ -3395,6 +3558,8 @@ def problem(status, title, detail, errors=None, headers=None):
     body = {"title": title, "status": status, "detail": detail}
     if errors is not None:
         body["errors"] = errors
+    if has_request_context() and "request_id" in g:
+        body["request_id"] = g.request_id
     return json_text(to_json(PROBLEM_SCHEMA.dump(body)), status, headers, mimetype="application/problem+json")
 
 
@@ -3417,11 +3582,24 @@ def invalid(messages):
 DOMAIN_STATUS = {NotFoundError: 404, ConflictError: 409}
 
 
+def refusal_reason(error):
+    """What the metrics count an error as: a reason of REFUSAL_REASONS, "storage" for a 503 of the
+    database, or None."""
+    if isinstance(error, ValidationError):
+        return "invalid_input"
+    if isinstance(error, StorageUnavailable):
+        return "storage"
+    if isinstance(error, DomainError):
+        return error.reason
+    return REFUSAL_BY_STATUS.get(error.code)
+
+
 def problem_for(error):
     """The one mapping of every error the service raises to problem+json: Werkzeug's HTTP errors
     (keeping their headers: Allow, WWW-Authenticate), marshmallow's validation errors and the
     domain's InvalidError (422, by field), the domain's NotFoundError and ConflictError, and the
-    engine's StorageUnavailable (503 with Retry-After)."""
+    engine's StorageUnavailable (503 with Retry-After). Notes the refusal for the metrics."""
+    g.refusal = refusal_reason(error)
     if isinstance(error, ValidationError):
         return invalid(error.messages if isinstance(error.messages, dict) else {error.field_name: error.messages})
     if isinstance(error, InvalidError):
@@ -3449,6 +3627,7 @@ def handle_errors(blueprint_or_app):
 
 
 handle_errors(bp)
+observe(bp)
 
 
 @bp.before_request
@@ -3482,10 +3661,14 @@ def sent_key():
     return auth.token if auth is not None and auth.type == "bearer" and auth.token else ""
 
 
-def carries_the_key():
-    """Whether the request carries DEALERSHIP_API_KEY (compared in constant time)."""
-    key = current_app.config["DEALERSHIP_API_KEY"]
+def carries(key):
+    """Whether the request carries `key` as its Bearer token (compared in constant time)."""
     return bool(key) and hmac.compare_digest(sent_key().encode(), key.encode())
+
+
+def carries_the_key():
+    """Whether the request carries DEALERSHIP_API_KEY."""
+    return carries(current_app.config["DEALERSHIP_API_KEY"])
 
 
 @bp.before_request
@@ -4094,7 +4277,9 @@ local time in the dealership's zone (`DEALERSHIP_TIMEZONE`, UTC unless set), and
 zone's offset. Booking intervals are half-open, `[start, end)`: a booking that ends at 10:00 and another
 that starts at 10:00 on the same car do not overlap, while one second of overlap is a 409. `end_datetime`
 must be after `start_datetime`, and a booking cannot start in the past. Every error is
-`application/problem+json`.
+`application/problem+json`. Every response carries `X-Request-ID`: the one the request sent, if it is 1 to
+200 printable ASCII characters, else a new one; a problem's body repeats it as `request_id`, and the
+service's log lines name it.
 
 Start with **POST /api/v1/cars**, then **POST /api/v1/bookings**: each opens ready to try with its example filled in: press Execute, and
 the examples filled in create a car and book it for a week from now."""
@@ -4173,7 +4358,7 @@ class Examples:
         booking = {"id": 1} | self.body(BOOKING_SCHEMA) | period | {"total_cents": price}
         workshop = {"id": 1, "car_id": 1, "note": "Brake check", "start_datetime": end + timedelta(days=1),
                     "end_datetime": end + timedelta(days=1, hours=4)}
-        self.clash = clash(Car(**car), 0, start, end, Booking(**booking), PRESENTATION.get().zone)
+        self.clash = str(clash(Car(**car), 0, start, end, Booking(**booking), PRESENTATION.get().zone))
         self.responses = {
             CarSchema: CAR_SCHEMA.dump(car),
             BookingSchema: BOOKING_SCHEMA.dump(booking),
@@ -4196,7 +4381,9 @@ class Examples:
                 "cars": f"{API_PREFIX}/cars", "bookings": f"{API_PREFIX}/bookings"}}),
         }
         vin_error = CAR_SCHEMA.fields["vin"].error
-        self.problems = {code: {"title": title, "status": code, "detail": detail} | extra for code, title, detail, extra in [
+        request_id = {"request_id": PROBLEM_SCHEMA.fields["request_id"].metadata["example"]}
+        self.problems = {code: {"title": title, "status": code, "detail": detail} | extra | request_id
+                         for code, title, detail, extra in [
             (400, "Bad Request", "The body is not valid JSON.", {}),
             (401, "Unauthorized", "No API key was sent: this request changes data, so send "
                                   "'Authorization: Bearer <API key>'.", {}),
@@ -4354,6 +4541,7 @@ def init_docs(app, prefix=""):
 BOARD = "dealership_board"
 board_bp = Blueprint(BOARD, __name__)
 handle_errors(board_bp)
+observe(board_bp)
 BOARD_DAYS = (7, 14, 28)
 BOARD_ROWS = 100  # cars on one page of the board; the others on the pages after it
 BOARD_MAX_BARS = 5000  # bookings and windows drawn on one page: what it costs to make grows with them
@@ -4611,29 +4799,70 @@ def board():
 
 # ---------------------------------------------------------------------------------------------
 # Logs: one line per event, each starting with its time (ISO 8601, with offset), level, process id
-# and logger; ids and times only, never a customer's name or e-mail.
+# and logger, and the id of the request it was written for; ids and times only, never a customer's
+# name or e-mail. As text, or as one JSON object per line for log shippers.
 # ---------------------------------------------------------------------------------------------
 
 
+def log_time(record):
+    """When the record was made, in the machine's local time: 2035-01-15T10:00:00.123+01:00."""
+    return datetime.fromtimestamp(record.created).astimezone().isoformat(timespec="milliseconds")
+
+
+class RequestIdFilter(logging.Filter):
+    """Gives each record `request_id`: the id of the request being handled in this thread, or None."""
+
+    def filter(self, record):
+        if not hasattr(record, "request_id"):
+            record.request_id = g.get("request_id") if has_request_context() else None
+        return True
+
+
 class LogFormatter(logging.Formatter):
-    """The service's log line: `2035-01-15T10:00:00.123+01:00 INFO 4242 dealership: ...`, in the
-    machine's local time."""
+    """The service's log line: `2035-01-15T10:00:00.123+01:00 INFO 4242 dealership [request id]: ...`."""
 
     def __init__(self):
-        super().__init__("%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
+        super().__init__("%(asctime)s %(levelname)s %(process)d %(name)s%(request_tag)s: %(message)s")
+
+    def format(self, record):
+        request_id = getattr(record, "request_id", None)
+        record.request_tag = f" [{request_id}]" if request_id else ""
+        return super().format(record)
 
     def formatTime(self, record, datefmt=None):
-        return datetime.fromtimestamp(record.created).astimezone().isoformat(timespec="milliseconds")
+        return log_time(record)
 
 
-def configure_logging():
-    """Give the root logger the service's line on stderr, unless logging is set up already (a host
-    app's own format, or a test's capture, is kept), and let the service's INFO lines through."""
+class JsonLogFormatter(pythonjsonlogger.json.JsonFormatter):
+    """One JSON object per line: time, level, logger, pid, message, request_id, then the event's own
+    fields (those given as `extra`) and any exception's traceback."""
+
+    def __init__(self):
+        super().__init__("{asctime}{levelname}{name}{process}{message}{request_id}", style="{",
+                         rename_fields={"asctime": "time", "levelname": "level", "name": "logger", "process": "pid"})
+
+    def formatTime(self, record, datefmt=None):
+        return log_time(record)
+
+
+LOG_FORMATS = {"text": LogFormatter, "json": JsonLogFormatter}
+log.addFilter(RequestIdFilter())  # so that a host app's own handlers see request_id too
+access_log.addFilter(RequestIdFilter())
+
+
+def configure_logging(form="text"):
+    """Give the root logger the service's lines on stderr in the form asked for, unless logging is
+    set up already by someone else (a host app's own format, or a test's capture, is kept), and let
+    the service's INFO lines through."""
     root = logging.getLogger()
-    if not root.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(LogFormatter())
-        root.addHandler(handler)
+    ours = [handler for handler in root.handlers if getattr(handler, "dealership", False)]
+    if not root.handlers or ours:
+        handler = ours[0] if ours else logging.StreamHandler()
+        handler.dealership = True
+        handler.setFormatter(LOG_FORMATS[form]())
+        if not ours:
+            handler.addFilter(RequestIdFilter())
+            root.addHandler(handler)
     if log.level == logging.NOTSET:
         log.setLevel(logging.INFO)
 
@@ -4645,6 +4874,10 @@ def configure_logging():
 SERVE_CONNECTIONS = 1000  # open connections waitress accepts: far above its threads, so idle ones lock nobody out
 SERVE_IDLE_SECONDS = 30  # a connection that sends nothing for this long is closed; and the longest a stop waits
 SERVE_WORKER = "DEALERSHIP_SERVE_WORKER"  # set in the environment of serve's worker processes
+# Where serve's workers keep their metrics for /metrics to sum: prometheus_client reads it at import
+# (so it is set for the workers, which are new processes). serve makes a folder of its own unless the
+# operator names one, which must then be emptied before each start.
+METRICS_FOLDER = "PROMETHEUS_MULTIPROC_DIR"
 # The most of its response a connection holds in waitress's buffers: past it the app thread waits
 # for the client to read, so a client that does not read costs neither memory nor disk beyond it.
 SERVE_BUFFER = 1024 * 1024
@@ -4760,8 +4993,11 @@ class WaitressServer:
 
 
 def serve_worker(app, listener, threads):
-    """One waitress process on `listener` until SIGTERM or SIGINT, then the requests in flight finished."""
-    configure_logging()
+    """One waitress process on `listener` until SIGTERM or SIGINT, then the requests in flight finished.
+    The access log is on unless DEALERSHIP_ACCESS_LOG turns it off."""
+    configure_logging(app.config["DEALERSHIP_LOG_FORMAT"])
+    if app.config["DEALERSHIP_ACCESS_LOG"] is None:
+        app.config["DEALERSHIP_ACCESS_LOG"] = True
     logging.getLogger("waitress").setLevel(logging.INFO)  # "Serving on ..."
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     server = WaitressServer(app, listener, threads)
@@ -4790,8 +5026,8 @@ class WorkerSlot:
     """One of serve's worker processes, and whoever replaces it: when it was started, its failed
     starts in a row, and when the next one is due (None while one runs)."""
 
-    def __init__(self, number, start):
-        self.number, self.start, self.failures, self.due = number, start, 0, None
+    def __init__(self, number, start, ended):
+        self.number, self.start, self.ended, self.failures, self.due = number, start, ended, 0, None
         self.process, self.started = start(), time.monotonic()
 
     def tend(self):
@@ -4805,6 +5041,7 @@ class WorkerSlot:
         if self.process.poll() is None:
             return True
         pid, code, lived = self.process.pid, self.process.returncode, now - self.started
+        self.ended(pid)
         if lived >= WORKER_START_SECONDS:
             self.failures = 0
             log.error("worker %d exited with %s; starting another", pid, code)
@@ -4833,10 +5070,16 @@ def supervise(listener, workers, threads):
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
 
-    def start():
-        return subprocess.Popen(command, pass_fds=[listener.fileno()], env=os.environ | {SERVE_WORKER: "1"})
+    metrics = os.environ.get(METRICS_FOLDER) or tempfile.mkdtemp(prefix="dealership-metrics-")
 
-    slots = [WorkerSlot(n + 1, start) for n in range(workers)]
+    def start():
+        return subprocess.Popen(command, pass_fds=[listener.fileno()],
+                                env=os.environ | {SERVE_WORKER: "1", METRICS_FOLDER: metrics})
+
+    def ended(pid):  # its counts stay (they happened); its gauges go
+        prometheus_client.multiprocess.mark_process_dead(pid, metrics)
+
+    slots = [WorkerSlot(n + 1, start, ended) for n in range(workers)]
     failed = None
     while not stopping and failed is None:
         time.sleep(0.2)
@@ -4856,6 +5099,8 @@ def supervise(listener, workers, threads):
             child.wait(timeout=SERVE_IDLE_SECONDS + 5)
         except subprocess.TimeoutExpired:
             child.kill()
+    if metrics != os.environ.get(METRICS_FOLDER):
+        shutil.rmtree(metrics, ignore_errors=True)
     log.info("stopped: %d workers", workers)
     if failed is not None:
         click.get_current_context().exit(FAILED_START_EXIT)
@@ -5093,16 +5338,18 @@ def create_app(config=None):
 
     Settings come from the environment (DEALERSHIP_*), then from `config`, which wins.
     """
-    configure_logging()
     app = Flask(__name__)
     app.config.update({name: os.environ[name] for name in SETTINGS if name in os.environ})
     app.config.update(config or {})
+    default, read = SETTINGS["DEALERSHIP_LOG_FORMAT"]
+    configure_logging(read("DEALERSHIP_LOG_FORMAT", app.config.get("DEALERSHIP_LOG_FORMAT", default)))
     init_app(app, docs_prefix="", board_prefix="")
     proxies = app.config["DEALERSHIP_PROXIES"]
     if proxies:  # the client's address and scheme as the trusted proxies in front say
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=proxies)
     # Routing misses (404, 405) happen before a blueprint is chosen: they need app-level handlers.
     handle_errors(app)
+    observe(app)
 
     @app.get("/")
     def home():
@@ -5115,8 +5362,34 @@ def create_app(config=None):
         try:
             details = store().ping()
         except store().engine.Error as error:
-            return problem(503, "Service Unavailable", f"The database does not answer: {error}.",
-                           headers={"Retry-After": "5"})
+            raise StorageUnavailable(f"The database does not answer: {error}.", retry_after=5) from None
         return json_response({"status": "ok", "database": "ok"} | details)
+
+    @app.get("/health/ready")
+    def ready():
+        """Readiness: the database answers, and this process's store holds everything committed to it."""
+        try:
+            details = store().ping()
+            store().refresh()
+        except store().engine.Error as error:
+            raise StorageUnavailable(f"Not ready: the database cannot be read ({error}).", retry_after=5) from None
+        return json_response({"status": "ready", "database": "ok"} | details)
+
+    @app.get("/metrics")
+    def metrics():
+        """The metrics in Prometheus's text format: this process's, or under serve with several workers
+        the sums over all of them (prometheus_client's multiprocess mode)."""
+        key = app.config["DEALERSHIP_METRICS_KEY"]
+        if key and not carries(key):
+            raise Unauthorized("The metrics need DEALERSHIP_METRICS_KEY: send 'Authorization: Bearer <metrics key>'.",
+                               www_authenticate=WWWAuthenticate("bearer", {"realm": "metrics"}))
+        service = store()
+        service.sync()
+        service.count_records()
+        registry = service.metrics.registry
+        if METRICS_FOLDER in os.environ:
+            registry = prometheus_client.CollectorRegistry()
+            prometheus_client.multiprocess.MultiProcessCollector(registry)
+        return Response(prometheus_client.generate_latest(registry), content_type=prometheus_client.CONTENT_TYPE_LATEST)
 
     return app

@@ -453,7 +453,7 @@ def test_every_json_body_keeps_field_order_and_ends_with_one_newline(client):
             ["car_id", "start_datetime", "end_datetime", "days", "daily_price", "total_price", "currency", "available",
              "reason"],
         f"{API}/cars/1/maintenance-windows/1": ["id", "car_id", "start_datetime", "end_datetime", "note"],
-        f"{API}/cars/99": ["title", "status", "detail"],
+        f"{API}/cars/99": ["title", "status", "detail", "request_id"],
         "/health": ["status", "database"] + (["pool"] if TEST_ENGINE == "postgresql" else []),
     }
     for path, names in fields.items():
@@ -1996,7 +1996,7 @@ def test_logs_name_ids_and_times_never_the_customer(client, caplog):
 
 # Every line: an ISO 8601 time with offset, level, process id, logger, message.
 LOG_LINE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) "
-                      r"(\d+) [\w.]+: \S")
+                      r"(\d+) [\w.]+( \[[ -~]{1,200}\])?: \S")
 
 
 def test_the_log_line_starts_with_its_time_level_process_and_logger():
@@ -3217,6 +3217,8 @@ def test_the_examples_used_in_order_work_and_the_errors_look_like_the_real_ones(
 
     def problem_example(method, path, code):
         return ops[method, API + path]["responses"][code]["content"]["application/problem+json"]["example"]
+
+    client.environ_base["HTTP_X_REQUEST_ID"] = problem_example("get", "/cars/{car_id}", "404")["request_id"]
 
     car = client.post(f"{API}/cars", json=example("post", "/cars"))
     assert car.status_code == 201
