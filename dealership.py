@@ -287,6 +287,7 @@ SETTINGS = {
     "DEALERSHIP_CURRENCY": ("EUR", currency_code),  # what prices are in: shown beside them, never converted
     "DEALERSHIP_LOG_FORMAT": ("text", one_of("text", "json")),  # json: one object per line, for log shippers
     "DEALERSHIP_ACCESS_LOG": (None, optional(boolean)),  # a line per request; not set: on under serve only
+    "DEALERSHIP_METRICS": (True, boolean),  # off: requests are not counted, and /metrics is a 404
     "DEALERSHIP_METRICS_KEY": (None, optional(api_key)),  # if set, GET /metrics needs it as a Bearer token
 }
 
@@ -2578,7 +2579,7 @@ class Metrics:
             "dealership_storage_unavailable", "Requests answered 503 because the database could not be used.",
             registry=registry)
         self.batch_size = prometheus_client.Histogram(
-            "dealership_write_batch_size", "Writes committed together in one transaction (its count: the batches).",
+            "dealership_write_batch_size", "Writes run together in one transaction that held (its count: the batches).",
             buckets=(1, 2, 4, 8, 16, 32, 64), registry=registry)
         self.commit_duration = prometheus_client.Histogram(
             "dealership_commit_duration_seconds", "Write transactions that held, from BEGIN to the end of COMMIT "
@@ -3494,16 +3495,16 @@ def logged_path():
     return f"{path}?{urlencode(pairs)}"
 
 
-def answer_request(response):
-    """The request id on the response; the request counted and timed; its line in the access log."""
-    if "request_answered" in g or "request_started" not in g:
-        return response
-    g.request_answered = True
-    response.headers.setdefault(REQUEST_ID_HEADER, g.request_id)
-    seconds = time.perf_counter() - g.request_started
+def response_size(response):
+    """The body's length in bytes; None for one still to be made (streamed)."""
+    if response.content_length is not None or response.is_streamed:
+        return response.content_length
+    return len(response.get_data())
+
+
+def count_request(metrics, response, seconds):
     method = request.method if request.method in HTTP_METHODS else "other"
     route = request.url_rule.rule if request.url_rule is not None else "unmatched"
-    metrics = store().metrics
     metrics.requests.labels(method, route, str(response.status_code)).inc()
     metrics.duration.labels(method, route).observe(seconds)
     refusal = g.get("refusal")
@@ -3511,9 +3512,21 @@ def answer_request(response):
         metrics.unavailable.inc()
     elif refusal is not None:
         metrics.refusals.labels(refusal).inc()
+
+
+def answer_request(response):
+    """The request id on the response; the request counted and timed; its line in the access log."""
+    if "request_answered" in g:
+        return response
+    take_request_id()  # if a hook that ran before it refused the request
+    g.request_answered = True
+    response.headers.setdefault(REQUEST_ID_HEADER, g.request_id)
+    seconds = time.perf_counter() - g.request_started
+    if current_app.config["DEALERSHIP_METRICS"]:
+        count_request(store().metrics, response, seconds)
     if current_app.config["DEALERSHIP_ACCESS_LOG"]:
         fields = {"client": request.remote_addr, "method": request.method, "path": logged_path(),
-                  "status": response.status_code, "bytes": response.content_length,
+                  "status": response.status_code, "bytes": response_size(response),
                   "duration_ms": round(seconds * 1000, 2)}
         access_log.info('%(client)s "%(method)s %(path)s" %(status)s %(bytes)s B %(duration_ms)s ms', fields,
                         extra=fields)
@@ -3558,7 +3571,8 @@ def problem(status, title, detail, errors=None, headers=None):
     body = {"title": title, "status": status, "detail": detail}
     if errors is not None:
         body["errors"] = errors
-    if has_request_context() and "request_id" in g:
+    if has_request_context():
+        take_request_id()
         body["request_id"] = g.request_id
     return json_text(to_json(PROBLEM_SCHEMA.dump(body)), status, headers, mimetype="application/problem+json")
 
@@ -5343,13 +5357,13 @@ def create_app(config=None):
     app.config.update(config or {})
     default, read = SETTINGS["DEALERSHIP_LOG_FORMAT"]
     configure_logging(read("DEALERSHIP_LOG_FORMAT", app.config.get("DEALERSHIP_LOG_FORMAT", default)))
+    observe(app)  # before init_app's hooks (Flask-Limiter's): every request has its id
     init_app(app, docs_prefix="", board_prefix="")
     proxies = app.config["DEALERSHIP_PROXIES"]
     if proxies:  # the client's address and scheme as the trusted proxies in front say
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=proxies)
     # Routing misses (404, 405) happen before a blueprint is chosen: they need app-level handlers.
     handle_errors(app)
-    observe(app)
 
     @app.get("/")
     def home():
@@ -5379,6 +5393,8 @@ def create_app(config=None):
     def metrics():
         """The metrics in Prometheus's text format: this process's, or under serve with several workers
         the sums over all of them (prometheus_client's multiprocess mode)."""
+        if not app.config["DEALERSHIP_METRICS"]:
+            raise NotFound("The metrics are off (DEALERSHIP_METRICS=off).")
         key = app.config["DEALERSHIP_METRICS_KEY"]
         if key and not carries(key):
             raise Unauthorized("The metrics need DEALERSHIP_METRICS_KEY: send 'Authorization: Bearer <metrics key>'.",

@@ -1,6 +1,7 @@
 """Tests for the dealership service, through the HTTP API of a fresh app per test."""
 import gc
 import json
+import logging
 import os
 import random
 import re
@@ -4465,3 +4466,333 @@ def test_a_422_repeats_at_most_100_characters_of_a_name_the_client_sent(client):
     assert len(client.get(f"{API}/dealers").get_json()) == 1
     short = assert_problem(client.get(f"{API}/cars", query_string={"y" * 100: "1"}), 422)
     assert list(short["errors"]) == ["y" * 100]
+
+
+# ---------------------------------------------------------------------------------------------
+# Operating: request ids, the access log, JSON log lines, metrics and readiness
+# ---------------------------------------------------------------------------------------------
+
+
+def metric_values(text):
+    """{(sample name, frozenset of labels): value} from a Prometheus text page."""
+    from prometheus_client.parser import text_string_to_metric_families
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def metric(values, name, **labels):
+    return values.get((name, frozenset(labels.items())), 0)
+
+
+def scrape(client, **headers):
+    response = client.get("/metrics", headers=headers)
+    assert response.status_code == 200 and response.mimetype == "text/plain", response.data
+    return metric_values(response.get_data(as_text=True))
+
+
+@pytest.mark.parametrize("sent", ["abc-123", "Root=1-5759e988-bd862e3fe1be46a994272793", "x" * 200, "a b ~!"])
+def test_a_sane_request_id_is_kept_on_the_response_and_in_a_problem(client, sent):
+    found = client.get(f"{API}/cars", headers={"X-Request-ID": sent})
+    assert found.status_code == 200 and found.headers["X-Request-ID"] == sent
+    missing = client.get(f"{API}/cars/9", headers={"X-Request-ID": sent})
+    assert_problem(missing, 404)
+    assert missing.headers["X-Request-ID"] == sent and missing.get_json()["request_id"] == sent
+
+
+@pytest.mark.parametrize("sent", [None, "", "x" * 201, "tab\there", "del\x7f", "caf\xe9"])
+def test_a_missing_or_malformed_request_id_is_replaced_by_a_new_one(client, sent):
+    headers = {} if sent is None else {"X-Request-ID": sent}
+    first = client.post(f"{API}/cars", json={}, headers=headers)
+    second = client.post(f"{API}/cars", json={}, headers=headers)
+    ids = [first.headers["X-Request-ID"], second.headers["X-Request-ID"]]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", one) for one in ids) and ids[0] != ids[1]
+    assert [first.get_json()["request_id"], second.get_json()["request_id"]] == ids
+    assert client.get(f"{API}/cars").get_json() == []  # the refused requests changed nothing
+
+
+def test_every_kind_of_answer_carries_the_request_id(client):
+    """Routing misses, the docs, health, the board and refusals by the rate limiter too."""
+    app = new_app({"DEALERSHIP_API_KEY": "k" * 16, "DEALERSHIP_REFUSED_KEY_LIMIT": "1/minute"})
+    limited = app.test_client()
+    limited.post(f"{API}/cars", json=car_body())
+    refused = limited.post(f"{API}/cars", json=car_body(), headers={"X-Request-ID": "limited-1"})
+    assert_problem(refused, 429)
+    assert refused.get_json()["request_id"] == refused.headers["X-Request-ID"] == "limited-1"
+    for path in ["/nowhere", "/openapi.json", "/health", "/health/ready", "/board", f"{API}/", "/metrics"]:
+        assert client.get(path, headers={"X-Request-ID": "seen"}).headers["X-Request-ID"] == "seen", path
+
+
+def test_every_log_line_of_a_request_names_its_id_the_stores_included(caplog):
+    client = new_app({"DEALERSHIP_ACCESS_LOG": "on"}).test_client()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="dealership"):
+        client.post(f"{API}/cars", json=car_body(), headers={"X-Request-ID": "trace-car"})
+        client.post(f"{API}/bookings", json=booking_body(1), headers={"X-Request-ID": "trace-booking"})
+        client.delete(f"{API}/bookings/1", headers={"X-Request-ID": "trace-cancel"})
+    lines = {(record.name, record.getMessage().split(":")[0], record.request_id) for record in caplog.records}
+    assert ("dealership", "car 1 created", "trace-car") in lines  # the store's own line
+    assert ("dealership", "booking 1 created", "trace-booking") in lines
+    assert ("dealership", "booking 1 cancelled", "trace-cancel") in lines
+    access = [record for record in caplog.records if record.name == "dealership.access"]
+    assert [record.request_id for record in access] == ["trace-car", "trace-booking", "trace-cancel"]
+    assert all(record.request_id in {"trace-car", "trace-booking", "trace-cancel"} for record in caplog.records)
+
+
+def test_the_text_line_shows_the_request_id_and_a_line_outside_a_request_shows_none():
+    formatter = dealership.LogFormatter()
+    inside = logging.LogRecord("dealership", logging.INFO, __file__, 1, "booking %d created", (4,), None)
+    inside.request_id = "trace-1"
+    outside = logging.LogRecord("dealership", logging.INFO, __file__, 1, "demo data loaded", (), None)
+    assert LOG_LINE.match(formatter.format(inside)) and " dealership [trace-1]: booking 4 created" in formatter.format(inside)
+    assert LOG_LINE.match(formatter.format(outside)) and " dealership: demo data loaded" in formatter.format(outside)
+
+
+def test_a_host_app_that_sets_its_own_request_ids_keeps_them():
+    from flask import g
+
+    host = host_app("host")
+
+    @host.before_request
+    def own_id():
+        g.request_id = "host-7"
+
+    dealership.init_app(host, url_prefix="/dealership/api/v1")
+    client = host.test_client()
+    missing = client.get("/dealership/api/v1/cars/3", headers={"X-Request-ID": "from-the-client"})
+    assert missing.headers["X-Request-ID"] == "host-7" and missing.get_json()["request_id"] == "host-7"
+
+
+def test_the_access_log_has_one_line_per_request_with_its_fields_and_never_a_customers_details(caplog):
+    app = new_app({"DEALERSHIP_ACCESS_LOG": "on", "DEALERSHIP_PROXIES": 1})
+    client = app.test_client()
+    make_car(client)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="dealership.access"):
+        client.post(f"{API}/bookings", json=booking_body(1, customer_name="Ada Lovelace", customer_email="ada@example.com"),
+                    headers={"X-Forwarded-For": "203.0.113.9", "X-Request-ID": "r-1"})
+        client.get(f"{API}/bookings?customer_email=ada%40example.com&limit=5&customer_name=Ada",
+                   headers={"X-Forwarded-For": "203.0.113.9"})
+        client.get(f"{API}/cars/1%0Aforged line")
+    access = [record for record in caplog.records if record.name == "dealership.access"]
+    assert len(access) == 3
+    made = access[0]
+    assert (made.client, made.method, made.path, made.status, made.request_id) == \
+        ("203.0.113.9", "POST", f"{API}/bookings", 201, "r-1")
+    assert made.bytes > 0 and made.duration_ms >= 0
+    assert made.getMessage().startswith(f'203.0.113.9 "POST {API}/bookings" 201 {made.bytes} B ')
+    assert access[1].path == f"{API}/bookings?customer_email=...&limit=5&customer_name=..."
+    assert access[2].path == f"{API}/cars/1%0Aforged%20line" and access[2].status == 404
+    text = caplog.text
+    assert "Ada" not in text and "ada@example.com" not in text and "ada%40" not in text
+
+
+@pytest.mark.parametrize("setting", [None, "off"])
+def test_the_access_log_is_off_outside_serve_unless_turned_on(caplog, setting):
+    client = new_app({} if setting is None else {"DEALERSHIP_ACCESS_LOG": setting}).test_client()
+    with caplog.at_level("INFO", logger="dealership.access"):
+        assert client.get(f"{API}/cars").status_code == 200
+    assert not [record for record in caplog.records if record.name == "dealership.access"]
+
+
+def test_json_lines_carry_the_fields_a_log_shipper_reads():
+    formatter = dealership.JsonLogFormatter()
+    record = logging.LogRecord("dealership.access", logging.INFO, __file__, 1, "%(status)s", ({"status": 201},), None)
+    record.request_id, record.status = "trace-2", 201
+    line = json.loads(formatter.format(record))
+    assert {"time", "level", "logger", "pid", "message", "request_id", "status"} <= set(line)
+    assert (line["level"], line["logger"], line["pid"], line["message"], line["request_id"], line["status"]) == \
+        ("INFO", "dealership.access", os.getpid(), "201", "trace-2", 201)
+    assert datetime.fromisoformat(line["time"]).utcoffset() is not None
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("DEALERSHIP_LOG_FORMAT", "yaml", "must be one of: text, json"),
+    ("DEALERSHIP_ACCESS_LOG", "sometimes", "must be one of 1, 0"),
+    ("DEALERSHIP_METRICS_KEY", "short", "at least 16 printable ASCII characters"),
+])
+def test_operating_settings_are_checked(name, value, message):
+    with pytest.raises(dealership.ConfigError, match=message):
+        new_app({name: value})
+
+
+def test_metrics_count_requests_by_route_template_and_status_and_time_them(client):
+    make_car(client)
+    for _ in range(3):
+        client.get(f"{API}/cars/1")
+    client.get(f"{API}/cars/2")
+    client.get("/nowhere/at/all")
+    client.open(f"{API}/cars", method="BREW")
+    values = scrape(client)
+    route = f"{API}/cars/<digits:car_id>"
+    assert metric(values, "dealership_http_requests_total", method="GET", route=route, status="200") == 3
+    assert metric(values, "dealership_http_requests_total", method="GET", route=route, status="404") == 1
+    assert metric(values, "dealership_http_requests_total", method="POST", route=f"{API}/cars", status="201") == 1
+    assert metric(values, "dealership_http_requests_total", method="GET", route="unmatched", status="404") == 1
+    assert metric(values, "dealership_http_requests_total", method="other", route="unmatched", status="405") == 1
+    assert metric(values, "dealership_http_request_duration_seconds_count", method="GET", route=route) == 4
+    assert metric(values, "dealership_http_request_duration_seconds_bucket", method="GET", route=route, le="+Inf") == 4
+    assert metric(values, "dealership_http_request_duration_seconds_sum", method="GET", route=route) > 0
+
+
+def test_a_thousand_car_ids_add_no_new_series(client):
+    make_car(client)
+
+    def ask(car_ids):
+        for car_id in car_ids:
+            client.get(f"{API}/cars/{car_id}")
+            client.get(f"{API}/cars/{car_id}/x{car_id}")  # a path that matches no route
+    ask(range(1, 11))
+    scrape(client)  # /metrics counts itself from here on
+    before = scrape(client)
+    ask(range(11, 1011))
+    after = scrape(client)
+    assert after.keys() == before.keys()
+    routes = {dict(labels).get("route") for _, labels in after} - {None}
+    assert routes == {f"{API}/cars", f"{API}/cars/<digits:car_id>", "unmatched", "/metrics"}
+
+
+def test_metrics_count_bookings_and_refusals_by_reason_and_the_records_stored(client):
+    make_car(client)
+    make_car(client, vin=vin(2), status="maintenance")
+    client.patch(f"{API}/dealers/1", json={"turnaround_minutes": 60})
+    book(client, 1)
+    book(client, 1, start="2035-01-20T10:00:00Z", end="2035-01-20T12:00:00Z")
+    client.patch(f"{API}/bookings/2", json={"end_datetime": "2035-01-20T13:00:00Z"})
+    client.delete(f"{API}/bookings/2")
+    client.post(f"{API}/cars/1/maintenance-windows", json=window("2035-02-01T10:00:00Z", "2035-02-01T12:00:00Z"))
+    refusals = {"overlap": book(client, 1), "turnaround": book(client, 1, start="2035-01-15T12:30:00Z",
+                                                                    end="2035-01-15T13:00:00Z"),
+                "maintenance": book(client, 1, start="2035-02-01T11:00:00Z", end="2035-02-01T15:00:00Z"),
+                "car_not_available": book(client, 2),
+                "in_the_past": book(client, 1, start="2020-01-01T10:00:00Z", end="2020-01-01T12:00:00Z"),
+                "invalid_input": client.post(f"{API}/bookings", json={}),
+                "conflict": client.post(f"{API}/cars", json=car_body())}  # the VIN is taken
+    assert {reason: response.status_code for reason, response in refusals.items()} == {
+        "overlap": 409, "turnaround": 409, "maintenance": 409, "car_not_available": 409, "in_the_past": 422,
+        "invalid_input": 422, "conflict": 409}
+    values = scrape(client)
+    for reason in refusals:
+        assert metric(values, "dealership_refusals_total", reason=reason) == 1, reason
+    assert metric(values, "dealership_refusals_total", reason="unauthorized") == 0
+    assert [metric(values, "dealership_bookings_total", action=action) for action in ("created", "changed", "cancelled")] \
+        == [2, 1, 1]
+    assert [metric(values, "dealership_records", kind=kind) for kind in dealership.RECORD_KINDS] == [1, 2, 1, 1]
+    assert metric(values, "dealership_write_batch_size_count") == metric(values, "dealership_commit_duration_seconds_count") \
+        == 8  # the writes that held: two cars, a dealer, two bookings, a change, a cancel, a window
+    assert metric(values, "dealership_write_batch_size_sum") == 8
+    assert time.time() - 60 < metric(values, "dealership_caught_up_timestamp_seconds") <= time.time()
+
+
+def test_metrics_count_refused_keys_and_rate_limits():
+    client = new_app({"DEALERSHIP_API_KEY": "k" * 16, "DEALERSHIP_REFUSED_KEY_LIMIT": "2/minute"}).test_client()
+    for _ in range(3):
+        client.post(f"{API}/cars", json=car_body(), headers={"Authorization": "Bearer wrong"})
+    values = scrape(client)
+    assert metric(values, "dealership_refusals_total", reason="unauthorized") == 2
+    assert metric(values, "dealership_refusals_total", reason="rate_limited") == 1
+
+
+@pytest.mark.parametrize("on_a_file", [False, True])
+def test_a_write_group_counts_one_batch_of_its_size(sqlite_file, on_a_file):
+    app = on_file(sqlite_file) if on_a_file else new_app({"DEALERSHIP_DATABASE": ":memory:"})
+    client = five_bookings_at_once(app)
+    # four cars, the held write, [car 1, car 2, car 3 refused], [car 1 again refused, car 4]
+    values = scrape(client)
+    assert metric(values, "dealership_write_batch_size_count") == 7
+    assert metric(values, "dealership_write_batch_size_sum") == 10
+    assert [metric(values, "dealership_write_batch_size_bucket", le=le) for le in ("1.0", "2.0", "4.0")] == [5, 6, 7]
+    assert metric(values, "dealership_commit_duration_seconds_count") == 7
+
+
+def test_changes_made_by_another_process_are_counted_when_applied(database):
+    first, second = new_app({"DEALERSHIP_DATABASE": database}), new_app({"DEALERSHIP_DATABASE": database})
+    make_car(first.test_client())
+    book(first.test_client(), 1)
+    values = scrape(second.test_client())  # /metrics catches up first
+    assert metric(values, "dealership_changes_applied_total") == 2
+    assert metric(values, "dealership_records", kind="bookings") == 1
+
+
+def test_a_storage_failure_answered_503_is_counted(sqlite_file):
+    app = new_app({"DEALERSHIP_DATABASE": sqlite_file})
+    client = app.test_client()
+    os.remove(sqlite_file)
+    assert_problem(client.post(f"{API}/cars", json=car_body()), 503)
+    assert_problem(client.get("/health"), 503)
+    assert_problem(client.get("/health/ready"), 503)
+    assert metric(scrape(client), "dealership_storage_unavailable_total") == 3
+
+
+def test_metrics_need_their_own_key_when_one_is_set():
+    key = "m" * 20
+    client = new_app({"DEALERSHIP_METRICS_KEY": key, "DEALERSHIP_API_KEY": "k" * 16}).test_client()
+    for headers in [{}, {"Authorization": "Bearer " + "k" * 16}, {"Authorization": "Bearer " + "m" * 19}]:
+        refused = client.get("/metrics", headers=headers)
+        assert_problem(refused, 401)
+        assert "DEALERSHIP_METRICS_KEY" in refused.get_json()["detail"]
+    assert metric(scrape(client, Authorization=f"Bearer {key}"), "dealership_refusals_total", reason="unauthorized") == 3
+
+
+def test_ready_when_the_database_answers_and_the_store_has_caught_up(database):
+    first, second = new_app({"DEALERSHIP_DATABASE": database}), new_app({"DEALERSHIP_DATABASE": database})
+    make_car(first.test_client())
+    ready = second.test_client().get("/health/ready")
+    assert ready.status_code == 200 and ready.get_json()["status"] == "ready"
+    assert second.extensions["dealership"].fleet.cars.keys() == {1}  # readiness caught it up
+
+
+def test_under_serve_json_lines_access_log_and_metrics_summed_over_workers_a_replaced_ones_kept(tmp_path):
+    """Two workers; requests spread over both; one killed -9 and replaced: /metrics, from either, counts
+    every request once; every line is one JSON object; serve removes the metrics folder it made."""
+    settings = {"DEALERSHIP_LOG_FORMAT": "json", "TMPDIR": str(tmp_path)}
+    with serving(tmp_path, "--workers", "2", settings=settings) as (server, port):
+        workers = workers_of(server.pid)
+        assert http(port, "POST", f"{API}/cars", car_body())[0] == 201
+        for n in range(20):  # a new connection each: both workers take some
+            assert http(port, "GET", f"{API}/cars/1", headers={"X-Request-ID": f"first-{n}"})[0] == 200
+        os.kill(workers[0], 9)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (len(workers_of(server.pid)) != 2 or workers[0] in workers_of(server.pid)):
+            time.sleep(0.1)
+        time.sleep(1)
+        for n in range(20):
+            assert http(port, "GET", f"{API}/cars/1", headers={"X-Request-ID": f"second-{n}"})[0] == 200
+        for _ in range(4):  # whichever worker answers, the same sums
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+                values = metric_values(response.read().decode())
+            route = f"{API}/cars/<digits:car_id>"
+            assert metric(values, "dealership_http_requests_total", method="GET", route=route, status="200") == 40
+            assert metric(values, "dealership_http_requests_total", method="POST", route=f"{API}/cars",
+                          status="201") == 1
+            assert metric(values, "dealership_records", kind="cars") == 1
+        assert [path.name for path in tmp_path.iterdir() if path.name.startswith("dealership-metrics-")]
+        server.send_signal(15)
+        assert server.wait(timeout=30) == 0
+    assert not [path.name for path in tmp_path.iterdir() if path.name.startswith("dealership-metrics-")]
+    lines = [json.loads(line) for line in open(tmp_path / "served.log").read().splitlines()]
+    assert all({"time", "level", "logger", "pid", "message", "request_id"} <= set(line) for line in lines)
+    access = [line for line in lines if line["logger"] == "dealership.access" and line["path"] == f"{API}/cars/1"]
+    assert sorted(line["request_id"] for line in access) == sorted([f"first-{n}" for n in range(20)] +
+                                                                   [f"second-{n}" for n in range(20)])
+    assert len({line["pid"] for line in access}) >= 2
+    created = [line for line in lines if line["message"].startswith("car 1 created")]
+    assert len(created) == 1 and created[0]["request_id"] in {line["request_id"] for line in lines
+                                                               if line.get("method") == "POST"}
+
+
+def test_under_serve_the_access_log_is_on_unless_turned_off(tmp_path):
+    with serving(tmp_path, "--workers", "1", settings={"DEALERSHIP_ACCESS_LOG": "off"}) as (server, port):
+        assert http(port, "GET", f"{API}/cars", headers={"X-Request-ID": "quiet"})[0] == 200
+        server.send_signal(15)
+        assert server.wait(timeout=30) == 0
+    assert "quiet" not in open(tmp_path / "served.log").read()
+
+
+def test_with_metrics_off_nothing_is_counted_and_there_is_no_page():
+    client = new_app({"DEALERSHIP_METRICS": "off"}).test_client()
+    assert client.get(f"{API}/cars").status_code == 200
+    off = client.get("/metrics")
+    assert_problem(off, 404)
+    assert "DEALERSHIP_METRICS=off" in off.get_json()["detail"]
+    counted = client.application.extensions["dealership"].metrics.requests.collect()[0].samples
+    assert counted == []

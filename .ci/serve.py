@@ -27,6 +27,10 @@ import urllib.request
 HOST = "127.0.0.1"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOGS = []  # the server logs this process made and has not settled yet
+# The servers' own temporary folder (TMPDIR): `serve` keeps its workers' metrics there, and a server
+# killed -9 cannot remove what it made; this process removes it all when it exits.
+SCRATCH = tempfile.mkdtemp(prefix="dealership-scratch-")
+atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
 TROUBLE = []  # why a log must be kept for a script that does not settle its logs itself
 
 
@@ -109,7 +113,7 @@ def start(database, threads=4, env=None, command="waitress", workers=None):
     """
     port = free_port()
     base = f"http://{HOST}:{port}"
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("DEALERSHIP_")}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("DEALERSHIP_")} | {"TMPDIR": SCRATCH}
     clean |= {"DEALERSHIP_DATABASE": database} | (env or {})
     log = new_log()
     argv = {"waitress": ["-m", "waitress", f"--listen={HOST}:{port}", f"--threads={threads}", "--call",

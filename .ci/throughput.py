@@ -5,6 +5,7 @@
     python .ci/throughput.py --compare            # waitress, gunicorn (gthread) and Granian, each with 1 and N workers
     python .ci/throughput.py --seconds 5 --connections 32
     python .ci/throughput.py --engines            # new bookings/s through `serve` on a SQLite file and on PostgreSQL
+    python .ci/throughput.py --observe            # what the access log and the metrics cost under `serve`
 
 For each server it starts the service on loopback on a new database file, fills 200 cars and 2,000
 bookings through the API, and drives it with a fixed number of keep-alive clients for a fixed time
@@ -26,6 +27,10 @@ are kept and their paths printed.
 synchronous_commit as the server has it) on a new SQLite file and then on a new PostgreSQL database of the
 server of DEALERSHIP_TEST_DATABASE_URL (a superuser's URL; the database is dropped after), fills each
 alike and drives only new bookings on different cars: requests/s and p99 of both, side by side.
+
+--observe runs `serve` (default workers) four times: access log and metrics both off, each alone,
+both on (serve's default), and drives GET /api/v1/cars/{id} and the mix against it and the bare app:
+service/bare of each, and each setting's requests/s against both off.
 """
 import argparse
 import json
@@ -41,7 +46,7 @@ import http.client
 import urllib.request
 from datetime import datetime, timedelta, timezone
 
-from serve import HOST, ROOT, free_port, new_log, run, stop, wait_for
+from serve import HOST, ROOT, SCRATCH, free_port, new_log, run, stop, wait_for
 
 CI = os.path.dirname(os.path.abspath(__file__))
 CARS, PER_CAR = 200, 10
@@ -127,7 +132,7 @@ def command(server, workers, target, port):
 def start(server, workers, target, env):
     port = free_port()
     log = new_log(prefix="dealership-throughput-")
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("DEALERSHIP_")} | env
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("DEALERSHIP_")} | {"TMPDIR": SCRATCH} | env
     environ["PYTHONPATH"] = os.pathsep.join([ROOT, CI, environ.get("PYTHONPATH", "")])
     with log:
         process = subprocess.Popen(command(server, workers, target, port), cwd=ROOT, env=environ, stdout=log,
@@ -203,12 +208,12 @@ def python_client(base, kind, seconds, connections):
     return (len(times) / seconds, times[len(times) // 2] * 1000, times[int(len(times) * 0.99)] * 1000, failures[0])
 
 
-def measure(server, workers, a, folder):
+def measure(server, workers, a, folder, settings=None, kinds=KINDS):
     """{kind: (service figures, bare figures)} for one server and worker count. Both servers run at
     once and each kind is driven against the service and then the bare app, so that a machine that
     slows down or speeds up over the run (it is shared) moves both figures of a ratio alike."""
-    database = os.path.join(folder, f"{server}-{workers}.sqlite3")
-    service, base = start(server, workers, "dealership:create_app", {"DEALERSHIP_DATABASE": database})
+    database = os.path.join(tempfile.mkdtemp(dir=folder), f"{server}-{workers}.sqlite3")
+    service, base = start(server, workers, "dealership:create_app", {"DEALERSHIP_DATABASE": database} | (settings or {}))
     bare = None
     try:
         bodies = fill(base)
@@ -224,7 +229,7 @@ def measure(server, workers, a, folder):
         bare, bare_base = start(bare_server, bare_workers, "bare:create_app",
                                 {"DEALERSHIP_BARE_BODIES": os.path.join(folder, "bodies.json")})
         return {kind: (drive(base, kind, a.seconds, a.connections, script),
-                       drive(bare_base, kind, a.seconds, a.connections, script)) for kind in KINDS}
+                       drive(bare_base, kind, a.seconds, a.connections, script)) for kind in kinds}
     finally:
         stop(service)
         if bare is not None:
@@ -283,18 +288,48 @@ def measure_engines(a, folder):
     return results
 
 
+OBSERVING = {"both off": {"DEALERSHIP_ACCESS_LOG": "off", "DEALERSHIP_METRICS": "off"},
+             "access log on": {"DEALERSHIP_ACCESS_LOG": "on", "DEALERSHIP_METRICS": "off"},
+             "metrics on": {"DEALERSHIP_ACCESS_LOG": "off", "DEALERSHIP_METRICS": "on"},
+             "both on": {"DEALERSHIP_ACCESS_LOG": "on", "DEALERSHIP_METRICS": "on"}}
+
+
+def measure_observing(a, folder):
+    """{setting: {kind: (service, bare)}} for GET /cars/{id} and the mix under serve."""
+    results = {}
+    for label, settings in OBSERVING.items():
+        results[label] = measure("serve", None, a, folder, settings, kinds=("car", "mix"))
+        report(f"serve (default workers), {label}", results[label])
+    print("\nrequests/s against both off (1.00 = free), and service/bare:")
+    print(f"{'setting':16} {'car':>6} {'car/bare':>9} {'mix':>6} {'mix/bare':>9}")
+    base = results["both off"]
+    for label, figures in results.items():
+        row = [figures[kind][0][0] / base[kind][0][0] for kind in ("car", "mix")]
+        bare = [figures[kind][0][0] / figures[kind][1][0] for kind in ("car", "mix")]
+        print(f"{label:16} {row[0]:6.2f} {bare[0]:9.2f} {row[1]:6.2f} {bare[1]:9.2f}")
+    return sum(f[0][3] + f[1][3] for figures in results.values() for f in figures.values())
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=int, default=10, help="per kind of request")
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--compare", action="store_true", help="waitress, gunicorn and Granian with 1 and N workers")
     ap.add_argument("--engines", action="store_true", help="new bookings/s on a SQLite file and on PostgreSQL")
+    ap.add_argument("--observe", action="store_true", help="the access log and metrics, each on and off")
     a = ap.parse_args()
     cores = os.cpu_count()
     print(f"machine: {cores} cores; clients ({'wrk -t2' if shutil.which('wrk') else 'Python threads'}, "
           f"{a.connections} keep-alive connections, {a.seconds} s per kind) and servers share them")
     folder = tempfile.mkdtemp(prefix="dealership-throughput-")
     problems = []
+    if a.observe:
+        try:
+            failed = measure_observing(a, folder)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        print("throughput: no request failed" if not failed else f"throughput: {failed} requests failed")
+        return 1 if failed else 0
     if a.engines:
         try:
             results = measure_engines(a, folder)

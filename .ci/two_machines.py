@@ -70,7 +70,7 @@ from urllib.parse import urlsplit
 import psycopg
 from psycopg import sql
 
-from serve import HOST, ROOT, every_booking, free_port, new_log, run, stop, verdict, wait_for
+from serve import HOST, ROOT, SCRATCH, every_booking, free_port, new_log, run, stop, verdict, wait_for
 
 API = "/api/v1"
 T0 = datetime(2036, 1, 1, tzinfo=timezone.utc)
@@ -181,7 +181,7 @@ class Instance:
         self.argv = [sys.executable, "-m", "flask", "--app", "dealership", "serve", "--host", HOST,
                      "--port", str(self.port), "--workers", str(workers), "--threads", str(threads)]
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("DEALERSHIP_")} | {
-            "DEALERSHIP_DATABASE": database_url, "DEALERSHIP_POOL_SIZE": str(threads)}
+            "DEALERSHIP_DATABASE": database_url, "DEALERSHIP_POOL_SIZE": str(threads), "TMPDIR": SCRATCH}
 
     @property
     def base(self):
