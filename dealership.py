@@ -3503,6 +3503,8 @@ def response_size(response):
 
 
 def count_request(metrics, response, seconds):
+    """The request in the metrics: by method (an unknown one as "other"), route template (never the
+    path: "unmatched" when no route took it) and status, its time, and its refusal if any."""
     method = request.method if request.method in HTTP_METHODS else "other"
     route = request.url_rule.rule if request.url_rule is not None else "unmatched"
     metrics.requests.labels(method, route, str(response.status_code)).inc()
@@ -3534,6 +3536,7 @@ def answer_request(response):
 
 
 def observe(blueprint_or_app):
+    """Give every request that `blueprint_or_app` handles its id, its metrics and its access log line."""
     blueprint_or_app.before_request(take_request_id)
     blueprint_or_app.after_request(answer_request)
 

@@ -4796,3 +4796,14 @@ def test_with_metrics_off_nothing_is_counted_and_there_is_no_page():
     assert "DEALERSHIP_METRICS=off" in off.get_json()["detail"]
     counted = client.application.extensions["dealership"].metrics.requests.collect()[0].samples
     assert counted == []
+
+
+def test_a_host_app_can_serve_the_services_metrics_itself():
+    import prometheus_client
+
+    host = host_app("host")
+    dealership.init_app(host, url_prefix="/dealership/api/v1")
+    host.test_client().get("/dealership/api/v1/cars")
+    page = prometheus_client.generate_latest(host.extensions["dealership"].metrics.registry).decode()
+    assert metric(metric_values(page), "dealership_http_requests_total", method="GET",
+                  route="/dealership/api/v1/cars", status="200") == 1
