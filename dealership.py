@@ -2660,7 +2660,7 @@ class Store:
             job.after_commit.append((Fleet.put_dealer, dealer))
             return dealer
         dealer = self.queue.submit(change)
-        log.info("dealer %d created", dealer.id)
+        log.info("dealer %d created", dealer.id, extra={"event": "dealer created", "dealer_id": dealer.id})
         return dealer
 
     def update_dealer(self, dealer_id, changes):
@@ -2672,7 +2672,8 @@ class Store:
             job.after_commit.append((Fleet.put_dealer, dealer))
             return dealer
         dealer = self.queue.submit(change, locks={("dealer", dealer_id)})
-        log.info("dealer %d changed: %s", dealer_id, ", ".join(sorted(changes)) or "nothing")
+        log.info("dealer %d changed: %s", dealer_id, ", ".join(sorted(changes)) or "nothing",
+                 extra={"event": "dealer changed", "dealer_id": dealer_id, "fields": sorted(changes)})
         return dealer
 
     def delete_dealer(self, dealer_id):
@@ -2681,7 +2682,7 @@ class Store:
             db.delete("dealer", dealer_id)
             job.after_commit.append((Fleet.drop_dealer, dealer_id))
         self.queue.submit(change, locks={("dealer", dealer_id)})
-        log.info("dealer %d deleted", dealer_id)
+        log.info("dealer %d deleted", dealer_id, extra={"event": "dealer deleted", "dealer_id": dealer_id})
 
     # -- cars -----------------------------------------------------------------------------------
 
@@ -2693,7 +2694,8 @@ class Store:
             job.after_commit.append((Fleet.put_car, car))
             return car
         car = self.queue.submit(change)
-        log.info("car %d created: dealer %d, status %s", car.id, car.dealer_id, car.status)
+        log.info("car %d created: dealer %d, status %s", car.id, car.dealer_id, car.status,
+                 extra={"event": "car created", "car_id": car.id, "dealer_id": car.dealer_id})
         return car
 
     def update_car(self, car_id, changes):
@@ -2709,7 +2711,8 @@ class Store:
             job.after_commit.append((Fleet.put_car, car))
             return car
         car = self.queue.submit(change, locks={("car", car_id)})
-        log.info("car %d changed: %s", car_id, ", ".join(sorted(changes)) or "nothing")
+        log.info("car %d changed: %s", car_id, ", ".join(sorted(changes)) or "nothing",
+                 extra={"event": "car changed", "car_id": car_id, "fields": sorted(changes)})
         return car
 
     def delete_car(self, car_id):
@@ -2721,7 +2724,7 @@ class Store:
             db.delete("car", car_id)
             job.after_commit.append((Fleet.drop_car, car_id))
         self.queue.submit(change, locks={("car", car_id)})
-        log.info("car %d deleted", car_id)
+        log.info("car %d deleted", car_id, extra={"event": "car deleted", "car_id": car_id})
 
     # -- bookings -------------------------------------------------------------------------------
 
@@ -2780,8 +2783,10 @@ class Store:
     def _log_booking(self, what, booking):
         self.metrics.bookings.labels(what).inc()
         # ids and times only: never the customer's name or e-mail
-        log.info("booking %d %s: car %d, %s to %s", booking.id, what, booking.car_id,
-                 format_instant(booking.start_datetime, self.zone), format_instant(booking.end_datetime, self.zone))
+        start, end = format_instant(booking.start_datetime, self.zone), format_instant(booking.end_datetime, self.zone)
+        log.info("booking %d %s: car %d, %s to %s", booking.id, what, booking.car_id, start, end,
+                 extra={"event": f"booking {what}", "booking_id": booking.id, "car_id": booking.car_id,
+                        "start_datetime": start, "end_datetime": end})
 
     # -- maintenance windows --------------------------------------------------------------------
 
@@ -2797,8 +2802,10 @@ class Store:
             job.after_commit.append((Fleet.put_window, window))
             return window
         window = self.queue.submit(change, locks={("car", car_id)})
-        log.info("maintenance window %d created: car %d, %s to %s", window.id, car_id,
-                 format_instant(window.start_datetime, self.zone), format_instant(window.end_datetime, self.zone))
+        start, end = format_instant(window.start_datetime, self.zone), format_instant(window.end_datetime, self.zone)
+        log.info("maintenance window %d created: car %d, %s to %s", window.id, car_id, start, end,
+                 extra={"event": "maintenance window created", "window_id": window.id, "car_id": car_id,
+                        "start_datetime": start, "end_datetime": end})
         return window
 
     def delete_window(self, car_id, window_id):
@@ -2807,7 +2814,8 @@ class Store:
             db.delete("window", window_id)
             job.after_commit.append((Fleet.drop_window, window_id))
         self.queue.submit(change, locks={("car", car_id)})
-        log.info("maintenance window %d deleted: car %d", window_id, car_id)
+        log.info("maintenance window %d deleted: car %d", window_id, car_id,
+                 extra={"event": "maintenance window deleted", "window_id": window_id, "car_id": car_id})
 
     # -- queries: under the lock, so a reader never sees a schedule mid-change -------------------
 

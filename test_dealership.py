@@ -4778,6 +4778,7 @@ def test_under_serve_json_lines_access_log_and_metrics_summed_over_workers_a_rep
     created = [line for line in lines if line["message"].startswith("car 1 created")]
     assert len(created) == 1 and created[0]["request_id"] in {line["request_id"] for line in lines
                                                                if line.get("method") == "POST"}
+    assert (created[0]["event"], created[0]["car_id"], created[0]["dealer_id"]) == ("car created", 1, 1)
 
 
 def test_under_serve_the_access_log_is_on_unless_turned_off(tmp_path):
