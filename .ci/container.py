@@ -93,8 +93,8 @@ def sh(argv, timeout=120, check=True, quiet=False, **kwargs):
     if not quiet:
         say("$ " + " ".join(argv))
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-                              **kwargs)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                              **{"stdin": subprocess.DEVNULL} | kwargs)
     except subprocess.TimeoutExpired:
         sys.exit(f"{NAME}: FAIL {argv[0]} {argv[1] if len(argv) > 1 else ''} did not end within {timeout} s")
     if check and done.returncode != 0:
