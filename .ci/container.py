@@ -225,6 +225,7 @@ def pip_secrets(work):
 
 
 def check_image(image, problems):
+    """The built image's configuration; returns its HEALTHCHECK command."""
     info = json.loads(sh(["podman", "image", "inspect", image]).stdout)[0]
     config = info.get("Config", {})
     user = config.get("User", "")
