@@ -40,6 +40,7 @@ together; schemas; HTTP helpers and the one error mapping; routes by resource an
 feeds; the OpenAPI document and docs page; the planning board; logs; CLI commands and the server
 adapter; wiring (init_app, create_app).
 """
+import atexit
 import bisect
 import contextvars
 import functools
@@ -50,9 +51,9 @@ import json
 import logging
 import operator
 import os
+import queue
 import random
 import re
-import secrets
 import shlex
 import shutil
 import signal
@@ -2598,6 +2599,15 @@ class Metrics:
             self.bookings.labels(action)
         for reason in REFUSAL_REASONS:
             self.refusals.labels(reason)
+        self.series = {}  # (method, route, status) -> its request counter and duration histogram
+
+    def request_series(self, method, route, status):
+        """The counter and histogram of a kind of request, found once (labels() costs as much as the count)."""
+        series = self.series.get((method, route, status))
+        if series is None:
+            series = self.series[method, route, status] = (self.requests.labels(method, route, str(status)),
+                                                           self.duration.labels(method, route))
+        return series
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3477,6 +3487,8 @@ REQUEST_ID_HEADER = "X-Request-ID"
 REQUEST_ID_TEXT = re.compile(r"[ -~]{1,200}")  # 1 to 200 printable ASCII characters: a proxy's or a client's
 # Query parameters whose values the access log leaves out: customers' details and secrets, by name.
 PERSONAL_PARAMETER = re.compile(r"mail|name|phone|key|token|secret|pass", re.IGNORECASE)
+PATH_PUNCTUATION = "/:@!$&'()*+,;="  # what the access log keeps as it is in a path, beside letters and digits
+PLAIN_PATH = re.compile(f"[A-Za-z0-9._~{re.escape(PATH_PUNCTUATION)}-]*")  # nothing to percent-encode
 REFUSAL_BY_STATUS = {400: "invalid_input", 413: "invalid_input", 415: "invalid_input", 422: "invalid_input",
                      401: "unauthorized", 429: "rate_limited"}
 access_log = logging.getLogger("dealership.access")
@@ -3490,14 +3502,16 @@ def take_request_id():
     g.request_started = time.perf_counter()
     if "request_id" not in g:
         sent = request.headers.get(REQUEST_ID_HEADER, "")
-        g.request_id = sent if REQUEST_ID_TEXT.fullmatch(sent) else secrets.token_hex(16)
+        g.request_id = sent if REQUEST_ID_TEXT.fullmatch(sent) else f"{random.getrandbits(128):032x}"
 
 
 def logged_path():
     """The path and query as the access log writes them: percent-encoded (a line is one line), and
     without the values of personal parameters."""
-    path = percent_encoded(request.path, safe="/:@!$&'()*+,;=")
-    if not request.args:
+    path = request.path
+    if not PLAIN_PATH.fullmatch(path):
+        path = percent_encoded(path, safe=PATH_PUNCTUATION)
+    if not request.query_string:
         return path
     pairs = [(name, "..." if PERSONAL_PARAMETER.search(name) else value) for name, value in request.args.items(multi=True)]
     return f"{path}?{urlencode(pairs)}"
@@ -3515,8 +3529,9 @@ def count_request(metrics, response, seconds):
     path: "unmatched" when no route took it) and status, its time, and its refusal if any."""
     method = request.method if request.method in HTTP_METHODS else "other"
     route = request.url_rule.rule if request.url_rule is not None else "unmatched"
-    metrics.requests.labels(method, route, str(response.status_code)).inc()
-    metrics.duration.labels(method, route).observe(seconds)
+    count, duration = metrics.request_series(method, route, response.status_code)
+    count.inc()
+    duration.observe(seconds)
     refusal = g.get("refusal")
     if refusal == "storage":
         metrics.unavailable.inc()
@@ -3537,7 +3552,7 @@ def answer_request(response):
     if current_app.config["DEALERSHIP_ACCESS_LOG"]:
         fields = {"client": request.remote_addr, "method": request.method, "path": logged_path(),
                   "status": response.status_code, "bytes": response_size(response),
-                  "duration_ms": round(seconds * 1000, 2)}
+                  "duration_ms": round(seconds * 1000, 2), "request_id": g.request_id}
         access_log.info('%(client)s "%(method)s %(path)s" %(status)s %(bytes)s B %(duration_ms)s ms', fields,
                         extra=fields)
     return response
@@ -4871,23 +4886,84 @@ class JsonLogFormatter(pythonjsonlogger.json.JsonFormatter):
 
 
 LOG_FORMATS = {"text": LogFormatter, "json": JsonLogFormatter}
+LOG_BATCH = 1000  # lines in one write to stderr at most
+LOG_PAUSE = 0.01  # seconds between two writes, unless a whole batch is waiting: what kill -9 may cost
+
+
+class LogWriter(logging.Handler):
+    """serve's handler: writes the lines to stderr from a thread of its own, what has gathered in up
+    to LOG_PAUSE seconds in one write. A thread that wrote its line itself would hold the handler's
+    lock while the write gives up the GIL, and every other request thread that logs would queue
+    behind it until it got the GIL back: with a line per request, that cost half the requests. A
+    record is formatted by the writing thread (its arguments are values that do not change); what is
+    still queued at exit is written then (serve always exits so, but for kill -9)."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = queue.SimpleQueue()
+        self.writer = threading.Thread(target=self._write, name="dealership-log", daemon=True)
+        self.writer.start()
+        atexit.register(self.close)
+
+    def emit(self, record):
+        self.records.put(record)
+
+    def _write(self):
+        while True:
+            batch = [self.records.get()]
+            while batch[-1] is not None and len(batch) < LOG_BATCH:
+                try:
+                    batch.append(self.records.get_nowait())
+                except queue.Empty:
+                    break
+            lines = []
+            for record in batch:
+                if record is not None:
+                    try:
+                        lines.append(self.format(record) + "\n")
+                    except Exception:
+                        self.handleError(record)
+            try:
+                sys.stderr.write("".join(lines))
+                sys.stderr.flush()
+            except (OSError, ValueError):  # stderr closed: nothing to be done
+                pass
+            if batch[-1] is None:
+                return
+            if len(batch) < LOG_BATCH:
+                time.sleep(LOG_PAUSE)  # let lines gather: a thread woken for every line costs the others the GIL
+
+    def close(self):
+        if self.writer.is_alive():
+            self.records.put(None)
+            self.writer.join(timeout=5)
+        super().close()
+
+
 log.addFilter(RequestIdFilter())  # so that a host app's own handlers see request_id too
 access_log.addFilter(RequestIdFilter())
 
 
-def configure_logging(form="text"):
-    """Give the root logger the service's lines on stderr in the form asked for, unless logging is
-    set up already by someone else (a host app's own format, or a test's capture, is kept), and let
-    the service's INFO lines through."""
+def configure_logging(form="text", writer=False):
+    """Give the root logger the service's lines on stderr in the form asked for (through a LogWriter
+    if `writer`: serve's workers), unless logging is set up already by someone else (a host app's own
+    format, or a test's capture, is kept), and let the service's INFO lines through."""
     root = logging.getLogger()
-    ours = [handler for handler in root.handlers if getattr(handler, "dealership", False)]
-    if not root.handlers or ours:
-        handler = ours[0] if ours else logging.StreamHandler()
+    ours = next((handler for handler in root.handlers if getattr(handler, "dealership", False)), None)
+    if ours is None and root.handlers:
+        pass
+    elif ours is None or (writer and not isinstance(ours, LogWriter)):
+        handler = LogWriter() if writer else logging.StreamHandler()
         handler.dealership = True
         handler.setFormatter(LOG_FORMATS[form]())
-        if not ours:
-            handler.addFilter(RequestIdFilter())
-            root.addHandler(handler)
+        handler.addFilter(RequestIdFilter())  # in the thread that logs: the request's id
+        if ours is not None:
+            root.removeHandler(ours)
+        root.addHandler(handler)
+        # what no line of the service shows, left out of every record (logging's own advice for speed)
+        logging.logThreads = logging.logMultiprocessing = False
+    else:
+        ours.setFormatter(LOG_FORMATS[form]())
     if log.level == logging.NOTSET:
         log.setLevel(logging.INFO)
 
@@ -5020,7 +5096,7 @@ class WaitressServer:
 def serve_worker(app, listener, threads):
     """One waitress process on `listener` until SIGTERM or SIGINT, then the requests in flight finished.
     The access log is on unless DEALERSHIP_ACCESS_LOG turns it off."""
-    configure_logging(app.config["DEALERSHIP_LOG_FORMAT"])
+    configure_logging(app.config["DEALERSHIP_LOG_FORMAT"], writer=True)
     if app.config["DEALERSHIP_ACCESS_LOG"] is None:
         app.config["DEALERSHIP_ACCESS_LOG"] = True
     logging.getLogger("waitress").setLevel(logging.INFO)  # "Serving on ..."
@@ -5032,6 +5108,7 @@ def serve_worker(app, listener, threads):
     while not stopping:
         server.poll(timeout=1.0)
         if os.getppid() != parent:  # its supervisor is gone (kill -9): go with it, as it would have
+            logging.shutdown()  # what is still to be written
             os._exit(1)
     server.finish_in_flight(SERVE_IDLE_SECONDS)
     log.info("stopped: requests in flight finished")

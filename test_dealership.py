@@ -4280,6 +4280,8 @@ def test_under_serve_behind_a_proxy_one_clients_refused_keys_do_not_block_anothe
         assert http(port, "POST", f"{API}/dealers", {"name": "A"}, a | wrong)[0] == 429
         assert [dealer["name"] for dealer in http(port, "GET", f"{API}/dealers")[1]] == [
             "Oscar Mobility Main", "B", "A"]
+        server.send_signal(15)  # a clean stop: every line written
+        assert server.wait(timeout=30) == 0
     log = open(tmp_path / "served.log").read()
     assert "refused API key from 203.0.113.5" in log and "refused API key from 198.51.100.7" in log
     assert "refused API key from 127.0.0.1" not in log
@@ -4535,7 +4537,8 @@ def test_every_log_line_of_a_request_names_its_id_the_stores_included(caplog):
     assert ("dealership", "booking 1 cancelled", "trace-cancel") in lines
     access = [record for record in caplog.records if record.name == "dealership.access"]
     assert [record.request_id for record in access] == ["trace-car", "trace-booking", "trace-cancel"]
-    assert all(record.request_id in {"trace-car", "trace-booking", "trace-cancel"} for record in caplog.records)
+    assert all(record.request_id in {"trace-car", "trace-booking", "trace-cancel"} for record in caplog.records), \
+        [(record.name, record.getMessage()) for record in caplog.records if not hasattr(record, "request_id")]
 
 
 def test_the_text_line_shows_the_request_id_and_a_line_outside_a_request_shows_none():
@@ -4750,6 +4753,7 @@ def test_under_serve_json_lines_access_log_and_metrics_summed_over_workers_a_rep
         assert http(port, "POST", f"{API}/cars", car_body())[0] == 201
         for n in range(20):  # a new connection each: both workers take some
             assert http(port, "GET", f"{API}/cars/1", headers={"X-Request-ID": f"first-{n}"})[0] == 200
+        time.sleep(0.5)  # a worker writes its lines within LOG_PAUSE: those of the last instants die with it
         os.kill(workers[0], 9)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and (len(workers_of(server.pid)) != 2 or workers[0] in workers_of(server.pid)):
@@ -4808,3 +4812,27 @@ def test_a_host_app_can_serve_the_services_metrics_itself():
     page = prometheus_client.generate_latest(host.extensions["dealership"].metrics.registry).decode()
     assert metric(metric_values(page), "dealership_http_requests_total", method="GET",
                   route="/dealership/api/v1/cars", status="200") == 1
+
+
+def test_serves_log_writer_writes_every_line_in_order_from_its_thread_and_the_rest_at_close(monkeypatch):
+    import io
+
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    writer = dealership.LogWriter()
+    writer.setFormatter(dealership.LogFormatter())
+    logger = logging.getLogger("dealership.writer_test")
+    logger.propagate, logger.level = False, logging.INFO
+    logger.addHandler(writer)
+    try:
+        for n in range(2500):  # more than one batch
+            logger.info("line %d", n, extra={"request_id": f"r{n}"})
+        wait_until(lambda: stream.getvalue().count("\n") >= 100)  # written without a close
+        logger.info("the last", extra={"request_id": "last"})
+    finally:
+        logger.removeHandler(writer)
+        writer.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2501 and all(LOG_LINE.match(line) for line in lines)
+    assert [line.split(": ", 1)[1] for line in lines] == [f"line {n}" for n in range(2500)] + ["the last"]
+    assert "[r7]: line 7" in lines[7] and not writer.writer.is_alive()

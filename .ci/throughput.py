@@ -28,9 +28,10 @@ synchronous_commit as the server has it) on a new SQLite file and then on a new 
 server of DEALERSHIP_TEST_DATABASE_URL (a superuser's URL; the database is dropped after), fills each
 alike and drives only new bookings on different cars: requests/s and p99 of both, side by side.
 
---observe runs `serve` (default workers) four times: access log and metrics both off, each alone,
-both on (serve's default), and drives GET /api/v1/cars/{id} and the mix against it and the bare app:
-service/bare of each, and each setting's requests/s against both off.
+--observe runs `serve` (default workers) four times at once, with the access log and metrics both
+off, each alone, and both on (serve's default), beside the bare app, and drives GET
+/api/v1/cars/{id} and the mix against each in turn, three rounds: each setting's requests/s against
+both off, and against the bare app.
 """
 import argparse
 import json
@@ -208,12 +209,12 @@ def python_client(base, kind, seconds, connections):
     return (len(times) / seconds, times[len(times) // 2] * 1000, times[int(len(times) * 0.99)] * 1000, failures[0])
 
 
-def measure(server, workers, a, folder, settings=None, kinds=KINDS):
+def measure(server, workers, a, folder):
     """{kind: (service figures, bare figures)} for one server and worker count. Both servers run at
     once and each kind is driven against the service and then the bare app, so that a machine that
     slows down or speeds up over the run (it is shared) moves both figures of a ratio alike."""
     database = os.path.join(tempfile.mkdtemp(dir=folder), f"{server}-{workers}.sqlite3")
-    service, base = start(server, workers, "dealership:create_app", {"DEALERSHIP_DATABASE": database} | (settings or {}))
+    service, base = start(server, workers, "dealership:create_app", {"DEALERSHIP_DATABASE": database})
     bare = None
     try:
         bodies = fill(base)
@@ -229,7 +230,7 @@ def measure(server, workers, a, folder, settings=None, kinds=KINDS):
         bare, bare_base = start(bare_server, bare_workers, "bare:create_app",
                                 {"DEALERSHIP_BARE_BODIES": os.path.join(folder, "bodies.json")})
         return {kind: (drive(base, kind, a.seconds, a.connections, script),
-                       drive(bare_base, kind, a.seconds, a.connections, script)) for kind in kinds}
+                       drive(bare_base, kind, a.seconds, a.connections, script)) for kind in KINDS}
     finally:
         stop(service)
         if bare is not None:
@@ -294,20 +295,66 @@ OBSERVING = {"both off": {"DEALERSHIP_ACCESS_LOG": "off", "DEALERSHIP_METRICS": 
              "both on": {"DEALERSHIP_ACCESS_LOG": "on", "DEALERSHIP_METRICS": "on"}}
 
 
-def measure_observing(a, folder):
-    """{setting: {kind: (service, bare)}} for GET /cars/{id} and the mix under serve."""
-    results = {}
-    for label, settings in OBSERVING.items():
-        results[label] = measure("serve", None, a, folder, settings, kinds=("car", "mix"))
-        report(f"serve (default workers), {label}", results[label])
-    print("\nrequests/s against both off (1.00 = free), and service/bare:")
-    print(f"{'setting':16} {'car':>6} {'car/bare':>9} {'mix':>6} {'mix/bare':>9}")
-    base = results["both off"]
-    for label, figures in results.items():
-        row = [figures[kind][0][0] / base[kind][0][0] for kind in ("car", "mix")]
-        bare = [figures[kind][0][0] / figures[kind][1][0] for kind in ("car", "mix")]
-        print(f"{label:16} {row[0]:6.2f} {bare[0]:9.2f} {row[1]:6.2f} {bare[1]:9.2f}")
-    return sum(f[0][3] + f[1][3] for figures in results.values() for f in figures.values())
+def cpu_seconds(pid):
+    """CPU time (user and system) used so far by a process and its children still running (Linux)."""
+    pids, total = [pid], 0
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        pids += [int(child) for child in f.read().split()]
+    for one in pids:
+        with open(f"/proc/{one}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def measure_observing(a, folder, rounds=3):
+    """GET /cars/{id} and the mix under serve with each of OBSERVING's settings, and the bare app: all
+    five run at once and are driven in turn, round after round, so that a machine whose speed drifts
+    moves every figure of a round alike. Prints the medians over the rounds; returns the failures."""
+    servers, bodies = {}, None
+    kinds = ("car", "mix")
+    try:
+        for label, settings in OBSERVING.items():
+            database = os.path.join(tempfile.mkdtemp(dir=folder), "observe.sqlite3")
+            servers[label] = start("serve", None, "dealership:create_app", {"DEALERSHIP_DATABASE": database} | settings)
+            bodies = fill(servers[label][1])
+        with open(os.path.join(folder, "bodies.json"), "w") as f:
+            json.dump(bodies, f)
+        servers["bare"] = start(SERVE_SERVER, os.cpu_count(), "bare:create_app",
+                                {"DEALERSHIP_BARE_BODIES": os.path.join(folder, "bodies.json")})
+        figures = {label: {kind: [] for kind in kinds} for label in servers}
+        for round_ in range(rounds):
+            script = os.path.join(folder, f"load-{round_}.lua")
+            with open(script, "w") as f:  # each round books two centuries after the one before
+                f.write(LUA % {"cars": CARS, "base": int(FAR.timestamp()) + round_ * 6_307_200_000,
+                               "available": available_path()})
+                f.write('\nkind = os.getenv("WRK_KIND")\n')
+            for kind in kinds:
+                for label, (process, base) in servers.items():
+                    used = cpu_seconds(process.pid)
+                    rps, p50, p99, failed = drive(base, kind, a.seconds, a.connections, script)
+                    cpu = (cpu_seconds(process.pid) - used) / (rps * a.seconds) * 1e6  # µs of server CPU a request
+                    figures[label][kind].append((rps, p50, p99, failed, cpu))
+    finally:
+        for process, _ in servers.values():
+            stop(process)
+
+    def median(values):
+        return sorted(values)[len(values) // 2]
+
+    print(f"\n`serve` (default workers) with each setting, {rounds} rounds: medians of requests/s, of p99, of the "
+          "servers' CPU time per request, and of each round's ratios")
+    print(f"{'setting':15} {'kind':5} {'req/s':>7} {'p99 ms':>7} {'/both off':>10} {'/bare':>7} {'CPU µs':>7} "
+          f"{'CPU /both off':>14}")
+    for label in OBSERVING:
+        for kind in kinds:
+            runs = figures[label][kind]
+            against = [run[0] / off[0] for run, off in zip(runs, figures["both off"][kind])]
+            bare = [run[0] / plain[0] for run, plain in zip(runs, figures["bare"][kind])]
+            cpu = [run[4] / off[4] for run, off in zip(runs, figures["both off"][kind])]
+            print(f"{label:15} {kind:5} {median([r[0] for r in runs]):7.0f} {median([r[2] for r in runs]):7.1f} "
+                  f"{median(against):10.2f} {median(bare):7.2f} {median([r[4] for r in runs]):7.0f} {median(cpu):14.2f}")
+    return sum(run[3] for label in figures for kind in kinds for run in figures[label][kind])
 
 
 def main():
