@@ -3492,6 +3492,7 @@ PLAIN_PATH = re.compile(f"[A-Za-z0-9._~{re.escape(PATH_PUNCTUATION)}-]*")  # not
 REFUSAL_BY_STATUS = {400: "invalid_input", 413: "invalid_input", 415: "invalid_input", 422: "invalid_input",
                      401: "unauthorized", 429: "rate_limited"}
 access_log = logging.getLogger("dealership.access")
+ACCESS_LINE = '%(client)s "%(method)s %(path)s" %(status)s %(bytes)s B %(duration_ms)s ms'
 
 
 def take_request_id():
@@ -3553,8 +3554,9 @@ def answer_request(response):
         fields = {"client": request.remote_addr, "method": request.method, "path": logged_path(),
                   "status": response.status_code, "bytes": response_size(response),
                   "duration_ms": round(seconds * 1000, 2), "request_id": g.request_id}
-        access_log.info('%(client)s "%(method)s %(path)s" %(status)s %(bytes)s B %(duration_ms)s ms', fields,
-                        extra=fields)
+        if access_log.isEnabledFor(logging.INFO):  # the record made directly: no need to find the caller's frame
+            access_log.handle(access_log.makeRecord(access_log.name, logging.INFO, __file__, 0, ACCESS_LINE,
+                                                    (fields,), None, extra=fields))
     return response
 
 
@@ -4844,9 +4846,19 @@ def board():
 # ---------------------------------------------------------------------------------------------
 
 
-def log_time(record):
-    """When the record was made, in the machine's local time: 2035-01-15T10:00:00.123+01:00."""
-    return datetime.fromtimestamp(record.created).astimezone().isoformat(timespec="milliseconds")
+class LogTime:
+    """When a record was made, in the machine's local time: 2035-01-15T10:00:00.123+01:00 (the date,
+    time and offset worked out once a second)."""
+
+    def __init__(self):
+        self.second, self.parts = None, None
+
+    def __call__(self, record):
+        second = int(record.created)
+        if second != self.second:
+            stamp = datetime.fromtimestamp(second).astimezone().isoformat()  # 2035-01-15T10:00:00+01:00
+            self.second, self.parts = second, (stamp[:19], stamp[19:])
+        return f"{self.parts[0]}.{int((record.created - second) * 1000):03d}{self.parts[1]}"
 
 
 class RequestIdFilter(logging.Filter):
@@ -4863,6 +4875,7 @@ class LogFormatter(logging.Formatter):
 
     def __init__(self):
         super().__init__("%(asctime)s %(levelname)s %(process)d %(name)s%(request_tag)s: %(message)s")
+        self.clock = LogTime()
 
     def format(self, record):
         request_id = getattr(record, "request_id", None)
@@ -4870,7 +4883,7 @@ class LogFormatter(logging.Formatter):
         return super().format(record)
 
     def formatTime(self, record, datefmt=None):
-        return log_time(record)
+        return self.clock(record)
 
 
 class JsonLogFormatter(pythonjsonlogger.json.JsonFormatter):
@@ -4880,9 +4893,10 @@ class JsonLogFormatter(pythonjsonlogger.json.JsonFormatter):
     def __init__(self):
         super().__init__("{asctime}{levelname}{name}{process}{message}{request_id}", style="{",
                          rename_fields={"asctime": "time", "levelname": "level", "name": "logger", "process": "pid"})
+        self.clock = LogTime()
 
     def formatTime(self, record, datefmt=None):
-        return log_time(record)
+        return self.clock(record)
 
 
 LOG_FORMATS = {"text": LogFormatter, "json": JsonLogFormatter}

@@ -4836,3 +4836,13 @@ def test_serves_log_writer_writes_every_line_in_order_from_its_thread_and_the_re
     assert len(lines) == 2501 and all(LOG_LINE.match(line) for line in lines)
     assert [line.split(": ", 1)[1] for line in lines] == [f"line {n}" for n in range(2500)] + ["the last"]
     assert "[r7]: line 7" in lines[7] and not writer.writer.is_alive()
+
+
+@pytest.mark.parametrize("created", [1_000_000_000.25, 2_000_000_000.999, 1_700_000_000.0])
+def test_the_log_time_worked_out_once_a_second_is_the_records_own(created):
+    formatter = dealership.LogFormatter()
+    for offset in (0, 0.5, 1.001):  # the same second again, then the next
+        record = logging.LogRecord("dealership", logging.INFO, __file__, 1, "m", (), None)
+        record.created = created + offset
+        assert formatter.formatTime(record) == \
+            datetime.fromtimestamp(created + offset).astimezone().isoformat(timespec="milliseconds")

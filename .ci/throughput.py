@@ -30,8 +30,8 @@ alike and drives only new bookings on different cars: requests/s and p99 of both
 
 --observe runs `serve` (default workers) four times at once, with the access log and metrics both
 off, each alone, and both on (serve's default), beside the bare app, and drives GET
-/api/v1/cars/{id} and the mix against each in turn, three rounds: each setting's requests/s against
-both off, and against the bare app.
+/api/v1/cars/{id} and the mix against each in turn, five rounds, each begun with another: each
+setting's requests/s and the servers' CPU time per request against both off, and against the bare app.
 """
 import argparse
 import json
@@ -307,7 +307,7 @@ def cpu_seconds(pid):
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def measure_observing(a, folder, rounds=3):
+def measure_observing(a, folder, rounds=5):
     """GET /cars/{id} and the mix under serve with each of OBSERVING's settings, and the bare app: all
     five run at once and are driven in turn, round after round, so that a machine whose speed drifts
     moves every figure of a round alike. Prints the medians over the rounds; returns the failures."""
@@ -329,8 +329,10 @@ def measure_observing(a, folder, rounds=3):
                 f.write(LUA % {"cars": CARS, "base": int(FAR.timestamp()) + round_ * 6_307_200_000,
                                "available": available_path()})
                 f.write('\nkind = os.getenv("WRK_KIND")\n')
+            order = list(servers.items())
+            order = order[round_ % len(order):] + order[:round_ % len(order)]  # each round starts with another
             for kind in kinds:
-                for label, (process, base) in servers.items():
+                for label, (process, base) in order:
                     used = cpu_seconds(process.pid)
                     rps, p50, p99, failed = drive(base, kind, a.seconds, a.connections, script)
                     cpu = (cpu_seconds(process.pid) - used) / (rps * a.seconds) * 1e6  # µs of server CPU a request
