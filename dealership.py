@@ -4854,11 +4854,11 @@ class LogTime:
         self.second, self.parts = None, None
 
     def __call__(self, record):
-        second = int(record.created)
+        second, micros = divmod(round(record.created * 1_000_000), 1_000_000)  # as datetime rounds it
         if second != self.second:
             stamp = datetime.fromtimestamp(second).astimezone().isoformat()  # 2035-01-15T10:00:00+01:00
             self.second, self.parts = second, (stamp[:19], stamp[19:])
-        return f"{self.parts[0]}.{int((record.created - second) * 1000):03d}{self.parts[1]}"
+        return f"{self.parts[0]}.{micros // 1000:03d}{self.parts[1]}"
 
 
 class RequestIdFilter(logging.Filter):
