@@ -34,11 +34,11 @@ together share one transaction and one sync to disk (group commit), each answere
 The sections, each using only what stands above it: constants and settings; records (immutable),
 domain errors and the pure domain rules; the fleet in memory (dicts, schedules, day coverage,
 queries: no locks, no SQL); storage engines (SQLite, on a file or in memory, and PostgreSQL: all
-the SQL); the
-write queue (group commit); the Store, which holds the locks and ties fleet, engine and queue
-together; schemas; HTTP helpers and the one error mapping; routes by resource and the calendar
-feeds; the OpenAPI document and docs page; the planning board; logs; CLI commands and the server
-adapter; wiring (init_app, create_app).
+the SQL); the write queue (group commit); the metrics; the Store, which holds the locks and ties
+fleet, engine and queue together; schemas; HTTP helpers (request ids, the access log, metrics per
+request) and the one error mapping; routes by resource and the calendar feeds; the OpenAPI
+document and docs page; the planning board; logs (text or JSON); CLI commands and the server
+adapter; wiring (init_app, create_app: /health, /health/ready, /metrics).
 """
 import atexit
 import bisect
@@ -79,8 +79,8 @@ import icalendar
 import limits
 import prometheus_client
 import prometheus_client.multiprocess
-import pythonjsonlogger.json
 import psycopg
+import pythonjsonlogger.json
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, Flask, Response, current_app, g, has_request_context, redirect, render_template, request, url_for
