@@ -91,7 +91,7 @@ from flask_swagger_ui import get_swaggerui_blueprint
 from markupsafe import Markup, escape
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from psycopg.pq import DiagnosticField, ExecStatus, TransactionStatus
+from psycopg.pq import ConnStatus, DiagnosticField, ExecStatus, TransactionStatus
 from psycopg_pool import ConnectionPool, PoolTimeout
 from sortedcontainers import SortedList
 from werkzeug.datastructures import WWWAuthenticate
@@ -2251,11 +2251,20 @@ class PostgresConnection(RecordRows):
         if result.status != ExecStatus.TUPLES_OK and result.error_field(DiagnosticField.SQLSTATE) == b"26000":
             prepared = pgconn.prepare(NEWS_STATEMENT, NEWS_QUERY.replace("%s", "$1").encode())
             if prepared.status != ExecStatus.COMMAND_OK:
-                raise psycopg.errors.error_from_result(prepared)
+                raise self._failure(prepared)
             result = pgconn.exec_prepared(NEWS_STATEMENT, [horizon])
         if result.status != ExecStatus.TUPLES_OK:
-            raise psycopg.errors.error_from_result(result)
+            raise self._failure(result)
         return [value and value.decode() for value in (result.get_value(0, column) for column in range(3))]
+
+    def _failure(self, result):
+        """The error of a result that libpq gave straight: an OperationalError, as psycopg raises it,
+        when the connection itself is gone (a result without a SQLSTATE would otherwise be taken
+        for a refusal, and the broken connection lent again)."""
+        if self.conn.pgconn.status != ConnStatus.OK:
+            message = self.conn.pgconn.error_message.decode(errors="replace").strip()
+            return psycopg.OperationalError(message or "the connection to the server was lost")
+        return psycopg.errors.error_from_result(result)
 
     def changes_since(self, position):
         """({kind: {id: record, or None when it is gone}} changed by transactions that `position` has
@@ -2843,10 +2852,14 @@ class Store:
         usual answer ("nothing new") needs no lock. If the database cannot be read, the request is
         answered from the fleet as it is; a write catches up (or fails with 503) inside its own
         transaction."""
-        try:
-            self.refresh()
-        except self.engine.Error as error:
-            self.unread.log(logging.WARNING, "could not read %s to catch up: %s", self.engine.name, error)
+        for attempt in (1, 2):
+            try:
+                self.refresh()
+                return
+            except self.engine.Error as error:
+                if attempt == 1 and self.engine.retryable(error):  # a connection found broken: once more, on
+                    continue  # another (after a restart of PostgreSQL, the pool's others are checked meanwhile)
+                self.unread.log(logging.WARNING, "could not read %s to catch up: %s", self.engine.name, error)
 
     def refresh(self):
         """sync, raising engine.Error when the database cannot be read."""

@@ -2839,6 +2839,18 @@ def test_connections_cut_by_the_server_are_replaced_without_a_restart(postgres_d
     assert len(table_rows(postgres_database)["bookings"]) == 1
 
 
+def test_a_read_after_the_servers_connections_were_cut_still_sees_what_another_process_wrote(postgres_database):
+    reader, writer = on_file(postgres_database), on_file(postgres_database)
+    make_car(reader.test_client())
+    assert reader.test_client().get(f"{API}/bookings").get_json() == []  # its connection is in its pool
+    with postgres(postgres_database) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    assert book(writer.test_client(), 1).status_code == 201  # its own connection lost too: the write runs again
+    seen = reader.test_client().get(f"{API}/bookings")  # its pooled connection is broken: the read takes another
+    assert [booking["id"] for booking in seen.get_json()] == [1]
+
+
 def test_a_connection_lost_during_commit_is_a_503_that_says_the_outcome_is_unknown(postgres_database):
     client = on_file(postgres_database).test_client()
     make_car(client)
