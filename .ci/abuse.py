@@ -270,8 +270,9 @@ def guessers_behind_a_proxy(problems):
 def main():
     problems = []
     spool = tempfile.mkdtemp(prefix="dealership-spool-")
+    metrics = tempfile.mkdtemp(prefix="dealership-metrics-")  # the workers' metrics files, kept out of the spool
     try:
-        with serve(threads=8, command="serve", env={"TMPDIR": spool}) as (base, server):
+        with serve(threads=8, command="serve", env={"TMPDIR": spool, "PROMETHEUS_MULTIPROC_DIR": metrics}) as (base, server):
             port = int(base.rsplit(":", 1)[1])
             idle = open_idle(port, 150)
             try:
@@ -308,6 +309,7 @@ def main():
         guessers_behind_a_proxy(problems)
     finally:
         shutil.rmtree(spool, ignore_errors=True)
+        shutil.rmtree(metrics, ignore_errors=True)
     return verdict("abuse", problems)
 
 
