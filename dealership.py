@@ -45,6 +45,7 @@ import bisect
 import contextvars
 import functools
 import hashlib
+import heapq
 import hmac
 import inspect
 import json
@@ -142,6 +143,7 @@ MAX_SHOWN_NAME = 100  # characters of a field or parameter name that a 422 repea
 MAX_TURNAROUND = 1440  # minutes: a day
 MAX_NAME = 200  # characters of a customer's name
 MAX_EMAIL = 254  # characters of an e-mail address, once normalized
+MAX_HOLD_MINUTES, DEFAULT_HOLD_MINUTES = 30, 10  # how long a hold keeps a car's period
 CLOCK_TOLERANCE = timedelta(minutes=1)  # how far in the past a new booking may start
 SEED_DEALER_ID = 1  # a new database has one dealer, this one
 SEED_DEALER = {"name": "Oscar Mobility Main", "location": "Munich, Germany", "turnaround_minutes": 0}
@@ -209,6 +211,16 @@ def seconds(name, value):
         number = None
     if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 <= number <= 3600:
         raise ConfigError(f"{name}={value!r} must be a number of seconds from 0 to 3600.")
+    return number
+
+
+def hours(name, value):
+    try:
+        number = float(value) if isinstance(value, str) else value
+    except ValueError:
+        number = None
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 < number <= 24 * 366:
+        raise ConfigError(f"{name}={value!r} must be a number of hours above 0, at most a year (8784).")
     return number
 
 
@@ -290,6 +302,7 @@ SETTINGS = {
     "DEALERSHIP_ACCESS_LOG": (None, optional(boolean)),  # a line per request; not set: on under serve only
     "DEALERSHIP_METRICS": (True, boolean),  # off: requests are not counted, and /metrics is a 404
     "DEALERSHIP_METRICS_KEY": (None, optional(api_key)),  # if set, GET /metrics needs it as a Bearer token
+    "DEALERSHIP_IDEMPOTENCY_HOURS": (24, hours),  # how long the answer to a request with an Idempotency-Key is kept
 }
 
 
@@ -304,6 +317,7 @@ class Dealer:
     name: str
     location: str
     turnaround_minutes: int  # the least gap between two entries of the schedule of each of its cars
+    version: int = 1  # counts the record's changes, in the store of record: its ETag
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,6 +331,7 @@ class Car:
     vin: str
     status: str
     dealer_id: int
+    version: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,6 +343,7 @@ class Booking:
     start_datetime: datetime  # aware, UTC
     end_datetime: datetime  # aware, UTC
     total_cents: int  # the price, fixed when the booking is made or moved
+    version: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,12 +354,32 @@ class MaintenanceWindow:
     start_datetime: datetime  # aware, UTC
     end_datetime: datetime  # aware, UTC
     note: str
+    version: int = 1
 
 
-DEALER_FIELDS = ("name", "location", "turnaround_minutes")
-CAR_FIELDS = ("brand", "model", "year", "color", "daily_price", "vin", "status", "dealer_id")
-BOOKING_FIELDS = ("car_id", "customer_name", "customer_email", "start_datetime", "end_datetime", "total_cents")
-WINDOW_FIELDS = ("car_id", "start_datetime", "end_datetime", "note")
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """A car's period kept for a customer who is still checking out: in the car's schedule exactly as
+    a booking is until `expires_at`, and from that instant as if it were not there. Confirmed, it
+    becomes a booking of the same car and period."""
+    id: int
+    car_id: int
+    start_datetime: datetime  # aware, UTC
+    end_datetime: datetime  # aware, UTC
+    expires_at: datetime  # aware, UTC
+
+
+DEALER_FIELDS = ("name", "location", "turnaround_minutes", "version")
+CAR_FIELDS = ("brand", "model", "year", "color", "daily_price", "vin", "status", "dealer_id", "version")
+BOOKING_FIELDS = ("car_id", "customer_name", "customer_email", "start_datetime", "end_datetime", "total_cents",
+                  "version")
+WINDOW_FIELDS = ("car_id", "start_datetime", "end_datetime", "note", "version")
+HOLD_FIELDS = ("car_id", "start_datetime", "end_datetime", "expires_at")
+
+
+def changed(record, **changes):
+    """`record` with `changes`, at its next version: every change of a versioned record goes through here."""
+    return replace(record, **changes, version=record.version + 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,6 +408,17 @@ class ConflictError(DomainError):
     reason = "conflict"
 
 
+class PreconditionFailed(DomainError):
+    """The request's If-Match names another version of the record than the one stored (412)."""
+    reason = "precondition_failed"
+
+
+class GoneError(DomainError):
+    """What the request names existed, and no longer counts: a hold that expired, a cursor of the
+    change feed older than what it keeps (410)."""
+    reason = "gone"
+
+
 class InvalidError(DomainError):
     """A value breaks a rule that involves more than its field's own syntax (422 on `field`)."""
     reason = "invalid_input"
@@ -382,8 +429,9 @@ class InvalidError(DomainError):
 
 
 # What a refusal is counted as: the rule a request broke, or how it was turned away.
-REFUSAL_REASONS = ("overlap", "turnaround", "maintenance", "car_not_available", "in_the_past", "conflict",
-                   "invalid_input", "unauthorized", "rate_limited")
+REFUSAL_REASONS = ("overlap", "held", "turnaround", "maintenance", "car_not_available", "in_the_past", "conflict",
+                   "precondition_failed", "gone", "idempotency_key_reused", "invalid_input", "unauthorized",
+                   "rate_limited")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,6 +537,8 @@ def describe(entry):
     """An entry of a schedule in words: 'booking 7', or 'maintenance window 2 (Brake check)'."""
     if type(entry) is Booking:
         return f"booking {entry.id}"
+    if type(entry) is Hold:
+        return f"hold {entry.id}"
     return f"maintenance window {entry.id}" + (f" ({entry.note})" if entry.note else "")
 
 
@@ -501,6 +551,10 @@ def clash(car, turnaround_minutes, start, end, other, zone):
         if type(other) is Booking:
             return ConflictError(f"Car {car.id} is already booked from {shown_start} to {shown_end} by {name}.",
                                  "overlap")
+        if type(other) is Hold:
+            return ConflictError(f"Car {car.id} is held from {shown_start} to {shown_end} by {name} until "
+                                 f"{format_instant(other.expires_at, zone)}, for a customer who is booking it: "
+                                 "try another period or car, or again once the hold has expired.", "held")
         return ConflictError(f"Car {car.id} is in maintenance from {shown_start} to {shown_end}: {name}.",
                              "maintenance")
     why = f"dealer {car.dealer_id} needs {plural(turnaround_minutes, 'minute')} of turnaround between two " \
@@ -570,6 +624,9 @@ class Schedule:
 
     def windows(self):
         return [entry for entry in self.entries if type(entry) is MaintenanceWindow]
+
+    def holds(self):
+        return [entry for entry in self.entries if type(entry) is Hold]
 
 
 class Coverage:
@@ -687,11 +744,14 @@ class Fleet:
     """Every record, indexed for the queries the API answers. Lookups raise NotFoundError; the
     checks raise ConflictError; `put_*` and `drop_*` change the dicts (only after COMMIT)."""
 
-    def __init__(self, zone, dealers=(), cars=(), bookings=(), windows=()):
+    def __init__(self, zone, dealers=(), cars=(), bookings=(), windows=(), holds=()):
         self.zone = zone  # the dealership's: the times in messages are written in it
         self.dealers = {dealer.id: dealer for dealer in dealers}
         self.cars, self.car_by_vin, self.schedules = {}, {}, {}
         self.bookings, self.windows, self.by_email = {}, {}, {}
+        # Every stored hold, and when each still in a schedule expires (a heap): at that instant it
+        # leaves the schedule (see expire), and stays here until the database forgets it.
+        self.holds, self.expiring, self.expired = {}, [], 0
         self.cars_version = 0  # counts changes of cars: what a rendering of the fleet is made from
         # Counts every change of any record, and names this fleet among all others (other processes,
         # other apps, a reload): together they tell whether a feed or the board could have changed.
@@ -707,6 +767,14 @@ class Fleet:
         for window in windows:
             self.windows[window.id] = window
             entries[window.car_id].append(window)
+        now = datetime.now(timezone.utc)
+        for hold in holds:
+            self.holds[hold.id] = hold
+            if hold.expires_at > now:
+                entries[hold.car_id].append(hold)
+                heapq.heappush(self.expiring, (hold.expires_at, hold.id))
+            else:
+                self.expired += 1
         keys = []  # the index by start, from the starts the schedules have worked out already
         for car_id, found in entries.items():
             schedule = self.schedules[car_id] = Schedule(found)
@@ -741,6 +809,16 @@ class Fleet:
             raise NotFoundError(f"Car {car_id} has no maintenance window with id {window_id}.")
         return window
 
+    def hold(self, hold_id, now):
+        """A hold that has not expired: one that has is a 410 until the database forgets it."""
+        hold = self.holds.get(hold_id)
+        if hold is None:
+            raise NotFoundError(f"There is no hold with id {hold_id}.")
+        if hold.expires_at <= now:
+            raise GoneError(f"Hold {hold_id} expired at {format_instant(hold.expires_at, self.zone)}: its period is "
+                            "free again to anyone. Check that it is still free and book it, or place a new hold.")
+        return hold
+
     def turnaround_micros(self, car):
         """The turnaround of a car's dealer: the least gap around each entry of its schedule."""
         return self.dealers[car.dealer_id].turnaround_minutes * MINUTE
@@ -762,6 +840,10 @@ class Fleet:
         booked = len(self.schedules[car_id].bookings())
         if booked:
             raise ConflictError(f"Car {car_id} has {plural(booked, 'booking')}; cancel them before deleting the car.")
+        held = len(self.schedules[car_id].holds())
+        if held:
+            raise ConflictError(f"Car {car_id} has {plural(held, 'hold')} for customers who are booking it; delete "
+                                "them, or wait until they expire (at most 30 minutes), before deleting the car.")
 
     def bookable_car(self, car_id, start, end, ignore=None):
         """The car, if [start, end) can be booked on it: it is available, and the period, widened by
@@ -858,7 +940,68 @@ class Fleet:
         self.version += 1
         self._unschedule(self.windows.pop(window_id))
 
+    def put_hold(self, hold):
+        """A hold in its car's schedule until it expires (one that already has is only kept, for its 410)."""
+        self.version += 1
+        self.holds[hold.id] = hold
+        if hold.expires_at > datetime.now(timezone.utc):
+            self._schedule(hold)
+            heapq.heappush(self.expiring, (hold.expires_at, hold.id))
+        else:
+            self.expired += 1
+
+    def drop_hold(self, hold_id):
+        self.version += 1
+        hold = self.holds.pop(hold_id)
+        if self._scheduled(hold):
+            self._unschedule(hold)
+        else:
+            self.expired -= 1
+
+    def expire(self, now):
+        """Take each hold that has expired by `now` out of its schedule: from that instant on, no
+        check or query sees it. Called before every query and every write's checks; costs nothing
+        while no hold is due."""
+        expiring = self.expiring
+        while expiring and expiring[0][0] <= now:
+            _, hold_id = heapq.heappop(expiring)
+            hold = self.holds.get(hold_id)
+            if hold is not None and self._scheduled(hold):
+                self.version += 1
+                self.expired += 1
+                self._unschedule(hold)
+
+    def stale_holds(self, before, most=100):
+        """Up to `most` holds that expired before `before`, oldest first. Holds come in the order they
+        were made, and none lasts more than MAX_HOLD_MINUTES, so the search stops at the first made
+        later than that."""
+        found, last = [], before + timedelta(minutes=MAX_HOLD_MINUTES)
+        for hold in self.holds.values():
+            if hold.expires_at >= last or len(found) == most:
+                break
+            if hold.expires_at < before:
+                found.append(hold.id)
+        return found
+
+    def _scheduled(self, entry):
+        """Whether `entry` itself is in its car's schedule."""
+        schedule = self.schedules.get(entry.car_id)
+        if schedule is None:
+            return False
+        i = bisect.bisect_left(schedule.starts, micros(entry.start_datetime))
+        return i < len(schedule.entries) and schedule.entries[i] is entry
+
+    def _clear_holds(self, entry):
+        """Take out of the schedule any hold that `entry`, committed by another process, overlaps: that
+        process saw it expired (its clock may be a little ahead of this one's)."""
+        schedule = self.schedules[entry.car_id]
+        for other in schedule.near(micros(entry.start_datetime), micros(entry.end_datetime)):
+            if type(other) is Hold and other is not entry:
+                self.expired += 1
+                self._unschedule(other)
+
     def _schedule(self, entry):
+        self._clear_holds(entry)
         self.schedules[entry.car_id].add(entry)
         if self.coverage is not None:
             self.coverage.add(entry.car_id, micros(entry.start_datetime), micros(entry.end_datetime))
@@ -895,12 +1038,18 @@ class Fleet:
         for window_id in changed.get("window", {}):
             if window_id in self.windows:
                 self.drop_window(window_id)
+        for hold_id in changed.get("hold", {}):
+            if hold_id in self.holds:
+                self.drop_hold(hold_id)
         for booking in changed.get("booking", {}).values():
             if booking is not None:
                 self.put_booking(booking)
         for window in changed.get("window", {}).values():
             if window is not None:
                 self.put_window(window)
+        for hold in changed.get("hold", {}).values():
+            if hold is not None:
+                self.put_hold(hold)
         for car_id, car in changed.get("car", {}).items():
             if car is None and car_id in self.cars:
                 self.drop_car(car_id)
@@ -1135,7 +1284,9 @@ CHANGE_LOG_PRUNE_EVERY = 500  # changes between two prunings
 TABLES = {"dealer": ("dealers", DEALER_FIELDS),
           "car": ("cars", CAR_FIELDS),
           "booking": ("bookings", BOOKING_FIELDS),
-          "window": ("maintenance_windows", WINDOW_FIELDS)}
+          "window": ("maintenance_windows", WINDOW_FIELDS),
+          "hold": ("holds", HOLD_FIELDS)}
+FEED_ACTIONS = {"INSERT": "created", "UPDATE": "changed", "DELETE": "deleted"}  # what the change feed calls each
 
 
 class StorageUnavailable(Exception):
@@ -1175,6 +1326,42 @@ def change_log_triggers(*kinds):
                    for kind in kinds for event, row in [("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD")])
 
 
+def feed_triggers(*kinds):
+    """The triggers that write one row of the change log per changed record, in the transaction of
+    the change itself, whoever makes it: what changed, how (FEED_ACTIONS), when, and the record as
+    it then stood (JSON; null once deleted), for the change feed."""
+    def record(kind, row):
+        columns = ("id",) + TABLES[kind][1]
+        return "json_object(" + ", ".join(f"'{name}', {row}.{name}" for name in columns) + ")"
+    return "".join(f"""
+    CREATE TRIGGER {TABLES[kind][0]}_{event.lower()} AFTER {event} ON {TABLES[kind][0]}
+    BEGIN INSERT INTO changes (kind, id, action, at, record) VALUES ('{kind}', {row}.id, '{FEED_ACTIONS[event]}',
+        strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), {'NULL' if event == 'DELETE' else record(kind, row)}); END;"""
+                   for kind in kinds for event, row in [("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD")])
+
+
+def fill_feed_log(conn):
+    """Schema 3: each change logged before the feed, as its record stands now (deleted if it is gone)."""
+    for kind, (table, columns) in TABLES.items():
+        values = ", ".join(f"'{name}', r.{name}" for name in ("id",) + columns)
+        conn.execute(f"UPDATE changes SET record = (SELECT json_object({values}) FROM {table} r WHERE r.id = changes.id) "
+                     "WHERE kind = ?", (kind,))
+    conn.execute("UPDATE changes SET action = CASE WHEN record IS NULL THEN 'deleted' ELSE 'changed' END, "
+                 "at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')")
+
+
+RECORD_TYPES = {"dealer": Dealer, "car": Car, "booking": Booking, "window": MaintenanceWindow, "hold": Hold}
+
+
+def record_from_json(kind, data):
+    """A record from its row as JSON (PostgreSQL's to_jsonb(), SQLite's json_object())."""
+    fields = {name: data[name] for name in TABLES[kind][1]}
+    for name in ("start_datetime", "end_datetime", "expires_at"):
+        if name in fields:
+            fields[name] = datetime.fromisoformat(fields[name])
+    return RECORD_TYPES[kind](id=data["id"], **fields)
+
+
 def to_column(value):
     """A value as the database keeps it: instants in UTC, as fixed-width ISO 8601 text."""
     if isinstance(value, datetime):
@@ -1183,17 +1370,24 @@ def to_column(value):
 
 
 def booking_from_row(row):
-    booking_id, car_id, name, email, start, end, cents = row
-    return Booking(booking_id, car_id, name, email, datetime.fromisoformat(start), datetime.fromisoformat(end), cents)
+    booking_id, car_id, name, email, start, end, cents, version = row
+    return Booking(booking_id, car_id, name, email, datetime.fromisoformat(start), datetime.fromisoformat(end), cents,
+                   version)
 
 
 def window_from_row(row):
-    window_id, car_id, start, end, note = row
-    return MaintenanceWindow(window_id, car_id, datetime.fromisoformat(start), datetime.fromisoformat(end), note)
+    window_id, car_id, start, end, note, version = row
+    return MaintenanceWindow(window_id, car_id, datetime.fromisoformat(start), datetime.fromisoformat(end), note,
+                             version)
+
+
+def hold_from_row(row):
+    hold_id, car_id, start, end, expires = row
+    return Hold(hold_id, car_id, *map(datetime.fromisoformat, (start, end, expires)))
 
 
 RECORD_FROM_ROW = {"dealer": lambda row: Dealer(*row), "car": lambda row: Car(*row),
-                   "booking": booking_from_row, "window": window_from_row}
+                   "booking": booking_from_row, "window": window_from_row, "hold": hold_from_row}
 
 
 def price_old_bookings(conn):
@@ -1266,6 +1460,36 @@ SCHEMA_STEPS = [
         CHECK (end_datetime > start_datetime)
     );
     """ + change_log_triggers("window"), fill=price_old_bookings),
+    # Versions (ETags), holds, the change feed (what, how, when and the record, per change) and the
+    # answers kept for Idempotency-Key.
+    SchemaStep("""
+    ALTER TABLE dealers ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE cars ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE bookings ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE maintenance_windows ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
+    CREATE TABLE holds (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        car_id INTEGER NOT NULL REFERENCES cars (id),
+        start_datetime TEXT NOT NULL,
+        end_datetime TEXT NOT NULL,
+        expires_at TEXT NOT NULL,
+        CHECK (end_datetime > start_datetime)
+    );
+    ALTER TABLE changes ADD COLUMN action TEXT NOT NULL DEFAULT 'changed';
+    ALTER TABLE changes ADD COLUMN at TEXT;
+    ALTER TABLE changes ADD COLUMN record TEXT;
+    """ + "".join(f"DROP TRIGGER {table}_{event};" for table, _ in list(TABLES.values())[:4]
+                  for event in ("insert", "update", "delete")) + feed_triggers(*TABLES) + """
+    CREATE TABLE idempotency_keys (
+        key TEXT PRIMARY KEY,
+        fingerprint TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        headers TEXT NOT NULL,
+        body BLOB NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE INDEX idempotency_keys_by_age ON idempotency_keys (created_at);
+    """, fill=fill_feed_log),
 ]
 SCHEMA_VERSION = len(SCHEMA_STEPS)
 
@@ -1291,6 +1515,8 @@ class RecordRows:
     def insert(self, kind, fields, record_id=None):
         """Insert a record; the database assigns the id, unless it is given."""
         table, columns = TABLES[kind]
+        if "version" in columns:
+            fields = {"version": 1} | fields  # a new record is at its first version, a copied one at its own
         if record_id is not None:
             fields, columns = fields | {"id": record_id}, ("id",) + columns
         self.written += 1
@@ -1325,6 +1551,52 @@ class RecordRows:
         for row in self._rows(select, ids):
             found[row[0]] = self.record(kind, row)
         return found
+
+    def load(self):
+        """Every record, as Fleet takes them ({"dealers": [...], ...}), and the change log's position,
+        read in one snapshot."""
+        with self.transaction(write=False):
+            position = self.position()
+            records = {"dealers": self.records("dealer"), "cars": self.records("car"),
+                       "bookings": self.records("booking"), "windows": self.records("window"),
+                       "holds": self.records("hold")}
+        return records, position
+
+    # -- the answers kept for Idempotency-Key: a table beside the records, in no change log --------
+
+    def kept_answer(self, key):
+        """What was answered to the first request with `key`: (fingerprint, status, headers as JSON
+        text, body, when), or None."""
+        row = self.conn.execute("SELECT fingerprint, status, headers, body, created_at FROM idempotency_keys "
+                                f"WHERE key = {self.PARAM}", (key,)).fetchone()
+        if row is None:
+            return None
+        made = row[4] if isinstance(row[4], datetime) else datetime.fromisoformat(row[4])
+        return row[0], row[1], row[2], bytes(row[3]), made
+
+    def keep_answer(self, key, fingerprint, status, headers, body, now):
+        """Keep an answer with its key (replacing one kept for the key too long ago)."""
+        self.conn.execute(
+            "INSERT INTO idempotency_keys (key, fingerprint, status, headers, body, created_at) "
+            f"VALUES ({', '.join([self.PARAM] * 6)}) ON CONFLICT (key) DO UPDATE SET fingerprint = "
+            "excluded.fingerprint, status = excluded.status, headers = excluded.headers, body = excluded.body, "
+            "created_at = excluded.created_at", (key, fingerprint, status, headers, body, self.column(now)))
+
+    def forget_answers(self, before):
+        """Forget the answers kept since before `before`."""
+        self.conn.execute(f"DELETE FROM idempotency_keys WHERE created_at < {self.PARAM}", (self.column(before),))
+
+    def feed_page(self, select, values, limit):
+        """The change feed's rows that `select` picks, as (cursor, kind, id, action, at, record or None)."""
+        page = []
+        for row in self.conn.execute(select + f" LIMIT {int(limit)}", values).fetchall():
+            kind, record_id, action, at, data = row[-5:]
+            if isinstance(data, str):
+                data = json.loads(data)
+            page.append((self.cursor(*row[:-5]), kind, record_id, action,
+                         at if isinstance(at, datetime) else datetime.fromisoformat(at),
+                         None if data is None else record_from_json(kind, data)))
+        return page
 
 
 class SQLiteConnection(RecordRows):
@@ -1432,15 +1704,10 @@ class SQLiteConnection(RecordRows):
             chunk = ids[i:i + 500]
             yield from self.conn.execute(f"{select} WHERE id IN ({', '.join('?' * len(chunk))})", chunk)
 
-    def load(self):
-        """Every record, as Fleet takes them ({"dealers": [...], ...}), and the change log's position,
-        read in one transaction."""
-        with self.transaction(write=False):
-            version, position = self.data_version(), self.newest_change()
-            records = {"dealers": self.records("dealer"), "cars": self.records("car"),
-                       "bookings": self.records("booking"), "windows": self.records("window")}
-        self.seen_version = version
-        return records, position
+    def position(self):
+        """The change log's position, and this connection's view of the file (see news) with it."""
+        self.seen_version = self.data_version()
+        return self.newest_change()
 
     def is_empty(self):
         return self.conn.execute("SELECT NOT EXISTS (SELECT 1 FROM cars)").fetchone()[0]
@@ -1468,6 +1735,34 @@ class SQLiteConnection(RecordRows):
 
     def newest_change(self):
         return self.conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]
+
+    # -- the change feed: the log in commit order (one writer at a time, so seq is commit order) ----
+
+    @staticmethod
+    def read_cursor(text):
+        """A cursor of this engine's feed from its text, or None if it is not one."""
+        return int(text) if text.isdigit() and len(text) < 19 else None
+
+    @staticmethod
+    def cursor(seq):
+        return str(seq)
+
+    def feed(self, after, limit):
+        """Up to `limit` changes after cursor `after` (None: from the oldest kept), in commit order, as
+        feed_page gives them, and the cursor to follow on from. When `after` is not within the log
+        (older than its oldest change, or newer than any): None, and the cursor of its newest change."""
+        with self.transaction(write=False):
+            oldest, = self.conn.execute("SELECT min(seq) FROM changes").fetchone()
+            given, = self.conn.execute("SELECT coalesce(max(seq), 0) FROM sqlite_sequence "
+                                       "WHERE name = 'changes'").fetchone()
+            start = given if oldest is None else oldest - 1
+            if after is None:
+                after = start
+            elif not start <= after <= given:
+                return None, self.cursor(given)
+            page = self.feed_page("SELECT seq, kind, id, action, at, record FROM changes WHERE seq > ? ORDER BY seq",
+                                  (after,), limit)
+        return page, page[-1][0] if page else self.cursor(after)
 
     def changes_since(self, position):
         """({kind: {id: record, or None when it is gone}} changed after `position`, the newest
@@ -1502,6 +1797,9 @@ class SQLiteConnection(RecordRows):
         return position + self.written
 
     def lock(self, rows):
+        """Nothing to do: BEGIN IMMEDIATE has locked the whole database."""
+
+    def lock_key(self, key):
         """Nothing to do: BEGIN IMMEDIATE has locked the whole database."""
 
     def prune_change_log(self, before, after):
@@ -1712,6 +2010,7 @@ class SQLiteEngine:
     transactions from it, the engine refuses to open it (a ConfigError), unless `accept_wal_loss`.
     """
     Error = sqlite3.Error
+    read_cursor = staticmethod(SQLiteConnection.read_cursor)  # a cursor of the change feed from its text
 
     def __init__(self, path, synchronous="full", busy_timeout=5.0, create=True, accept_wal_loss=False):
         self.name = path
@@ -2066,10 +2365,68 @@ POSTGRES_SCHEMA_STEPS = [
     END $$;
     """ + "".join(f"""
     CREATE TRIGGER {table}_log AFTER INSERT OR UPDATE OR DELETE ON {table}
-        FOR EACH ROW EXECUTE FUNCTION log_change('{kind}');""" for kind, (table, _) in TABLES.items())),
+        FOR EACH ROW EXECUTE FUNCTION log_change('{kind}');""" for kind, (table, _) in list(TABLES.items())[:4])),
+    # Versions (ETags), holds, the change feed and the answers kept for Idempotency-Key. The feed
+    # follows commit order: each transaction that logs a change takes the next tick of commit_clock
+    # as it commits (a deferred trigger), holding the clock's row until its COMMIT ends, so a tick is
+    # only handed out once every lower one has committed: a reader never sees a tick before a lower one.
+    SchemaStep("""
+    ALTER TABLE dealers ADD COLUMN version bigint NOT NULL DEFAULT 1;
+    ALTER TABLE cars ADD COLUMN version bigint NOT NULL DEFAULT 1;
+    ALTER TABLE bookings ADD COLUMN version bigint NOT NULL DEFAULT 1;
+    ALTER TABLE maintenance_windows ADD COLUMN version bigint NOT NULL DEFAULT 1;
+    CREATE TABLE holds (
+        id bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+        car_id bigint NOT NULL REFERENCES cars (id),
+        start_datetime timestamptz NOT NULL,
+        end_datetime timestamptz NOT NULL,
+        expires_at timestamptz NOT NULL,
+        CHECK (end_datetime > start_datetime)
+    );
+    CREATE INDEX ON holds (car_id);
+    CREATE TRIGGER holds_log AFTER INSERT OR UPDATE OR DELETE ON holds
+        FOR EACH ROW EXECUTE FUNCTION log_change('hold');
+    ALTER TABLE changes ADD COLUMN action text NOT NULL DEFAULT 'changed',
+        ADD COLUMN at timestamptz NOT NULL DEFAULT now(), ADD COLUMN record jsonb;
+    UPDATE changes c SET record = CASE c.kind """ + " ".join(
+        f"WHEN '{kind}' THEN (SELECT to_jsonb(r) FROM {table} r WHERE r.id = c.id)"
+        for kind, (table, _) in TABLES.items()) + """ END;
+    UPDATE changes SET action = CASE WHEN record IS NULL THEN 'deleted' ELSE 'changed' END;
+    CREATE OR REPLACE FUNCTION log_change() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO changes (kind, id, action, record)
+        VALUES (TG_ARGV[0], CASE TG_OP WHEN 'DELETE' THEN OLD.id ELSE NEW.id END,
+                CASE TG_OP """ + " ".join(f"WHEN '{op}' THEN '{action}'" for op, action in FEED_ACTIONS.items()) + """ END,
+                CASE TG_OP WHEN 'DELETE' THEN NULL ELSE to_jsonb(NEW) END);
+        RETURN NULL;
+    END $$;
+    CREATE TABLE commit_clock (tick bigint NOT NULL);
+    CREATE TABLE commits (tick bigint PRIMARY KEY, xid xid8 NOT NULL UNIQUE);
+    INSERT INTO commits SELECT row_number() OVER (ORDER BY min(seq)), xid FROM changes GROUP BY xid;
+    INSERT INTO commit_clock SELECT count(*) FROM commits;
+    ALTER TABLE change_log_start ADD COLUMN below_tick bigint NOT NULL DEFAULT 0;
+    CREATE FUNCTION stamp_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF NOT EXISTS (SELECT 1 FROM commits WHERE xid = NEW.xid) THEN
+            WITH next AS (UPDATE commit_clock SET tick = tick + 1 RETURNING tick)
+            INSERT INTO commits SELECT tick, NEW.xid FROM next;
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE CONSTRAINT TRIGGER changes_commit AFTER INSERT ON changes DEFERRABLE INITIALLY DEFERRED
+        FOR EACH ROW EXECUTE FUNCTION stamp_commit();
+    CREATE TABLE idempotency_keys (
+        key text PRIMARY KEY,
+        fingerprint text NOT NULL,
+        status integer NOT NULL,
+        headers text NOT NULL,
+        body bytea NOT NULL,
+        created_at timestamptz NOT NULL
+    );
+    CREATE INDEX ON idempotency_keys (created_at);
+    """),
 ]
 POSTGRES_SCHEMA_VERSION = len(POSTGRES_SCHEMA_STEPS)
-POSTGRES_RECORDS = {"dealer": Dealer, "car": Car, "booking": Booking, "window": MaintenanceWindow}
 
 
 # The horizon of a snapshot: the oldest transaction still running (all below it have ended), and the
@@ -2085,15 +2442,6 @@ CHANGES_QUERY = (f"SELECT {HORIZON_SQL}, (SELECT below::text FROM change_log_sta
                  " END FROM (SELECT 1) one LEFT JOIN changes c ON c.xid >= %s::xid8")
 NEWS_STATEMENT = b"dealership_news"  # see PostgresConnection.news
 NEWS_QUERY = f"SELECT {HORIZON_SQL}, (SELECT string_agg(DISTINCT xid::text, ',') FROM changes WHERE xid >= %s::xid8)"
-
-
-def record_from_json(kind, data):
-    """A record from its row as PostgreSQL's to_jsonb() writes it."""
-    fields = {name: data[name] for name in TABLES[kind][1]}
-    for name in ("start_datetime", "end_datetime"):
-        if name in fields:
-            fields[name] = datetime.fromisoformat(fields[name])
-    return POSTGRES_RECORDS[kind](id=data["id"], **fields)
 
 
 def log_horizon(xmin, newest):
@@ -2179,7 +2527,7 @@ class PostgresConnection(RecordRows):
 
     @staticmethod
     def record(kind, row):
-        return POSTGRES_RECORDS[kind](*row)
+        return RECORD_TYPES[kind](*row)
 
     def _insert(self, statement, values):
         return self.conn.execute(statement + " RETURNING id", values).fetchone()[0]
@@ -2188,19 +2536,19 @@ class PostgresConnection(RecordRows):
         return self.conn.execute(f"{select} WHERE id = ANY(%s)", (list(ids),))
 
     def load(self):
-        """Every record, as Fleet takes them, and the change log's position, read in one snapshot
-        (not inside a write transaction, whose statements each see another: there it raises a
-        serialization failure, and the write runs again once the store has loaded afresh)."""
+        """Every record and the change log's position (see RecordRows.load), not inside a write
+        transaction, whose statements each see another snapshot: there it raises a serialization
+        failure, and the write runs again once the store has loaded afresh."""
         if self.conn.info.transaction_status != TransactionStatus.IDLE:
             raise psycopg.errors.SerializationFailure("the change log no longer reaches back to this process's "
                                                       "position: it loads everything again before the write")
-        with self.transaction(write=False):
-            horizon = log_horizon(*self.conn.execute(f"SELECT {HORIZON_SQL}").fetchone())
-            xids = self.conn.execute("SELECT DISTINCT xid::text FROM changes WHERE xid >= %s::xid8",
-                                     (str(horizon),)).fetchall()
-            records = {"dealers": self.records("dealer"), "cars": self.records("car"),
-                       "bookings": self.records("booking"), "windows": self.records("window")}
-        return records, LogPosition(horizon, frozenset(int(xid) for xid, in xids))
+        return super().load()
+
+    def position(self):
+        horizon = log_horizon(*self.conn.execute(f"SELECT {HORIZON_SQL}").fetchone())
+        xids = self.conn.execute("SELECT DISTINCT xid::text FROM changes WHERE xid >= %s::xid8",
+                                 (str(horizon),)).fetchall()
+        return LogPosition(horizon, frozenset(int(xid) for xid, in xids))
 
     def is_empty(self):
         return self.conn.execute("SELECT NOT EXISTS (SELECT 1 FROM cars)").fetchone()[0]
@@ -2229,6 +2577,10 @@ class PostgresConnection(RecordRows):
             if ids:
                 self.conn.execute(f"SELECT id FROM {TABLES[kind][0]} WHERE id = ANY(%s) ORDER BY id FOR {strength}",
                                   (ids,))
+
+    def lock_key(self, key):
+        """Wait for any other transaction working under the same Idempotency-Key, until it ends."""
+        self.conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (key,))
 
     # -- the change log -------------------------------------------------------------------------
 
@@ -2285,6 +2637,33 @@ class PostgresConnection(RecordRows):
         changed = {kind: dict(sorted(records.items())) for kind, records in changed.items()}
         return changed, position.combine(LogPosition(horizon, frozenset(seen)))
 
+    # -- the change feed: the log in commit order, by the tick each transaction took as it committed --
+
+    @staticmethod
+    def read_cursor(text):
+        tick, dot, seq = text.partition(".")
+        return (int(tick), int(seq)) if dot and tick.isdigit() and seq.isdigit() and len(text) < 38 else None
+
+    @staticmethod
+    def cursor(tick, seq):
+        return f"{tick}.{seq}"
+
+    def feed(self, after, limit):
+        """As SQLiteConnection.feed, in one snapshot: every tick up to commit_clock's has committed in it."""
+        with self.transaction(write=False):
+            below, given = self.conn.execute("SELECT (SELECT below_tick FROM change_log_start), "
+                                             "(SELECT tick FROM commit_clock)").fetchone()
+            if after is None:
+                after = (below, 0)
+            elif not below <= after[0] <= given:
+                newest, = self.conn.execute("SELECT coalesce(max(c.seq), 0) FROM commits t JOIN changes c "
+                                            "ON c.xid = t.xid WHERE t.tick = %s", (given,)).fetchone()
+                return None, self.cursor(given, newest)
+            page = self.feed_page("SELECT t.tick, c.seq, c.kind, c.id, c.action, c.at, c.record FROM commits t "
+                                  "JOIN changes c ON c.xid = t.xid WHERE t.tick >= %s AND (t.tick, c.seq) > (%s, %s) "
+                                  "ORDER BY t.tick, c.seq", (after[0], after[0], after[1]), limit)
+        return page, page[-1][0] if page else self.cursor(*after)
+
     def after_writes(self, position):
         """`position` with this transaction in it, once it has written anything."""
         if not self.written:
@@ -2302,8 +2681,10 @@ class PostgresConnection(RecordRows):
             self.conn.execute(
                 "WITH cut AS (SELECT least(xid, pg_snapshot_xmin(pg_current_snapshot())) AS xid "
                 "FROM changes ORDER BY seq DESC OFFSET %s LIMIT 1), "
-                "gone AS (DELETE FROM changes WHERE xid < (SELECT xid FROM cut)) "
-                "UPDATE change_log_start SET below = greatest(below, (SELECT xid FROM cut)) "
+                "gone AS (DELETE FROM changes WHERE xid < (SELECT xid FROM cut)), "
+                "ticks AS (DELETE FROM commits WHERE xid < (SELECT xid FROM cut) RETURNING tick) "
+                "UPDATE change_log_start SET below = greatest(below, (SELECT xid FROM cut)), "
+                "below_tick = greatest(below_tick, (SELECT max(tick) FROM ticks)) "
                 "WHERE EXISTS (SELECT 1 FROM cut)", (CHANGE_LOG_KEEP,))
 
 
@@ -2332,6 +2713,7 @@ class PostgresEngine:
     POSTGRES_FAILING_WAIT seconds, and for POSTGRES_DOWN_PAUSE seconds after the pool could not lend
     one, requests for one fail at once."""
     Error = psycopg.Error
+    read_cursor = staticmethod(PostgresConnection.read_cursor)
     shared = True
     identity = None  # positions differ between processes holding the same data: the fleet's own version names it
 
@@ -2631,6 +3013,48 @@ class Rollback(Exception):
 
 
 REFUSED_WRITE_LOG_EVERY = 10  # seconds: a full or read-only disk refuses every write, thousands a second
+HOLD_KEPT = timedelta(days=1)  # how long an expired hold is kept (for its 410) before a new hold removes it
+ANSWERS_PRUNE_EVERY = 500  # answers kept for Idempotency-Key between two prunings of the old ones
+
+
+@dataclass
+class KeyedWrite:
+    """A write sent with an Idempotency-Key: the key, a fingerprint of the request, how long an answer
+    is kept, and `answer`, which makes the response (status, headers, body) from the write's result
+    in the request's own `context` (the write may run on another request's thread). Once made, the
+    response is in `response`."""
+    key: str
+    fingerprint: str
+    window: timedelta
+    answer: object = None
+    context: object = None
+    response: object = None
+
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+IDEMPOTENT = contextvars.ContextVar("dealership_idempotent", default=None)  # set around one keyed write
+
+
+class Replayed(Exception):
+    """The key of a write was used before, by the same request: `answer` is what it was answered."""
+
+    def __init__(self, answer):
+        super().__init__("answered before")
+        self.answer = answer
+
+
+def kept_answer(kept, keyed, now):
+    """The answer to give again for `keyed`, from what the store kept with its key (see kept_answer of
+    a connection): (status, headers, body), or None when there is none, or only one too old to count.
+    The key used for another request is a 422."""
+    if kept is None or kept[4] <= now - keyed.window:
+        return None
+    fingerprint, status, headers, body, _ = kept
+    if not hmac.compare_digest(fingerprint, keyed.fingerprint):
+        raise InvalidError("Idempotency-Key", "This key was used for another request (another method, path, body "
+                                              "or API key): send a new key with each new request, and the same key "
+                                              "only to retry the very same request.", "idempotency_key_reused")
+    return status, json.loads(headers), body
 
 
 class ThrottledLog:
@@ -2660,12 +3084,15 @@ class Store:
 
     Each write is a function `change(db, job)` that checks against the fleet, writes through `db`,
     appends to `job.after_commit` what the fleet must do once the transaction holds (a Fleet method
-    and its record), and returns its result; the write queue runs it."""
+    and its record), and returns its result; the write queue runs it (see _write). A change to one
+    record may be given `expect`, a function of the record as stored that raises PreconditionFailed:
+    it is called in the same step as the change's own checks."""
 
     def __init__(self, engine, zone=timezone.utc, metrics=None):
         self.engine, self.zone, self.metrics = engine, zone, metrics or Metrics()
         self.lock, self.write_lock = threading.Lock(), threading.Lock()
         self.queue = WriteQueue(self._commit)
+        self.keys_lock, self.keys_in_flight, self.answers_kept = threading.Lock(), set(), 0
         self.refused_writes = ThrottledLog(REFUSED_WRITE_LOG_EVERY)
         self.unread = ThrottledLog(REFUSED_WRITE_LOG_EVERY)
         with engine.writer() as db, self.lock:
@@ -2678,29 +3105,30 @@ class Store:
             dealer = Dealer(id=db.insert("dealer", fields), **fields)
             job.after_commit.append((Fleet.put_dealer, dealer))
             return dealer
-        dealer = self.queue.submit(change)
+        dealer = self._write(change)
         log.info("dealer %d created", dealer.id, extra={"event": "dealer created", "dealer_id": dealer.id})
         return dealer
 
-    def update_dealer(self, dealer_id, changes):
+    def update_dealer(self, dealer_id, changes, expect=None):
         """A change of turnaround applies to bookings and windows made or moved from now on; the
         schedules as they stand stay valid."""
         def change(db, job):
-            dealer = replace(self.fleet.dealer(dealer_id), **changes)
+            dealer = changed(self.checked(self.fleet.dealer(dealer_id), expect), **changes)
             db.update("dealer", dealer_id, {name: getattr(dealer, name) for name in DEALER_FIELDS})
             job.after_commit.append((Fleet.put_dealer, dealer))
             return dealer
-        dealer = self.queue.submit(change, locks={("dealer", dealer_id)})
+        dealer = self._write(change, locks={("dealer", dealer_id)})
         log.info("dealer %d changed: %s", dealer_id, ", ".join(sorted(changes)) or "nothing",
                  extra={"event": "dealer changed", "dealer_id": dealer_id, "fields": sorted(changes)})
         return dealer
 
-    def delete_dealer(self, dealer_id):
+    def delete_dealer(self, dealer_id, expect=None):
         def change(db, job):
+            self.checked(self.fleet.dealer(dealer_id), expect)
             self.fleet.check_dealer_removable(dealer_id)
             db.delete("dealer", dealer_id)
             job.after_commit.append((Fleet.drop_dealer, dealer_id))
-        self.queue.submit(change, locks={("dealer", dealer_id)})
+        self._write(change, locks={("dealer", dealer_id)})
         log.info("dealer %d deleted", dealer_id, extra={"event": "dealer deleted", "dealer_id": dealer_id})
 
     # -- cars -----------------------------------------------------------------------------------
@@ -2712,37 +3140,41 @@ class Store:
             car = Car(id=db.insert("car", fields), **fields)
             job.after_commit.append((Fleet.put_car, car))
             return car
-        car = self.queue.submit(change)
+        car = self._write(change)
         log.info("car %d created: dealer %d, status %s", car.id, car.dealer_id, car.status,
                  extra={"event": "car created", "car_id": car.id, "dealer_id": car.dealer_id})
         return car
 
-    def update_car(self, car_id, changes):
+    def update_car(self, car_id, changes, expect=None):
         """Bookings keep the price they were made at, and the turnaround they were checked with."""
         def change(db, job):
-            old = self.fleet.car(car_id)
+            old = self.checked(self.fleet.car(car_id), expect)
             if "dealer_id" in changes:
                 self.fleet.dealer(changes["dealer_id"])
             if changes.get("vin", old.vin) != old.vin:
                 self.fleet.check_vin_free(changes["vin"])
-            car = replace(old, **changes)
+            car = changed(old, **changes)
             db.update("car", car_id, {name: getattr(car, name) for name in CAR_FIELDS})
             job.after_commit.append((Fleet.put_car, car))
             return car
-        car = self.queue.submit(change, locks={("car", car_id)})
+        car = self._write(change, locks={("car", car_id)})
         log.info("car %d changed: %s", car_id, ", ".join(sorted(changes)) or "nothing",
                  extra={"event": "car changed", "car_id": car_id, "fields": sorted(changes)})
         return car
 
-    def delete_car(self, car_id):
-        """Only a car with no bookings; its maintenance windows go with it."""
+    def delete_car(self, car_id, expect=None):
+        """Only a car with no bookings and no hold; its maintenance windows (and expired holds) go with it."""
         def change(db, job):
+            self.checked(self.fleet.car(car_id), expect)
             self.fleet.check_car_removable(car_id)
             for window in self.fleet.schedules[car_id].windows():
                 db.delete("window", window.id)
+            for hold in [hold for hold in self.fleet.holds.values() if hold.car_id == car_id]:
+                db.delete("hold", hold.id)
+                job.after_commit.append((Fleet.drop_hold, hold.id))
             db.delete("car", car_id)
             job.after_commit.append((Fleet.drop_car, car_id))
-        self.queue.submit(change, locks={("car", car_id)})
+        self._write(change, locks={("car", car_id)})
         log.info("car %d deleted", car_id, extra={"event": "car deleted", "car_id": car_id})
 
     # -- bookings -------------------------------------------------------------------------------
@@ -2759,17 +3191,17 @@ class Store:
             booking = Booking(id=db.insert("booking", row), **row)
             job.after_commit.append((Fleet.put_booking, booking))
             return booking
-        booking = self.queue.submit(change, cars={fields["car_id"]})
+        booking = self._write(change, cars={fields["car_id"]})
         self._log_booking("created", booking)
         return booking
 
-    def change_booking(self, booking_id, changes):
+    def change_booking(self, booking_id, changes, expect=None):
         """Apply `changes` to a booking that has not ended, in one step, checked against the rest of the
         car's schedule. A move, or a change of car, prices the booking again at the car's price of today."""
         def change(db, job):
-            old, now = self.fleet.booking(booking_id), datetime.now(timezone.utc)
+            old, now = self.checked(self.fleet.booking(booking_id), expect), datetime.now(timezone.utc)
             check_not_ended(old, now, self.zone)
-            booking = replace(old, **changes)
+            booking = changed(old, **changes)
             check_period(booking.start_datetime, booking.end_datetime)
             if booking.start_datetime != old.start_datetime:  # a running booking may still change its end
                 check_not_past(booking.start_datetime, now, self.zone)
@@ -2781,7 +3213,7 @@ class Store:
             db.update("booking", booking_id, {name: getattr(booking, name) for name in BOOKING_FIELDS})
             job.after_commit.append((Fleet.put_booking, booking))
             return booking
-        booking = self.queue.submit(change, locks=self._cars_of(booking_id, changes))
+        booking = self._write(change, locks=self._cars_of(booking_id, changes))
         self._log_booking("changed", booking)
         return booking
 
@@ -2791,13 +3223,13 @@ class Store:
         booking = self.fleet.bookings.get(booking_id)
         return {("car", booking.car_id), ("car", changes.get("car_id", booking.car_id))} if booking else set()
 
-    def cancel_booking(self, booking_id):
+    def cancel_booking(self, booking_id, expect=None):
         def change(db, job):
-            booking = self.fleet.booking(booking_id)
+            booking = self.checked(self.fleet.booking(booking_id), expect)
             db.delete("booking", booking_id)
             job.after_commit.append((Fleet.drop_booking, booking_id))
             return booking
-        self._log_booking("cancelled", self.queue.submit(change, locks=self._cars_of(booking_id, {})))
+        self._log_booking("cancelled", self._write(change, locks=self._cars_of(booking_id, {})))
 
     def _log_booking(self, what, booking):
         self.metrics.bookings.labels(what).inc()
@@ -2820,27 +3252,157 @@ class Store:
             window = MaintenanceWindow(id=db.insert("window", row), **row)
             job.after_commit.append((Fleet.put_window, window))
             return window
-        window = self.queue.submit(change, locks={("car", car_id)})
+        window = self._write(change, locks={("car", car_id)})
         start, end = format_instant(window.start_datetime, self.zone), format_instant(window.end_datetime, self.zone)
         log.info("maintenance window %d created: car %d, %s to %s", window.id, car_id, start, end,
                  extra={"event": "maintenance window created", "window_id": window.id, "car_id": car_id,
                         "start_datetime": start, "end_datetime": end})
         return window
 
-    def delete_window(self, car_id, window_id):
+    def delete_window(self, car_id, window_id, expect=None):
         def change(db, job):
-            self.fleet.window(car_id, window_id)
+            self.checked(self.fleet.window(car_id, window_id), expect)
             db.delete("window", window_id)
             job.after_commit.append((Fleet.drop_window, window_id))
-        self.queue.submit(change, locks={("car", car_id)})
+        self._write(change, locks={("car", car_id)})
         log.info("maintenance window %d deleted: car %d", window_id, car_id,
                  extra={"event": "maintenance window deleted", "window_id": window_id, "car_id": car_id})
+
+    # -- holds ----------------------------------------------------------------------------------
+
+    def add_hold(self, fields, minutes):
+        """Hold a car's period for `minutes`, checked as a booking is. Holds that expired more than
+        HOLD_KEPT ago are removed in the same transaction: no background job is needed."""
+        check_not_past(fields["start_datetime"], datetime.now(timezone.utc), self.zone)
+
+        def change(db, job):
+            now = datetime.now(timezone.utc)
+            self.fleet.bookable_car(fields["car_id"], fields["start_datetime"], fields["end_datetime"])
+            for hold_id in self.fleet.stale_holds(now - HOLD_KEPT):
+                db.delete("hold", hold_id)
+                job.after_commit.append((Fleet.drop_hold, hold_id))
+            row = fields | {"expires_at": now + timedelta(minutes=minutes)}
+            hold = Hold(id=db.insert("hold", row), **row)
+            job.after_commit.append((Fleet.put_hold, hold))
+            return hold
+        hold = self._write(change, cars={fields["car_id"]})
+        log.info("hold %d created: car %d until %s", hold.id, hold.car_id, format_instant(hold.expires_at, self.zone),
+                 extra={"event": "hold created", "hold_id": hold.id, "car_id": hold.car_id})
+        return hold
+
+    def confirm_hold(self, hold_id, customer):
+        """Turn a hold that has not expired into a booking of its car and period, in one step: the hold
+        is gone and the booking made, or (expired: 410; the car no longer bookable: 409) neither."""
+        def change(db, job):
+            hold = self.fleet.hold(hold_id, datetime.now(timezone.utc))
+            start, end = hold.start_datetime, hold.end_datetime
+            car = self.fleet.bookable_car(hold.car_id, start, end, ignore=hold)
+            db.delete("hold", hold_id)
+            row = customer | {"car_id": hold.car_id, "start_datetime": start, "end_datetime": end,
+                              "total_cents": price_cents(car.daily_price, start, end)}
+            booking = Booking(id=db.insert("booking", row), **row)
+            job.after_commit += [(Fleet.drop_hold, hold_id), (Fleet.put_booking, booking)]
+            return booking
+        hold = self.fleet.holds.get(hold_id)
+        booking = self._write(change, cars={hold.car_id} if hold else None)
+        self._log_booking("created", booking)
+        return booking
+
+    def delete_hold(self, hold_id):
+        def change(db, job):
+            self.fleet.hold(hold_id, datetime.now(timezone.utc))
+            db.delete("hold", hold_id)
+            job.after_commit.append((Fleet.drop_hold, hold_id))
+        hold = self.fleet.holds.get(hold_id)
+        self._write(change, cars={hold.car_id} if hold else None)
+        log.info("hold %d deleted", hold_id, extra={"event": "hold deleted", "hold_id": hold_id})
+
+    # -- what every write shares -----------------------------------------------------------------
+
+    @staticmethod
+    def checked(record, expect):
+        """`record`, once `expect` (if given) has passed it."""
+        if expect is not None:
+            expect(record)
+        return record
+
+    def _write(self, change, cars=None, locks=None):
+        """Run `change` through the write queue. Sent with an Idempotency-Key (IDEMPOTENT), the
+        write first looks for the answer kept with its key and, if there is one, gives it again
+        (Replayed) with nothing changed; otherwise it keeps its own answer with the key, in the
+        same transaction as the change."""
+        keyed = IDEMPOTENT.get()
+        if keyed is not None:
+            change = self._keyed(change, keyed)
+        return self.queue.submit(change, cars, locks)
+
+    def _keyed(self, change, keyed):
+        def keyed_change(db, job):
+            db.lock_key(keyed.key)  # another process's write under the same key: once it has ended
+            now = datetime.now(timezone.utc)
+            answer = kept_answer(db.kept_answer(keyed.key), keyed, now)
+            if answer is not None:
+                raise Replayed(answer)
+            result = change(db, job)
+            keyed.response = keyed.context.run(keyed.answer, result)
+            status, headers, body = keyed.response
+            db.keep_answer(keyed.key, keyed.fingerprint, status, to_json(headers), body, now)
+            self.answers_kept += 1
+            if self.answers_kept % ANSWERS_PRUNE_EVERY == 1:
+                db.forget_answers(now - keyed.window)
+            return result
+        return keyed_change
+
+    def kept_answer(self, keyed):
+        """The answer to give again for `keyed`, read outside any write (see kept_answer)."""
+        try:
+            with self.engine.reader() as db:
+                kept = db.kept_answer(keyed.key)
+        except self.engine.Error as error:
+            raise StorageUnavailable(f"The database cannot be read to look up the {IDEMPOTENCY_HEADER} ({error}); "
+                                     "nothing was changed: retry with the same key.", 5) from None
+        return kept_answer(kept, keyed, datetime.now(timezone.utc))
+
+    @contextmanager
+    def key_in_flight(self, key):
+        """While a request with `key` runs in this process, another with the same key is a 409."""
+        with self.keys_lock:
+            if key in self.keys_in_flight:
+                raise ConflictError("A request with this Idempotency-Key is still being handled: wait for its "
+                                    "answer, or retry in a moment to get that answer again.")
+            self.keys_in_flight.add(key)
+        try:
+            yield
+        finally:
+            with self.keys_lock:
+                self.keys_in_flight.discard(key)
+
+    # -- the change feed --------------------------------------------------------------------------
+
+    def changes(self, after, limit):
+        """The change feed: see the engines' feed(); for a cursor not within the log, a GoneError
+        with the cursor to follow on from (`next`) once the collections are read again."""
+        try:
+            with self.engine.reader() as db:
+                page, cursor = db.feed(after, limit)
+        except self.engine.Error as error:
+            raise StorageUnavailable(f"The database cannot be read for the change feed ({error}): try again.", 5) \
+                from None
+        if page is None:
+            error = GoneError("The cursor is not within the change log: older than the oldest change it keeps (the "
+                              "changes after it are lost to it), or not of this database. Read the collections again, "
+                              "then follow the feed from this answer's cursor `next`.")
+            error.next = cursor
+            raise error
+        return page, cursor
 
     # -- queries: under the lock, so a reader never sees a schedule mid-change -------------------
 
     def read(self, query, *args, **kwargs):
-        """`query(fleet, *args, **kwargs)` under the lock: a Fleet method, or any function of the fleet."""
+        """`query(fleet, *args, **kwargs)` under the lock, holds that have expired gone: a Fleet
+        method, or any function of the fleet."""
         with self.lock:
+            self.fleet.expire(datetime.now(timezone.utc))
             return query(self.fleet, *args, **kwargs)
 
     # -- keeping up with the database -------------------------------------------------------------
@@ -2882,9 +3444,11 @@ class Store:
         """What names the data as it stands. On a file, the same in every process that serves it:
         the file's identity and the change log's position (all that is committed up to it is in the
         fleet); otherwise this fleet's own name and count of changes."""
-        if self.engine.identity is not None:
-            return self.engine.identity, self.position
-        return self.fleet.origin, self.fleet.version
+        with self.lock:
+            self.fleet.expire(datetime.now(timezone.utc))
+            if self.engine.identity is not None:  # and the holds of that data that have expired by now
+                return self.engine.identity, self.position, self.fleet.expired
+            return self.fleet.origin, self.fleet.version
 
     def ping(self):
         """A trivial read of the database, and what the engine tells of its state (a dict); raises
@@ -2948,6 +3512,7 @@ class Store:
             db.written = 0
             try:
                 with db.savepoint() if shared else nullcontext(), self.lock:
+                    self.fleet.expire(datetime.now(timezone.utc))
                     job.result = job.change(db, job)
             except StaleRecord:
                 if not last:
@@ -3269,6 +3834,26 @@ class MaintenanceWindowSchema(EndAfterStart, Schema):
         f"What is done, up to 200 characters, empty if left out; {STRIPPED}.", "Brake check"))
 
 
+class HoldSchema(EndAfterStart, Schema):
+    id = fields.Integer(dump_only=True, metadata=about("Given by the service; never reused."))
+    car_id = fields.Integer(required=True, strict=True, validate=validate.Range(min=1),
+                            metadata=about("The car to hold; it must exist and be available.", 1))
+    start_datetime = Instant(required=True, metadata=about(START))
+    end_datetime = Instant(required=True, metadata=about(END))
+    minutes = fields.Integer(load_only=True, strict=True, load_default=DEFAULT_HOLD_MINUTES,
+                             validate=validate.Range(min=1, max=MAX_HOLD_MINUTES), metadata=about(
+        f"How long the period is held: 1 to {MAX_HOLD_MINUTES} minutes, {DEFAULT_HOLD_MINUTES} if left out.",
+        DEFAULT_HOLD_MINUTES))
+    expires_at = Instant(dump_only=True, metadata=about(
+        "When the hold ends by itself: from this instant its period is free to anyone, and confirming it is a 410."))
+
+
+class ConfirmSchema(Schema):
+    """Who the booking that a hold becomes is for: a booking's own customer fields."""
+    customer_name = BookingSchema._declared_fields["customer_name"]
+    customer_email = BookingSchema._declared_fields["customer_email"]
+
+
 class QuoteSchema(Schema):
     car_id = fields.Integer(metadata=about("The car."))
     start_datetime = Instant(metadata=about("The period asked for: its start."))
@@ -3332,6 +3917,13 @@ class WindowInCalendarSchema(Schema):
     note = fields.String(metadata=about("What is done."))
 
 
+class HoldInCalendarSchema(Schema):
+    hold_id = fields.Integer(attribute="id", metadata=about("The hold, for a customer who is booking the car."))
+    start_datetime = Instant(metadata=about("Its start, not clipped to the period."))
+    end_datetime = Instant(metadata=about("Its end, not clipped to the period."))
+    expires_at = Instant(metadata=about("When the hold ends, and its period is free again."))
+
+
 class CalendarSchema(Schema):
     car_id = fields.Integer(metadata=about("The car."))
     start_datetime = Instant(metadata=about("The period asked for: its start."))
@@ -3349,6 +3941,8 @@ class CalendarSchema(Schema):
     free = fields.List(fields.Nested(SlotSchema), metadata=about(
         "The gaps inside the period where a booking could go, clipped to it: outside every booking and "
         "window and their turnaround; none for a car in maintenance."))
+    held = fields.List(fields.Nested(HoldInCalendarSchema), metadata=about(
+        "The holds that overlap the period and have not expired, in time order: each takes its period as a booking does."))
 
 
 class IndexSchema(Schema):
@@ -3370,6 +3964,31 @@ class ProblemSchema(Schema):
     request_id = fields.String(metadata=about(
         "The request's id, as in its X-Request-ID response header and in the service's log lines.",
         "4bf92f3577b34da6a3ce929d0e0e4736"))
+    next = fields.String(metadata=about(
+        "With 410 from the change feed: the cursor to follow the feed from, once the collections are read again."))
+
+
+CHANGE_TYPES = {"dealer": "dealer", "car": "car", "booking": "booking", "window": "maintenance_window",
+                "hold": "hold"}  # kind -> what the change feed calls it
+CURSOR_PATTERN = r"^[0-9]{1,18}(\.[0-9]{1,18})?$"
+
+
+class ChangeSchema(Schema):
+    cursor = fields.String(metadata=about("This change's place in the feed: `since` to follow on after it.", "42"))
+    type = fields.String(metadata=about("The kind of record: " + ", ".join(f"'{name}'" for name in CHANGE_TYPES.values())
+                                        + ".", "booking"))
+    id = fields.Integer(metadata=about("The record's id.", 1))
+    action = fields.String(metadata=about("'created', 'changed' or 'deleted'.", "created"))
+    at = Instant(metadata=about("When the change was made (its transaction's time on PostgreSQL)."))
+    record = fields.Dict(allow_none=True, metadata=about(
+        "The record as the change left it, as its own GET answers it; null when deleted."))
+
+
+class ChangesSchema(Schema):
+    changes = fields.List(fields.Nested(ChangeSchema), metadata=about(
+        "Changes in the order they were committed, each once; at most `limit`."))
+    next = fields.String(metadata=about(
+        "Send it as `since` to get the changes after these (the same cursor again when there were none).", "42"))
 
 
 class PageQuery(Schema):
@@ -3418,6 +4037,16 @@ class FeedQuery(EndAfterStart, Schema):
         f"{MAX_FEED_PERIOD.days} days, and a feed holds at most {MAX_FEED_EVENTS:,} events (more is a 422)."))
 
 
+class ChangesQuery(Schema):
+    since = fields.String(validate=validate.Regexp(CURSOR_PATTERN, error="Is not a cursor: send one that the feed "
+                                                                           "gave as `next` or `cursor`."),
+                          metadata=about("A cursor the feed gave (`next`, or a change's `cursor`): the changes "
+                                         "after it. From the oldest change kept when left out.", "42") |
+                          {"pattern": CURSOR_PATTERN})
+    limit = Count(load_default=DEFAULT_PAGE, validate=validate.Range(min=1, max=MAX_PAGE), metadata=about(
+        f"At most this many changes, 1 to 1000; {DEFAULT_PAGE} when left out.", 100))
+
+
 class FleetFeedQuery(FeedQuery):
     dealer_id = Count(validate=validate.Range(min=1), metadata=about("Only this dealer's cars.", 1))
 
@@ -3446,6 +4075,10 @@ class SlotQuery(PageQuery):
 DEALER_SCHEMA = DealerSchema()
 DEALER_CHANGES = DealerSchema(partial=True)
 WINDOW_SCHEMA = MaintenanceWindowSchema()
+HOLD_SCHEMA = HoldSchema()
+CONFIRM_SCHEMA = ConfirmSchema()
+CHANGES_SCHEMA = ChangesSchema()
+CHANGE_FEED_QUERY = ChangesQuery()
 QUOTE_SCHEMA = QuoteSchema()
 OFFER_SCHEMA = OfferSchema()
 SLOT_QUERY = SlotQuery()
@@ -3608,8 +4241,8 @@ def json_list(parts, headers=None):
     return json_text(json_array(parts), headers=headers)
 
 
-def problem(status, title, detail, errors=None, headers=None):
-    body = {"title": title, "status": status, "detail": detail}
+def problem(status, title, detail, errors=None, headers=None, **more):
+    body = {"title": title, "status": status, "detail": detail} | more
     if errors is not None:
         body["errors"] = errors
     if has_request_context():
@@ -3634,7 +4267,7 @@ def invalid(messages):
     return problem(422, "Unprocessable Content", f"Invalid input: {', '.join(map(str, shown))}{more}.", shown)
 
 
-DOMAIN_STATUS = {NotFoundError: 404, ConflictError: 409}
+DOMAIN_STATUS = {NotFoundError: 404, ConflictError: 409, GoneError: 410, PreconditionFailed: 412}
 
 
 def refusal_reason(error):
@@ -3663,7 +4296,8 @@ def problem_for(error):
         return problem(503, "Service Unavailable", str(error), headers={"Retry-After": str(error.retry_after)})
     if isinstance(error, DomainError):
         status = DOMAIN_STATUS[type(error)]
-        return problem(status, HTTP_STATUS_CODES[status], str(error))
+        more = {"next": error.next} if hasattr(error, "next") else {}
+        return problem(status, HTTP_STATUS_CODES[status], str(error), **more)
     response = problem(error.code, error.name, error.description)
     for name, value in error.get_headers():
         if name.lower() != "content-type":
@@ -3767,15 +4401,141 @@ def catch_up():
         store().sync()
 
 
+@contextmanager
+def body_limit():
+    """Read the request body within DEALERSHIP_MAX_CONTENT_LENGTH: past it, a 413 that says so."""
+    limit = request.max_content_length = current_app.config["DEALERSHIP_MAX_CONTENT_LENGTH"]
+    try:
+        yield
+    except RequestEntityTooLarge:
+        raise RequestEntityTooLarge(f"The body is larger than the limit of {limit} bytes.") from None
+
+
+# -- Idempotency-Key: a retried POST, PUT or PATCH gets the first one's answer, and changes nothing --
+
+IDEMPOTENCY_KEY = re.compile(r"[ -~]{1,255}")  # 1 to 255 printable ASCII characters
+KEYED_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def fingerprint():
+    """What makes two requests the same one: method, path and query, body, and the API key sent."""
+    digest = hashlib.sha256()
+    with body_limit():
+        body = request.get_data()
+    for part in (request.method.encode(), request.full_path.encode(), body, sent_key().encode()):
+        digest.update(b"%d:" % len(part) + part)
+    return digest.hexdigest()
+
+
+@bp.before_request
+def idempotency_key():
+    """A POST, PUT or PATCH with an Idempotency-Key: answered again as the first time if that request
+    succeeded (Idempotent-Replayed: true), a 422 if the key was used for another request, a 409 while
+    the first is still being handled here. Otherwise it runs, and `answer_write` keeps its answer."""
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is None or request.method not in KEYED_METHODS:
+        return None
+    if not IDEMPOTENCY_KEY.fullmatch(key):
+        raise BadRequest(f"{IDEMPOTENCY_HEADER} must be 1 to 255 printable ASCII characters (a UUID, say): "
+                         "a new one for each new request, the same one to retry a request.")
+    keyed = KeyedWrite(key, fingerprint(), timedelta(hours=current_app.config["DEALERSHIP_IDEMPOTENCY_HOURS"]))
+    in_flight = store().key_in_flight(key)
+    in_flight.__enter__()
+    g.keyed, g.key_in_flight = keyed, in_flight
+    answer = store().kept_answer(keyed)
+    return None if answer is None else replayed(answer)
+
+
+@bp.teardown_request
+def release_idempotency_key(error=None):
+    in_flight = g.pop("key_in_flight", None)
+    if in_flight is not None:
+        in_flight.__exit__(None, None, None)
+
+
+def replayed(answer):
+    """The answer kept for an Idempotency-Key, given again."""
+    status, headers, body = answer
+    return Response(body, status, headers | {"Idempotent-Replayed": "true"}, mimetype="application/json")
+
+
+KEPT_HEADERS = ("Location", "ETag")  # what an answer kept for an Idempotency-Key keeps beside status and body
+
+
+def answer_write(write, answer):
+    """`answer(write())`: the response to a write, made by `answer` from its result. With an
+    Idempotency-Key, the answer is made and kept with the key inside the write's own transaction;
+    if another process answered the same request first, that answer is given again."""
+    keyed = g.get("keyed")
+    if keyed is None:
+        return answer(write())
+
+    def kept(result):
+        response = answer(result)
+        headers = {name: response.headers[name] for name in KEPT_HEADERS if name in response.headers}
+        return response.status_code, headers, response.get_data()
+    keyed.answer, keyed.context = kept, contextvars.copy_context()
+    token = IDEMPOTENT.set(keyed)
+    try:
+        write()
+    except Replayed as again:
+        return replayed(again.answer)
+    finally:
+        IDEMPOTENT.reset(token)
+    status, headers, body = keyed.response
+    return json_text(body, status, headers)
+
+
+# -- conditional requests: a record's ETag is its version, kept in the store of record ---------------
+
+@functools.lru_cache(maxsize=64)
+def presentation_tag(presentation):
+    """What the zone and currency add to an ETag (a record's JSON is written in them)."""
+    return hashlib.blake2b(repr((str(presentation.zone), presentation.currency)).encode(), digest_size=4).hexdigest()
+
+
+def record_tag(record, presentation=None):
+    """A record's strong ETag (unquoted): its version, and the zone and currency its JSON is written in."""
+    return f"{record.version}.{presentation_tag(presentation or PRESENTATION.get())}"
+
+
+def with_tag(response, record):
+    """`response` (a record's JSON) with the record's ETag."""
+    response.set_etag(record_tag(record))
+    return response
+
+
+def tagged(record, body):
+    """A GET of one record: 304 when If-None-Match names its ETag, else `body()` with the ETag."""
+    tag = record_tag(record)
+    return not_modified(tag) or with_tag(body(), record)
+
+
+def expected():
+    """What the request's If-Match asks of the record it changes or deletes: None without one, else
+    a function of the record as stored, raising PreconditionFailed unless one of the tags (or *) is
+    its ETag. Called inside the write, in the same step as the write's own checks."""
+    if_match = request.if_match
+    if not if_match:
+        return None
+    presentation = PRESENTATION.get()
+
+    def expect(record):
+        if not if_match.contains(record_tag(record, presentation)):
+            raise PreconditionFailed(
+                f"If-Match names another version of this record than the one stored (ETag "
+                f"\"{record_tag(record, presentation)}\"): it changed since it was read, and nothing was changed. "
+                "Read it again (GET), check the change still makes sense, and send it with the new ETag.")
+    return expect
+
+
 def json_body():
     """The request body as a JSON object, or a 415/413/400 that says what was wrong."""
-    limit = request.max_content_length = current_app.config["DEALERSHIP_MAX_CONTENT_LENGTH"]
     if not request.is_json:
         raise UnsupportedMediaType("Send the body as JSON with 'Content-Type: application/json'.")
     try:
-        body = request.get_json()
-    except RequestEntityTooLarge:
-        raise RequestEntityTooLarge(f"The body is larger than the limit of {limit} bytes.") from None
+        with body_limit():
+            body = request.get_json()
     except BadRequest:
         raise BadRequest("The body is not valid JSON.") from None
     except RecursionError:  # arrays or objects nested hundreds deep: no field of ours is
@@ -3865,16 +4625,19 @@ def renderings():
 
 
 def api_doc(tag, *, returns=None, many=False, status=200, body=None, query=None, errors=(), headers=(),
-            personal=False, media=None):
+            personal=False, media=None, versioned=False):
     """Record what the OpenAPI document says of a route: the schemas are the ones the route uses.
 
     Errors that follow from the route's shape are added by the document itself: 404 for a path id,
     400/413/415/422 for a body, 422 for a query, 401 for a write or a `personal` read (see needs_key).
-    A route that answers another media type than JSON (`media`) answers text, with an ETag.
+    A route that answers another media type than JSON (`media`) answers text, with an ETag. A
+    `versioned` route reads or changes one record: it answers with the record's ETag and takes
+    If-None-Match (GET) or If-Match (a change).
     """
     def attach(view):
         view.api_doc = {"tag": tag, "returns": returns, "many": many, "status": status, "body": body,
-                        "query": query, "errors": errors, "headers": headers, "personal": personal, "media": media}
+                        "query": query, "errors": errors, "headers": headers, "personal": personal, "media": media,
+                        "versioned": versioned}
         return view
     return attach
 
@@ -3910,23 +4673,30 @@ def list_dealers():
     return json_response(DEALER_SCHEMA.dump(dealers, many=True), headers={"X-Total-Count": str(len(dealers))})
 
 
+def dealer_answer(dealer, status=200):
+    """A dealer as the API answers it, with its ETag (and, new, its Location)."""
+    headers = {"Location": url_for(".get_dealer", dealer_id=dealer.id)} if status == 201 else None
+    return with_tag(json_response(DEALER_SCHEMA.dump(dealer), status, headers), dealer)
+
+
 @bp.post("/dealers")
-@api_doc("dealers", returns=DEALER_SCHEMA, status=201, body=DEALER_SCHEMA, headers=["Location"])
+@api_doc("dealers", returns=DEALER_SCHEMA, status=201, body=DEALER_SCHEMA, headers=["Location", "ETag"])
 def create_dealer():
     """Add a dealer"""
-    dealer = store().add_dealer(DEALER_SCHEMA.load(json_body()))
-    return json_response(DEALER_SCHEMA.dump(dealer), 201, {"Location": url_for(".get_dealer", dealer_id=dealer.id)})
+    fields = DEALER_SCHEMA.load(json_body())
+    return answer_write(lambda: store().add_dealer(fields), functools.partial(dealer_answer, status=201))
 
 
 @bp.get("/dealers/<digits:dealer_id>")
-@api_doc("dealers", returns=DEALER_SCHEMA)
+@api_doc("dealers", returns=DEALER_SCHEMA, versioned=True)
 def get_dealer(dealer_id):
     """Get one dealer"""
-    return json_response(DEALER_SCHEMA.dump(store().fleet.dealer(dealer_id)))
+    dealer = store().fleet.dealer(dealer_id)
+    return tagged(dealer, lambda: dealer_answer(dealer))
 
 
 @bp.patch("/dealers/<digits:dealer_id>")
-@api_doc("dealers", returns=DEALER_SCHEMA, body=DEALER_CHANGES)
+@api_doc("dealers", returns=DEALER_SCHEMA, body=DEALER_CHANGES, versioned=True)
 def update_dealer(dealer_id):
     """Change a dealer
 
@@ -3935,17 +4705,17 @@ def update_dealer(dealer_id):
     """
     store().fleet.dealer(dealer_id)  # an unknown dealer is a 404 before its body is judged
     changes = DEALER_CHANGES.load(json_body())
-    return json_response(DEALER_SCHEMA.dump(store().update_dealer(dealer_id, changes)))
+    return answer_write(lambda: store().update_dealer(dealer_id, changes, expected()), dealer_answer)
 
 
 @bp.delete("/dealers/<digits:dealer_id>")
-@api_doc("dealers", status=204, errors=[409])
+@api_doc("dealers", status=204, errors=[409], versioned=True)
 def delete_dealer(dealer_id):
     """Remove a dealer
 
     Only a dealer that has no cars.
     """
-    store().delete_dealer(dealer_id)
+    store().delete_dealer(dealer_id, expected())
     return no_content()
 
 
@@ -3954,12 +4724,18 @@ def delete_dealer(dealer_id):
 # ---------------------------------------------------------------------------------------------
 
 
+def car_answer(car, status=200):
+    """A car as the API answers it, with its ETag (and, new, its Location)."""
+    headers = {"Location": url_for(".get_car", car_id=car.id)} if status == 201 else None
+    return with_tag(json_text(renderings().car(car), status, headers), car)
+
+
 @bp.post("/cars")
-@api_doc("cars", returns=CAR_SCHEMA, status=201, body=CAR_SCHEMA, errors=[404, 409], headers=["Location"])
+@api_doc("cars", returns=CAR_SCHEMA, status=201, body=CAR_SCHEMA, errors=[404, 409], headers=["Location", "ETag"])
 def create_car():
     """Add a car to the inventory"""
-    car = store().add_car(CAR_SCHEMA.load(json_body()))
-    return json_text(renderings().car(car), 201, {"Location": url_for(".get_car", car_id=car.id)})
+    fields = CAR_SCHEMA.load(json_body())
+    return answer_write(lambda: store().add_car(fields), functools.partial(car_answer, status=201))
 
 
 @bp.get("/cars")
@@ -3984,14 +4760,15 @@ def list_cars():
 
 
 @bp.get("/cars/<digits:car_id>")
-@api_doc("cars", returns=CAR_SCHEMA)
+@api_doc("cars", returns=CAR_SCHEMA, versioned=True)
 def get_car(car_id):
     """Get one car"""
-    return json_text(renderings().car(store().fleet.car(car_id)))
+    car = store().fleet.car(car_id)
+    return tagged(car, lambda: car_answer(car))
 
 
 @bp.route("/cars/<digits:car_id>", methods=["PUT", "PATCH"])
-@api_doc("cars", returns=CAR_SCHEMA, body=CAR_CHANGES, errors=[409])
+@api_doc("cars", returns=CAR_SCHEMA, body=CAR_CHANGES, errors=[409], versioned=True)
 def update_car(car_id):
     """Change a car
 
@@ -3999,17 +4776,17 @@ def update_car(car_id):
     """
     store().fleet.car(car_id)  # an unknown car is a 404 before its body is judged
     changes = CAR_CHANGES.load(json_body())
-    return json_text(renderings().car(store().update_car(car_id, changes)))
+    return answer_write(lambda: store().update_car(car_id, changes, expected()), car_answer)
 
 
 @bp.delete("/cars/<digits:car_id>")
-@api_doc("cars", status=204, errors=[409])
+@api_doc("cars", status=204, errors=[409], versioned=True)
 def delete_car(car_id):
     """Remove a car
 
-    Only a car that has no bookings.
+    Only a car that has no bookings and no hold.
     """
-    store().delete_car(car_id)
+    store().delete_car(car_id, expected())
     return no_content()
 
 
@@ -4031,6 +4808,7 @@ def car_availability(car_id):
         "available": refusal is None, "reason": refusal,
         "busy": [entry for entry in entries if type(entry) is Booking],
         "maintenance": [entry for entry in entries if type(entry) is MaintenanceWindow],
+        "held": [entry for entry in entries if type(entry) is Hold],
         "free": [{"start_datetime": s, "end_datetime": e} for s, e in free],
     }))
 
@@ -4070,7 +4848,7 @@ def list_windows(car_id):
 
 
 @bp.post("/cars/<digits:car_id>/maintenance-windows")
-@api_doc("maintenance", returns=WINDOW_SCHEMA, status=201, body=WINDOW_SCHEMA, errors=[409], headers=["Location"])
+@api_doc("maintenance", returns=WINDOW_SCHEMA, status=201, body=WINDOW_SCHEMA, errors=[409], headers=["Location", "ETag"])
 def create_window(car_id):
     """Take a car out of service for a period
 
@@ -4079,26 +4857,32 @@ def create_window(car_id):
     """
     store().sync()  # unlike other POSTs, this one reads before it writes (see catch_up)
     store().fleet.car(car_id)  # an unknown car is a 404 before its body is judged
-    window = store().add_window(car_id, WINDOW_SCHEMA.load(json_body()))
-    return json_response(WINDOW_SCHEMA.dump(window), 201,
-                         {"Location": url_for(".get_window", car_id=car_id, window_id=window.id)})
+    fields = WINDOW_SCHEMA.load(json_body())
+    return answer_write(lambda: store().add_window(car_id, fields), functools.partial(window_answer, status=201))
+
+
+def window_answer(window, status=200):
+    """A maintenance window as the API answers it, with its ETag (and, new, its Location)."""
+    headers = {"Location": url_for(".get_window", car_id=window.car_id, window_id=window.id)} if status == 201 else None
+    return with_tag(json_response(WINDOW_SCHEMA.dump(window), status, headers), window)
 
 
 @bp.get("/cars/<digits:car_id>/maintenance-windows/<digits:window_id>")
-@api_doc("maintenance", returns=WINDOW_SCHEMA)
+@api_doc("maintenance", returns=WINDOW_SCHEMA, versioned=True)
 def get_window(car_id, window_id):
     """Get one maintenance window"""
-    return json_response(WINDOW_SCHEMA.dump(store().fleet.window(car_id, window_id)))
+    window = store().fleet.window(car_id, window_id)
+    return tagged(window, lambda: window_answer(window))
 
 
 @bp.delete("/cars/<digits:car_id>/maintenance-windows/<digits:window_id>")
-@api_doc("maintenance", status=204)
+@api_doc("maintenance", status=204, versioned=True)
 def delete_window(car_id, window_id):
     """Remove a maintenance window
 
     Its time can be booked again.
     """
-    store().delete_window(car_id, window_id)
+    store().delete_window(car_id, window_id, expected())
     return no_content()
 
 
@@ -4109,15 +4893,21 @@ def delete_window(car_id, window_id):
 
 @bp.post("/bookings")
 @api_doc("bookings", returns=BOOKING_SCHEMA, status=201, body=BOOKING_SCHEMA, errors=[404, 409],
-         headers=["Location"])
+         headers=["Location", "ETag"])
 def create_booking():
     """Book a car
 
     For the period from start_datetime up to end_datetime: it must not overlap another booking of
     the car, nor start in the past.
     """
-    booking = store().add_booking(BOOKING_SCHEMA.load(json_body()))
-    return json_response(BOOKING_SCHEMA.dump(booking), 201, {"Location": url_for(".get_booking", booking_id=booking.id)})
+    fields = BOOKING_SCHEMA.load(json_body())
+    return answer_write(lambda: store().add_booking(fields), functools.partial(booking_answer, status=201))
+
+
+def booking_answer(booking, status=200):
+    """A booking as the API answers it, with its ETag (and, new, its Location)."""
+    headers = {"Location": url_for(".get_booking", booking_id=booking.id)} if status == 201 else None
+    return with_tag(json_response(BOOKING_SCHEMA.dump(booking), status, headers), booking)
 
 
 @bp.get("/bookings")
@@ -4136,14 +4926,15 @@ def list_bookings():
 
 
 @bp.get("/bookings/<digits:booking_id>")
-@api_doc("bookings", returns=BOOKING_SCHEMA, personal=True)
+@api_doc("bookings", returns=BOOKING_SCHEMA, personal=True, versioned=True)
 def get_booking(booking_id):
     """Get one booking"""
-    return json_response(BOOKING_SCHEMA.dump(store().fleet.booking(booking_id)))
+    booking = store().fleet.booking(booking_id)
+    return tagged(booking, lambda: booking_answer(booking))
 
 
 @bp.patch("/bookings/<digits:booking_id>")
-@api_doc("bookings", returns=BOOKING_SCHEMA, body=BOOKING_CHANGES, errors=[409])
+@api_doc("bookings", returns=BOOKING_SCHEMA, body=BOOKING_CHANGES, errors=[409], versioned=True)
 def change_booking(booking_id):
     """Move or edit a booking
 
@@ -4151,17 +4942,17 @@ def change_booking(booking_id):
     """
     store().fleet.booking(booking_id)  # an unknown booking is a 404 before its body is judged
     changes = BOOKING_CHANGES.load(json_body())
-    return json_response(BOOKING_SCHEMA.dump(store().change_booking(booking_id, changes)))
+    return answer_write(lambda: store().change_booking(booking_id, changes, expected()), booking_answer)
 
 
 @bp.delete("/bookings/<digits:booking_id>")
-@api_doc("bookings", status=204)
+@api_doc("bookings", status=204, versioned=True)
 def cancel_booking(booking_id):
     """Cancel a booking
 
     Its time is free again.
     """
-    store().cancel_booking(booking_id)
+    store().cancel_booking(booking_id, expected())
     return no_content()
 
 
@@ -4201,6 +4992,96 @@ def available_slots():
     page, total = store().read(Fleet.free_slots, filters["duration"], after, before, offset, limit,
                                filters.get("dealer_id"), filters.get("brand"), filters.get("car_id"))
     return json_list(OFFER_SCHEMA.dump_slots(page, filters["duration"]), page_headers(total, offset, limit))
+
+
+# ---------------------------------------------------------------------------------------------
+# Routes: holds, for a customer who is still checking out
+# ---------------------------------------------------------------------------------------------
+
+
+def hold_answer(hold, status=200):
+    headers = {"Location": url_for(".get_hold", hold_id=hold.id)} if status == 201 else None
+    return json_response(HOLD_SCHEMA.dump(hold), status, headers)
+
+
+@bp.post("/holds")
+@api_doc("holds", returns=HOLD_SCHEMA, status=201, body=HOLD_SCHEMA, errors=[404, 409], headers=["Location"])
+def create_hold():
+    """Hold a car's period while a customer books
+
+    For `minutes` (1 to 30, 10 if left out) the period is taken exactly as a booking takes it: the same
+    overlap, turnaround and maintenance rules, and every search, calendar and the board see it. Confirm
+    it before `expires_at` to turn it into a booking; from that instant it is free to anyone again.
+    """
+    fields = HOLD_SCHEMA.load(json_body())
+    minutes = fields.pop("minutes")
+    return answer_write(lambda: store().add_hold(fields, minutes), functools.partial(hold_answer, status=201))
+
+
+@bp.get("/holds/<digits:hold_id>")
+@api_doc("holds", returns=HOLD_SCHEMA, errors=[410])
+def get_hold(hold_id):
+    """Get one hold
+
+    A hold that has expired is a 410 (until the service forgets it, a day later: then a 404).
+    """
+    return hold_answer(store().read(Fleet.hold, hold_id, datetime.now(timezone.utc)))
+
+
+@bp.delete("/holds/<digits:hold_id>")
+@api_doc("holds", status=204, errors=[410])
+def delete_hold(hold_id):
+    """Let a hold go
+
+    Its period is free again at once.
+    """
+    store().delete_hold(hold_id)
+    return no_content()
+
+
+@bp.post("/holds/<digits:hold_id>/confirm")
+@api_doc("holds", returns=BOOKING_SCHEMA, status=201, body=CONFIRM_SCHEMA, errors=[409, 410], headers=["Location", "ETag"])
+def confirm_hold(hold_id):
+    """Book a held period
+
+    In one step the hold becomes a booking of its car and period for the customer (priced at the car's
+    price of now), and is gone. A hold that has expired is a 410: nothing is booked.
+    """
+    store().sync()  # unlike other POSTs, this one reads before it writes (see catch_up)
+    store().read(Fleet.hold, hold_id, datetime.now(timezone.utc))  # an unknown hold is a 404 before its body is judged
+    customer = CONFIRM_SCHEMA.load(json_body())
+    return answer_write(lambda: store().confirm_hold(hold_id, customer), functools.partial(booking_answer, status=201))
+
+
+# ---------------------------------------------------------------------------------------------
+# Routes: the change feed, for systems that follow every change
+# ---------------------------------------------------------------------------------------------
+
+RECORD_SCHEMAS = {"dealer": DEALER_SCHEMA, "car": CAR_SCHEMA, "booking": BOOKING_SCHEMA, "window": WINDOW_SCHEMA,
+                  "hold": HOLD_SCHEMA}
+
+
+@bp.get("/changes")
+@api_doc("changes", returns=CHANGES_SCHEMA, query=CHANGE_FEED_QUERY, errors=[410], personal=True)
+def list_changes():
+    """Follow every change
+
+    Every change to dealers, cars, bookings, maintenance windows and holds, in the order they were
+    committed, each once, with the record as it then stood. Start without `since`, then send the
+    `next` of each answer as `since`. A cursor older than the oldest change kept (the newest 10,000
+    are kept) is a 410: read the collections again, then follow from the cursor that answer gives.
+    """
+    filters = query(CHANGE_FEED_QUERY)
+    after = None
+    if "since" in filters:
+        after = store().engine.read_cursor(filters["since"])
+        if after is None:
+            raise ValidationError({"since": ["Is not a cursor of this service's database: send one the feed gave."]})
+    page, cursor = store().changes(after, filters["limit"])
+    changes = [{"cursor": at_cursor, "type": CHANGE_TYPES[kind], "id": record_id, "action": action, "at": at,
+                "record": None if record is None else RECORD_SCHEMAS[kind].dump(record)}
+               for at_cursor, kind, record_id, action, at, record in page]
+    return json_response(CHANGES_SCHEMA.dump({"changes": changes, "next": cursor}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -4261,13 +5142,16 @@ def ical(name, entries, stamp):
         if type(entry) is Booking:
             event.add("uid", f"booking-{entry.id}@dealership")
             event.add("summary", FeedText(f"Booked: {car.brand} {car.model} (booking {entry.id})"))
+        elif type(entry) is Hold:
+            event.add("uid", f"hold-{entry.id}@dealership")
+            event.add("summary", FeedText(f"Held: {car.brand} {car.model} (hold {entry.id})"))
         else:
             event.add("uid", f"maintenance-window-{entry.id}@dealership")
             event.add("summary", FeedText(f"Maintenance: {entry.note or 'workshop'} ({car.brand} {car.model})"))
         event.add("dtstamp", stamp)
         event.add("dtstart", entry.start_datetime)
         event.add("dtend", entry.end_datetime)
-        event.add("categories", ["Booking" if type(entry) is Booking else "Maintenance"])
+        event.add("categories", [{Booking: "Booking", Hold: "Hold"}.get(type(entry), "Maintenance")])
         calendar.add_component(event)
     return calendar.to_ical()
 
@@ -4344,10 +5228,16 @@ ERROR_MEANINGS = {
     401: "DEALERSHIP_API_KEY is set and the request does not carry it as 'Authorization: Bearer <key>' "
          "(every write, and the reads of bookings).",
     404: "No such resource, or a car or dealer that the body names does not exist.",
-    409: "A clash with the stored data; `detail` names what it clashes with.",
+    409: "A clash with the stored data (`detail` names what it clashes with), or a request with the same "
+         "Idempotency-Key still being handled.",
     413: "The body is larger than DEALERSHIP_MAX_CONTENT_LENGTH.",
     415: "The body is not sent as application/json.",
-    422: "A field or query parameter is invalid, missing or unknown; `errors` lists each.",
+    410: "Gone: a hold that has expired, or a change-feed cursor the log no longer reaches (`next` says where "
+         "to follow on from once the collections are read again).",
+    412: "If-Match names another version (ETag) of the record than the one stored: it changed since it was "
+         "read. Nothing changed.",
+    422: "A field or query parameter is invalid, missing or unknown, or an Idempotency-Key was used for another "
+         "request; `errors` lists each.",
     429: "Too many refused API keys (or, with DEALERSHIP_RATE_LIMIT, requests) from this address; "
          "retry after `Retry-After`.",
     503: "The database refused the write (busy, read-only or full); nothing changed. Retry after `Retry-After`.",
@@ -4357,6 +5247,8 @@ TAGS = {"cars": "The inventory: add, list, change and remove cars, see when one 
         "bookings": "Book a car for a period, find the cars free for a period or the earliest free slot, move or "
                     "cancel a booking.",
         "maintenance": "Take a car out of service for a period: no booking can be made over it.",
+        "holds": "Keep a car's period for a few minutes while a customer books, then turn it into a booking.",
+        "changes": "Follow every change, in commit order, from a cursor.",
         "dealers": "The dealers that own the cars, and the turnaround their cars need between bookings.",
         "service": "Where to start."}
 # What the example of a change (PUT/PATCH) shows: what a user would change first. A test loads
@@ -4368,11 +5260,33 @@ RESPONSE_HEADERS = {
     "Location": {"description": "The URL of the new resource.", "required": True, "schema": {"type": "string"}},
     "X-Total-Count": {"description": "The number of items before paging.", "required": True,
                       "schema": {"type": "integer", "minimum": 0}},
-    "ETag": {"description": "The version of the feed: send it back in If-None-Match to get 304 when "
-                            "nothing changed.", "required": True, "schema": {"type": "string"}},
+    "ETag": {"description": "The version of what was answered: send it back in If-None-Match to get 304 while "
+                            "nothing changed, or (one record's) in If-Match to change or remove the record only "
+                            "if nobody has since.", "required": True, "schema": {"type": "string"}},
+    "Idempotent-Replayed": {"description": "'true' when the answer is the one kept for the request's "
+                                           "Idempotency-Key: the request was handled before, and nothing changed now.",
+                            "schema": {"type": "string", "enum": ["true"]}},
     "Link": {"description": "With a page (always for bookings and slots, with `limit` for the others): RFC 8288 links "
                             "to the next and previous pages, with the same filters.",
              "schema": {"type": "string"}},
+}
+IDEMPOTENCY_PARAMETER = {
+    "in": "header", "name": IDEMPOTENCY_HEADER, "required": False,
+    "description": "Any 1 to 255 printable ASCII characters (a UUID, say), new for each request. The answer to a "
+                   "request that succeeds is kept with its key for DEALERSHIP_IDEMPOTENCY_HOURS: the same request "
+                   "sent again with the same key (a retry after a timeout) gets that answer again, with "
+                   "`Idempotent-Replayed: true`, and changes nothing. The same key with another request is a 422; "
+                   "while the first is still being handled, a 409. A refused request keeps nothing.",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": r"^[ -~]{1,255}$"},
+    "example": "5f2b8c1e-0c4a-4f7e-9d3b-2a6f1e8c9b70"}
+CONDITION_PARAMETERS = {
+    "If-None-Match": {"in": "header", "name": "If-None-Match", "required": False,
+                      "description": "The ETag of the version the client holds: 304 Not Modified while it is current.",
+                      "schema": {"type": "string"}},
+    "If-Match": {"in": "header", "name": "If-Match", "required": False,
+                 "description": "The ETag of the version the change is meant for (or * for any): when the record is "
+                                "at another version, 412 and nothing changes. Checked in the same step as the change.",
+                 "schema": {"type": "string"}},
 }
 _PATH_ARGUMENT = re.compile(r"<(?:\w+:)?(\w+)>")
 _PATH_TEMPLATE = re.compile(r"{(\w+)}")
@@ -4413,6 +5327,8 @@ class Examples:
         booking = {"id": 1} | self.body(BOOKING_SCHEMA) | period | {"total_cents": price}
         workshop = {"id": 1, "car_id": 1, "note": "Brake check", "start_datetime": end + timedelta(days=1),
                     "end_datetime": end + timedelta(days=1, hours=4)}
+        hold = {"id": 1, "car_id": 1, "expires_at": start - timedelta(days=7) + timedelta(minutes=DEFAULT_HOLD_MINUTES)} \
+            | period
         self.clash = str(clash(Car(**car), 0, start, end, Booking(**booking), PRESENTATION.get().zone))
         self.responses = {
             CarSchema: CAR_SCHEMA.dump(car),
@@ -4428,6 +5344,12 @@ class Examples:
                          {"start_datetime": end + timedelta(days=1, hours=5),
                           "end_datetime": end + timedelta(days=2)}]}),
             MaintenanceWindowSchema: WINDOW_SCHEMA.dump(workshop),
+            HoldSchema: HOLD_SCHEMA.dump(hold),
+            ChangesSchema: CHANGES_SCHEMA.dump({"changes": [
+                {"cursor": "41", "type": "car", "id": 1, "action": "created", "at": start - timedelta(days=7),
+                 "record": CAR_SCHEMA.dump(car)},
+                {"cursor": "42", "type": "booking", "id": 1, "action": "created", "at": start - timedelta(days=7),
+                 "record": BOOKING_SCHEMA.dump(booking)}], "next": "42"}),
             QuoteSchema: QUOTE_SCHEMA.dump({"car_id": 1, "days": rental_days(start, end), "total_cents": price,
                                             "daily_price": car["daily_price"], "available": True, "reason": None}
                                            | period),
@@ -4444,6 +5366,13 @@ class Examples:
                                   "'Authorization: Bearer <API key>'.", {}),
             (404, "Not Found", "There is no car with id 7.", {}),
             (409, "Conflict", self.clash, {}),
+            (410, "Gone", "Hold 1 expired at " + format_instant(hold["expires_at"], PRESENTATION.get().zone) + ": its "
+                          "period is free again to anyone. Check that it is still free and book it, or place a new "
+                          "hold.", {}),
+            (412, "Precondition Failed", "If-Match names another version of this record than the one stored (ETag "
+                                         "\"2.5f0e1c3a\"): it changed since it was read, and nothing was changed. Read "
+                                         "it again (GET), check the change still makes sense, and send it with the "
+                                         "new ETag.", {}),
             (413, "Request Entity Too Large", "The body is larger than the limit of 1048576 bytes.", {}),
             (415, "Unsupported Media Type", "Send the body as JSON with 'Content-Type: application/json'.", {}),
             (422, "Unprocessable Content", "Invalid input: vin.", {"errors": {"vin": [vin_error]}}),
@@ -4505,6 +5434,15 @@ def operation(view, method, rule, secured, shared, examples, limited):
         errors.update((400, 413, 415, 422))
     if method in WRITE_METHODS:
         errors.add(503)
+    if method in KEYED_METHODS:
+        op["parameters"].append(IDEMPOTENCY_PARAMETER)
+        errors.update((400, 409, 422))
+    if doc["versioned"] and method == "GET":
+        op["parameters"].append(CONDITION_PARAMETERS["If-None-Match"])
+        op["responses"]["304"] = {"description": "Not Modified: the record is still the version If-None-Match names."}
+    elif doc["versioned"]:
+        op["parameters"].append(CONDITION_PARAMETERS["If-Match"])
+        errors.add(412)
     if limited:
         errors.add(429)
     if needs_key(method, view):
@@ -4512,6 +5450,10 @@ def operation(view, method, rule, secured, shared, examples, limited):
         if secured:
             op["security"] = [{"bearer": []}]
     success = {"description": summary, "headers": {name: RESPONSE_HEADERS[name] for name in doc["headers"]}}
+    if doc["versioned"] and doc["returns"] is not None:
+        success["headers"]["ETag"] = RESPONSE_HEADERS["ETag"]
+    if method in KEYED_METHODS:
+        success["headers"]["Idempotent-Replayed"] = RESPONSE_HEADERS["Idempotent-Replayed"]
     if doc["returns"] is not None:
         schema = {"type": "array", "items": doc["returns"]} if doc["many"] else doc["returns"]
         success["content"] = {"application/json": {"schema": schema,
@@ -4658,6 +5600,10 @@ def bar_text(entry):
     if type(entry) is Booking:
         kind, label = "booking", str(entry.id)
         title = f"Booking {entry.id}: {shown}, {entry.total_cents / 100:.2f} {currency}"
+    elif type(entry) is Hold:
+        until = format_instant(entry.expires_at, zone)[11:16]
+        kind, label = "hold", "Held"
+        title = f"Hold {entry.id}: {shown}, held until {until} for a customer who is booking"
     else:
         kind, label = "window", entry.note or "Maintenance"
         title = f"Maintenance window {entry.id}{': ' + entry.note if entry.note else ''}: {shown}"
@@ -4745,6 +5691,7 @@ BOARD_TEMPLATE = """<!doctype html>
     padding: 0 .2rem; line-height: calc(1rem - 2px); border: 1px solid #999; border-radius: 2px; background: #fff; color: #1b1b1b; } }
   .booking { background: #2f6fb2; color: #fff; }
   .window { background: repeating-linear-gradient(45deg, #c0392b 0 6px, #f3c6c0 6px 12px); color: #000; }
+  .hold { background: #fff; color: #1f4f82; border: 2px dashed #2f6fb2; line-height: calc(1.4rem - 4px); }
   .tail { position: absolute; top: .3rem; bottom: .3rem; background: #cfe0f3; }
   .cut-start { border-top-left-radius: 0; border-bottom-left-radius: 0; border-left: 3px dashed #000; }
   .cut-end { border-top-right-radius: 0; border-bottom-right-radius: 0; border-right: 3px dashed #000; }

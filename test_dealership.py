@@ -449,7 +449,7 @@ def test_every_json_body_keeps_field_order_and_ends_with_one_newline(client):
         f"{API}/dealers/1": ["id", "name", "location", "turnaround_minutes"],
         f"{API}/cars/1/availability?start_datetime=2035-01-15T00:00:00Z&end_datetime=2035-01-16T00:00:00Z":
             ["car_id", "start_datetime", "end_datetime", "status", "turnaround_minutes", "available", "reason",
-             "busy", "maintenance", "free"],
+             "busy", "maintenance", "free", "held"],
         f"{API}/cars/1/quote?start_datetime=2035-01-15T00:00:00Z&end_datetime=2035-01-16T00:00:00Z":
             ["car_id", "start_datetime", "end_datetime", "days", "daily_price", "total_price", "currency", "available",
              "reason"],
@@ -1341,9 +1341,12 @@ def test_a_file_of_schema_version_1_is_upgraded_and_keeps_every_booking(sqlite_f
     write_version_1_file(sqlite_file)
     caplog.set_level("INFO", logger="dealership")
     client = on_file(sqlite_file).test_client()
-    assert "schema upgraded from version 1 to 2" in caplog.text
+    assert f"schema upgraded from version 1 to {dealership.SCHEMA_VERSION}" in caplog.text
     with closing(sqlite3.connect(sqlite_file)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (2,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (dealership.SCHEMA_VERSION,)
+        # every change logged before the feed is in it, as its record stands
+        assert conn.execute("SELECT kind, id, action FROM changes ORDER BY seq").fetchall()[-2:] == [
+            ("booking", 1, "changed"), ("booking", 2, "changed")]
     bookings = client.get(f"{API}/bookings").get_json()
     assert [(b["id"], b["start_datetime"], b["total_price"]) for b in bookings] == [
         (1, "2035-01-20T09:00:00+00:00", 193.5), (2, "2035-02-01T09:00:00+00:00", 64.5)]
@@ -1429,6 +1432,7 @@ def test_calendar_lists_busy_bookings_unclipped_and_free_gaps_clipped(client):
             {"start_datetime": "2035-01-01T10:00:00+00:00", "end_datetime": "2035-01-01T14:00:00+00:00"},
             {"start_datetime": "2035-01-01T16:00:00+00:00", "end_datetime": "2035-01-02T00:00:00+00:00"},
         ],
+        "held": [],
     }
 
 
@@ -2122,7 +2126,7 @@ def test_times_are_stored_in_utc_and_the_database_guards_itself(sqlite_file):
     make_car(client, vin=vin(1))
     book(client, 1, "2035-01-15T10:00:00+02:00", "2035-01-15T12:00:00+02:00")
     rows = table_rows(sqlite_file)
-    assert rows["bookings"][0][4:] == ("2035-01-15T08:00:00.000000+00:00", "2035-01-15T10:00:00.000000+00:00", 10000)
+    assert rows["bookings"][0][4:] == ("2035-01-15T08:00:00.000000+00:00", "2035-01-15T10:00:00.000000+00:00", 10000, 1)
     with closing(sqlite3.connect(sqlite_file)) as conn:
         conn.execute("PRAGMA foreign_keys = ON")
         for statement in [
@@ -2733,7 +2737,7 @@ def test_postgresql_keeps_times_in_utc_and_refuses_what_breaks_a_rule_whoever_wr
     make_car(client, vin=vin(1))
     book(client, 1, "2035-01-15T10:00:00+02:00", "2035-01-15T12:00:00+02:00")
     assert table_rows(postgres_database)["bookings"][0][4:] == (
-        "2035-01-15T08:00:00.000000+00:00", "2035-01-15T10:00:00.000000+00:00", 10000)
+        "2035-01-15T08:00:00.000000+00:00", "2035-01-15T10:00:00.000000+00:00", 10000, 1)
     before = table_rows(postgres_database)
     insert = ("INSERT INTO bookings (car_id, customer_name, customer_email, start_datetime, end_datetime) "
               "VALUES (%s, 'x', 'x@example.com', %s, %s)")
@@ -3202,7 +3206,7 @@ def test_every_example_in_the_document_is_accepted_by_the_schema_the_route_uses(
                 assert set(example) == set(doc["query"].fields), path  # every query parameter has one
                 doc["query"].load(example)
                 checked += 1
-    assert checked == 17  # eight bodies, nine query strings
+    assert checked == 20  # ten bodies, ten query strings
 
 
 def test_every_field_and_parameter_says_its_rule_in_words(client):
@@ -3214,7 +3218,7 @@ def test_every_field_and_parameter_says_its_rule_in_words(client):
         assert op["summary"] and not op["summary"].endswith("."), (path, method)
         for parameter in op["parameters"]:
             assert parameter["in"] == "path" or parameter.get("description"), (path, parameter["name"])
-    tags = ["cars", "bookings", "maintenance", "dealers", "service"]
+    tags = ["cars", "bookings", "maintenance", "holds", "changes", "dealers", "service"]
     assert [tag["name"] for tag in document["tags"]] == tags
     assert [op["tags"][0] for _, _, op in operations(document)] == sorted(
         (op["tags"][0] for _, _, op in operations(document)), key=tags.index)
@@ -3270,7 +3274,7 @@ def test_the_docs_list_operations_in_the_order_a_newcomer_needs_them(client):
                         ("PATCH", "/cars/{car_id}"), ("DELETE", "/cars/{car_id}")]
     assert {path for _, path in cars[-2:]} == {"/calendar.ics", "/cars/{car_id}/calendar.ics"}  # the feeds last
     tags = [op["tags"][0] for ops in paths.values() for op in ops.values()]
-    assert tags == sorted(tags, key=["cars", "bookings", "maintenance", "dealers", "service"].index)
+    assert tags == sorted(tags, key=["cars", "bookings", "maintenance", "holds", "changes", "dealers", "service"].index)
 
 
 def test_docs_page_is_served_locally(client):
