@@ -3348,7 +3348,7 @@ class Store:
             status, headers, body = keyed.response
             db.keep_answer(keyed.key, keyed.fingerprint, status, to_json(headers), body, now)
             self.answers_kept += 1
-            if self.answers_kept % ANSWERS_PRUNE_EVERY == 1:
+            if self.answers_kept % ANSWERS_PRUNE_EVERY == 0:
                 db.forget_answers(now - keyed.window)
             return result
         return keyed_change

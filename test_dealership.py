@@ -4862,3 +4862,592 @@ def test_the_log_time_worked_out_once_a_second_is_the_records_own(created):
         record.created = created + offset
         assert formatter.formatTime(record) == \
             datetime.fromtimestamp(created + offset).astimezone().isoformat(timespec="milliseconds")
+
+
+# ---------------------------------------------------------------------------------------------
+# Safe retries (Idempotency-Key), safe edits (ETag, If-Match), holds, and the change feed
+# ---------------------------------------------------------------------------------------------
+
+KEY = {"Idempotency-Key": "3f1c2a9e-retry-me"}
+
+
+def post(client, path, body, **headers):
+    return client.post(f"{API}{path}", json=body, headers=headers)
+
+
+def hold(client, car_id, start="2035-01-15T10:00:00Z", end="2035-01-15T12:00:00Z", **fields):
+    return post(client, "/holds", {"car_id": car_id, "start_datetime": start, "end_datetime": end} | fields)
+
+
+def insert_hold(database, car_id, start, end, expires):
+    """A hold written straight into the database (one about to expire, say); its id."""
+    sql(database, "INSERT INTO holds (car_id, start_datetime, end_datetime, expires_at) VALUES (?, ?, ?, ?)",
+        (car_id, datetime.fromisoformat(start), datetime.fromisoformat(end), expires))
+    return sql(database, "SELECT max(id) FROM holds")[0][0]
+
+
+def bookings_of(client, car_id):
+    return client.get(f"{API}/bookings", query_string={"car_id": car_id}).get_json()
+
+
+CUSTOMER = {"customer_name": "Ada Lovelace", "customer_email": "ada@example.com"}
+
+
+# -- Idempotency-Key ------------------------------------------------------------------------------
+
+def test_a_retried_post_with_its_key_gets_the_same_answer_and_books_once(client):
+    make_car(client)
+    first = post(client, "/bookings", booking_body(1), **KEY)
+    assert first.status_code == 201 and "Idempotent-Replayed" not in first.headers
+    again = post(client, "/bookings", booking_body(1), **KEY)
+    assert again.status_code == 201 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.get_data() == first.get_data()
+    assert again.headers["Location"] == first.headers["Location"] == f"{API}/bookings/1"
+    assert again.headers["ETag"] == first.headers["ETag"]
+    assert len(client.get(f"{API}/bookings").get_json()) == 1
+
+
+def test_every_post_put_and_patch_keeps_its_answer_for_its_key(client):
+    """Each route that writes with POST, PUT or PATCH: replayed once, and changes nothing the second time."""
+    make_car(client)
+    calls = [("post", "/dealers", {"name": "North"}), ("patch", "/dealers/2", {"location": "Kiel"}),
+             ("post", "/cars", car_body(vin=vin(2))), ("put", "/cars/2", {"color": "Red"}),
+             ("patch", "/cars/2", {"color": "Green"}), ("post", "/bookings", booking_body(1)),
+             ("patch", "/bookings/1", {"customer_name": "Grace"}),
+             ("post", "/cars/1/maintenance-windows", window("2035-02-01T08:00:00Z", "2035-02-01T12:00:00Z")),
+             ("post", "/holds", {"car_id": 2, "start_datetime": "2035-03-01T10:00:00Z",
+                                 "end_datetime": "2035-03-01T12:00:00Z"}),
+             ("post", "/holds/1/confirm", CUSTOMER)]
+    app = client.application
+    routes = {(method, rule.rule) for rule in app.url_map.iter_rules() if rule.endpoint.startswith("dealership.")
+              for method in rule.methods & {"POST", "PUT", "PATCH"}}
+    called = {(method.upper(), API + re.sub(r"/\d+", lambda m: "/<digits:>", path)) for method, path, _ in calls}
+    assert {(method, re.sub(r"<digits:\w+>", "<digits:>", rule)) for method, rule in routes} == called
+    for n, (method, path, body) in enumerate(calls):
+        headers = {"Idempotency-Key": f"key-{n}"}
+        first = getattr(client, method)(f"{API}{path}", json=body, headers=headers)
+        assert first.status_code in (200, 201), (path, first.get_json())
+        before = state(client)
+        again = getattr(client, method)(f"{API}{path}", json=body, headers=headers)
+        assert (again.status_code, again.get_data(), again.headers["Idempotent-Replayed"]) == \
+            (first.status_code, first.get_data(), "true"), path
+        assert state(client) == before
+
+
+def test_the_same_key_with_another_request_is_422_and_changes_nothing(client):
+    make_car(client)
+    assert post(client, "/bookings", booking_body(1), **KEY).status_code == 201
+    before = state(client)
+    for other in (booking_body(1, "2035-02-01T10:00:00Z", "2035-02-01T12:00:00Z"), car_body(vin=vin(9))):
+        path = "/bookings" if "customer_name" in other else "/cars"
+        body = assert_problem(post(client, path, other, **KEY), 422, "Idempotency-Key")
+        assert "used for another request" in body["errors"]["Idempotency-Key"][0]
+    assert_problem(client.patch(f"{API}/bookings/1", json={"customer_name": "X"}, headers=KEY), 422, "Idempotency-Key")
+    assert state(client) == before
+
+
+def test_a_key_sent_with_another_api_key_is_another_request():
+    client = new_app({"DEALERSHIP_API_KEY": "s3cret-key-for-tests"}).test_client()
+    bearer = {"Authorization": "Bearer s3cret-key-for-tests"}
+    assert client.post(f"{API}/cars", json=car_body(), headers=bearer | KEY).status_code == 201
+    assert client.post(f"{API}/cars", json=car_body(), headers=bearer | KEY).headers["Idempotent-Replayed"] == "true"
+    assert client.post(f"{API}/cars", json=car_body(), headers=KEY).status_code == 401  # no key: not replayed
+
+
+@pytest.mark.parametrize("key", ["", "x" * 256, "caf\u00e9", "tab\there"])
+def test_a_malformed_idempotency_key_is_400_and_changes_nothing(client, key):
+    response = client.post(f"{API}/cars", json=car_body(), headers={"Idempotency-Key": key.encode().decode("latin-1")})
+    body = assert_problem(response, 400)
+    assert "Idempotency-Key" in body["detail"]
+    assert client.get(f"{API}/cars").get_json() == []
+
+
+def test_a_refused_request_keeps_nothing_so_its_corrected_retry_with_the_key_works(client):
+    make_car(client)
+    assert_problem(post(client, "/bookings", booking_body(1, customer_email="not-an-address"), **KEY), 422)
+    assert_problem(post(client, "/bookings", booking_body(2), **KEY), 404)
+    book(client, 1)
+    assert_problem(post(client, "/bookings", booking_body(1), **KEY), 409)  # the slot is taken
+    response = post(client, "/bookings", booking_body(1, "2035-02-01T10:00:00Z", "2035-02-01T12:00:00Z"), **KEY)
+    assert response.status_code == 201 and "Idempotent-Replayed" not in response.headers
+
+
+def test_a_key_is_answered_again_through_another_app_and_after_a_restart(database):
+    first = on_file(database).test_client()
+    make_car(first)
+    original = post(first, "/bookings", booking_body(1), **KEY)
+    second = on_file(database).test_client()
+    for client in (second, on_file(database).test_client()):  # another process; a restart
+        again = post(client, "/bookings", booking_body(1), **KEY)
+        assert (again.status_code, again.get_data(), again.headers["Idempotent-Replayed"]) == \
+            (201, original.get_data(), "true")
+        assert_problem(post(client, "/bookings", booking_body(1, customer_name="Grace"), **KEY), 422)
+    assert len(second.get_json() if False else second.get(f"{API}/bookings").get_json()) == 1
+
+
+def test_20_threads_sending_one_key_through_two_apps_make_one_booking(database):
+    apps = [on_file(database), on_file(database)]
+    make_car(apps[0].test_client())
+    responses = run_at_once(20, lambda i: post(apps[i % 2].test_client(), "/bookings", booking_body(1), **KEY))
+    made = [r for r in responses if r.status_code == 201]
+    assert made and all(r.status_code in (201, 409) for r in responses), [r.status_code for r in responses]
+    assert len([r for r in made if "Idempotent-Replayed" not in r.headers]) == 1
+    assert len({r.get_data() for r in made}) == 1
+    for r in responses:
+        if r.status_code == 409:
+            assert "still being handled" in r.get_json()["detail"]
+    for app in apps:
+        assert len(app.test_client().get(f"{API}/bookings").get_json()) == 1
+
+
+def test_old_answers_count_no_more_and_are_pruned(database, monkeypatch):
+    monkeypatch.setattr(dealership, "ANSWERS_PRUNE_EVERY", 1)
+    client = on_file(database, DEALERSHIP_IDEMPOTENCY_HOURS=0.25 / 3600).test_client()  # a quarter of a second
+    make_car(client)
+    assert post(client, "/bookings", booking_body(1), **{"Idempotency-Key": "old"}).status_code == 201
+    time.sleep(0.3)
+    # the key is free again: the same key with another request runs as new
+    response = post(client, "/bookings", booking_body(1, "2035-02-01T10:00:00Z", "2035-02-01T12:00:00Z"),
+                    **{"Idempotency-Key": "old"})
+    assert response.status_code == 201 and "Idempotent-Replayed" not in response.headers
+    time.sleep(0.3)
+    assert post(client, "/dealers", {"name": "North"}, **{"Idempotency-Key": "new"}).status_code == 201
+    assert [key for key, in sql(database, "SELECT key FROM idempotency_keys")] == ["new"]
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc", "9000"])
+def test_idempotency_hours_must_be_a_sensible_number(value):
+    with pytest.raises(dealership.ConfigError, match="DEALERSHIP_IDEMPOTENCY_HOURS"):
+        new_app({"DEALERSHIP_IDEMPOTENCY_HOURS": value})
+
+
+# -- ETag, If-None-Match, If-Match ----------------------------------------------------------------
+
+def test_every_single_record_has_an_etag_that_changes_with_each_change(client):
+    make_car(client)
+    book(client, 1)
+    open_window(client, 1, "2035-02-01T08:00:00Z", "2035-02-01T12:00:00Z")
+    for path in ("/dealers/1", "/cars/1", "/bookings/1", "/cars/1/maintenance-windows/1"):
+        response = client.get(f"{API}{path}")
+        tag = response.headers["ETag"]
+        assert tag.startswith('"1.') and not response.headers["ETag"].startswith("W/")
+        unchanged = client.get(f"{API}{path}", headers={"If-None-Match": tag})
+        assert unchanged.status_code == 304 and unchanged.get_data() == b"" and unchanged.headers["ETag"] == tag
+        assert client.get(f"{API}{path}", headers={"If-None-Match": '"0.x"'}).status_code == 200
+    tags = {path: client.get(f"{API}{path}").headers["ETag"] for path in ("/dealers/1", "/cars/1", "/bookings/1")}
+    for path, change in [("/dealers/1", {"location": "Kiel"}), ("/cars/1", {"color": "Red"}),
+                         ("/bookings/1", {"customer_name": "Grace"})]:
+        response = client.patch(f"{API}{path}", json=change)
+        assert response.headers["ETag"] != tags[path] and response.headers["ETag"].startswith('"2.')
+        assert client.get(f"{API}{path}").headers["ETag"] == response.headers["ETag"]
+        assert client.get(f"{API}{path}", headers={"If-None-Match": tags[path]}).status_code == 200
+
+
+def test_an_etag_is_the_same_in_every_process_and_after_a_restart(database):
+    first = on_file(database).test_client()
+    make_car(first)
+    book(first, 1)
+    second = on_file(database).test_client()
+    tag = second.patch(f"{API}/bookings/1", json={"customer_name": "Grace"}).headers["ETag"]
+    for client in (first, second, on_file(database).test_client()):
+        assert client.get(f"{API}/bookings/1").headers["ETag"] == tag
+        assert client.get(f"{API}/bookings/1", headers={"If-None-Match": tag}).status_code == 304
+
+
+def test_if_match_with_another_version_is_412_and_changes_nothing(client):
+    make_car(client)
+    book(client, 1)
+    open_window(client, 1, "2035-02-01T08:00:00Z", "2035-02-01T12:00:00Z")
+    client.patch(f"{API}/cars/1", json={"daily_price": 120.0})  # the car is at version 2
+    before = state(client)
+    stale = {"If-Match": '"1.00000000"'}
+    for method, path, body in [("patch", "/cars/1", {"color": "Red"}), ("put", "/cars/1", {"color": "Red"}),
+                               ("delete", "/cars/1", None), ("patch", "/dealers/1", {"location": "Kiel"}),
+                               ("delete", "/dealers/1", None), ("patch", "/bookings/1", {"customer_name": "Grace"}),
+                               ("delete", "/bookings/1", None), ("delete", "/cars/1/maintenance-windows/1", None)]:
+        response = getattr(client, method)(f"{API}{path}", json=body, headers=stale)
+        assert "If-Match names another version" in assert_problem(response, 412)["detail"], path
+    assert state(client) == before
+
+
+def test_if_match_with_the_current_tag_or_a_star_makes_the_change(client):
+    make_car(client)
+    book(client, 1)
+    tag = client.get(f"{API}/bookings/1").headers["ETag"]
+    response = client.patch(f"{API}/bookings/1", json={"customer_name": "Grace"}, headers={"If-Match": tag})
+    assert response.status_code == 200 and response.get_json()["customer_name"] == "Grace"
+    assert client.patch(f"{API}/cars/1", json={"color": "Red"}, headers={"If-Match": "*"}).status_code == 200
+    tags = f'"0.x", {response.headers["ETag"]}'  # any of the tags listed
+    assert client.delete(f"{API}/bookings/1", headers={"If-Match": tags}).status_code == 204
+    assert client.delete(f"{API}/bookings/1", headers={"If-Match": "*"}).status_code == 404
+
+
+def test_two_patches_sent_with_one_tag_through_two_apps_one_200_one_412(database):
+    apps = [on_file(database), on_file(database)]
+    client = apps[0].test_client()
+    make_car(client)
+    book(client, 1)
+    for round in range(5):
+        tag = client.get(f"{API}/bookings/1").headers["ETag"]
+        names = [f"Grace {round}", f"Ada {round}"]
+        responses = run_at_once(2, lambda i: apps[i].test_client().patch(
+            f"{API}/bookings/1", json={"customer_name": names[i]}, headers={"If-Match": tag}))
+        assert sorted(r.status_code for r in responses) == [200, 412]
+        winner = next(r for r in responses if r.status_code == 200).get_json()["customer_name"]
+        for app in apps:
+            assert app.test_client().get(f"{API}/bookings/1").get_json()["customer_name"] == winner
+
+
+# -- holds ----------------------------------------------------------------------------------------
+
+def test_a_hold_takes_its_period_as_a_booking_does_until_confirmed(client):
+    make_car(client)
+    response = hold(client, 1)
+    assert response.status_code == 201 and response.headers["Location"] == f"{API}/holds/1"
+    created = response.get_json()
+    assert list(created) == ["id", "car_id", "start_datetime", "end_datetime", "expires_at"]
+    expires = datetime.fromisoformat(created["expires_at"])
+    assert timedelta(minutes=9) < expires - datetime.now(timezone.utc) <= timedelta(minutes=10)
+    assert client.get(f"{API}/holds/1").get_json() == created
+    before = state(client)
+    detail = assert_problem(book(client, 1, "2035-01-15T11:00:00Z", "2035-01-15T13:00:00Z"), 409)["detail"]
+    assert "is held from 2035-01-15T10:00:00+00:00" in detail and created["expires_at"] in detail
+    assert_problem(hold(client, 1, "2035-01-15T11:59:00Z", "2035-01-15T13:00:00Z"), 409)
+    assert_problem(open_window(client, 1, "2035-01-15T08:00:00Z", "2035-01-15T11:00:00Z"), 409)
+    assert_problem(client.delete(f"{API}/cars/1"), 409)
+    assert state(client) == before
+    period = window("2035-01-15T09:00:00Z", "2035-01-15T11:00:00Z")
+    assert client.get(f"{API}/bookings/available-cars", query_string=period).get_json() == []
+    slots = client.get(f"{API}/bookings/available-slots", query_string={
+        "duration": "PT2H", "after": "2035-01-15T09:00:00Z"}).get_json()
+    assert slots[0]["start_datetime"] == "2035-01-15T12:00:00+00:00"
+    calendar = client.get(f"{API}/cars/1/availability", query_string=window("2035-01-15T00:00:00Z",
+                                                                             "2035-01-16T00:00:00Z")).get_json()
+    assert calendar["held"] == [{"hold_id": 1, "start_datetime": created["start_datetime"],
+                                 "end_datetime": created["end_datetime"], "expires_at": created["expires_at"]}]
+    assert calendar["available"] is False and calendar["busy"] == []
+    booking = client.post(f"{API}/holds/1/confirm", json=CUSTOMER)
+    assert booking.status_code == 201 and booking.headers["Location"] == f"{API}/bookings/1"
+    assert booking.get_json() | {"id": 0} == {"id": 0, "car_id": 1, "start_datetime": created["start_datetime"],
+                                              "end_datetime": created["end_datetime"], "total_price": 100.0,
+                                              "currency": "EUR"} | CUSTOMER
+    assert_problem(client.get(f"{API}/holds/1"), 404)
+    assert_problem(client.post(f"{API}/holds/1/confirm", json=CUSTOMER), 404)
+    assert bookings_of(client, 1) == [booking.get_json()]
+
+
+def test_a_hold_follows_the_turnaround_and_maintenance_rules(client):
+    set_turnaround(client, 60)
+    make_car(client)
+    make_car(client, vin=vin(2), status="maintenance")
+    book(client, 1)  # 10:00 to 12:00
+    assert "turnaround" in assert_problem(hold(client, 1, "2035-01-15T12:30:00Z", "2035-01-15T14:00:00Z"), 409)["detail"]
+    assert_problem(hold(client, 2), 409)
+    open_window(client, 1, "2035-01-16T08:00:00Z", "2035-01-16T12:00:00Z")
+    assert "maintenance" in assert_problem(hold(client, 1, "2035-01-16T11:00:00Z", "2035-01-16T14:00:00Z"),
+                                           409)["detail"]
+    assert hold(client, 1, "2035-01-15T13:00:00Z", "2035-01-15T14:00:00Z").status_code == 201
+    # and a booking within the turnaround of the hold is refused as for a booking
+    assert_problem(book(client, 1, "2035-01-15T14:30:00Z", "2035-01-15T15:00:00Z"), 409)
+
+
+@pytest.mark.parametrize("fields, name", [
+    ({"minutes": 0}, "minutes"), ({"minutes": 31}, "minutes"), ({"minutes": "5"}, "minutes"),
+    ({"car_id": 0}, "car_id"), ({"start_datetime": "2020-01-01T10:00:00Z"}, "start_datetime"),
+    ({"end_datetime": "2035-01-15T09:00:00Z"}, "end_datetime"), ({"customer_name": "Ada"}, "customer_name")])
+def test_a_bad_hold_is_422_and_changes_nothing(client, fields, name):
+    make_car(client)
+    body = {"car_id": 1, "start_datetime": "2035-01-15T10:00:00Z", "end_datetime": "2035-01-15T12:00:00Z"} | fields
+    assert_problem(post(client, "/holds", body), 422, name)
+    assert_problem(client.get(f"{API}/holds/1"), 404)
+    assert client.get(f"{API}/changes").get_json()["changes"][-1]["type"] == "car"
+
+
+def test_a_hold_lasts_the_minutes_asked(client):
+    make_car(client)
+    expires = datetime.fromisoformat(hold(client, 1, minutes=30).get_json()["expires_at"])
+    assert timedelta(minutes=29) < expires - datetime.now(timezone.utc) <= timedelta(minutes=30)
+
+
+def test_a_hold_let_go_frees_its_period_and_a_bad_confirm_keeps_it(client):
+    make_car(client)
+    hold(client, 1)
+    assert_problem(client.post(f"{API}/holds/1/confirm", json={"customer_name": "Ada"}), 422, "customer_email")
+    assert client.get(f"{API}/holds/1").status_code == 200
+    assert client.delete(f"{API}/holds/1").status_code == 204
+    assert_problem(client.delete(f"{API}/holds/1"), 404)
+    assert book(client, 1).status_code == 201
+
+
+def test_holds_need_the_api_key_to_be_made_confirmed_or_let_go(locked):
+    bearer = {"Authorization": "Bearer s3cret-key-for-tests"}
+    locked.post(f"{API}/cars", json=car_body(), headers=bearer)
+    body = {"car_id": 1, "start_datetime": "2035-01-15T10:00:00Z", "end_datetime": "2035-01-15T12:00:00Z"}
+    assert_problem(locked.post(f"{API}/holds", json=body), 401)
+    assert locked.post(f"{API}/holds", json=body, headers=bearer).status_code == 201
+    assert locked.get(f"{API}/holds/1").status_code == 200  # a hold holds no personal data
+    assert_problem(locked.post(f"{API}/holds/1/confirm", json=CUSTOMER), 401)
+    assert_problem(locked.delete(f"{API}/holds/1"), 401)
+    assert locked.post(f"{API}/holds/1/confirm", json=CUSTOMER, headers=bearer).status_code == 201
+
+
+def test_a_hold_on_the_board_and_in_the_feeds_shows_no_personal_data(client):
+    make_car(client)
+    hold(client, 1, "2035-01-15T10:00:00Z", "2035-01-15T12:00:00Z")
+    page = client.get("/board", query_string={"start": "2035-01-15"}).get_data(as_text=True)
+    assert 'class="bar hold"' in page and 'data-hold-id="1"' in page and "held until" in page
+    calendar = icalendar.Calendar.from_ical(client.get(f"{API}/cars/1/calendar.ics", query_string=window(
+        "2035-01-14T00:00:00Z", "2035-01-16T00:00:00Z")).get_data())
+    assert [str(event["uid"]) for event in calendar.walk("VEVENT")] == ["hold-1@dealership"]
+
+
+def test_an_expired_hold_is_410_and_its_period_free_to_anyone_in_every_process(database):
+    first, second = on_file(database).test_client(), on_file(database).test_client()
+    make_car(first)
+    expires = datetime.now(timezone.utc) + timedelta(seconds=0.5)
+    hold_id = insert_hold(database, 1, "2035-01-15T10:00:00+00:00", "2035-01-15T12:00:00+00:00", expires)
+    for client in (first, second):
+        assert client.get(f"{API}/holds/{hold_id}").status_code == 200
+        assert_problem(book(client, 1), 409)
+    time.sleep(max(0.0, (expires - datetime.now(timezone.utc)).total_seconds()) + 0.01)
+    period = window("2035-01-15T10:00:00Z", "2035-01-15T12:00:00Z")
+    for client in (first, second):
+        assert "expired" in assert_problem(client.get(f"{API}/holds/{hold_id}"), 410)["detail"]
+        assert [car["id"] for car in client.get(f"{API}/bookings/available-cars", query_string=period).get_json()] == [1]
+    before = state(first)
+    assert_problem(first.post(f"{API}/holds/{hold_id}/confirm", json=CUSTOMER), 410)
+    assert_problem(second.delete(f"{API}/holds/{hold_id}"), 410)
+    assert state(first) == before
+    assert book(second, 1).status_code == 201
+
+
+def test_a_hold_confirmed_at_the_instant_it_expires_is_a_booking_or_a_free_slot_never_both(database):
+    apps = [on_file(database), on_file(database)]
+    confirmer, booker = apps[0].test_client(), apps[1].test_client()
+    rounds = 8
+    for n in range(1, rounds + 1):
+        make_car(confirmer, vin=vin(n))
+    outcomes = []
+    for n in range(1, rounds + 1):
+        expires = datetime.now(timezone.utc) + timedelta(seconds=0.3)
+        hold_id = insert_hold(database, n, "2035-01-15T10:00:00+00:00", "2035-01-15T12:00:00+00:00", expires)
+        confirmer.get(f"{API}/holds/{hold_id}")  # both apps have caught up with it
+        assert_problem(book(booker, n), 409)
+        aim = expires + timedelta(milliseconds=(n % 4 - 2) * 0.5)  # around the instant, on both sides
+
+        def confirm(_):
+            time.sleep(max(0.0, (aim - datetime.now(timezone.utc)).total_seconds()))
+            return confirmer.post(f"{API}/holds/{hold_id}/confirm", json=CUSTOMER).status_code
+
+        def keep_booking(_):
+            time.sleep(max(0.0, (aim - datetime.now(timezone.utc)).total_seconds()))
+            deadline = time.monotonic() + 0.3
+            while time.monotonic() < deadline:
+                status = book(booker, n, customer_name="Grace").status_code
+                if status == 201:
+                    return status
+            return status
+
+        confirmed, booked = run_at_once(2, lambda i: (confirm, keep_booking)[i](i))
+        assert (confirmed, booked) in [(201, 409), (410, 201)], (n, confirmed, booked)
+        found = bookings_of(confirmer, n)
+        assert len(found) == 1 and found[0]["customer_name"] == ("Ada Lovelace" if confirmed == 201 else "Grace")
+        outcomes.append(confirmed)
+
+
+def test_a_hold_raced_by_bookings_on_its_slot_has_one_winner(database):
+    apps = [on_file(database), on_file(database)]
+    make_car(apps[0].test_client())
+
+    def attempt(i):
+        client = apps[i % 2].test_client()
+        return (hold(client, 1) if i == 0 else book(client, 1)).status_code
+    for round in range(3):
+        statuses = run_at_once(21, attempt)
+        assert sorted(statuses) == [201] + [409] * 20
+        client = apps[0].test_client()
+        for booking in bookings_of(client, 1):
+            client.delete(f"{API}/bookings/{booking['id']}")
+        for change in client.get(f"{API}/changes?limit=1000").get_json()["changes"]:
+            if change["type"] == "hold" and change["action"] == "created":
+                client.delete(f"{API}/holds/{change['id']}")
+
+
+def test_holds_that_expired_a_day_ago_are_removed_by_the_next_hold(database, monkeypatch):
+    client = on_file(database).test_client()
+    make_car(client)
+    long_ago = datetime.now(timezone.utc) - timedelta(days=2)
+    old = insert_hold(database, 1, "2035-01-15T10:00:00+00:00", "2035-01-15T12:00:00+00:00", long_ago)
+    recent = insert_hold(database, 1, "2035-01-16T10:00:00+00:00", "2035-01-16T12:00:00+00:00",
+                         datetime.now(timezone.utc) - timedelta(minutes=5))
+    assert client.get(f"{API}/holds/{old}").status_code == 410
+    assert hold(client, 1, "2035-01-15T10:00:00Z", "2035-01-15T12:00:00Z").status_code == 201  # its period is free
+    assert [hold_id for hold_id, in sql(database, "SELECT id FROM holds ORDER BY id")] == [recent, recent + 1]
+    assert_problem(client.get(f"{API}/holds/{old}"), 404)
+    assert client.get(f"{API}/holds/{recent}").status_code == 410
+
+
+def test_a_car_with_only_expired_holds_can_be_deleted(database):
+    client = on_file(database).test_client()
+    make_car(client)
+    insert_hold(database, 1, "2035-01-15T10:00:00+00:00", "2035-01-15T12:00:00+00:00",
+                datetime.now(timezone.utc) - timedelta(minutes=1))
+    assert client.delete(f"{API}/cars/1").status_code == 204
+    assert sql(database, "SELECT count(*) FROM holds") == [(0,)]
+
+
+# -- the change feed ------------------------------------------------------------------------------
+
+def follow(client, since=None, limit=None):
+    """Every change after `since`, following `next` page by page; and the last cursor."""
+    found = []
+    while True:
+        query = {name: value for name, value in (("since", since), ("limit", limit)) if value is not None}
+        response = client.get(f"{API}/changes", query_string=query)
+        assert response.status_code == 200, response.get_json()
+        page = response.get_json()
+        found += page["changes"]
+        if not page["changes"]:
+            assert page["next"] == (since or page["next"])
+            return found, page["next"]
+        since = page["next"]
+
+
+def test_the_change_feed_gives_each_change_once_in_order_with_its_record(client):
+    make_car(client)
+    book(client, 1)
+    client.patch(f"{API}/bookings/1", json={"customer_name": "Grace"})
+    client.delete(f"{API}/bookings/1")
+    changes, cursor = follow(client, limit=2)
+    assert [(c["type"], c["id"], c["action"]) for c in changes] == [
+        ("dealer", 1, "created"), ("car", 1, "created"), ("booking", 1, "created"), ("booking", 1, "changed"),
+        ("booking", 1, "deleted")]
+    assert changes[1]["record"] == client.get(f"{API}/cars/1").get_json()
+    assert changes[2]["record"]["customer_name"] == "Ada Lovelace" and changes[3]["record"]["customer_name"] == "Grace"
+    assert changes[4]["record"] is None
+    assert len({c["cursor"] for c in changes}) == 5 and cursor == changes[-1]["cursor"]
+    assert all(datetime.fromisoformat(c["at"]).tzinfo for c in changes)
+    # from any point: what came after it, once
+    assert follow(client, since=changes[2]["cursor"])[0] == changes[3:]
+    assert client.get(f"{API}/changes").get_json() == {"changes": changes, "next": cursor}
+
+
+@pytest.mark.parametrize("query_string, name", [("since=abc", "since"), ("since=1.2.3", "since"), ("limit=0", "limit"),
+                                                ("limit=1001", "limit"), ("since=", "since"), ("other=1", "other")])
+def test_a_bad_feed_query_is_422(client, query_string, name):
+    assert_problem(client.get(f"{API}/changes?{query_string}"), 422, name)
+
+
+def test_the_feed_needs_the_api_key(locked):
+    assert_problem(locked.get(f"{API}/changes"), 401)
+    response = locked.get(f"{API}/changes", headers={"Authorization": "Bearer s3cret-key-for-tests"})
+    assert response.status_code == 200 and response.get_json()["changes"][0]["type"] == "dealer"
+
+
+def test_the_feed_answers_100_changes_unless_told_and_at_most_1000(client):
+    for n in range(150):
+        client.post(f"{API}/dealers", json={"name": f"Dealer {n}"})
+    assert len(client.get(f"{API}/changes").get_json()["changes"]) == 100
+    assert len(client.get(f"{API}/changes?limit=1000").get_json()["changes"]) == 151
+
+
+def test_a_cursor_older_than_the_log_is_410_with_where_to_follow_on(sqlite_file, monkeypatch):
+    monkeypatch.setattr(dealership, "CHANGE_LOG_KEEP", 10)
+    monkeypatch.setattr(dealership, "CHANGE_LOG_PRUNE_EVERY", 5)
+    client = on_file(sqlite_file).test_client()
+    first = client.get(f"{API}/changes").get_json()["changes"][0]["cursor"]
+    for n in range(30):
+        client.post(f"{API}/dealers", json={"name": f"Dealer {n}"})
+    body = assert_problem(client.get(f"{API}/changes", query_string={"since": first}), 410)
+    assert "read the collections again" in body["detail"].lower()
+    rest, _ = follow(client, since=body["next"])
+    assert rest == []
+    client.post(f"{API}/dealers", json={"name": "After"})
+    assert [c["record"]["name"] for c in follow(client, since=body["next"])[0]] == ["After"]
+    oldest = client.get(f"{API}/changes").get_json()["changes"]
+    assert 10 <= len(oldest) < 31 and oldest[-1]["record"]["name"] == "After"
+    assert_problem(client.get(f"{API}/changes", query_string={"since": "999999"}), 410)  # not of this database
+
+
+def test_the_feed_follows_writes_of_other_processes_and_restarts(database):
+    first = on_file(database).test_client()
+    _, cursor = follow(first)
+    second = on_file(database).test_client()
+    make_car(second)
+    book(first, 1)
+    changes, cursor = follow(on_file(database).test_client(), since=cursor)  # a restart
+    assert [(c["type"], c["action"]) for c in changes] == [("car", "created"), ("booking", "created")]
+    assert follow(first, since=cursor)[0] == []
+
+
+def rebuild(changes, records):
+    for change in changes:
+        kind = records.setdefault(change["type"], {})
+        if change["record"] is None:
+            kind.pop(change["id"], None)
+        else:
+            kind[change["id"]] = change["record"]
+
+
+def collections(client):
+    """Every record a client can read, as the feed names them."""
+    found = {"dealer": {d["id"]: d for d in client.get(f"{API}/dealers").get_json()},
+             "car": {c["id"]: c for c in client.get(f"{API}/cars").get_json()},
+             "booking": {b["id"]: b for b in client.get(f"{API}/bookings?limit=1000").get_json()},
+             "maintenance_window": {w["id"]: w for car in client.get(f"{API}/cars").get_json()
+                                    for w in client.get(f"{API}/cars/{car['id']}/maintenance-windows").get_json()}}
+    return found
+
+
+def test_a_client_following_the_feed_rebuilds_the_stores_state(database):
+    """Random writes through two apps, the feed followed in random pages along the way and through
+    a third: the records it rebuilds are the collections' answer, holds included."""
+    rng = random.Random(24)
+    apps = [on_file(database).test_client(), on_file(database).test_client()]
+    records, cursor = {}, None
+    day = lambda n: f"2035-03-{n:02d}T10:00:00Z"  # noqa: E731
+    for step in range(300):
+        client = rng.choice(apps)
+        action = rng.random()
+        cars = list(collections(client)["car"])
+        if action < 0.1 or not cars:
+            client.post(f"{API}/cars", json=car_body(vin=vin(step), dealer_id=rng.choice([1, 1, 2])))
+        elif action < 0.15:
+            client.post(f"{API}/dealers", json={"name": f"Dealer {step}"})
+        elif action < 0.2:
+            client.patch(f"{API}/cars/{rng.choice(cars)}", json={"color": f"Color {step}"})
+        elif action < 0.45:
+            start = rng.randint(1, 27)
+            book(client, rng.choice(cars), day(start), day(start + rng.randint(1, 2)))
+        elif action < 0.55:
+            bookings = client.get(f"{API}/bookings?limit=1000").get_json()
+            if bookings:
+                client.patch(f"{API}/bookings/{rng.choice(bookings)['id']}", json={"customer_name": f"N{step}"})
+        elif action < 0.65:
+            bookings = client.get(f"{API}/bookings?limit=1000").get_json()
+            if bookings:
+                client.delete(f"{API}/bookings/{rng.choice(bookings)['id']}")
+        elif action < 0.72:
+            start = rng.randint(1, 27)
+            open_window(client, rng.choice(cars), day(start), day(start + 1))
+        elif action < 0.8:
+            start = rng.randint(1, 27)
+            made = hold(client, rng.choice(cars), day(start), day(start + 1))
+            if made.status_code == 201 and rng.random() < 0.5:
+                client.post(f"{API}/holds/{made.get_json()['id']}/confirm", json=CUSTOMER)
+        elif action < 0.85:
+            car = rng.choice(cars)
+            client.delete(f"{API}/cars/{car}")
+        elif action < 0.9:
+            client.patch(f"{API}/dealers/1", json={"location": f"Place {step}"})
+        else:
+            changes, cursor = follow(rng.choice(apps), since=cursor, limit=rng.choice([1, 3, 50]))
+            rebuild(changes, records)
+    changes, cursor = follow(on_file(database).test_client(), since=cursor, limit=7)
+    rebuild(changes, records)
+    expected = collections(apps[0])
+    for kind in ("dealer", "car", "booking", "maintenance_window"):
+        assert records.get(kind, {}) == expected[kind], kind
+    assert len(expected["booking"]) > 10 and len(expected["maintenance_window"]) > 3
+    for hold_id, record in records.get("hold", {}).items():  # the holds not confirmed or let go: still there
+        assert apps[1].get(f"{API}/holds/{hold_id}").get_json() == record
