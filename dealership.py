@@ -31,12 +31,14 @@ processes on one machine may share, or PostgreSQL, which processes on any number
 each catches up with the others' changes before it answers. Writes that arrive
 together share one transaction and one sync to disk (group commit), each answered once it holds.
 
-The sections, each using only what stands above it: constants and settings; records (immutable),
-domain errors and the pure domain rules; the fleet in memory (dicts, schedules, day coverage,
+The sections, each using only what stands above it: constants and settings; records (immutable,
+each versioned: its ETag; holds), domain errors and the pure domain rules; the fleet in memory (dicts, schedules, day coverage,
 queries: no locks, no SQL); storage engines (SQLite, on a file or in memory, and PostgreSQL: all
 the SQL); the write queue (group commit); the metrics; the Store, which holds the locks and ties
-fleet, engine and queue together; schemas; HTTP helpers (request ids, the access log, metrics per
-request) and the one error mapping; routes by resource and the calendar feeds; the OpenAPI
+fleet, engine and queue together (and an Idempotency-Key's answer, kept in the write's own
+transaction); schemas; HTTP helpers (request ids, the access log, metrics per request,
+Idempotency-Key, ETag and If-Match) and the one error mapping; routes by resource (holds and the
+change feed among them) and the calendar feeds; the OpenAPI
 document and docs page; the planning board; logs (text or JSON); CLI commands and the server
 adapter; wiring (init_app, create_app: /health, /health/ready, /metrics).
 """
@@ -3980,7 +3982,7 @@ class ChangeSchema(Schema):
     id = fields.Integer(metadata=about("The record's id.", 1))
     action = fields.String(metadata=about("'created', 'changed' or 'deleted'.", "created"))
     at = Instant(metadata=about("When the change was made (its transaction's time on PostgreSQL)."))
-    record = fields.Dict(allow_none=True, metadata=about(
+    record = fields.Raw(allow_none=True, metadata=about(
         "The record as the change left it, as its own GET answers it; null when deleted."))
 
 
@@ -5219,6 +5221,13 @@ must be after `start_datetime`, and a booking cannot start in the past. Every er
 `application/problem+json`. Every response carries `X-Request-ID`: the one the request sent, if it is 1 to
 200 printable ASCII characters, else a new one; a problem's body repeats it as `request_id`, and the
 service's log lines name it.
+
+Retries and edits are safe. Every POST, PUT and PATCH takes an `Idempotency-Key`: the same request sent
+again with the same key gets the first answer again (`Idempotent-Replayed: true`) and changes nothing.
+Every single record answers with a strong `ETag` (its version): `If-None-Match` on GET gives 304 while it
+is unchanged, and `If-Match` on PUT, PATCH and DELETE changes it only if it is still that version (else
+412). A hold (**POST /api/v1/holds**) keeps a car's period for a few minutes while a customer books, and
+**GET /api/v1/changes** follows every change in commit order.
 
 Start with **POST /api/v1/cars**, then **POST /api/v1/bookings**: each opens ready to try with its example filled in: press Execute, and
 the examples filled in create a car and book it for a week from now."""

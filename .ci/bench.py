@@ -22,6 +22,13 @@ The median of the pair ratios is what the targets are written in:
            stepping over a booking for half of them), against avail     slots/avail  target <= 3
   create   POST /api/v1/bookings then DELETE it, on the full store  create/floor  target <= 2.3 (file: 3.5)
   growth   create on the full store / create on an empty store       growth       target <= 1.2
+  keyed    create sent with an Idempotency-Key (a new one each time), against create
+                                                                     keyed/create target <= 1.1
+  if-match PATCH /api/v1/bookings/{id} sent with If-Match (its current ETag), against the same PATCH
+           without one                                               if-match/edit target <= 1.1
+  feed     GET /api/v1/changes?limit=100 from the newest 100 changes, against the page of the oldest
+           100 the log keeps (10,000 changes): a page costs the page, wherever it is   feed/oldest target <= 1.2
+           (feed/floor is shown beside: the same body as ready bytes)
   memory   resident bytes added per stored booking                   bytes/booking target <= 1,000
   reopen   seconds for create_app() on the filled file (file only)   reopen s     target <= 2
 
@@ -185,7 +192,6 @@ def run(a, scratch, databases):
     slots_url = f"/api/v1/bookings/available-slots?duration=PT21H36M&after={q(mid)}"
     bodies = {"list": must(client.get("/api/v1/cars"), 200).get_json(), "avail": must(client.get(avail_url), 200).get_json()}
     slots_found = len(must(client.get(slots_url), 200).get_json())
-    floor = floor_client(bodies)
     probe = booking(ids[0], T0, 1)
 
     def floor_create():
@@ -201,11 +207,36 @@ def run(a, scratch, databases):
     far = booking(ids[0], T0 + timedelta(days=365 * 50), 1)
     far_empty = dict(far, car_id=empty_car)
 
-    def create(c, body):
+    def create(c, body, keyed=False):
         def once():
-            r = must(c.post("/api/v1/bookings", json=body), 201)
+            headers = {"Idempotency-Key": f"bench-{next(keys)}"} if keyed else {}
+            r = must(c.post("/api/v1/bookings", json=body, headers=headers), 201)
             must(c.delete(f"/api/v1/bookings/{r.get_json()['id']}"), 204)
         return once
+    keys = iter(range(10**9))
+
+    edited = must(client.post("/api/v1/bookings", json=booking(ids[1], T0 + timedelta(days=365 * 60), 1)), 201)
+    edit_url, tag, names = edited.headers["Location"], [edited.headers["ETag"]], iter(range(10**9))
+
+    def edit(conditional):
+        def once():
+            headers = {"If-Match": tag[0]} if conditional else {}
+            r = must(client.patch(edit_url, json={"customer_name": f"Bench {next(names)}"}, headers=headers), 200)
+            tag[0] = r.headers["ETag"]
+        return once
+
+    pages, since = [], None  # the cursors of the log, to read its newest 100 changes as one page
+    while True:
+        page = must(client.get("/api/v1/changes", query_string={"limit": 1000} | ({"since": since} if since else {})),
+                    200).get_json()
+        if not page["changes"]:
+            break
+        pages += [change["cursor"] for change in page["changes"]]
+        since = page["next"]
+    newest_url = f"/api/v1/changes?limit=100&since={pages[-101]}"
+    oldest_url = "/api/v1/changes?limit=100"
+    bodies["feed"] = must(client.get(newest_url), 200).get_json()
+    floor = floor_client(bodies)
 
     rows = {
         "list": paired(lambda: client.get("/api/v1/cars"), lambda: floor.get("/list"), a.rounds),
@@ -213,6 +244,10 @@ def run(a, scratch, databases):
         "slots": paired(lambda: client.get(slots_url), lambda: client.get(avail_url), a.rounds),
         "create": paired(create(client, far), floor_create, a.rounds),
         "growth": paired(create(client, far), create(empty, far_empty), a.rounds),
+        "keyed": paired(create(client, far, keyed=True), create(client, far), a.rounds),
+        "if-match": paired(edit(True), edit(False), a.rounds),
+        "feed": paired(lambda: client.get(newest_url), lambda: client.get(oldest_url), a.rounds),
+        "feed/floor": paired(lambda: client.get(newest_url), lambda: floor.get("/feed"), a.rounds),
     }
     reopen_s = None
     if on_file:
@@ -228,12 +263,16 @@ def run(a, scratch, databases):
     for name, (ours, base, ratio) in rows.items():
         print(f"{name:8} {ours:11.3f} {base:9.3f} {ratio:6.2f}")
     print(f"  (list: {len(bodies['list'])} cars; avail: {len(bodies['avail'])} cars free in the window; "
-          f"slots: {slots_found}; base of slots: avail)")
+          f"slots: {slots_found}; base of slots: avail; of keyed: create; of if-match: the PATCH without it; "
+          f"of feed: the oldest page of {len(pages)} changes kept)")
     figures = {"list/floor": (rows["list"][2], 1.3),
                "avail/floor": (rows["avail"][2], 2.0),
                "slots/avail": (rows["slots"][2], 3.0),
                "create/floor": (rows["create"][2], 3.5 if on_file else 2.3),
                "growth": (rows["growth"][2], 1.2),
+               "keyed/create": (rows["keyed"][2], 1.1),
+               "if-match/edit": (rows["if-match"][2], 1.1),
+               "feed/oldest": (rows["feed"][2], 1.2),
                "bytes/booking": (per_booking, 1000)}
     if reopen_s is not None:
         figures["reopen s"] = (reopen_s, 2.0)
