@@ -15,6 +15,13 @@ checked once merged with the stored booking, which the fuzzer cannot see, it dro
 end from such a PATCH. Schemathesis re-judges each case after the hook, so a request that is still
 invalid is still tested as invalid.
 
+Three headers and one parameter carry stored state the document can only describe: an
+Idempotency-Key used before for another request is a 422, so each case gets a key of its own; an
+If-Match that is not the record's current ETag is a 412, so the hook sends the current one (read just
+before) or `*`; a change-feed cursor the log does not hold is a 410, so `since` becomes a cursor the
+feed gave; and a hold is a fresh one made for the case (a confirm or a delete uses it up), its start
+moved to tomorrow as a booking's is. The unit tests cover each refusal.
+
 One more rule is about stored state: a body that names a car or dealer that does not exist is a 404
 (the core issue's rule). On an update of a car or booking that the stateful phase just created, the
 fuzzer's `ensure_resource_availability` check reads that 404 as "the resource I created is gone". So
@@ -39,13 +46,14 @@ import os
 import random
 import re
 import sys
+import uuid
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 
 import email_validator
 import requests
 import schemathesis
-from schemathesis.generation.meta import TestPhase
+from schemathesis.generation.meta import CoverageScenario, TestPhase
 
 PAIR = ("start_datetime", "end_datetime")
 IN_RANGE = datetime(2035, 1, 1, tzinfo=timezone.utc)
@@ -168,6 +176,8 @@ class Live:
                 status, body = self.call("POST", "/cars", {
                     "brand": "Fuzz", "model": "Target", "year": 2024, "color": "Grey", "daily_price": 50.0,
                     "vin": f"FZ{os.getpid() % 100000:05d}{self.made:010d}", "dealer_id": self.dealer()})
+            elif kind == "holds":
+                status, body = self.call("POST", "/holds", {"car_id": car_id or self.car(), "minutes": 30, **self.slot()})
             elif kind == "bookings":
                 status, body = self.call("POST", "/bookings", {
                     "car_id": car_id or self.car(), "customer_name": "Fuzz Target",
@@ -250,7 +260,8 @@ def real_path_ids(case, chooser):
         params["car_id"], params["window_id"] = (same_form(params[k], v) for k, v in zip(("car_id", "window_id"), pair))
     else:
         name = next(k for k in ID_NAMES if k in params)
-        kind = {"dealer_id": "dealers", "car_id": "cars", "booking_id": "bookings"}[name]
+        kind = {"dealer_id": "dealers", "car_id": "cars", "booking_id": "bookings", "hold_id": "holds"}[name]
+        delete = delete or kind == "holds"  # a hold is made for each case: a confirm uses it up
         # a DELETE of a car needs one without bookings, which a new car is
         found = LIVE.new(kind) if delete else LIVE.pick(kind, chooser)
         if found is None:
@@ -272,7 +283,26 @@ def real_references(container, chooser, where):
                 LIVE.tally[f"{where} ids replaced"] += 1
 
 
-ID_NAMES = ("dealer_id", "car_id", "booking_id", "window_id")
+ID_NAMES = ("dealer_id", "car_id", "booking_id", "window_id", "hold_id")
+
+
+def stateful_headers(case):
+    """A fresh Idempotency-Key; an If-Match of the record's current ETag (or `*`); a feed cursor the feed gave."""
+    data = getattr(case.meta.phase, "data", None) if case.meta is not None else None
+    if getattr(data, "scenario", None) == CoverageScenario.MISSING_PARAMETER:
+        return  # a case that leaves out a header (the API key) on purpose: changed, it would be judged anew
+    headers = case.headers if case.headers is not None else {}  # a case-insensitive mapping
+    if "Idempotency-Key" in headers:
+        headers["Idempotency-Key"] = f"fuzz-{uuid.uuid4()}"
+    if "If-Match" in headers and LIVE is not None:
+        path = case.formatted_path.removeprefix("/api/v1")
+        response = LIVE.http.get(f"{LIVE.base}/api/v1{path}", timeout=10)
+        etag = response.headers.get("ETag")
+        headers["If-Match"] = etag if etag and random.random() < 0.8 else "*"
+    if isinstance(case.query, dict) and "since" in case.query and LIVE is not None:
+        page = LIVE.http.get(f"{LIVE.base}/api/v1/changes", params={"limit": 50}, timeout=10).json()
+        cursors = [change["cursor"] for change in page["changes"]] + [page["next"]]
+        case.query["since"] = random.choice(cursors)
 
 
 def real_ids(case):
@@ -299,7 +329,8 @@ def before_call(ctx, case, **kwargs):
     in_order(case.body)
     mailable(case.query)
     mailable(case.body)
-    if ("/bookings" in case.path or "/maintenance-windows" in case.path) and \
+    stateful_headers(case)
+    if ("/bookings" in case.path or "/maintenance-windows" in case.path or case.path.endswith("/holds")) and \
             case.method.upper() in ("POST", "PATCH") and isinstance(case.body, dict):
         not_past(case.body)
     slot_length(case.query)
