@@ -69,7 +69,7 @@ import threading
 import time
 import unicodedata
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta, timezone
 from datetime import time as dt_time
 from decimal import ROUND_HALF_UP, Decimal
@@ -86,7 +86,7 @@ import psycopg
 import pythonjsonlogger.json
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
-from flask import Blueprint, Flask, Response, current_app, g, has_request_context, redirect, render_template, request, url_for
+from flask import Blueprint, Flask, Response, after_this_request, current_app, g, has_request_context, redirect, render_template, request, url_for
 from flask.cli import ScriptInfo, with_appcontext
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
@@ -960,11 +960,14 @@ class Fleet:
         else:
             self.expired -= 1
 
-    def expire(self, now):
-        """Take each hold that has expired by `now` out of its schedule: from that instant on, no
-        check or query sees it. Called before every query and every write's checks; costs nothing
-        while no hold is due."""
+    def expire(self):
+        """Take each hold that has expired by now out of its schedule: from that instant on, no check
+        or query sees it. Called before every query and every write's checks; costs nothing while
+        no hold is waiting to expire."""
         expiring = self.expiring
+        if not expiring:
+            return
+        now = datetime.now(timezone.utc)
         while expiring and expiring[0][0] <= now:
             _, hold_id = heapq.heappop(expiring)
             hold = self.holds.get(hold_id)
@@ -1003,7 +1006,8 @@ class Fleet:
                 self._unschedule(other)
 
     def _schedule(self, entry):
-        self._clear_holds(entry)
+        if self.expiring:  # some hold may still be in a schedule
+            self._clear_holds(entry)
         self.schedules[entry.car_id].add(entry)
         if self.coverage is not None:
             self.coverage.add(entry.car_id, micros(entry.start_datetime), micros(entry.end_datetime))
@@ -3404,7 +3408,7 @@ class Store:
         """`query(fleet, *args, **kwargs)` under the lock, holds that have expired gone: a Fleet
         method, or any function of the fleet."""
         with self.lock:
-            self.fleet.expire(datetime.now(timezone.utc))
+            self.fleet.expire()
             return query(self.fleet, *args, **kwargs)
 
     # -- keeping up with the database -------------------------------------------------------------
@@ -3447,7 +3451,7 @@ class Store:
         the file's identity and the change log's position (all that is committed up to it is in the
         fleet); otherwise this fleet's own name and count of changes."""
         with self.lock:
-            self.fleet.expire(datetime.now(timezone.utc))
+            self.fleet.expire()
             if self.engine.identity is not None:  # and the holds of that data that have expired by now
                 return self.engine.identity, self.position, self.fleet.expired
             return self.fleet.origin, self.fleet.version
@@ -3514,7 +3518,7 @@ class Store:
             db.written = 0
             try:
                 with db.savepoint() if shared else nullcontext(), self.lock:
-                    self.fleet.expire(datetime.now(timezone.utc))
+                    self.fleet.expire()
                     job.result = job.change(db, job)
             except StaleRecord:
                 if not last:
@@ -3567,9 +3571,14 @@ to_json = json.JSONEncoder(separators=(",", ":")).encode  # one encoder: json.du
 class Presentation:
     """How the service reads naive date-times and writes instants and prices: the dealership's zone
     and currency. Each app sets its own for the request it handles (see init_app); outside a
-    request, schemas use UTC and euros."""
+    request, schemas use UTC and euros. `tag`: what they add to a record's ETag."""
     zone: object = timezone.utc
     currency: str = "EUR"
+    tag: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        key = repr((str(self.zone), self.currency)).encode()
+        object.__setattr__(self, "tag", hashlib.blake2b(key, digest_size=4).hexdigest())
 
 
 PRESENTATION = contextvars.ContextVar("dealership_presentation", default=Presentation())
@@ -4403,12 +4412,11 @@ def catch_up():
         store().sync()
 
 
-@contextmanager
-def body_limit():
-    """Read the request body within DEALERSHIP_MAX_CONTENT_LENGTH: past it, a 413 that says so."""
+def request_body(read):
+    """`read()` of the request body, within DEALERSHIP_MAX_CONTENT_LENGTH: past it, a 413 that says so."""
     limit = request.max_content_length = current_app.config["DEALERSHIP_MAX_CONTENT_LENGTH"]
     try:
-        yield
+        return read()
     except RequestEntityTooLarge:
         raise RequestEntityTooLarge(f"The body is larger than the limit of {limit} bytes.") from None
 
@@ -4422,9 +4430,8 @@ KEYED_METHODS = frozenset({"POST", "PUT", "PATCH"})
 def fingerprint():
     """What makes two requests the same one: method, path and query, body, and the API key sent."""
     digest = hashlib.sha256()
-    with body_limit():
-        body = request.get_data()
-    for part in (request.method.encode(), request.full_path.encode(), body, sent_key().encode()):
+    for part in (request.method.encode(), request.full_path.encode(), request_body(request.get_data),
+                 sent_key().encode()):
         digest.update(b"%d:" % len(part) + part)
     return digest.hexdigest()
 
@@ -4434,8 +4441,10 @@ def idempotency_key():
     """A POST, PUT or PATCH with an Idempotency-Key: answered again as the first time if that request
     succeeded (Idempotent-Replayed: true), a 422 if the key was used for another request, a 409 while
     the first is still being handled here. Otherwise it runs, and `answer_write` keeps its answer."""
+    if request.method not in KEYED_METHODS:
+        return None
     key = request.headers.get(IDEMPOTENCY_HEADER)
-    if key is None or request.method not in KEYED_METHODS:
+    if key is None:
         return None
     if not IDEMPOTENCY_KEY.fullmatch(key):
         raise BadRequest(f"{IDEMPOTENCY_HEADER} must be 1 to 255 printable ASCII characters (a UUID, say): "
@@ -4443,16 +4452,14 @@ def idempotency_key():
     keyed = KeyedWrite(key, fingerprint(), timedelta(hours=current_app.config["DEALERSHIP_IDEMPOTENCY_HOURS"]))
     in_flight = store().key_in_flight(key)
     in_flight.__enter__()
-    g.keyed, g.key_in_flight = keyed, in_flight
+
+    @after_this_request
+    def release(response):  # runs for every answer, a refusal or a 500 included
+        in_flight.__exit__(None, None, None)
+        return response
+    g.keyed = keyed
     answer = store().kept_answer(keyed)
     return None if answer is None else replayed(answer)
-
-
-@bp.teardown_request
-def release_idempotency_key(error=None):
-    in_flight = g.pop("key_in_flight", None)
-    if in_flight is not None:
-        in_flight.__exit__(None, None, None)
 
 
 def replayed(answer):
@@ -4490,35 +4497,39 @@ def answer_write(write, answer):
 
 # -- conditional requests: a record's ETag is its version, kept in the store of record ---------------
 
-@functools.lru_cache(maxsize=64)
-def presentation_tag(presentation):
-    """What the zone and currency add to an ETag (a record's JSON is written in them)."""
-    return hashlib.blake2b(repr((str(presentation.zone), presentation.currency)).encode(), digest_size=4).hexdigest()
+def not_modified(tag):
+    """304 Not Modified when the request's If-None-Match names `tag`; otherwise None."""
+    if "If-None-Match" not in request.headers or not request.if_none_match.contains_weak(tag):
+        return None
+    response = Response(status=304, headers={"Cache-Control": "no-cache"})
+    response.set_etag(tag)
+    return response
 
 
 def record_tag(record, presentation=None):
     """A record's strong ETag (unquoted): its version, and the zone and currency its JSON is written in."""
-    return f"{record.version}.{presentation_tag(presentation or PRESENTATION.get())}"
+    return f"{record.version}.{(presentation or PRESENTATION.get()).tag}"
 
 
 def with_tag(response, record):
     """`response` (a record's JSON) with the record's ETag."""
-    response.set_etag(record_tag(record))
+    response.headers["ETag"] = f'"{record_tag(record)}"'
     return response
 
 
-def tagged(record, body):
-    """A GET of one record: 304 when If-None-Match names its ETag, else `body()` with the ETag."""
-    tag = record_tag(record)
-    return not_modified(tag) or with_tag(body(), record)
+def tagged(record, answer):
+    """A GET of one record: 304 when If-None-Match names its ETag, else `answer(record)` (which carries it)."""
+    return not_modified(record_tag(record)) or answer(record)
 
 
 def expected():
     """What the request's If-Match asks of the record it changes or deletes: None without one, else
     a function of the record as stored, raising PreconditionFailed unless one of the tags (or *) is
     its ETag. Called inside the write, in the same step as the write's own checks."""
+    if "If-Match" not in request.headers:
+        return None
     if_match = request.if_match
-    if not if_match:
+    if not if_match:  # an empty header asks nothing
         return None
     presentation = PRESENTATION.get()
 
@@ -4536,8 +4547,7 @@ def json_body():
     if not request.is_json:
         raise UnsupportedMediaType("Send the body as JSON with 'Content-Type: application/json'.")
     try:
-        with body_limit():
-            body = request.get_json()
+        body = request_body(request.get_json)
     except BadRequest:
         raise BadRequest("The body is not valid JSON.") from None
     except RecursionError:  # arrays or objects nested hundreds deep: no field of ours is
@@ -4694,7 +4704,7 @@ def create_dealer():
 def get_dealer(dealer_id):
     """Get one dealer"""
     dealer = store().fleet.dealer(dealer_id)
-    return tagged(dealer, lambda: dealer_answer(dealer))
+    return tagged(dealer, dealer_answer)
 
 
 @bp.patch("/dealers/<digits:dealer_id>")
@@ -4766,7 +4776,7 @@ def list_cars():
 def get_car(car_id):
     """Get one car"""
     car = store().fleet.car(car_id)
-    return tagged(car, lambda: car_answer(car))
+    return tagged(car, car_answer)
 
 
 @bp.route("/cars/<digits:car_id>", methods=["PUT", "PATCH"])
@@ -4874,7 +4884,7 @@ def window_answer(window, status=200):
 def get_window(car_id, window_id):
     """Get one maintenance window"""
     window = store().fleet.window(car_id, window_id)
-    return tagged(window, lambda: window_answer(window))
+    return tagged(window, window_answer)
 
 
 @bp.delete("/cars/<digits:car_id>/maintenance-windows/<digits:window_id>")
@@ -4932,7 +4942,7 @@ def list_bookings():
 def get_booking(booking_id):
     """Get one booking"""
     booking = store().fleet.booking(booking_id)
-    return tagged(booking, lambda: booking_answer(booking))
+    return tagged(booking, booking_answer)
 
 
 @bp.patch("/bookings/<digits:booking_id>")
@@ -5111,15 +5121,6 @@ def entity_tag(*parts):
     the body (the next request gets a 200), never newer (a 304 for something the client lacks)."""
     key = repr((store().data_version(), str(store().zone), PRESENTATION.get().currency, *parts))
     return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
-
-
-def not_modified(tag):
-    """304 Not Modified when the request's If-None-Match names `tag`; otherwise None."""
-    if not request.if_none_match.contains_weak(tag):
-        return None
-    response = Response(status=304, headers={"Cache-Control": "no-cache"})
-    response.set_etag(tag)
-    return response
 
 
 class FeedText(icalendar.vText):
