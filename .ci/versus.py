@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """What a change costs: this checkout's service against another checkout's, request by request, in one process.
 
-    git worktree add /tmp/before <commit>        # the version to compare against
-    python .ci/versus.py /tmp/before 2>/dev/null
+    git worktree add ../before <commit>          # the version to compare against
+    python .ci/versus.py ../before 2>/dev/null
 
 Loads dealership.py from this checkout and from the other folder as two modules, fills a fresh app of
 each in memory through the API with the same cars and bookings, then times the same requests on both,
