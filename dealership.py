@@ -5282,13 +5282,14 @@ RESPONSE_HEADERS = {
 }
 IDEMPOTENCY_PARAMETER = {
     "in": "header", "name": IDEMPOTENCY_HEADER, "required": False,
-    "description": "Any 1 to 255 printable ASCII characters (a UUID, say), new for each request. The answer to a "
+    "description": "Any 1 to 255 printable ASCII characters (a UUID, say: 5f2b8c1e-0c4a-4f7e-9d3b-2a6f1e8c9b70), "
+                   "new for each request. The answer to a "
                    "request that succeeds is kept with its key for DEALERSHIP_IDEMPOTENCY_HOURS: the same request "
                    "sent again with the same key (a retry after a timeout) gets that answer again, with "
                    "`Idempotent-Replayed: true`, and changes nothing. The same key with another request is a 422; "
                    "while the first is still being handled, a 409. A refused request keeps nothing.",
-    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": r"^[ -~]{1,255}$"},
-    "example": "5f2b8c1e-0c4a-4f7e-9d3b-2a6f1e8c9b70"}
+    # No example: the docs page would fill the same one into every operation, and the second is a 422.
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": r"^[ -~]{1,255}$"}}
 CONDITION_PARAMETERS = {
     "If-None-Match": {"in": "header", "name": "If-None-Match", "required": False,
                       "description": "The ETag of the version the client holds: 304 Not Modified while it is current.",

@@ -5451,3 +5451,23 @@ def test_a_client_following_the_feed_rebuilds_the_stores_state(database):
     assert len(expected["booking"]) > 10 and len(expected["maintenance_window"]) > 3
     for hold_id, record in records.get("hold", {}).items():  # the holds not confirmed or let go: still there
         assert apps[1].get(f"{API}/holds/{hold_id}").get_json() == record
+
+
+def test_the_docs_state_the_new_headers_and_never_fill_in_one_key_for_every_operation(client):
+    """The docs page fills each parameter's example into its form: one key for every operation would
+    make the second a 422."""
+    paths = client.get("/openapi.json").get_json()["paths"]
+    for path, operations in paths.items():
+        for method, op in operations.items():
+            headers = {p["name"]: p for p in op["parameters"] if p["in"] == "header"}
+            if method in ("post", "put", "patch"):
+                assert "example" not in headers["Idempotency-Key"] and "Idempotent-Replayed" in \
+                    op["responses"][next(code for code in op["responses"] if code.startswith("2"))]["headers"], path
+                assert {"409", "422"} <= set(op["responses"]), path
+    single = f"{API}/bookings/{{booking_id}}"
+    assert "If-None-Match" in [p["name"] for p in paths[single]["get"]["parameters"]]
+    assert "304" in paths[single]["get"]["responses"] and "ETag" in paths[single]["get"]["responses"]["200"]["headers"]
+    for method in ("patch", "delete"):
+        assert "If-Match" in [p["name"] for p in paths[single][method]["parameters"]]
+        assert "412" in paths[single][method]["responses"]
+    assert "410" in paths[f"{API}/changes"]["get"]["responses"] and "410" in paths[f"{API}/holds/{{hold_id}}/confirm"]["post"]["responses"]
