@@ -14,7 +14,11 @@ what the clients were told:
 - a request whose answer never came (cut off by the kill) left either nothing or its whole effect:
   a booking nobody was told about is one of those requests' bodies, exactly;
 - no two bookings of one car overlap, and ids go on after the restart (a new booking's id is higher
-  than every id seen before).
+  than every id seen before);
+- each booking and move carries an Idempotency-Key, and each client then retries its cut-off booking
+  or move with the same key, as a client whose request timed out would: if the first one was carried
+  out, the retry gets its answer again (Idempotent-Replayed, the same booking) and changes nothing;
+  if not, the retry is carried out afresh. Either way no booking is made twice.
 At least three rounds. Then, with the server running, its database file (and -wal, -shm) is moved
 away, as a careless operator would delete it: every write must answer 503 naming the file, /health
 503 from every worker, reads the same data as before; moved back, writes work again, and a restart
@@ -44,11 +48,15 @@ T0 = datetime(2036, 1, 1, tzinfo=timezone.utc)
 KINDS = {"book": {201, 409}, "move": {200, 409}, "cancel": {204}}
 
 
-def call(conn, method, path, body=None):
+def call(conn, method, path, body=None, key=None, headers=None):
+    """(status, body as JSON); with `headers` (a dict), the response's headers are put in it."""
     data = None if body is None else json.dumps(body)
-    conn.request(method, path, data, {"Content-Type": "application/json"} if body is not None else {})
+    sent = ({"Content-Type": "application/json"} if body is not None else {}) | ({"Idempotency-Key": key} if key else {})
+    conn.request(method, path, data, sent)
     response = conn.getresponse()
     payload = response.read()
+    if headers is not None:
+        headers.update(response.getheaders())
     return response.status, (json.loads(payload) if payload else None)
 
 
@@ -89,8 +97,10 @@ class Client(threading.Thread):
                 booking_id = self.mine.pop(self.rng.randrange(len(self.mine)))
                 request = ("cancel", "DELETE", f"{API}/bookings/{booking_id}", None)
             kind, method, path, body = request
+            key = f"{self.name}-{self.serial}-{len(self.told)}" if kind != "cancel" else None
+            request += (key,)
             try:
-                status, payload = call(conn, method, path, body)
+                status, payload = call(conn, method, path, body, key)
             except (OSError, http.client.HTTPException):
                 self.cut = request  # the kill: this request may or may not have been carried out
                 if kind == "cancel":
@@ -132,7 +142,7 @@ def check(before, clients, after, problems):
                 expected[payload["id"]] = payload
             elif kind == "cancel":
                 expected.pop(int(path.rsplit("/", 1)[1]), None)
-    cut = [client.cut for client in clients if client.cut is not None]
+    cut = [client.cut[:4] for client in clients if client.cut is not None]
     cut_cancels = {int(path.rsplit("/", 1)[1]) for kind, _, path, _ in cut if kind == "cancel"}
     cut_moves = defaultdict(list)
     for kind, _, path, body in cut:
@@ -165,6 +175,39 @@ def check(before, clients, after, problems):
             if start_b < end_a:
                 problems.append(f"car {car_id}: bookings {id_a} and {id_b} overlap")
     return sum(len(client.told) for client in clients), len(cut)
+
+
+def retry_cut(base, clients, stored, problems):
+    """Each cut-off booking or move sent again with its Idempotency-Key: the first one's answer if it
+    was carried out (`stored` holds what the restart found), else carried out now; never twice."""
+    conn = http.client.HTTPConnection(HOST, urlsplit(base).port, timeout=10)
+    retried = replayed = 0
+    for client in clients:
+        if client.cut is None or client.cut[0] == "cancel":
+            continue
+        kind, method, path, body, key = client.cut
+        headers = {}
+        status, payload = call(conn, method, path, body, key, headers)
+        again = headers.get("Idempotent-Replayed") == "true"
+        retried, replayed = retried + 1, replayed + again
+        if kind == "book":
+            found = [b for b in stored.values() if b["customer_name"] == body["customer_name"]]
+            if found and not (status == 201 and again and payload["id"] == found[0]["id"]):
+                problems.append(f"{key}: the cut-off booking was stored as {found[0]['id']}, and its retry answered "
+                                f"{status} (replayed: {again}): {payload}")
+            elif not found and (again or status not in (201, 409)):
+                problems.append(f"{key}: the cut-off booking was not stored, and its retry answered {status} "
+                                f"(replayed: {again}): {payload}")
+            if status == 201 and not found:
+                client.mine.append(payload["id"])
+        elif status not in (200, 404, 409):
+            problems.append(f"{key}: the retried move answered {status}: {payload}")
+    conn.close()
+    names = defaultdict(int)
+    for booking in stored_bookings(base).values():
+        names[booking["customer_name"]] += 1
+    problems.extend(f"{name} was booked {n} times" for name, n in names.items() if n > 1)
+    return retried, replayed
 
 
 def file_taken_away(base, database, car_ids, problems):
@@ -251,6 +294,7 @@ def main():
             server, base = start(database, threads=8, command="serve")
             after = stored_bookings(base)
             acknowledged, cut = check(before, clients, after, problems)
+            retried, replayed = retry_cut(base, clients, after, problems)
             highest = max([0, *before, *after] + [p["id"] for c in clients for *_, p in c.told if p and "id" in p])
             for ids in mine.values():  # a cut-off cancel may have been carried out, a cut-off booking too
                 ids[:] = [booking_id for booking_id in ids if booking_id in after]
@@ -264,7 +308,8 @@ def main():
                 problems.append(f"round {round_}: after the restart a new booking got {status} {fresh}; "
                                 f"the highest id seen was {highest}")
             print(f"crash: round {round_}: killed after {acknowledged} acknowledged writes with {cut} requests "
-                  f"cut off; {len(after)} bookings stored after the restart, the next id {fresh.get('id')}")
+                  f"cut off; {len(after)} bookings stored after the restart, the next id {fresh.get('id')}; "
+                  f"{retried} cut-off requests retried with their keys, {replayed} of them answered as before")
         before = file_taken_away(base, database, car_ids, problems)
         conn = http.client.HTTPConnection(HOST, urlsplit(base).port, timeout=10)
         status, fresh = call(conn, "POST", f"{API}/bookings", {
