@@ -5471,3 +5471,46 @@ def test_the_docs_state_the_new_headers_and_never_fill_in_one_key_for_every_oper
         assert "If-Match" in [p["name"] for p in paths[single][method]["parameters"]]
         assert "412" in paths[single][method]["responses"]
     assert "410" in paths[f"{API}/changes"]["get"]["responses"] and "410" in paths[f"{API}/holds/{{hold_id}}/confirm"]["post"]["responses"]
+
+
+def test_a_follower_polling_while_two_apps_write_at_once_sees_every_change_once(database):
+    """Writers on two apps (two processes) commit at once while a follower polls the feed in small
+    pages: what it gathered is, change for change, the whole log read afterwards. On PostgreSQL a
+    transaction's changes are numbered as it commits, so none can appear behind a cursor already given."""
+    apps = [on_file(database), on_file(database)]
+    for n in range(1, 9):
+        make_car(apps[0].test_client(), vin=vin(n))
+    start_cursor = follow(apps[0].test_client())[1]
+    stop = threading.Event()
+    seen, errors = [], []
+
+    def writer(i):
+        client, rng = apps[i % 2].test_client(), random.Random(i)
+        for k in range(40):
+            day = rng.randint(1, 28)
+            response = book(client, i % 8 + 1, f"2035-05-{day:02d}T{i:02d}:00:00Z", f"2035-05-{day:02d}T{i:02d}:30:00Z")
+            if response.status_code == 201 and rng.random() < 0.3:
+                client.delete(f"{API}/bookings/{response.get_json()['id']}")
+
+    def follower():
+        client, cursor = apps[1].test_client(), start_cursor
+        while not stop.is_set():
+            response = client.get(f"{API}/changes", query_string={"since": cursor, "limit": 3})
+            if response.status_code != 200:
+                errors.append(response.get_json())
+                return
+            page = response.get_json()
+            seen.extend(page["changes"])
+            cursor = page["next"]
+        seen.extend(follow(client, since=cursor)[0])
+
+    watching = threading.Thread(target=follower)
+    watching.start()
+    run_at_once(8, writer)
+    stop.set()
+    watching.join(timeout=60)
+    assert not errors
+    whole = follow(apps[0].test_client(), since=start_cursor)[0]
+    assert len(whole) > 100
+    assert [c["cursor"] for c in seen] == [c["cursor"] for c in whole]
+    assert seen == whole
