@@ -3961,8 +3961,8 @@ class IndexSchema(Schema):
     name = fields.String(metadata={"description": "The service's name."})
     version = fields.String(metadata={"description": "The API's version."})
     links = fields.Dict(keys=fields.String(), values=fields.String(), metadata={
-        "description": "The collections, the available-cars search, and (when mounted) the OpenAPI "
-                       "document and the interactive docs, by name."})
+        "description": "The collections, the searches, where holds are placed, the change feed, and (when "
+                       "mounted) the OpenAPI document and the interactive docs, by name."})
 
 
 class ProblemSchema(Schema):
@@ -4663,7 +4663,7 @@ def index():
     """
     links = {"cars": url_for(".list_cars"), "bookings": url_for(".list_bookings"),
              "available_cars": url_for(".available_cars"), "available_slots": url_for(".available_slots"),
-             "dealers": url_for(".list_dealers")}
+             "dealers": url_for(".list_dealers"), "holds": url_for(".create_hold"), "changes": url_for(".list_changes")}
     if DOCS in current_app.extensions:
         links |= {"openapi": url_for(f"{DOCS}.openapi_json"), "docs": docs_url()}
     return json_response(INDEX_SCHEMA.dump({"name": "Dealership API", "version": API_VERSION, "links": links}))
