@@ -28,7 +28,9 @@ The environment names a running PostgreSQL cluster that this check may use and r
    the database (read with psycopg) and in the listings of both instances, as it was acknowledged;
    a stored booking nobody was told about is one whose request was cut off by the kill; no two
    bookings of one car overlap (in SQL and in the API's listings); both instances, asked over several
-   new connections (so both workers of each), answer the same cars and bookings as the database.
+   new connections (so both workers of each), answer the same cars and bookings as the database; and
+   the change feed, read whole through each instance, is the same through both, each cursor once and
+   in order, and rebuilds exactly the bookings the database holds.
 2. Fault run (both instances, each with three writers, two readers and a /health prober, all on
    new connections so that every worker is reached): PostgreSQL is stopped with
    `pg_ctl stop -m immediate` under that load, kept down --down seconds, and started again with its
@@ -349,6 +351,49 @@ def overlapping(bookings):
     return found
 
 
+def whole_feed(port):
+    """Every change the feed holds, followed page by page through `port`; None if it did not answer 200."""
+    client, changes, since = Client(port, timeout=30), [], None
+    while True:
+        answer = client.call("GET", f"{API}/changes?limit=1000" + (f"&since={since}" if since else ""))
+        if answer.status != 200:
+            client.close()
+            return None
+        changes += answer.payload["changes"]
+        if not answer.payload["changes"]:
+            client.close()
+            return changes
+        since = answer.payload["next"]
+
+
+def check_feed(label, instances, rows, problems):
+    """The change feed, read whole through each instance: the same changes through both, each once, in
+    cursor order, and the bookings it rebuilds are those the database holds."""
+    feeds = {instance.name: whole_feed(instance.port) for instance in instances}
+    if any(feed is None for feed in feeds.values()):
+        problems.append(f"{label}: the change feed did not answer 200 on every instance")
+        return
+    (first_name, first), *others = feeds.items()
+    for name, feed in others:
+        if feed != first:
+            problems.append(f"{label}: instance {name} follows another change feed than instance {first_name}")
+    cursors = [tuple(map(int, change["cursor"].split("."))) for change in first]
+    if cursors != sorted(set(cursors)):
+        problems.append(f"{label}: the change feed's cursors are not each once and in order")
+    rebuilt = {}
+    for change in first:
+        if change["type"] == "booking":
+            if change["record"] is None:
+                rebuilt.pop(change["id"], None)
+            else:
+                rebuilt[change["id"]] = change["record"]
+    if set(rebuilt) != set(rows):
+        problems.append(f"{label}: the change feed rebuilds {len(rebuilt)} bookings, the database holds {len(rows)} "
+                        f"(e.g. {sorted(set(rebuilt) ^ set(rows))[:5]} differ)")
+    say(f"{label}: the change feed, {len(first)} changes, reads the same through {len(feeds)} instances "
+        "and rebuilds the bookings stored")
+
+
 def check_store(label, url, instances, ledger, problems):
     """What the database and both instances hold against every write the ledger holds (all parts so far)."""
     problems_before = len(problems)
@@ -409,6 +454,7 @@ def check_store(label, url, instances, ledger, problems):
                         f"e.g. {changed[:5]}")
     problems.extend(f"{label}: car {c}: bookings {a} and {b} overlap (API)"
                     for c, a, b in overlapping(first_bookings)[:20])
+    check_feed(label, instances, rows, problems)
     say(f"{label}: {len(rows)} bookings in the database ({len(created)} acknowledged with 201 so far, "
         f"{len(uncertain)} requests of unknown outcome); {len(listings)} listings from {len(instances)} instances agree"
         if len(problems) == problems_before else f"{label}: the stored data does not check out")
