@@ -3352,7 +3352,7 @@ class Store:
             result = change(db, job)
             keyed.response = keyed.context.run(keyed.answer, result)
             status, headers, body = keyed.response
-            db.keep_answer(keyed.key, keyed.fingerprint, status, to_json(headers), body, now)
+            db.keep_answer(keyed.key, keyed.fingerprint, status, json.dumps(headers), body, now)
             self.answers_kept += 1
             if self.answers_kept % ANSWERS_PRUNE_EVERY == 0:
                 db.forget_answers(now - keyed.window)
