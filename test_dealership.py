@@ -5352,10 +5352,10 @@ def test_the_feed_answers_100_changes_unless_told_and_at_most_1000(client):
     assert len(client.get(f"{API}/changes?limit=1000").get_json()["changes"]) == 151
 
 
-def test_a_cursor_older_than_the_log_is_410_with_where_to_follow_on(sqlite_file, monkeypatch):
+def test_a_cursor_older_than_the_log_is_410_with_where_to_follow_on(database, monkeypatch):
     monkeypatch.setattr(dealership, "CHANGE_LOG_KEEP", 10)
     monkeypatch.setattr(dealership, "CHANGE_LOG_PRUNE_EVERY", 5)
-    client = on_file(sqlite_file).test_client()
+    client = on_file(database).test_client()
     first = client.get(f"{API}/changes").get_json()["changes"][0]["cursor"]
     for n in range(30):
         client.post(f"{API}/dealers", json={"name": f"Dealer {n}"})
@@ -5367,7 +5367,10 @@ def test_a_cursor_older_than_the_log_is_410_with_where_to_follow_on(sqlite_file,
     assert [c["record"]["name"] for c in follow(client, since=body["next"])[0]] == ["After"]
     oldest = client.get(f"{API}/changes").get_json()["changes"]
     assert 10 <= len(oldest) < 31 and oldest[-1]["record"]["name"] == "After"
-    assert_problem(client.get(f"{API}/changes", query_string={"since": "999999"}), 410)  # not of this database
+    beyond = "999999.0" if "." in first else "999999"  # a cursor of the engine's own form, past the log's end
+    assert_problem(client.get(f"{API}/changes", query_string={"since": beyond}), 410)  # not of this database
+    other = "1" if "." in first else "1.0"  # the other engine's form
+    assert_problem(client.get(f"{API}/changes", query_string={"since": other}), 422, "since")
 
 
 def test_the_feed_follows_writes_of_other_processes_and_restarts(database):
