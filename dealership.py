@@ -3819,14 +3819,22 @@ END = ("When it ends, after the start. The booking holds [start, end): at this v
        "is free again.")
 
 
+def customer_name_field():
+    """The customer's name field: of a booking, and of the booking a hold becomes."""
+    return text(MAX_NAME, required=True, metadata=about(f"1 to {MAX_NAME} characters; {STRIPPED}.", "Ada Lovelace"))
+
+
+def customer_email_field():
+    return EmailAddress(required=True, validate=validate.Length(max=MAX_EMAIL), metadata=about(
+        f"An e-mail address, at most {MAX_EMAIL} characters.", "ada@example.com"))
+
+
 class BookingSchema(EndAfterStart, Schema):
     id = fields.Integer(dump_only=True, metadata=about("Given by the service; never reused."))
     car_id = fields.Integer(required=True, strict=True, validate=validate.Range(min=1),
                             metadata=about("The car to book; it must exist and be available.", 1))
-    customer_name = text(MAX_NAME, required=True, metadata=about(f"1 to {MAX_NAME} characters; {STRIPPED}.",
-                                                                  "Ada Lovelace"))
-    customer_email = EmailAddress(required=True, validate=validate.Length(max=MAX_EMAIL), metadata=about(
-        f"An e-mail address, at most {MAX_EMAIL} characters.", "ada@example.com"))
+    customer_name = customer_name_field()
+    customer_email = customer_email_field()
     start_datetime = Instant(required=True, metadata=about(START))
     end_datetime = Instant(required=True, metadata=about(END))
     total_price = Money(attribute="total_cents", dump_only=True, metadata=about(
@@ -3861,8 +3869,8 @@ class HoldSchema(EndAfterStart, Schema):
 
 class ConfirmSchema(Schema):
     """Who the booking that a hold becomes is for: a booking's own customer fields."""
-    customer_name = BookingSchema._declared_fields["customer_name"]
-    customer_email = BookingSchema._declared_fields["customer_email"]
+    customer_name = customer_name_field()
+    customer_email = customer_email_field()
 
 
 class QuoteSchema(Schema):
