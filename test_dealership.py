@@ -234,7 +234,8 @@ def test_an_embedded_service_leaves_the_root_to_its_host():
     assert client.get("/dealership/api/v1").get_json()["links"] == {
         "cars": "/dealership/api/v1/cars", "bookings": "/dealership/api/v1/bookings",
         "available_cars": "/dealership/api/v1/bookings/available-cars",
-        "available_slots": "/dealership/api/v1/bookings/available-slots", "dealers": "/dealership/api/v1/dealers"}
+        "available_slots": "/dealership/api/v1/bookings/available-slots", "dealers": "/dealership/api/v1/dealers",
+        "holds": "/dealership/api/v1/holds", "changes": "/dealership/api/v1/changes"}
 
 
 def test_each_app_has_its_own_store():
