@@ -2245,6 +2245,7 @@ POSTGRES_STATEMENT_TIMEOUT = 30  # seconds: a statement that runs longer is canc
 POSTGRES_IDLE_IN_TRANSACTION = 60  # seconds: a connection left in a transaction is closed
 POSTGRES_DOWN_PAUSE = 1.0  # seconds: after the pool could lend no connection, requests for one fail at once
 POSTGRES_FAILING_WAIT = 0.25  # seconds a request waits for the pool once a connection was lost (else the busy timeout)
+POSTGRES_HEALTH_WAIT = 1.0  # seconds /health waits for the pool: a probe's answer within its usual 1 s timeout
 POSTGRES_RETRY = {"40P01", "40001", "23P01"}  # deadlock, serialization failure, exclusion: run again
 POSTGRES_GONE = {"57P01", "57P02", "57P03"}  # the server shut down or ended the connection
 
@@ -2774,14 +2775,18 @@ class PostgresEngine:
             log.info("%s: schema upgraded from version %d to %d", self.name, version, POSTGRES_SCHEMA_VERSION)
 
     @contextmanager
-    def _connection(self):
+    def _connection(self, wait=None):
+        """A connection from the pool, waiting for one up to `wait` seconds (else the busy timeout; a
+        shorter wait that runs out only says the pool was busy, not that the database is down)."""
         if time.monotonic() < self.down_until:
             raise PoolTimeout(f"the {self.name} did not answer a moment ago")
         try:  # while the database is failing, a read is answered from the fleet and a write refused at once
-            with self.pool.connection(timeout=POSTGRES_FAILING_WAIT if self.failing else None) as conn:
+            with self.pool.connection(timeout=POSTGRES_FAILING_WAIT if self.failing else wait) as conn:
                 self.failing = False
                 yield PostgresConnection(conn, self)
         except PoolTimeout:  # no connection could be had
+            if wait is not None and not self.failing:
+                raise
             self.failing, self.down_until = True, time.monotonic() + POSTGRES_DOWN_PAUSE
             self.pool.check()  # and the pool tries to connect again now, if it has no connection left
             raise
@@ -2831,8 +2836,9 @@ class PostgresEngine:
         return StorageUnavailable(detail, retry)
 
     def ping(self):
-        """A trivial read, and the pool's state."""
-        with self.reader() as db:
+        """A trivial read, and the pool's state. It waits for a connection at most POSTGRES_HEALTH_WAIT:
+        a probe begun as the database stops is answered 503 then, not after the busy timeout."""
+        with self._connection(wait=POSTGRES_HEALTH_WAIT) as db:
             db.ping()
         stats = self.pool.get_stats()
         return {"pool": {"size": stats.get("pool_size", 0), "idle": stats.get("pool_available", 0),

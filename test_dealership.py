@@ -2909,6 +2909,22 @@ def test_health_on_postgresql_tells_the_pool(postgres_database):
     assert body["pool"]["max"] == 3 and 1 <= body["pool"]["size"] <= 3
 
 
+def test_health_on_postgresql_waits_for_the_pool_at_most_a_moment_and_does_not_call_the_database_down(
+        postgres_database):
+    app = on_file(postgres_database, DEALERSHIP_POOL_SIZE=2, DEALERSHIP_BUSY_TIMEOUT=30)
+    client, pool = app.test_client(), app.extensions["dealership"].engine.pool
+    held = [pool.getconn() for _ in range(2)]  # every connection lent, for longer than a probe waits
+    try:
+        answer = client.get("/health")
+        assert_problem(answer, 503)
+        assert "does not answer" in answer.get_json()["detail"]
+    finally:
+        for conn in held:
+            pool.putconn(conn)
+    assert client.get("/health").status_code == 200
+    assert make_car(client)["id"] == 1  # a busy pool is not a database down: writes go on at once
+
+
 @pytest.mark.parametrize("url, message", [
     ("postgresql://nobody@/no_such_database?host=/no/such/folder",
      "DEALERSHIP_DATABASE: cannot use the PostgreSQL database 'no_such_database' on /no/such/folder: "),
