@@ -57,6 +57,7 @@ import os
 import queue
 import random
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -305,6 +306,7 @@ SETTINGS = {
     "DEALERSHIP_METRICS": (True, boolean),  # off: requests are not counted, and /metrics is a 404
     "DEALERSHIP_METRICS_KEY": (None, optional(api_key)),  # if set, GET /metrics needs it as a Bearer token
     "DEALERSHIP_IDEMPOTENCY_HOURS": (24, hours),  # how long the answer to a request with an Idempotency-Key is kept
+    "DEALERSHIP_HISTORY_DAYS": (365, whole_number(0)),  # how long the change log (history, feed) is kept; 0: briefly
 }
 
 
@@ -346,6 +348,7 @@ class Booking:
     end_datetime: datetime  # aware, UTC
     total_cents: int  # the price, fixed when the booking is made or moved
     version: int = 1
+    made_by: str = None  # the key that made it (see Access.who): a booking key sees only its own
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,14 +372,15 @@ class Hold:
     start_datetime: datetime  # aware, UTC
     end_datetime: datetime  # aware, UTC
     expires_at: datetime  # aware, UTC
+    made_by: str = None  # the key that made it; the booking it is confirmed into keeps it
 
 
 DEALER_FIELDS = ("name", "location", "turnaround_minutes", "version")
 CAR_FIELDS = ("brand", "model", "year", "color", "daily_price", "vin", "status", "dealer_id", "version")
 BOOKING_FIELDS = ("car_id", "customer_name", "customer_email", "start_datetime", "end_datetime", "total_cents",
-                  "version")
+                  "version", "made_by")
 WINDOW_FIELDS = ("car_id", "start_datetime", "end_datetime", "note", "version")
-HOLD_FIELDS = ("car_id", "start_datetime", "end_datetime", "expires_at")
+HOLD_FIELDS = ("car_id", "start_datetime", "end_datetime", "expires_at", "made_by")
 
 
 def changed(record, **changes):
@@ -403,6 +407,11 @@ class DomainError(Exception):
 
 class NotFoundError(DomainError):
     """The record named does not exist (404)."""
+
+
+class ForbiddenError(DomainError):
+    """The API key sent may not do this (403): the message says which role or dealer it needs."""
+    reason = "forbidden"
 
 
 class ConflictError(DomainError):
@@ -432,7 +441,7 @@ class InvalidError(DomainError):
 
 # What a refusal is counted as: the rule a request broke, or how it was turned away.
 REFUSAL_REASONS = ("overlap", "held", "turnaround", "maintenance", "car_not_available", "in_the_past", "conflict",
-                   "precondition_failed", "gone", "idempotency_key_reused", "invalid_input", "unauthorized",
+                   "precondition_failed", "gone", "idempotency_key_reused", "invalid_input", "unauthorized", "forbidden",
                    "rate_limited")
 
 
@@ -1228,12 +1237,14 @@ class Fleet:
                 rows[car.dealer_id][1].append((car, self.schedules[car.id].near(start, end)))
         return list(rows.values())
 
-    def find_bookings(self, offset, limit, car_id=None, start=None, end=None, email=None):
-        """One page of the bookings, ordered by start then id, and how many there are in all:
-        overlapping [start, end) when both are given, starting at or after `start` or ending at or
-        before `end` when only one is. Unfiltered or from a start, the page is read off the index
-        (about the page's own cost); a filter by car, customer or end reads only its candidates."""
-        if car_id is None and email is None and end is None:
+    def find_bookings(self, offset, limit, car_id=None, start=None, end=None, email=None, access=None):
+        """One page of the bookings that `access` may see (None: all), ordered by start then id, and
+        how many there are in all: overlapping [start, end) when both are given, starting at or after
+        `start` or ending at or before `end` when only one is. Unfiltered or from a start, the page is
+        read off the index (about the page's own cost); a filter by car, customer or end, or a staff
+        key's dealer, reads only its candidates."""
+        scoped = access is not None and access.role != "admin"
+        if car_id is None and email is None and end is None and not scoped:
             first = 0 if start is None else self.by_start.bisect_left(order_key(micros(start), 0))
             keys = self.by_start[first + offset:first + offset + limit]
             return [self.bookings[key % ID_SPAN] for key in keys], len(self.by_start) - first
@@ -1242,8 +1253,11 @@ class Fleet:
         elif email is not None:
             found = sorted((self.bookings[i] for i in self.by_email.get(email.casefold(), ())),
                            key=lambda b: (b.start_datetime, b.id))
+        elif access is not None and access.role == "staff":
+            found = sorted((b for car in self.cars.values() if car.dealer_id == access.dealer_id
+                            for b in self.schedules[car.id].bookings()), key=lambda b: (b.start_datetime, b.id))
         else:  # only those that start before `end` can end by it
-            found = [self.bookings[key % ID_SPAN] for key in self.by_start[:self.by_start.bisect_left(order_key(micros(end), 0))]]
+            found = [self.bookings[key % ID_SPAN] for key in self.by_start[:None if end is None else self.by_start.bisect_left(order_key(micros(end), 0))]]
         if start is not None and end is not None:
             found = [b for b in found if overlaps(b.start_datetime, b.end_datetime, start, end)]
         elif start is not None:
@@ -1253,7 +1267,98 @@ class Fleet:
         if email is not None:
             email = email.casefold()
             found = [b for b in found if b.customer_email.casefold() == email]
+        if scoped:
+            found = [b for b in found if self.may_see(access, b)]
         return found[offset:offset + limit], len(found)
+
+    def may_see(self, access, record):
+        """Whether `access` may see `record` (see check_access)."""
+        try:
+            check_access(access, record, self)
+        except DomainError:
+            return False
+        return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys and roles: who may do what. A request's key is an Access; the routes name the roles they
+# admit (api_doc), and check_access is the one place that says which records a role may act on.
+# ---------------------------------------------------------------------------------------------
+
+ROLES = ("admin", "staff", "booking")
+ROLE_DUTIES = {"admin": "everything",
+               "staff": "its dealer's cars, their maintenance windows, and bookings and holds on them",
+               "booking": "bookings and holds on any car, and only its own bookings and holds after that"}
+KEY_BYTES = 32  # random bytes in a new key
+KEY_USE_EVERY = timedelta(minutes=1)  # how often a key's "last used" is written, at most, per process
+KEYS_CHECK_EVERY = 1.0  # seconds: how often an open service looks whether a key has been made since
+
+
+@dataclass(frozen=True)
+class Access:
+    """What the key of a request may do: `who` is the key's id (as text), "configuration" for
+    DEALERSHIP_API_KEY or "open" when no key is needed; the history and a booking's maker say it."""
+    who: str
+    role: str
+    dealer_id: int = None  # a staff key's dealer
+
+    def __str__(self):
+        if self.who in ("configuration", "open"):
+            return "DEALERSHIP_API_KEY" if self.who == "configuration" else "an open service"
+        return f"key {self.who} ({self.role}{f' of dealer {self.dealer_id}' if self.dealer_id else ''})"
+
+
+OPEN = Access("open", "admin")
+CONFIGURED = Access("configuration", "admin")
+WRITER = contextvars.ContextVar("dealership_writer", default=None)  # (who, request id) of the write being made
+
+
+def new_key():
+    """A new key's secret: KEY_BYTES random bytes, URL-safe. The key a client sends is "<id>.<secret>"."""
+    return secrets.token_urlsafe(KEY_BYTES)
+
+
+def key_hash(secret):
+    """What the store keeps of a key's secret: a fast hash is enough for a long random secret."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def no_booking(booking_id):
+    """The 404 of a booking that is not there, or that the key may not see: the same words, so that
+    another dealer's booking is not disclosed."""
+    return NotFoundError(f"There is no booking with id {booking_id}.")
+
+
+def check_access(access, record, fleet):
+    """Raise unless `access` may act on `record`: a car (to change it, or to book or hold it), or a
+    booking, hold or maintenance window (through its car). An admin key may do anything; a staff
+    key acts on its dealer's cars and what is on them; a booking key books any car, and acts only on
+    the bookings and holds it made. Another dealer's booking is a 404, anything else a 403."""
+    if access.role == "admin":
+        return
+    car = record if isinstance(record, Car) else fleet.cars.get(record.car_id)
+    if access.role == "staff":
+        if car is not None and car.dealer_id == access.dealer_id:
+            return
+    elif isinstance(record, Car) or getattr(record, "made_by", None) == access.who:
+        return
+    if isinstance(record, Booking):
+        raise no_booking(record.id)
+    what = f"Car {record.id}" if isinstance(record, Car) else \
+        f"{'Hold' if isinstance(record, Hold) else 'Maintenance window'} {record.id} on car {record.car_id}"
+    if access.role == "staff":
+        owner = f"dealer {car.dealer_id}'s" if car is not None else "not on a car of yours"
+        raise ForbiddenError(f"{what} is {owner}: {access} may act only on dealer {access.dealer_id}'s cars. This "
+                             f"needs an admin key{f' or a staff key of dealer {car.dealer_id}' if car else ''}.")
+    raise ForbiddenError(f"{what} was made by another key: {access} may act only on what it made. This needs an "
+                         "admin key, or a staff key of the car's dealer.")
+
+
+def check_dealer(access, dealer_id):
+    """Raise unless `access` may put a car at dealer `dealer_id`."""
+    if access.role == "staff" and dealer_id != access.dealer_id:
+        raise ForbiddenError(f"{access} may put cars only at dealer {access.dealer_id}, not at dealer {dealer_id}: "
+                             f"this needs an admin key or a staff key of dealer {dealer_id}.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1283,7 +1388,8 @@ class Fleet:
 
 MEMORY = ":memory:"
 APPLICATION_ID = 0x4445_4C52  # "DELR", written in the file's header: this is a dealership database
-# The change log keeps this many changes; a process further behind than that loads everything again.
+# The change log keeps every change of the last DEALERSHIP_HISTORY_DAYS (the history and the feed
+# read it), and at least this many; a process further behind than it reaches loads everything again.
 CHANGE_LOG_KEEP = 10_000
 CHANGE_LOG_PRUNE_EVERY = 500  # changes between two prunings
 # kind -> its table and its columns besides id
@@ -1347,9 +1453,10 @@ def feed_triggers(*kinds):
 
 
 def fill_feed_log(conn):
-    """Schema 3: each change logged before the feed, as its record stands now (deleted if it is gone)."""
-    for kind, (table, columns) in TABLES.items():
-        values = ", ".join(f"'{name}', r.{name}" for name in ("id",) + columns)
+    """Schema 3: each change logged before the feed, as its record stands now (deleted if it is gone),
+    with the columns its table had then."""
+    for kind, (table, _) in TABLES.items():
+        values = ", ".join(f"'{name}', r.{name}" for _, name, *_ in conn.execute(f"PRAGMA table_info({table})"))
         conn.execute(f"UPDATE changes SET record = (SELECT json_object({values}) FROM {table} r WHERE r.id = changes.id) "
                      "WHERE kind = ?", (kind,))
     conn.execute("UPDATE changes SET action = CASE WHEN record IS NULL THEN 'deleted' ELSE 'changed' END, "
@@ -1361,11 +1468,16 @@ RECORD_TYPES = {"dealer": Dealer, "car": Car, "booking": Booking, "window": Main
 
 def record_from_json(kind, data):
     """A record from its row as JSON (PostgreSQL's to_jsonb(), SQLite's json_object())."""
-    fields = {name: data[name] for name in TABLES[kind][1]}
+    fields = {name: data.get(name) for name in TABLES[kind][1]}  # made_by: not in changes logged before it
     for name in ("start_datetime", "end_datetime", "expires_at"):
         if name in fields:
             fields[name] = datetime.fromisoformat(fields[name])
     return RECORD_TYPES[kind](id=data["id"], **fields)
+
+
+def instant_or_none(value):
+    """An instant as a driver gives it back (PostgreSQL: a datetime; SQLite: ISO 8601 text), or None."""
+    return value if value is None or isinstance(value, datetime) else datetime.fromisoformat(value)
 
 
 def to_column(value):
@@ -1376,9 +1488,9 @@ def to_column(value):
 
 
 def booking_from_row(row):
-    booking_id, car_id, name, email, start, end, cents, version = row
+    booking_id, car_id, name, email, start, end, cents, version, made_by = row
     return Booking(booking_id, car_id, name, email, datetime.fromisoformat(start), datetime.fromisoformat(end), cents,
-                   version)
+                   version, made_by)
 
 
 def window_from_row(row):
@@ -1388,8 +1500,8 @@ def window_from_row(row):
 
 
 def hold_from_row(row):
-    hold_id, car_id, start, end, expires = row
-    return Hold(hold_id, car_id, *map(datetime.fromisoformat, (start, end, expires)))
+    hold_id, car_id, start, end, expires, made_by = row
+    return Hold(hold_id, car_id, *map(datetime.fromisoformat, (start, end, expires)), made_by)
 
 
 RECORD_FROM_ROW = {"dealer": lambda row: Dealer(*row), "car": lambda row: Car(*row),
@@ -1496,6 +1608,29 @@ SCHEMA_STEPS = [
     );
     CREATE INDEX idempotency_keys_by_age ON idempotency_keys (created_at);
     """, fill=fill_feed_log),
+    # Keys per role (only a hash of each secret), the key that made each booking and hold, and the
+    # history: which key made each change, in which request. (The booking and hold triggers of
+    # schema 3 are made again with made_by; a new file's were made with it already.)
+    SchemaStep("""
+    ALTER TABLE bookings ADD COLUMN made_by TEXT;
+    ALTER TABLE holds ADD COLUMN made_by TEXT;
+    ALTER TABLE changes ADD COLUMN who TEXT;
+    ALTER TABLE changes ADD COLUMN request_id TEXT;
+    CREATE INDEX changes_by_record ON changes (kind, id);
+    """ + "".join(f"DROP TRIGGER {TABLES[kind][0]}_{event};" for kind in ("booking", "hold")
+                  for event in ("insert", "update", "delete")) + feed_triggers("booking", "hold") + """
+    CREATE TABLE api_keys (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        role TEXT NOT NULL CHECK (role IN ('admin', 'staff', 'booking')),
+        dealer_id INTEGER,
+        note TEXT NOT NULL DEFAULT '',
+        secret_hash TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        last_used_at TEXT,
+        revoked_at TEXT,
+        CHECK ((role = 'staff') = (dealer_id IS NOT NULL))
+    );
+    """),
 ]
 SCHEMA_VERSION = len(SCHEMA_STEPS)
 
@@ -1521,8 +1656,8 @@ class RecordRows:
     def insert(self, kind, fields, record_id=None):
         """Insert a record; the database assigns the id, unless it is given."""
         table, columns = TABLES[kind]
-        if "version" in columns:
-            fields = {"version": 1} | fields  # a new record is at its first version, a copied one at its own
+        # a new record is at its first version (a copied one at its own), and made by no key unless one is named
+        fields = {name: value for name, value in (("version", 1), ("made_by", None)) if name in columns} | fields
         if record_id is not None:
             fields, columns = fields | {"id": record_id}, ("id",) + columns
         self.written += 1
@@ -1591,6 +1726,47 @@ class RecordRows:
     def forget_answers(self, before):
         """Forget the answers kept since before `before`."""
         self.conn.execute(f"DELETE FROM idempotency_keys WHERE created_at < {self.PARAM}", (self.column(before),))
+
+    # -- API keys: a table beside the records, in no change log; a key's secret is never stored ----
+
+    def add_key(self, role, dealer_id, note, secret_hash, now):
+        """A new key's id."""
+        return self._insert("INSERT INTO api_keys (role, dealer_id, note, secret_hash, created_at) "
+                            f"VALUES ({', '.join([self.PARAM] * 5)})", (role, dealer_id, note, secret_hash, self.column(now)))
+
+    def api_keys(self):
+        """Every key, oldest first: (id, role, dealer id, note, created, last used, revoked)."""
+        return [row[:4] + tuple(map(instant_or_none, row[4:])) for row in self.conn.execute(
+            "SELECT id, role, dealer_id, note, created_at, last_used_at, revoked_at FROM api_keys ORDER BY id")]
+
+    def api_key(self, key_id):
+        """(role, dealer id, hash of the secret, whether it was revoked) of a key, or None."""
+        return self.conn.execute(f"SELECT role, dealer_id, secret_hash, revoked_at IS NOT NULL FROM api_keys "
+                                 f"WHERE id = {self.PARAM}", (key_id,)).fetchone()
+
+    def keys_made(self):
+        """Whether any key was ever made (a revoked one included)."""
+        return bool(self.conn.execute("SELECT EXISTS (SELECT 1 FROM api_keys)").fetchone()[0])
+
+    def revoke_key(self, key_id, now):
+        """Revoke a key; False if there is no such key, or it was revoked already."""
+        return self.conn.execute(f"UPDATE api_keys SET revoked_at = {self.PARAM} WHERE id = {self.PARAM} "
+                                 "AND revoked_at IS NULL", (self.column(now), key_id)).rowcount == 1
+
+    def key_used(self, key_id, now):
+        self.conn.execute(f"UPDATE api_keys SET last_used_at = {self.PARAM} WHERE id = {self.PARAM}",
+                          (self.column(now), key_id))
+
+    # -- the history: a record's changes in the change log, with who made each ----------------------
+
+    def history(self, kind, record_id):
+        """The changes of one record that the log keeps, oldest first: (action, at, record or None,
+        who, request id)."""
+        rows = self.conn.execute(f"SELECT action, at, record, who, request_id FROM changes WHERE kind = {self.PARAM} "
+                                 f"AND id = {self.PARAM} ORDER BY seq", (kind, record_id)).fetchall()
+        return [(action, instant_or_none(at),
+                 None if data is None else record_from_json(kind, json.loads(data) if isinstance(data, str) else data),
+                 who, request_id) for action, at, data, who, request_id in rows]
 
     def feed_page(self, select, values, limit):
         """The change feed's rows that `select` picks, as (cursor, kind, id, action, at, record or None)."""
@@ -1808,11 +1984,16 @@ class SQLiteConnection(RecordRows):
     def lock_key(self, key):
         """Nothing to do: BEGIN IMMEDIATE has locked the whole database."""
 
-    def prune_change_log(self, before, after):
-        """Forget all but the newest CHANGE_LOG_KEEP changes, each time the log has grown by
-        CHANGE_LOG_PRUNE_EVERY (its position went from `before` to `after`)."""
+    def prune_change_log(self, before, after, kept_since):
+        """Forget the changes made before `kept_since`, all but the newest CHANGE_LOG_KEEP, each time
+        the log has grown by CHANGE_LOG_PRUNE_EVERY (its position went from `before` to `after`)."""
         if before // CHANGE_LOG_PRUNE_EVERY != after // CHANGE_LOG_PRUNE_EVERY:
-            self.conn.execute("DELETE FROM changes WHERE seq <= ?", (after - CHANGE_LOG_KEEP,))
+            self.conn.execute("DELETE FROM changes WHERE seq <= ? AND at < ?",
+                              (after - CHANGE_LOG_KEEP, kept_since.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"))
+
+    def stamp(self, who, request_id, position):
+        """Write who made the changes logged after `position` (one write's), in which request."""
+        self.conn.execute("UPDATE changes SET who = ?, request_id = ? WHERE seq > ?", (who, request_id, position))
 
 
 # -- the write-ahead log, read before SQLite opens the file ------------------------------------
@@ -2432,6 +2613,25 @@ POSTGRES_SCHEMA_STEPS = [
     );
     CREATE INDEX ON idempotency_keys (created_at);
     """),
+    # Keys per role (only a hash of each secret), the key that made each booking and hold, and the
+    # history: which key made each change, in which request.
+    SchemaStep("""
+    ALTER TABLE bookings ADD COLUMN made_by text;
+    ALTER TABLE holds ADD COLUMN made_by text;
+    ALTER TABLE changes ADD COLUMN who text, ADD COLUMN request_id text;
+    CREATE INDEX ON changes (kind, id);
+    CREATE TABLE api_keys (
+        id bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+        role text NOT NULL CHECK (role IN ('admin', 'staff', 'booking')),
+        dealer_id bigint,
+        note text NOT NULL DEFAULT '',
+        secret_hash text NOT NULL,
+        created_at timestamptz NOT NULL,
+        last_used_at timestamptz,
+        revoked_at timestamptz,
+        CHECK ((role = 'staff') = (dealer_id IS NOT NULL))
+    );
+    """),
 ]
 POSTGRES_SCHEMA_VERSION = len(POSTGRES_SCHEMA_STEPS)
 
@@ -2679,20 +2879,28 @@ class PostgresConnection(RecordRows):
             self._xid = int(self.conn.execute("SELECT pg_current_xact_id()::text").fetchone()[0])
         return LogPosition(position.horizon, position.applied | {self._xid})
 
-    def prune_change_log(self, before, after):
+    def prune_change_log(self, before, after, kept_since):
         """Every CHANGE_LOG_PRUNE_EVERY commits of this process, forget the changes of transactions
-        older than the one of the CHANGE_LOG_KEEP-th newest change (and than every transaction still
-        running); a process whose horizon is older than that loads everything again."""
+        older than the one of the CHANGE_LOG_KEEP-th newest change, than every transaction still
+        running and than the first change made since `kept_since`; a process whose horizon is older
+        than that loads everything again."""
         self.engine.commits += 1
         if self.engine.commits % CHANGE_LOG_PRUNE_EVERY == 0:
             self.conn.execute(
-                "WITH cut AS (SELECT least(xid, pg_snapshot_xmin(pg_current_snapshot())) AS xid "
+                "WITH cut AS (SELECT least(xid, pg_snapshot_xmin(pg_current_snapshot()), "
+                "(SELECT kept.xid FROM changes kept WHERE kept.at >= %s ORDER BY kept.seq LIMIT 1)) AS xid "
                 "FROM changes ORDER BY seq DESC OFFSET %s LIMIT 1), "
                 "gone AS (DELETE FROM changes WHERE xid < (SELECT xid FROM cut)), "
                 "ticks AS (DELETE FROM commits WHERE xid < (SELECT xid FROM cut) RETURNING tick) "
                 "UPDATE change_log_start SET below = greatest(below, (SELECT xid FROM cut)), "
                 "below_tick = greatest(below_tick, (SELECT max(tick) FROM ticks)) "
-                "WHERE EXISTS (SELECT 1 FROM cut)", (CHANGE_LOG_KEEP,))
+                "WHERE EXISTS (SELECT 1 FROM cut)", (kept_since, CHANGE_LOG_KEEP))
+
+    def stamp(self, who, request_id, position):
+        """Write who made the changes this transaction logged since the last stamp (one write's), in
+        which request."""
+        self.conn.execute("UPDATE changes SET who = %s, request_id = %s WHERE xid = pg_current_xact_id() "
+                          "AND who IS NULL", (who, request_id))
 
 
 def postgres_place(url):
@@ -2876,11 +3084,12 @@ class Job:
     read anything, so it runs alone), and once done its result or error and what the fleet must do
     after COMMIT. `turn`, an Event for a write that waits, is set when it is done or when its
     thread is to run the next batch."""
-    __slots__ = ("change", "cars", "locks", "result", "error", "done", "turn", "after_commit")
+    __slots__ = ("change", "cars", "locks", "result", "error", "done", "turn", "after_commit", "writer")
 
     def __init__(self, change, cars, locks):
         self.change, self.cars, self.result, self.error, self.done, self.turn = change, cars, None, None, False, None
         self.locks, self.after_commit = locks, []
+        self.writer = WRITER.get()  # who makes it, in which request: written beside its changes
 
     def outcome(self):
         if self.error is not None:
@@ -3100,8 +3309,10 @@ class Store:
     record may be given `expect`, a function of the record as stored that raises PreconditionFailed:
     it is called in the same step as the change's own checks."""
 
-    def __init__(self, engine, zone=timezone.utc, metrics=None):
+    def __init__(self, engine, zone=timezone.utc, metrics=None, history=timedelta(days=365)):
         self.engine, self.zone, self.metrics = engine, zone, metrics or Metrics()
+        self.history_kept = history  # how long the change log keeps each change (see prune_change_log)
+        self.keys_used, self.keys_checked = {}, time.monotonic()  # key id -> when noted used; see keys_made
         self.lock, self.write_lock = threading.Lock(), threading.Lock()
         self.queue = WriteQueue(self._commit)
         self.keys_lock, self.keys_in_flight, self.answers_kept = threading.Lock(), set(), 0
@@ -3109,6 +3320,7 @@ class Store:
         self.unread = ThrottledLog(REFUSED_WRITE_LOG_EVERY)
         with engine.writer() as db, self.lock:
             self._reload(db)
+            self.keys_seen = db.keys_made()
 
     # -- dealers --------------------------------------------------------------------------------
 
@@ -3157,10 +3369,10 @@ class Store:
                  extra={"event": "car created", "car_id": car.id, "dealer_id": car.dealer_id})
         return car
 
-    def update_car(self, car_id, changes, expect=None):
+    def update_car(self, car_id, changes, expect=None, allow=None):
         """Bookings keep the price they were made at, and the turnaround they were checked with."""
         def change(db, job):
-            old = self.checked(self.fleet.car(car_id), expect)
+            old = self.checked(self.fleet.car(car_id), expect, allow)
             if "dealer_id" in changes:
                 self.fleet.dealer(changes["dealer_id"])
             if changes.get("vin", old.vin) != old.vin:
@@ -3174,10 +3386,10 @@ class Store:
                  extra={"event": "car changed", "car_id": car_id, "fields": sorted(changes)})
         return car
 
-    def delete_car(self, car_id, expect=None):
+    def delete_car(self, car_id, expect=None, allow=None):
         """Only a car with no bookings and no hold; its maintenance windows (and expired holds) go with it."""
         def change(db, job):
-            self.checked(self.fleet.car(car_id), expect)
+            self.checked(self.fleet.car(car_id), expect, allow)
             self.fleet.check_car_removable(car_id)
             for window in self.fleet.schedules[car_id].windows():
                 db.delete("window", window.id)
@@ -3191,13 +3403,14 @@ class Store:
 
     # -- bookings -------------------------------------------------------------------------------
 
-    def add_booking(self, fields):
+    def add_booking(self, fields, allow=None):
         """A new booking reads and changes one car's schedule only: others like it, on other cars,
         share its transaction and its COMMIT."""
         check_not_past(fields["start_datetime"], datetime.now(timezone.utc), self.zone)
 
         def change(db, job):
             start, end = fields["start_datetime"], fields["end_datetime"]
+            self.checked(self.fleet.car(fields["car_id"]), None, allow)
             car = self.fleet.bookable_car(fields["car_id"], start, end)
             row = fields | {"total_cents": price_cents(car.daily_price, start, end)}
             booking = Booking(id=db.insert("booking", row), **row)
@@ -3207,11 +3420,13 @@ class Store:
         self._log_booking("created", booking)
         return booking
 
-    def change_booking(self, booking_id, changes, expect=None):
+    def change_booking(self, booking_id, changes, expect=None, allow=None):
         """Apply `changes` to a booking that has not ended, in one step, checked against the rest of the
         car's schedule. A move, or a change of car, prices the booking again at the car's price of today."""
         def change(db, job):
-            old, now = self.checked(self.fleet.booking(booking_id), expect), datetime.now(timezone.utc)
+            old, now = self.checked(self.fleet.booking(booking_id), expect, allow), datetime.now(timezone.utc)
+            if changes.get("car_id", old.car_id) != old.car_id:
+                self.checked(self.fleet.car(changes["car_id"]), None, allow)
             check_not_ended(old, now, self.zone)
             booking = changed(old, **changes)
             check_period(booking.start_datetime, booking.end_datetime)
@@ -3235,9 +3450,9 @@ class Store:
         booking = self.fleet.bookings.get(booking_id)
         return {("car", booking.car_id), ("car", changes.get("car_id", booking.car_id))} if booking else set()
 
-    def cancel_booking(self, booking_id, expect=None):
+    def cancel_booking(self, booking_id, expect=None, allow=None):
         def change(db, job):
-            booking = self.checked(self.fleet.booking(booking_id), expect)
+            booking = self.checked(self.fleet.booking(booking_id), expect, allow)
             db.delete("booking", booking_id)
             job.after_commit.append((Fleet.drop_booking, booking_id))
             return booking
@@ -3253,12 +3468,13 @@ class Store:
 
     # -- maintenance windows --------------------------------------------------------------------
 
-    def add_window(self, car_id, fields):
+    def add_window(self, car_id, fields, allow=None):
         """A maintenance window on a car: it may not overlap, nor come within the turnaround of, a
         booking or another window."""
         check_not_past(fields["start_datetime"], datetime.now(timezone.utc), self.zone, "maintenance window")
 
         def change(db, job):
+            self.checked(self.fleet.car(car_id), None, allow)
             self.fleet.check_window_fits(car_id, fields["start_datetime"], fields["end_datetime"])
             row = fields | {"car_id": car_id}
             window = MaintenanceWindow(id=db.insert("window", row), **row)
@@ -3271,9 +3487,9 @@ class Store:
                         "start_datetime": start, "end_datetime": end})
         return window
 
-    def delete_window(self, car_id, window_id, expect=None):
+    def delete_window(self, car_id, window_id, expect=None, allow=None):
         def change(db, job):
-            self.checked(self.fleet.window(car_id, window_id), expect)
+            self.checked(self.fleet.window(car_id, window_id), expect, allow)
             db.delete("window", window_id)
             job.after_commit.append((Fleet.drop_window, window_id))
         self._write(change, locks={("car", car_id)})
@@ -3282,13 +3498,14 @@ class Store:
 
     # -- holds ----------------------------------------------------------------------------------
 
-    def add_hold(self, fields, minutes):
+    def add_hold(self, fields, minutes, allow=None):
         """Hold a car's period for `minutes`, checked as a booking is. Holds that expired more than
         HOLD_KEPT ago are removed in the same transaction: no background job is needed."""
         check_not_past(fields["start_datetime"], datetime.now(timezone.utc), self.zone)
 
         def change(db, job):
             now = datetime.now(timezone.utc)
+            self.checked(self.fleet.car(fields["car_id"]), None, allow)
             self.fleet.bookable_car(fields["car_id"], fields["start_datetime"], fields["end_datetime"])
             for hold_id in self.fleet.stale_holds(now - HOLD_KEPT):
                 db.delete("hold", hold_id)
@@ -3302,16 +3519,17 @@ class Store:
                  extra={"event": "hold created", "hold_id": hold.id, "car_id": hold.car_id})
         return hold
 
-    def confirm_hold(self, hold_id, customer):
+    def confirm_hold(self, hold_id, customer, allow=None):
         """Turn a hold that has not expired into a booking of its car and period, in one step: the hold
-        is gone and the booking made, or (expired: 410; the car no longer bookable: 409) neither."""
+        is gone and the booking made (by the key that made the hold), or (expired: 410; the car no
+        longer bookable: 409) neither."""
         def change(db, job):
-            hold = self.fleet.hold(hold_id, datetime.now(timezone.utc))
+            hold = self.checked(self.fleet.hold(hold_id, datetime.now(timezone.utc)), None, allow)
             start, end = hold.start_datetime, hold.end_datetime
             car = self.fleet.bookable_car(hold.car_id, start, end, ignore=hold)
             db.delete("hold", hold_id)
             row = customer | {"car_id": hold.car_id, "start_datetime": start, "end_datetime": end,
-                              "total_cents": price_cents(car.daily_price, start, end)}
+                              "total_cents": price_cents(car.daily_price, start, end), "made_by": hold.made_by}
             booking = Booking(id=db.insert("booking", row), **row)
             job.after_commit += [(Fleet.drop_hold, hold_id), (Fleet.put_booking, booking)]
             return booking
@@ -3320,9 +3538,9 @@ class Store:
         self._log_booking("created", booking)
         return booking
 
-    def delete_hold(self, hold_id):
+    def delete_hold(self, hold_id, allow=None):
         def change(db, job):
-            self.fleet.hold(hold_id, datetime.now(timezone.utc))
+            self.checked(self.fleet.hold(hold_id, datetime.now(timezone.utc)), None, allow)
             db.delete("hold", hold_id)
             job.after_commit.append((Fleet.drop_hold, hold_id))
         hold = self.fleet.holds.get(hold_id)
@@ -3331,9 +3549,11 @@ class Store:
 
     # -- what every write shares -----------------------------------------------------------------
 
-    @staticmethod
-    def checked(record, expect):
-        """`record`, once `expect` (if given) has passed it."""
+    def checked(self, record, expect, allow=None):
+        """`record`, once `allow` (the key's permission: a function of the record and the fleet) and
+        then `expect` (If-Match), each if given, have passed it."""
+        if allow is not None:
+            allow(record, self.fleet)
         if expect is not None:
             expect(record)
         return record
@@ -3388,6 +3608,79 @@ class Store:
         finally:
             with self.keys_lock:
                 self.keys_in_flight.discard(key)
+
+    # -- keys and the history: read from the database on each use, so every process sees a new
+    # -- or revoked key at once -------------------------------------------------------------------
+
+    def make_key(self, role, dealer_id, note):
+        """A new key: its id and the key to send ("<id>.<secret>"), given only here."""
+        secret = new_key()
+
+        def change(db, job):
+            if dealer_id is not None:
+                self.fleet.dealer(dealer_id)
+            return db.add_key(role, dealer_id, note, key_hash(secret), datetime.now(timezone.utc))
+        key_id = self._write(change)
+        self.keys_seen = True
+        return key_id, f"{key_id}.{secret}"
+
+    def list_keys(self):
+        with self.engine.reader() as db:
+            return db.api_keys()
+
+    def revoke_key(self, key_id):
+        """Revoke a key: False if there is none with that id, or it was revoked already."""
+        return self._write(lambda db, job: db.revoke_key(key_id, datetime.now(timezone.utc)))
+
+    def key_access(self, key):
+        """The Access of a key sent as "<id>.<secret>", if it is one that has not been revoked (the
+        hash compared in constant time), else None. Notes when it was last used, once a minute."""
+        key_id, dot, secret = key.partition(".")
+        if not dot or not key_id.isdigit() or len(key_id) > 18 or not secret:
+            return None
+        try:
+            with self.engine.reader() as db:
+                found = db.api_key(int(key_id))
+        except self.engine.Error as error:
+            raise StorageUnavailable(f"The database cannot be read to check the API key ({error}): try again.",
+                                     5) from None
+        if found is None:
+            return None
+        self.keys_seen = True  # a key was made: keys are in force, whatever this process thought
+        if not hmac.compare_digest(found[2], key_hash(secret)) or found[3]:
+            return None
+        now = datetime.now(timezone.utc)
+        if now - self.keys_used.get(key_id, EPOCH) >= KEY_USE_EVERY:
+            self.keys_used[key_id] = now
+            try:  # a note, not a write the client waits on: skipped if the database refuses it
+                self.queue.submit(lambda db, job: db.key_used(int(key_id), now), set())
+            except (DomainError, StorageUnavailable):
+                pass
+        return Access(key_id, found[0], found[1])
+
+    def keys_made(self):
+        """Whether any key was ever made (then every write and personal read needs a key): known once
+        it is so; until then read again at most every KEYS_CHECK_EVERY, when other processes share
+        the database (a `keys add` beside a running service)."""
+        now = time.monotonic()
+        if not self.keys_seen and self.engine.shared and now - self.keys_checked >= KEYS_CHECK_EVERY:
+            self.keys_checked = now
+            try:
+                with self.engine.reader() as db:
+                    self.keys_seen = db.keys_made()
+            except self.engine.Error as error:
+                raise StorageUnavailable(f"The database cannot be read to check API keys ({error}): try again.",
+                                         5) from None
+        return self.keys_seen
+
+    def history(self, kind, record_id):
+        """A record's changes that the change log keeps, oldest first (see RecordRows.history)."""
+        try:
+            with self.engine.reader() as db:
+                return db.history(kind, record_id)
+        except self.engine.Error as error:
+            raise StorageUnavailable(f"The database cannot be read for the history ({error}): try again.", 5) \
+                from None
 
     # -- the change feed --------------------------------------------------------------------------
 
@@ -3490,7 +3783,7 @@ class Store:
                             with self.lock:
                                 self._catch_up(db)
                         position = self._run_each(db, batch, shared, last=attempt == WRITE_ATTEMPTS)
-                        db.prune_change_log(self.position, position)
+                        db.prune_change_log(self.position, position, datetime.now(timezone.utc) - self.history_kept)
                 except Rollback:
                     pass
                 except (StaleRecord, self.engine.Error) as error:  # BEGIN, catching up, a statement or COMMIT:
@@ -3526,6 +3819,8 @@ class Store:
                 with db.savepoint() if shared else nullcontext(), self.lock:
                     self.fleet.expire()
                     job.result = job.change(db, job)
+                    if db.written and job.writer is not None:
+                        db.stamp(*job.writer, position)
             except StaleRecord:
                 if not last:
                     raise
@@ -4016,6 +4311,19 @@ class ChangesSchema(Schema):
         "Send it as `since` to get the changes after these (the same cursor again when there were none).", "42"))
 
 
+class HistorySchema(Schema):
+    at = Instant(metadata=about("When the change was made."))
+    action = fields.String(metadata=about("'created', 'changed' or 'deleted' (a booking cancelled).", "changed"))
+    key = fields.String(allow_none=True, metadata=about(
+        "Who made it: the id of the key (see `flask keys list`), 'configuration' for DEALERSHIP_API_KEY, 'open' when "
+        "no key was needed, or null when it was made outside the API (a command, or SQL).", "3"))
+    request_id = fields.String(allow_none=True, metadata=about("The X-Request-ID of the request that made it."))
+    fields_ = fields.Dict(data_key="fields", keys=fields.String(), values=fields.Dict(), metadata=about(
+        "Each field the change set, with its value before and after, as the record's own GET writes them "
+        "(before: null for a record created, or one whose earlier history was pruned; after: null once deleted).",
+        {"end_datetime": {"before": "2035-06-01T12:00:00+00:00", "after": "2035-06-01T14:00:00+00:00"}}))
+
+
 class PageQuery(Schema):
     """Paging for a list: without `limit`, every item from `offset` on."""
     limit = Count(validate=validate.Range(min=1, max=MAX_PAGE),
@@ -4103,6 +4411,7 @@ WINDOW_SCHEMA = MaintenanceWindowSchema()
 HOLD_SCHEMA = HoldSchema()
 CONFIRM_SCHEMA = ConfirmSchema()
 CHANGES_SCHEMA = ChangesSchema()
+HISTORY_SCHEMA = HistorySchema()
 CHANGE_FEED_QUERY = ChangesQuery()
 QUOTE_SCHEMA = QuoteSchema()
 OFFER_SCHEMA = OfferSchema()
@@ -4292,7 +4601,7 @@ def invalid(messages):
     return problem(422, "Unprocessable Content", f"Invalid input: {', '.join(map(str, shown))}{more}.", shown)
 
 
-DOMAIN_STATUS = {NotFoundError: 404, ConflictError: 409, GoneError: 410, PreconditionFailed: 412}
+DOMAIN_STATUS = {NotFoundError: 404, ForbiddenError: 403, ConflictError: 409, GoneError: 410, PreconditionFailed: 412}
 
 
 def refusal_reason(error):
@@ -4363,10 +4672,15 @@ def needs_key(method, view):
     return method in WRITE_METHODS or view.api_doc["personal"]
 
 
+def keys_in_force():
+    """Whether requests that need a key must carry one: DEALERSHIP_API_KEY is set, or a key was made."""
+    return bool(current_app.config["DEALERSHIP_API_KEY"]) or store().keys_made()
+
+
 def key_required():
-    """Whether the request being handled must carry the API key."""
+    """Whether the request being handled must carry an API key."""
     view = current_app.view_functions.get(request.endpoint)
-    return bool(current_app.config["DEALERSHIP_API_KEY"]) and view is not None and needs_key(request.method, view)
+    return view is not None and needs_key(request.method, view) and keys_in_force()
 
 
 def sent_key():
@@ -4380,22 +4694,67 @@ def carries(key):
     return bool(key) and hmac.compare_digest(sent_key().encode(), key.encode())
 
 
-def carries_the_key():
-    """Whether the request carries DEALERSHIP_API_KEY."""
-    return carries(current_app.config["DEALERSHIP_API_KEY"])
+def sent_access():
+    """The Access of the key the request carries (DEALERSHIP_API_KEY, or a key made with `keys add`
+    that has not been revoked), or None; looked up once per request."""
+    if "sent_access" not in g:
+        token = sent_key()
+        g.sent_access = CONFIGURED if carries(current_app.config["DEALERSHIP_API_KEY"]) else \
+            store().key_access(token) if token else None
+    return g.sent_access
+
+
+def caller():
+    """The Access of the request being handled (see require_api_key)."""
+    return g.get("access") or OPEN
+
+
+def visible(record):
+    """`record`, if the request's key may act on it (see check_access)."""
+    allow = permission()
+    if allow is not None:
+        allow(record, store().fleet)
+    return record
+
+
+def permission():
+    """What the write or read of the request being handled may touch: None for an admin key, else a
+    function of a record and the fleet that raises unless the key may act on it (check_access)."""
+    access = caller()
+    return None if access.role == "admin" else functools.partial(check_access, access)
 
 
 @bp.before_request
 def require_api_key():
-    """With DEALERSHIP_API_KEY set, a request that needs it must carry it as a Bearer token."""
-    if not key_required() or carries_the_key():
+    """A request that needs a key (a write, or a read of customers' data) must carry one as a Bearer
+    token once keys are in force (see keys_in_force), of a role its route admits (api_doc's roles):
+    else 401, or 403 naming the roles it needs. Its Access is kept (g.access), and who makes its
+    writes (WRITER) for the history."""
+    view = current_app.view_functions.get(request.endpoint)
+    if view is None or not needs_key(request.method, view):
         return
-    token = sent_key()
-    current_app.extensions[REFUSED_KEYS].note(request.remote_addr, request.method, request.path)
-    what = "changes data" if request.method in WRITE_METHODS else "reads customers' names and e-mail addresses"
-    raise Unauthorized(f"{'The API key does not match' if token else 'No API key was sent'}: this request "
-                       f"{what}, so send 'Authorization: Bearer <API key>'.",
-                       www_authenticate=WWWAuthenticate("bearer", {"realm": "dealership"}))
+    access = sent_access() if sent_key() else None  # looked up first: a key found shows keys are in force
+    if not keys_in_force():
+        access = OPEN
+    if access is None:
+        current_app.extensions[REFUSED_KEYS].note(request.remote_addr, request.method, request.path)
+        what = "changes data" if request.method in WRITE_METHODS else "reads customers' names and e-mail addresses"
+        raise Unauthorized(f"{'The API key does not match a key in force' if sent_key() else 'No API key was sent'}: this "
+                           f"request {what}, so send 'Authorization: Bearer <API key>'.",
+                           www_authenticate=WWWAuthenticate("bearer", {"realm": "dealership"}))
+    roles = view.api_doc["roles"]
+    if access.role not in roles:
+        raise ForbiddenError(f"This needs a key of role {' or '.join(roles)}: {access} is not one. A staff key may "
+                             f"do {ROLE_DUTIES['staff']}; a booking key {ROLE_DUTIES['booking']}.")
+    g.access = access
+    g.writer = WRITER.set((access.who, g.get("request_id")))
+
+
+@bp.teardown_request
+def forget_writer(error=None):
+    """The request's writer is not the next one's, on the same thread."""
+    if "writer" in g:
+        WRITER.reset(g.pop("writer"))
 
 
 class RefusedKeyLog:
@@ -4651,19 +5010,20 @@ def renderings():
 
 
 def api_doc(tag, *, returns=None, many=False, status=200, body=None, query=None, errors=(), headers=(),
-            personal=False, media=None, versioned=False):
+            personal=False, media=None, versioned=False, roles=("admin",)):
     """Record what the OpenAPI document says of a route: the schemas are the ones the route uses.
 
     Errors that follow from the route's shape are added by the document itself: 404 for a path id,
     400/413/415/422 for a body, 422 for a query, 401 for a write or a `personal` read (see needs_key).
     A route that answers another media type than JSON (`media`) answers text, with an ETag. A
     `versioned` route reads or changes one record: it answers with the record's ETag and takes
-    If-None-Match (GET) or If-Match (a change).
+    If-None-Match (GET) or If-Match (a change). `roles`: the roles of key a write or personal read
+    admits (ROLES; check_access then says which records each may act on).
     """
     def attach(view):
         view.api_doc = {"tag": tag, "returns": returns, "many": many, "status": status, "body": body,
                         "query": query, "errors": errors, "headers": headers, "personal": personal, "media": media,
-                        "versioned": versioned}
+                        "versioned": versioned, "roles": roles}
         return view
     return attach
 
@@ -4757,10 +5117,12 @@ def car_answer(car, status=200):
 
 
 @bp.post("/cars")
-@api_doc("cars", returns=CAR_SCHEMA, status=201, body=CAR_SCHEMA, errors=[404, 409], headers=["Location", "ETag"])
+@api_doc("cars", returns=CAR_SCHEMA, status=201, body=CAR_SCHEMA, errors=[404, 409], headers=["Location", "ETag"],
+         roles=("admin", "staff"))
 def create_car():
     """Add a car to the inventory"""
     fields = CAR_SCHEMA.load(json_body())
+    check_dealer(caller(), fields["dealer_id"])
     return answer_write(lambda: store().add_car(fields), functools.partial(car_answer, status=201))
 
 
@@ -4794,25 +5156,27 @@ def get_car(car_id):
 
 
 @bp.route("/cars/<digits:car_id>", methods=["PUT", "PATCH"])
-@api_doc("cars", returns=CAR_SCHEMA, body=CAR_CHANGES, errors=[409], versioned=True)
+@api_doc("cars", returns=CAR_SCHEMA, body=CAR_CHANGES, errors=[409], versioned=True, roles=("admin", "staff"))
 def update_car(car_id):
     """Change a car
 
     Only the fields given change; the others keep their values.
     """
-    store().fleet.car(car_id)  # an unknown car is a 404 before its body is judged
+    visible(store().fleet.car(car_id))  # an unknown car is a 404 (and another dealer's a 403) before its body is judged
     changes = CAR_CHANGES.load(json_body())
-    return answer_write(lambda: store().update_car(car_id, changes, expected()), car_answer)
+    if "dealer_id" in changes:
+        check_dealer(caller(), changes["dealer_id"])
+    return answer_write(lambda: store().update_car(car_id, changes, expected(), permission()), car_answer)
 
 
 @bp.delete("/cars/<digits:car_id>")
-@api_doc("cars", status=204, errors=[409], versioned=True)
+@api_doc("cars", status=204, errors=[409], versioned=True, roles=("admin", "staff"))
 def delete_car(car_id):
     """Remove a car
 
     Only a car that has no bookings and no hold.
     """
-    store().delete_car(car_id, expected())
+    store().delete_car(car_id, expected(), permission())
     return no_content()
 
 
@@ -4874,7 +5238,8 @@ def list_windows(car_id):
 
 
 @bp.post("/cars/<digits:car_id>/maintenance-windows")
-@api_doc("maintenance", returns=WINDOW_SCHEMA, status=201, body=WINDOW_SCHEMA, errors=[409], headers=["Location", "ETag"])
+@api_doc("maintenance", returns=WINDOW_SCHEMA, status=201, body=WINDOW_SCHEMA, errors=[409], headers=["Location", "ETag"],
+         roles=("admin", "staff"))
 def create_window(car_id):
     """Take a car out of service for a period
 
@@ -4882,9 +5247,10 @@ def create_window(car_id):
     not overlap a booking or another window: the 409 names the bookings in the way.
     """
     store().sync()  # unlike other POSTs, this one reads before it writes (see catch_up)
-    store().fleet.car(car_id)  # an unknown car is a 404 before its body is judged
+    visible(store().fleet.car(car_id))  # an unknown car is a 404 (another dealer's a 403) before its body is judged
     fields = WINDOW_SCHEMA.load(json_body())
-    return answer_write(lambda: store().add_window(car_id, fields), functools.partial(window_answer, status=201))
+    return answer_write(lambda: store().add_window(car_id, fields, permission()),
+                        functools.partial(window_answer, status=201))
 
 
 def window_answer(window, status=200):
@@ -4902,13 +5268,13 @@ def get_window(car_id, window_id):
 
 
 @bp.delete("/cars/<digits:car_id>/maintenance-windows/<digits:window_id>")
-@api_doc("maintenance", status=204, versioned=True)
+@api_doc("maintenance", status=204, versioned=True, roles=("admin", "staff"))
 def delete_window(car_id, window_id):
     """Remove a maintenance window
 
     Its time can be booked again.
     """
-    store().delete_window(car_id, window_id, expected())
+    store().delete_window(car_id, window_id, expected(), permission())
     return no_content()
 
 
@@ -4919,15 +5285,16 @@ def delete_window(car_id, window_id):
 
 @bp.post("/bookings")
 @api_doc("bookings", returns=BOOKING_SCHEMA, status=201, body=BOOKING_SCHEMA, errors=[404, 409],
-         headers=["Location", "ETag"])
+         headers=["Location", "ETag"], roles=ROLES)
 def create_booking():
     """Book a car
 
     For the period from start_datetime up to end_datetime: it must not overlap another booking of
     the car, nor start in the past.
     """
-    fields = BOOKING_SCHEMA.load(json_body())
-    return answer_write(lambda: store().add_booking(fields), functools.partial(booking_answer, status=201))
+    fields = BOOKING_SCHEMA.load(json_body()) | {"made_by": caller().who}
+    return answer_write(lambda: store().add_booking(fields, permission()),
+                        functools.partial(booking_answer, status=201))
 
 
 def booking_answer(booking, status=200):
@@ -4938,47 +5305,50 @@ def booking_answer(booking, status=200):
 
 @bp.get("/bookings")
 @api_doc("bookings", returns=BOOKING_SCHEMA, many=True, query=BOOKING_QUERY, headers=["X-Total-Count", "Link"],
-         personal=True)
+         personal=True, roles=ROLES)
 def list_bookings():
     """List the bookings
 
-    Ordered by start then id, filtered by car, customer and period, and paged.
+    Ordered by start then id, filtered by car, customer and period, and paged. A staff key lists only
+    its dealer's bookings, a booking key only those it made (and X-Total-Count counts only those).
     """
     filters = query(BOOKING_QUERY)
     offset, limit = filters["offset"], filters.get("limit", DEFAULT_PAGE)
     page, total = store().read(Fleet.find_bookings, offset, limit, filters.get("car_id"),
-                               filters.get("start_datetime"), filters.get("end_datetime"), filters.get("customer_email"))
+                               filters.get("start_datetime"), filters.get("end_datetime"), filters.get("customer_email"),
+                               caller())
     return json_response(BOOKING_SCHEMA.dump(page, many=True), headers=page_headers(total, offset, limit))
 
 
 @bp.get("/bookings/<digits:booking_id>")
-@api_doc("bookings", returns=BOOKING_SCHEMA, personal=True, versioned=True)
+@api_doc("bookings", returns=BOOKING_SCHEMA, personal=True, versioned=True, roles=ROLES)
 def get_booking(booking_id):
     """Get one booking"""
-    booking = store().fleet.booking(booking_id)
+    booking = visible(store().fleet.booking(booking_id))
     return tagged(booking, booking_answer)
 
 
 @bp.patch("/bookings/<digits:booking_id>")
-@api_doc("bookings", returns=BOOKING_SCHEMA, body=BOOKING_CHANGES, errors=[409], versioned=True)
+@api_doc("bookings", returns=BOOKING_SCHEMA, body=BOOKING_CHANGES, errors=[409], versioned=True, roles=ROLES)
 def change_booking(booking_id):
     """Move or edit a booking
 
     In one step: on any error the booking stays exactly as it was.
     """
-    store().fleet.booking(booking_id)  # an unknown booking is a 404 before its body is judged
+    visible(store().fleet.booking(booking_id))  # an unknown booking is a 404 before its body is judged
     changes = BOOKING_CHANGES.load(json_body())
-    return answer_write(lambda: store().change_booking(booking_id, changes, expected()), booking_answer)
+    return answer_write(lambda: store().change_booking(booking_id, changes, expected(), permission()),
+                        booking_answer)
 
 
 @bp.delete("/bookings/<digits:booking_id>")
-@api_doc("bookings", status=204, versioned=True)
+@api_doc("bookings", status=204, versioned=True, roles=ROLES)
 def cancel_booking(booking_id):
     """Cancel a booking
 
     Its time is free again.
     """
-    store().cancel_booking(booking_id, expected())
+    store().cancel_booking(booking_id, expected(), permission())
     return no_content()
 
 
@@ -5031,7 +5401,7 @@ def hold_answer(hold, status=200):
 
 
 @bp.post("/holds")
-@api_doc("holds", returns=HOLD_SCHEMA, status=201, body=HOLD_SCHEMA, errors=[404, 409], headers=["Location"])
+@api_doc("holds", returns=HOLD_SCHEMA, status=201, body=HOLD_SCHEMA, errors=[404, 409], headers=["Location"], roles=ROLES)
 def create_hold():
     """Hold a car's period while a customer books
 
@@ -5039,9 +5409,10 @@ def create_hold():
     overlap, turnaround and maintenance rules, and every search, calendar and the board see it. Confirm
     it before `expires_at` to turn it into a booking; from that instant it is free to anyone again.
     """
-    fields = HOLD_SCHEMA.load(json_body())
+    fields = HOLD_SCHEMA.load(json_body()) | {"made_by": caller().who}
     minutes = fields.pop("minutes")
-    return answer_write(lambda: store().add_hold(fields, minutes), functools.partial(hold_answer, status=201))
+    return answer_write(lambda: store().add_hold(fields, minutes, permission()),
+                        functools.partial(hold_answer, status=201))
 
 
 @bp.get("/holds/<digits:hold_id>")
@@ -5055,18 +5426,19 @@ def get_hold(hold_id):
 
 
 @bp.delete("/holds/<digits:hold_id>")
-@api_doc("holds", status=204, errors=[410])
+@api_doc("holds", status=204, errors=[410], roles=ROLES)
 def delete_hold(hold_id):
     """Let a hold go
 
     Its period is free again at once.
     """
-    store().delete_hold(hold_id)
+    store().delete_hold(hold_id, permission())
     return no_content()
 
 
 @bp.post("/holds/<digits:hold_id>/confirm")
-@api_doc("holds", returns=BOOKING_SCHEMA, status=201, body=CONFIRM_SCHEMA, errors=[409, 410], headers=["Location", "ETag"])
+@api_doc("holds", returns=BOOKING_SCHEMA, status=201, body=CONFIRM_SCHEMA, errors=[409, 410], headers=["Location", "ETag"],
+         roles=ROLES)
 def confirm_hold(hold_id):
     """Book a held period
 
@@ -5074,9 +5446,10 @@ def confirm_hold(hold_id):
     price of now), and is gone. A hold that has expired is a 410: nothing is booked.
     """
     store().sync()  # unlike other POSTs, this one reads before it writes (see catch_up)
-    store().read(Fleet.hold, hold_id, datetime.now(timezone.utc))  # an unknown hold is a 404 before its body is judged
+    visible(store().read(Fleet.hold, hold_id, datetime.now(timezone.utc)))  # a 404 (or 403) before its body is judged
     customer = CONFIRM_SCHEMA.load(json_body())
-    return answer_write(lambda: store().confirm_hold(hold_id, customer), functools.partial(booking_answer, status=201))
+    return answer_write(lambda: store().confirm_hold(hold_id, customer, permission()),
+                        functools.partial(booking_answer, status=201))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -5094,8 +5467,9 @@ def list_changes():
 
     Every change to dealers, cars, bookings, maintenance windows and holds, in the order they were
     committed, each once, with the record as it then stood. Start without `since`, then send the
-    `next` of each answer as `since`. A cursor older than the oldest change kept (the newest 10,000
-    are kept) is a 410: read the collections again, then follow from the cursor that answer gives.
+    `next` of each answer as `since`. A cursor older than the oldest change kept (those of the last
+    DEALERSHIP_HISTORY_DAYS are kept, and the newest 10,000) is a 410: read the collections again,
+    then follow from the cursor that answer gives.
     """
     filters = query(CHANGE_FEED_QUERY)
     after = None
@@ -5108,6 +5482,44 @@ def list_changes():
                 "record": None if record is None else RECORD_SCHEMAS[kind].dump(record)}
                for at_cursor, kind, record_id, action, at, record in page]
     return json_response(CHANGES_SCHEMA.dump({"changes": changes, "next": cursor}))
+
+
+def history_answer(kind, record_id, lookup):
+    """A record's history (see Store.history) as the API answers it, if the key may read the record
+    (as it stands, or as it last stood when deleted); `lookup(record_id)` is the fleet's 404."""
+    entries = store().history(kind, record_id)
+    last = next((record for _, _, record, _, _ in reversed(entries) if record is not None), None)
+    visible(lookup(record_id) if last is None else last)
+    answer, before = [], {}
+    for action, at, record, who, request_id in entries:
+        after = {} if record is None else RECORD_SCHEMAS[kind].dump(record)
+        after.pop("id", None)
+        changed_fields = {name: {"before": before.get(name), "after": after.get(name)}
+                          for name in {**before, **after} if before.get(name) != after.get(name)}
+        answer.append({"at": at, "action": action, "key": who, "request_id": request_id, "fields_": changed_fields})
+        before = after
+    return json_response(HISTORY_SCHEMA.dump(answer, many=True))
+
+
+@bp.get("/bookings/<digits:booking_id>/history")
+@api_doc("bookings", returns=HISTORY_SCHEMA, many=True, personal=True, roles=ROLES)
+def booking_history(booking_id):
+    """Who changed a booking, and how
+
+    Every change the change log keeps (DEALERSHIP_HISTORY_DAYS), oldest first, with the key that made
+    it, its request id and the fields before and after; also once the booking is cancelled.
+    """
+    return history_answer("booking", booking_id, store().fleet.booking)
+
+
+@bp.get("/cars/<digits:car_id>/history")
+@api_doc("cars", returns=HISTORY_SCHEMA, many=True, personal=True, roles=("admin", "staff"))
+def car_history(car_id):
+    """Who changed a car, and how
+
+    As a booking's history, for a car: also once it is removed.
+    """
+    return history_answer("car", car_id, store().fleet.car)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -5249,8 +5661,10 @@ the examples filled in create a car and book it for a week from now."""
 
 ERROR_MEANINGS = {
     400: "The body is not valid JSON, or not a JSON object.",
-    401: "DEALERSHIP_API_KEY is set and the request does not carry it as 'Authorization: Bearer <key>' "
-         "(every write, and the reads of bookings).",
+    401: "Keys are in force (DEALERSHIP_API_KEY is set, or a key was made) and the request does not carry one "
+         "as 'Authorization: Bearer <key>' (every write, and the reads of customers' data).",
+    403: "The key sent is not of a role the operation admits, or not of the dealer of the car it acts on "
+         "(`detail` says which role or dealer it needs).",
     404: "No such resource, or a car or dealer that the body names does not exist.",
     409: "A clash with the stored data (`detail` names what it clashes with), or a request with the same "
          "Idempotency-Key still being handled.",
@@ -5379,6 +5793,11 @@ class Examples:
                                             "daily_price": car["daily_price"], "available": True, "reason": None}
                                            | period),
             OfferSchema: OFFER_SCHEMA.dump({"car_id": 1, "total_cents": price} | period),
+            HistorySchema: HISTORY_SCHEMA.dump({
+                "at": start - timedelta(days=7), "action": "changed", "key": "3", "request_id": "8f14e45fceea167a",
+                "fields_": {"end_datetime": {"before": BOOKING_SCHEMA.dump(booking)["end_datetime"],
+                                             "after": BOOKING_SCHEMA.dump(booking | {"end_datetime": end + timedelta(
+                                                 hours=2)})["end_datetime"]}}}),
             IndexSchema: INDEX_SCHEMA.dump({"name": "Dealership API", "version": API_VERSION, "links": {
                 "cars": f"{API_PREFIX}/cars", "bookings": f"{API_PREFIX}/bookings"}}),
         }
@@ -5389,6 +5808,8 @@ class Examples:
             (400, "Bad Request", "The body is not valid JSON.", {}),
             (401, "Unauthorized", "No API key was sent: this request changes data, so send "
                                   "'Authorization: Bearer <API key>'.", {}),
+            (403, "Forbidden", str(ForbiddenError(f"{Access('3', 'staff', 2)} may put cars only at dealer 2, not at "
+                                                  "dealer 1: this needs an admin key or a staff key of dealer 1.")), {}),
             (404, "Not Found", "There is no car with id 7.", {}),
             (409, "Conflict", self.clash, {}),
             (410, "Gone", "Hold 1 expired at " + format_instant(hold["expires_at"], PRESENTATION.get().zone) + ": its "
@@ -5471,7 +5892,12 @@ def operation(view, method, rule, secured, shared, examples, limited):
     if limited:
         errors.add(429)
     if needs_key(method, view):
-        errors.update((401, 429))
+        errors.update((401, 403, 429))
+        roles = doc["roles"]
+        op["x-roles"] = list(roles)
+        op["description"] = (op.get("description", "") + "\n\n" + f"Keys: {' or '.join(roles)}" + (
+            "; a staff key only for its dealer's cars" if "staff" in roles else "") + (
+            "; a booking key only for what it made" if "booking" in roles and doc["tag"] != "cars" else "") + ".").strip()
         if secured:
             op["security"] = [{"bearer": []}]
     success = {"description": summary, "headers": {name: RESPONSE_HEADERS[name] for name in doc["headers"]}}
@@ -6262,6 +6688,56 @@ def backup_command(path):
                f"{plural(counts['maintenance_windows'], 'maintenance window')}.")
 
 
+@click.group("keys")
+def keys_command():
+    """Make, list and revoke API keys (kept in the database, as a hash of each)."""
+
+
+@keys_command.command("add")
+@click.option("--role", required=True, type=click.Choice(ROLES),
+              help="admin: everything; staff: one dealer's cars and bookings (--dealer); booking: make bookings "
+                   "and holds, and read, change or cancel its own.")
+@click.option("--dealer", "dealer_id", type=click.IntRange(min=1), help="The dealer of a staff key (only for staff).")
+@click.option("--note", default="", help="What the key is for, shown by `keys list`.")
+@with_appcontext
+def keys_add_command(role, dealer_id, note):
+    """Make a key and print it, once: only a hash of it is kept."""
+    if (role == "staff") != (dealer_id is not None):
+        raise click.UsageError("--dealer is needed for a staff key, and only for one.")
+    try:
+        key_id, key = store().make_key(role, dealer_id, note)
+    except (DomainError, StorageUnavailable) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"Key {key_id} ({role}{f' of dealer {dealer_id}' if dealer_id else ''}) made. Send it as "
+               "'Authorization: Bearer <key>'; it is shown only now:", err=True)
+    click.echo(key)
+
+
+@keys_command.command("list")
+@with_appcontext
+def keys_list_command():
+    """List the keys: id, role, dealer, note, when made, last used and revoked (never the key)."""
+    zone = store().zone
+    click.echo("id\trole\tdealer\tcreated\tlast used\trevoked\tnote")
+    for key_id, role, dealer_id, note, *instants in store().list_keys():
+        shown = [format_instant(instant, zone) if instant else "-" for instant in instants]
+        click.echo("\t".join([str(key_id), role, str(dealer_id or "-"), *shown, note]))
+
+
+@keys_command.command("revoke")
+@click.argument("key_id", type=click.IntRange(min=1))
+@with_appcontext
+def keys_revoke_command(key_id):
+    """Revoke key KEY_ID: every process refuses it from now on."""
+    try:
+        revoked = store().revoke_key(key_id)
+    except (DomainError, StorageUnavailable) as error:
+        raise click.ClickException(str(error)) from None
+    if not revoked:
+        raise click.ClickException(f"There is no key {key_id} in force (see `keys list`).")
+    click.echo(f"Key {key_id} revoked.")
+
+
 def copy_records(records, counters, db):
     """Write every record into the empty database of `db`, in one transaction, ids kept and each id
     counter set past them. Dealers come first without turnaround, and have it last: a turnaround
@@ -6378,14 +6854,15 @@ def init_limits(app):
     included) and to the board, each per route as Flask-Limiter counts a blueprint's limit; the docs
     stay open. Only when there is something to limit: Flask-Limiter's checks cost some 0.06 ms on
     every request."""
-    if not app.config["DEALERSHIP_API_KEY"] and not app.config["DEALERSHIP_RATE_LIMIT"]:
+    if not app.config["DEALERSHIP_API_KEY"] and not app.config["DEALERSHIP_RATE_LIMIT"] and \
+            not app.extensions[EXTENSION].keys_made():
         return
     limiter = Limiter(get_remote_address, storage_uri=app.config["DEALERSHIP_RATELIMIT_STORAGE_URI"],
                       headers_enabled=True, swallow_errors=True)
     limiter.init_app(app)
     # A request with the right key is never held up by refusals, whoever else sent them from its address.
     limiter.limit(app.config["DEALERSHIP_REFUSED_KEY_LIMIT"], deduct_when=lambda response: response.status_code == 401,
-                  exempt_when=lambda: not key_required() or carries_the_key(), scope="refused API keys",
+                  exempt_when=lambda: not key_required() or sent_access() is not None, scope="refused API keys",
                   error_message="Too many refused API keys from this address: wait before trying again.")(bp)
     if app.config["DEALERSHIP_RATE_LIMIT"]:
         for blueprint in (bp, board_bp):  # a limit names its blueprint: it holds wherever that is mounted
@@ -6407,8 +6884,8 @@ def init_app(app, url_prefix=API_PREFIX, docs_prefix=None, board_prefix=None):
     engine = open_database(app)
     if app.config["DEALERSHIP_DEMO_DATA"]:
         load_demo_data(engine, zone)
-    service = Store(engine, zone=zone)
-    if not app.config["DEALERSHIP_API_KEY"] and not os.environ.get(SERVE_WORKER):  # serve has said it once
+    service = Store(engine, zone=zone, history=timedelta(days=app.config["DEALERSHIP_HISTORY_DAYS"]))
+    if not app.config["DEALERSHIP_API_KEY"] and not service.keys_made() and not os.environ.get(SERVE_WORKER):
         log.warning("DEALERSHIP_API_KEY is not set: anyone who can reach the service can change its data.")
     app.extensions[EXTENSION] = service
     app.extensions[REFUSED_KEYS] = RefusedKeyLog()
@@ -6426,6 +6903,7 @@ def init_app(app, url_prefix=API_PREFIX, docs_prefix=None, board_prefix=None):
     app.register_blueprint(bp, url_prefix=url_prefix)
     app.cli.add_command(backup_command)
     app.cli.add_command(copy_to_command)
+    app.cli.add_command(keys_command)
     app.cli.add_command(serve_command)
     if docs_prefix is not None:
         init_docs(app, docs_prefix)

@@ -1,5 +1,6 @@
 """Tests for the dealership service, through the HTTP API of a fresh app per test."""
 import gc
+import hashlib
 import json
 import logging
 import os
@@ -2128,7 +2129,7 @@ def test_times_are_stored_in_utc_and_the_database_guards_itself(sqlite_file):
     make_car(client, vin=vin(1))
     book(client, 1, "2035-01-15T10:00:00+02:00", "2035-01-15T12:00:00+02:00")
     rows = table_rows(sqlite_file)
-    assert rows["bookings"][0][4:] == ("2035-01-15T08:00:00.000000+00:00", "2035-01-15T10:00:00.000000+00:00", 10000, 1)
+    assert rows["bookings"][0][4:] == ("2035-01-15T08:00:00.000000+00:00", "2035-01-15T10:00:00.000000+00:00", 10000, 1, "open")
     with closing(sqlite3.connect(sqlite_file)) as conn:
         conn.execute("PRAGMA foreign_keys = ON")
         for statement in [
@@ -2588,7 +2589,7 @@ def test_health_is_503_when_the_database_does_not_answer(sqlite_file):
 def test_the_change_log_stays_bounded_and_a_lagging_app_converges(database, monkeypatch, caplog):
     monkeypatch.setattr(dealership, "CHANGE_LOG_KEEP", 200)
     monkeypatch.setattr(dealership, "CHANGE_LOG_PRUNE_EVERY", 50)
-    writer = on_file(database, DEALERSHIP_SYNCHRONOUS="normal").test_client()
+    writer = on_file(database, DEALERSHIP_SYNCHRONOUS="normal", DEALERSHIP_HISTORY_DAYS=0).test_client()
     near, far = on_file(database).test_client(), on_file(database).test_client()
     make_car(writer)
     base = datetime(2035, 1, 1, tzinfo=timezone.utc)
@@ -3122,7 +3123,7 @@ def test_openapi_document_comes_from_the_schemas(client):
     assert {p["name"] for p in listing["parameters"]} == set(dealership.CarQuery().fields)
     assert listing["responses"]["200"]["headers"]["X-Total-Count"]["required"] is True
     booking = document["paths"]["/api/v1/bookings"]["post"]["responses"]
-    assert set(booking) == {"201", "400", "401", "404", "409", "413", "415", "422", "429", "503"}
+    assert set(booking) == {"201", "400", "401", "403", "404", "409", "413", "415", "422", "429", "503"}
     assert booking["422"]["content"]["application/problem+json"]["schema"] == {"$ref": "#/components/schemas/Problem"}
     assert booking["201"]["links"]["get_booking"]["parameters"] == {"booking_id": "$response.body#/id"}
 
@@ -5372,7 +5373,7 @@ def test_the_feed_answers_100_changes_unless_told_and_at_most_1000(client):
 def test_a_cursor_older_than_the_log_is_410_with_where_to_follow_on(database, monkeypatch):
     monkeypatch.setattr(dealership, "CHANGE_LOG_KEEP", 10)
     monkeypatch.setattr(dealership, "CHANGE_LOG_PRUNE_EVERY", 5)
-    client = on_file(database).test_client()
+    client = on_file(database, DEALERSHIP_HISTORY_DAYS=0).test_client()
     first = client.get(f"{API}/changes").get_json()["changes"][0]["cursor"]
     for n in range(30):
         client.post(f"{API}/dealers", json={"name": f"Dealer {n}"})
@@ -5535,3 +5536,335 @@ def test_a_follower_polling_while_two_apps_write_at_once_sees_every_change_once(
     assert len(whole) > 100
     assert [c["cursor"] for c in seen] == [c["cursor"] for c in whole]
     assert seen == whole
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys per role and dealer, and the history of every change
+# ---------------------------------------------------------------------------------------------
+
+def make_key(app, role, dealer=None, note=""):
+    """A key made with the CLI, as an operator would: (its id, the key to send)."""
+    args = ["keys", "add", "--role", role] + (["--dealer", str(dealer)] if dealer else []) + ["--note", note]
+    result = app.test_cli_runner().invoke(args=args)
+    assert result.exit_code == 0, result.output
+    key = result.stdout.strip()  # the key alone on standard output; what it is on standard error
+    return key.split(".")[0], key
+
+
+def bearer(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
+class World:
+    """Two dealers' fleets and a key of each role: `admin`; `staff` of dealer 1 and `other_staff` of
+    dealer 2; `booker` (which made booking 1 and hold 1, on dealer 1's car 1) and `other_booker`.
+    Dealer 3 has no cars; car 3 (dealer 1) has nothing on it."""
+    ROLES = ("admin", "staff", "other_staff", "booker", "other_booker")
+
+    def __init__(self, app):
+        self.app, self.client = app, app.test_client()
+        self.keys = {"admin": make_key(app, "admin")[1], "staff": make_key(app, "staff", 1)[1],
+                     "booker": make_key(app, "booking")[1], "other_booker": make_key(app, "booking")[1]}
+        admin = bearer(self.keys["admin"])
+        for name in ("North", "Empty"):
+            assert self.client.post(f"{API}/dealers", json={"name": name}, headers=admin).status_code == 201
+        self.keys["other_staff"] = make_key(app, "staff", 2)[1]
+        for n, dealer in ((1, 1), (2, 2), (3, 1)):
+            assert self.client.post(f"{API}/cars", json=car_body(vin=vin(n), dealer_id=dealer),
+                                    headers=admin).status_code == 201
+        assert self.client.post(f"{API}/bookings", json=booking_body(1), headers=self.as_("booker")).status_code == 201
+        assert self.client.post(f"{API}/bookings", json=booking_body(2), headers=admin).status_code == 201
+        assert self.client.post(f"{API}/cars/1/maintenance-windows", headers=admin,
+                                json=window("2035-02-01T08:00:00Z", "2035-02-01T12:00:00Z")).status_code == 201
+        assert self.client.post(f"{API}/holds", headers=self.as_("booker"), json={
+            "car_id": 1, "start_datetime": "2035-03-01T10:00:00Z", "end_datetime": "2035-03-01T12:00:00Z"}
+        ).status_code == 201
+
+    def as_(self, role):
+        return bearer(self.keys[role])
+
+    def stored(self):
+        fleet = self.app.extensions["dealership"].fleet
+        return {name: dict(getattr(fleet, name)) for name in ("dealers", "cars", "bookings", "windows", "holds")}
+
+
+# (method, path, body) -> the status each key gets: admin, staff, other_staff, booker, other_booker
+ROLE_TABLE = [
+    ("post", "/dealers", {"name": "South"}, (201, 403, 403, 403, 403)),
+    ("patch", "/dealers/2", {"location": "Kiel"}, (200, 403, 403, 403, 403)),
+    ("delete", "/dealers/3", None, (204, 403, 403, 403, 403)),
+    ("post", "/cars", car_body(vin=vin(9), dealer_id=1), (201, 201, 403, 403, 403)),
+    ("put", "/cars/1", {"color": "Red"}, (200, 200, 403, 403, 403)),
+    ("patch", "/cars/1", {"color": "Red"}, (200, 200, 403, 403, 403)),
+    ("delete", "/cars/3", None, (204, 204, 403, 403, 403)),
+    ("post", "/cars/1/maintenance-windows", window("2035-04-01T08:00:00Z", "2035-04-01T12:00:00Z"),
+     (201, 201, 403, 403, 403)),
+    ("delete", "/cars/1/maintenance-windows/1", None, (204, 204, 403, 403, 403)),
+    ("get", "/cars/1/history", None, (200, 200, 403, 403, 403)),
+    ("post", "/bookings", booking_body(1, "2035-05-01T10:00:00Z", "2035-05-01T12:00:00Z"), (201, 201, 403, 201, 201)),
+    ("get", "/bookings", None, (200, 200, 200, 200, 200)),
+    ("get", "/bookings/1", None, (200, 200, 404, 200, 404)),
+    ("patch", "/bookings/1", {"customer_name": "Grace Hopper"}, (200, 200, 404, 200, 404)),
+    ("delete", "/bookings/1", None, (204, 204, 404, 204, 404)),
+    ("get", "/bookings/1/history", None, (200, 200, 404, 200, 404)),
+    ("post", "/holds", {"car_id": 1, "start_datetime": "2035-06-01T10:00:00Z", "end_datetime": "2035-06-01T12:00:00Z"},
+     (201, 201, 403, 201, 201)),
+    ("delete", "/holds/1", None, (204, 204, 403, 204, 403)),
+    ("post", "/holds/1/confirm", CUSTOMER, (201, 201, 403, 201, 403)),
+    ("get", "/changes", None, (200, 403, 403, 403, 403)),
+]
+
+
+def test_the_role_table_names_every_write_and_every_personal_read(app):
+    """A new route that writes or reads customers' data without a row here fails this test."""
+    guarded = {(method.lower(), re.sub(r"<digits:\w+>", "N", rule.rule[len(API):]))
+               for rule in app.url_map.iter_rules() if rule.endpoint.startswith("dealership.")
+               for method in rule.methods - {"HEAD", "OPTIONS"}
+               if dealership.needs_key(method, app.view_functions[rule.endpoint])}
+    assert {(method, re.sub(r"/\d+", "/N", path)) for method, path, _, _ in ROLE_TABLE} == guarded
+
+
+@pytest.mark.parametrize("method, path, body, statuses", ROLE_TABLE, ids=[f"{m} {p}" for m, p, _, _ in ROLE_TABLE])
+def test_each_role_against_each_write_and_personal_read(method, path, body, statuses):
+    for role, status in zip(World.ROLES, statuses):
+        world = World(new_app())
+        before = world.stored()
+        response = getattr(world.client, method)(API + path, json=body, headers=world.as_(role))
+        assert response.status_code == status, (role, response.get_json())
+        if status >= 400:
+            problem = assert_problem(response, status)
+            assert world.stored() == before, role  # a refusal changes nothing
+            if status == 404:  # the same words as a booking that does not exist
+                assert problem["detail"] == "There is no booking with id 1."
+            else:
+                assert "needs" in problem["detail"], problem
+        for refused in ({}, bearer("1.not-the-secret"), bearer(world.keys[role] + "x")):
+            assert_problem(getattr(world.client, method)(API + path, json=body, headers=refused), 401)
+
+
+def test_a_403_says_which_role_or_dealer_the_action_needs():
+    world = World(new_app())
+    body = assert_problem(world.client.patch(f"{API}/cars/1", json={"color": "Red"}, headers=world.as_("other_staff")),
+                          403)
+    assert "Car 1 is dealer 1's" in body["detail"] and "a staff key of dealer 1" in body["detail"]
+    body = assert_problem(world.client.post(f"{API}/dealers", json={"name": "X"}, headers=world.as_("staff")), 403)
+    assert "This needs a key of role admin" in body["detail"] and "staff" in body["detail"]
+    body = assert_problem(world.client.post(f"{API}/cars", json=car_body(vin=vin(8), dealer_id=2),
+                                            headers=world.as_("staff")), 403)
+    assert "only at dealer 1, not at dealer 2" in body["detail"]
+    body = assert_problem(world.client.patch(f"{API}/cars/1", json={"dealer_id": 2}, headers=world.as_("staff")), 403)
+    assert "not at dealer 2" in body["detail"] and world.client.get(f"{API}/cars/1").get_json()["dealer_id"] == 1
+    body = assert_problem(world.client.delete(f"{API}/holds/1", headers=world.as_("other_booker")), 403)
+    assert "made by another key" in body["detail"]
+    # moving a booking to another dealer's car: a staff key may not; a booking key may book any car
+    assert_problem(world.client.patch(f"{API}/bookings/1", json={"car_id": 2}, headers=world.as_("staff")), 403)
+    moved = world.client.patch(f"{API}/bookings/1", json={"car_id": 2, "start_datetime": "2035-07-01T10:00:00Z",
+                                                          "end_datetime": "2035-07-01T12:00:00Z"},
+                               headers=world.as_("booker"))
+    assert moved.status_code == 200 and moved.get_json()["car_id"] == 2
+
+
+def test_another_dealers_booking_is_a_404_even_before_its_body_is_judged():
+    world = World(new_app())
+    for body in ({"customer_email": "not-an-address"}, {"start_datetime": "yesterday"}):
+        problem = assert_problem(world.client.patch(f"{API}/bookings/1", json=body, headers=world.as_("other_staff")),
+                                 404)
+        assert problem["detail"] == "There is no booking with id 1."
+    assert_problem(world.client.post(f"{API}/holds/1/confirm", json={}, headers=world.as_("other_staff")), 403)
+
+
+def test_listing_bookings_lists_only_what_the_key_may_see_and_counts_only_those():
+    world = World(new_app())
+    admin = world.as_("admin")
+    world.client.post(f"{API}/bookings", json=booking_body(3, "2035-05-01T10:00:00Z", "2035-05-01T12:00:00Z"),
+                      headers=world.as_("staff"))  # booking 3, dealer 1's car 3
+    world.client.post(f"{API}/bookings", json=booking_body(2, "2035-05-01T10:00:00Z", "2035-05-01T12:00:00Z"),
+                      headers=world.as_("other_booker"))  # booking 4, dealer 2's car 2
+    expected = {"admin": [1, 2, 3, 4], "staff": [1, 3], "other_staff": [2, 4], "booker": [1], "other_booker": [4]}
+    for role, ids in expected.items():
+        response = world.client.get(f"{API}/bookings", headers=world.as_(role))
+        assert [b["id"] for b in response.get_json()] == ids, role
+        assert response.headers["X-Total-Count"] == str(len(ids))
+        paged = world.client.get(f"{API}/bookings?limit=1&offset=1", headers=world.as_(role))
+        assert [b["id"] for b in paged.get_json()] == ids[1:2] and paged.headers["X-Total-Count"] == str(len(ids))
+        for query in ("car_id=1", "customer_email=ada@example.com", "start_datetime=2035-01-01T00:00:00Z",
+                      "end_datetime=2035-12-31T00:00:00Z"):
+            found = world.client.get(f"{API}/bookings?{query}", headers=world.as_(role)).get_json()
+            everything = world.client.get(f"{API}/bookings?{query}", headers=admin).get_json()
+            assert [b["id"] for b in found] == [b["id"] for b in everything if b["id"] in ids], (role, query)
+
+
+def test_a_booking_key_sees_the_booking_its_hold_became_even_when_staff_confirmed_it():
+    world = World(new_app())
+    confirmed = world.client.post(f"{API}/holds/1/confirm", json=CUSTOMER, headers=world.as_("staff"))
+    assert confirmed.status_code == 201
+    booking_id = confirmed.get_json()["id"]
+    assert world.client.get(f"{API}/bookings/{booking_id}", headers=world.as_("booker")).status_code == 200
+    assert_problem(world.client.get(f"{API}/bookings/{booking_id}", headers=world.as_("other_booker")), 404)
+
+
+def test_keys_from_the_cli_are_stored_hashed_listed_without_the_secret_and_never_logged(sqlite_file, caplog):
+    app = on_file(sqlite_file)
+    with caplog.at_level("DEBUG"):
+        key_id, key = make_key(app, "staff", 1, note="front desk")
+        client = app.test_client()
+        assert client.post(f"{API}/cars", json=car_body(), headers=bearer(key)).status_code == 201
+    secret = key.split(".", 1)[1]
+    assert len(secret) >= 43 and re.fullmatch(r"[A-Za-z0-9_-]+", secret)  # 32 random bytes, URL-safe
+    rows = sql(sqlite_file, "SELECT * FROM api_keys")
+    assert len(rows) == 1 and secret not in str(rows) and key not in str(rows)
+    assert sql(sqlite_file, "SELECT secret_hash FROM api_keys")[0][0] == hashlib.sha256(secret.encode()).hexdigest()
+    assert secret not in caplog.text
+    listed = app.test_cli_runner().invoke(args=["keys", "list"]).output
+    assert "front desk" in listed and "staff" in listed and secret not in listed
+    assert listed.splitlines()[1].split("\t")[:3] == [key_id, "staff", "1"]
+    assert listed.splitlines()[1].split("\t")[4] != "-"  # last used
+    for args, message in [(["keys", "add", "--role", "staff"], "--dealer is needed"),
+                          (["keys", "add", "--role", "booking", "--dealer", "1"], "only for one"),
+                          (["keys", "add", "--role", "staff", "--dealer", "9"], "no dealer with id 9"),
+                          (["keys", "add", "--role", "owner"], "Invalid value"),
+                          (["keys", "revoke", "7"], "no key 7 in force")]:
+        result = app.test_cli_runner().invoke(args=args)
+        assert result.exit_code != 0 and message in result.output, result.output
+    assert len(sql(sqlite_file, "SELECT * FROM api_keys")) == 1
+
+
+def test_keys_are_compared_in_constant_time(monkeypatch):
+    app = new_app()
+    _, key = make_key(app, "admin")
+    compared = []
+    real = dealership.hmac.compare_digest
+    monkeypatch.setattr(dealership.hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
+    client = app.test_client()
+    assert client.post(f"{API}/cars", json=car_body(), headers=bearer(key)).status_code == 201
+    assert_problem(client.post(f"{API}/cars", json=car_body(vin=vin(3)), headers=bearer(key[:-1] + "x")), 401)
+    assert len(compared) >= 2 and all(len(a) == len(b) == 64 for a, b in compared)
+
+
+def test_revoking_a_key_ends_it_at_once_through_every_app(database):
+    first, second = on_file(database), on_file(database)
+    key_id, key = make_key(first, "admin")
+    for app in (first, second):
+        assert app.test_client().post(f"{API}/dealers", json={"name": "X"}, headers=bearer(key)).status_code == 201
+    result = second.test_cli_runner().invoke(args=["keys", "revoke", key_id])
+    assert result.exit_code == 0 and f"Key {key_id} revoked" in result.output
+    for app in (first, second):
+        client = app.test_client()
+        before = client.get(f"{API}/dealers").get_json()
+        assert_problem(client.post(f"{API}/dealers", json={"name": "Y"}, headers=bearer(key)), 401)
+        assert_problem(client.get(f"{API}/bookings", headers=bearer(key)), 401)
+        assert client.get(f"{API}/dealers").get_json() == before
+    assert "revoked" not in second.test_cli_runner().invoke(args=["keys", "revoke", key_id]).output.lower().replace(
+        "no key", "")
+
+
+def test_an_open_service_stays_open_until_a_key_is_made_then_every_write_needs_one(database):
+    app = on_file(database)
+    client = app.test_client()
+    make_car(client)  # open, as before
+    assert client.get(f"{API}/bookings").status_code == 200
+    other = on_file(database)  # a process already running when the key is made
+    _, key = make_key(app, "booking")
+    assert_problem(client.post(f"{API}/cars", json=car_body(vin=vin(2))), 401)
+    assert_problem(client.get(f"{API}/bookings"), 401)
+    assert client.get(f"{API}/cars").status_code == 200  # public reads stay open
+    other.extensions["dealership"].keys_checked = float("-inf")  # as a second later
+    assert_problem(other.test_client().post(f"{API}/cars", json=car_body(vin=vin(2))), 401)
+    assert_problem(client.post(f"{API}/cars", json=car_body(vin=vin(2)), headers=bearer(key)), 403)
+
+
+def test_the_configured_key_is_an_admin_key_beside_the_stored_ones():
+    app = new_app({"DEALERSHIP_API_KEY": "s3cret-key-for-tests"})
+    client = app.test_client()
+    _, staff = make_key(app, "staff", 1)
+    assert client.post(f"{API}/dealers", json={"name": "X"}, headers=bearer("s3cret-key-for-tests")).status_code == 201
+    assert_problem(client.post(f"{API}/dealers", json={"name": "Y"}, headers=bearer(staff)), 403)
+    assert client.post(f"{API}/cars", json=car_body(), headers=bearer(staff)).status_code == 201
+
+
+def history(client, path, headers):
+    response = client.get(f"{API}{path}/history", headers=headers)
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()
+
+
+def test_a_bookings_history_says_who_did_what_when_in_order_through_two_apps(database):
+    first, second = on_file(database), on_file(database)
+    admin_id, admin = make_key(first, "admin")
+    booker_id, booker = make_key(first, "booking")
+    staff_id, staff = make_key(first, "staff", 1)
+    for n in (1, 2):
+        assert first.test_client().post(f"{API}/cars", json=car_body(vin=vin(n)), headers=bearer(admin)).status_code == 201
+    one, two = first.test_client(), second.test_client()
+    made = one.post(f"{API}/bookings", json=booking_body(1), headers=bearer(booker) | {"X-Request-ID": "req-made"})
+    assert made.status_code == 201
+    assert two.patch(f"{API}/bookings/1", json={"customer_name": "Grace Hopper"},
+                     headers=bearer(staff) | {"X-Request-ID": "req-renamed"}).status_code == 200
+    assert one.patch(f"{API}/bookings/1", json={"car_id": 2, "end_datetime": "2035-01-15T14:00:00Z"},
+                     headers=bearer(booker) | {"X-Request-ID": "req-moved"}).status_code == 200
+    assert two.delete(f"{API}/bookings/1", headers=bearer(admin) | {"X-Request-ID": "req-cancelled"}).status_code == 204
+    assert_problem(one.get(f"{API}/bookings/1", headers=bearer(admin)), 404)
+    for client in (one, two):
+        entries = history(client, "/bookings/1", bearer(admin))
+        assert [(e["action"], e["key"], e["request_id"]) for e in entries] == [
+            ("created", booker_id, "req-made"), ("changed", staff_id, "req-renamed"),
+            ("changed", booker_id, "req-moved"), ("deleted", admin_id, "req-cancelled")]
+        created, renamed, moved, cancelled = (e["fields"] for e in entries)
+        assert created["customer_name"] == {"before": None, "after": "Ada Lovelace"}
+        assert created["start_datetime"] == {"before": None, "after": "2035-01-15T10:00:00+00:00"}
+        assert renamed == {"customer_name": {"before": "Ada Lovelace", "after": "Grace Hopper"}}
+        assert moved["car_id"] == {"before": 1, "after": 2}
+        assert moved["end_datetime"] == {"before": "2035-01-15T12:00:00+00:00", "after": "2035-01-15T14:00:00+00:00"}
+        assert "customer_name" not in moved
+        assert cancelled["customer_name"] == {"before": "Grace Hopper", "after": None}
+        assert [e["at"] for e in entries] == sorted(e["at"] for e in entries)
+    # after the cancellation: the booking key that made it may still read its history, another may not
+    assert len(history(one, "/bookings/1", bearer(booker))) == 4
+    _, stranger = make_key(first, "booking")
+    assert_problem(one.get(f"{API}/bookings/1/history", headers=bearer(stranger)), 404)
+    assert_problem(one.get(f"{API}/bookings/99/history", headers=bearer(admin)), 404)
+
+
+def test_a_cars_history_and_the_open_and_configured_writers():
+    app = new_app({"DEALERSHIP_API_KEY": "s3cret-key-for-tests"})
+    client = app.test_client()
+    configured = bearer("s3cret-key-for-tests")
+    assert client.post(f"{API}/cars", json=car_body(), headers=configured).status_code == 201
+    assert client.patch(f"{API}/cars/1", json={"daily_price": 120}, headers=configured).status_code == 200
+    entries = history(client, "/cars/1", configured)
+    assert [(e["action"], e["key"]) for e in entries] == [("created", "configuration"), ("changed", "configuration")]
+    assert entries[1]["fields"] == {"daily_price": {"before": 100.0, "after": 120.0}}
+    assert client.delete(f"{API}/cars/1", headers=configured).status_code == 204
+    assert [e["action"] for e in history(client, "/cars/1", configured)][-1] == "deleted"
+    open_client = new_app().test_client()
+    make_car(open_client)
+    assert [e["key"] for e in history(open_client, "/cars/1", {})] == ["open"]
+    assert history(open_client, "/cars/1", {})[0]["request_id"]
+
+
+def test_history_is_kept_for_the_days_set_then_pruned(database, monkeypatch):
+    monkeypatch.setattr(dealership, "CHANGE_LOG_KEEP", 5)
+    monkeypatch.setattr(dealership, "CHANGE_LOG_PRUNE_EVERY", 5)
+    app = on_file(database, DEALERSHIP_HISTORY_DAYS=30)
+    client = app.test_client()
+    make_car(client)
+    for n in range(12):  # far more changes than CHANGE_LOG_KEEP, all within the 30 days: all kept
+        assert client.patch(f"{API}/cars/1", json={"daily_price": 100 + n}).status_code == 200
+    assert len(history(client, "/cars/1", {})) == 13
+    # the changes so far as if made 31 days ago: the next pruning forgets them, and keeps the newest
+    sql(database, "UPDATE changes SET at = ?", (datetime.now(timezone.utc) - timedelta(days=31),))
+    for n in range(10):
+        client.post(f"{API}/dealers", json={"name": f"Dealer {n}"})
+    assert history(client, "/cars/1", {}) == []
+    assert client.get(f"{API}/cars/1").status_code == 200
+    assert len(history(client, "/cars/1", {})) == 0
+    assert client.patch(f"{API}/cars/1", json={"color": "Red"}).status_code == 200
+    only, = history(client, "/cars/1", {})  # what came before it is forgotten: each field as it now is
+    assert only["fields"]["color"] == {"before": None, "after": "Red"} and only["fields"]["daily_price"]["after"] == 111
+    assert all(change["before"] is None for change in only["fields"].values())
+
+
+def test_history_days_is_a_setting():
+    assert new_app().config["DEALERSHIP_HISTORY_DAYS"] == 365
+    with pytest.raises(dealership.ConfigError, match="DEALERSHIP_HISTORY_DAYS"):
+        new_app({"DEALERSHIP_HISTORY_DAYS": "-1"})
