@@ -1287,8 +1287,8 @@ class Fleet:
 
 ROLES = ("admin", "staff", "booking")
 ROLE_DUTIES = {"admin": "everything",
-               "staff": "its dealer's cars, their maintenance windows, and bookings and holds on them",
-               "booking": "bookings and holds on any car, and only its own bookings and holds after that"}
+               "staff": "its dealer's cars, their maintenance windows, and the bookings and holds on them",
+               "booking": "new bookings and holds on any car, then only the ones it made"}
 KEY_BYTES = 32  # random bytes in a new key
 KEY_USE_EVERY = timedelta(minutes=1)  # how often a key's "last used" is written, at most, per process
 KEYS_CHECK_EVERY = 1.0  # seconds: how often an open service looks whether a key has been made since
@@ -1473,6 +1473,9 @@ def record_from_json(kind, data):
         if name in fields:
             fields[name] = datetime.fromisoformat(fields[name])
     return RECORD_TYPES[kind](id=data["id"], **fields)
+
+
+KEY_COLUMNS = ("id", "role", "dealer_id", "note", "secret_hash", "created_at", "last_used_at", "revoked_at")
 
 
 def instant_or_none(value):
@@ -1753,6 +1756,18 @@ class RecordRows:
         return self.conn.execute(f"UPDATE api_keys SET revoked_at = {self.PARAM} WHERE id = {self.PARAM} "
                                  "AND revoked_at IS NULL", (self.column(now), key_id)).rowcount == 1
 
+    def key_rows(self):
+        """Every key as stored (KEY_COLUMNS), for copy-to."""
+        return self.conn.execute(f"SELECT {', '.join(KEY_COLUMNS)} FROM api_keys ORDER BY id").fetchall()
+
+    def copy_keys(self, rows):
+        """Write keys as key_rows read them from another database, ids kept; new keys get ids above them."""
+        for row in rows:
+            values = list(row[:5]) + [instant_or_none(value) for value in row[5:]]
+            self.conn.execute(f"INSERT INTO api_keys ({', '.join(KEY_COLUMNS)}) VALUES "
+                              f"({', '.join([self.PARAM] * len(KEY_COLUMNS))})", [self.column(v) for v in values])
+        self.key_counter_past_ids()
+
     def key_used(self, key_id, now):
         self.conn.execute(f"UPDATE api_keys SET last_used_at = {self.PARAM} WHERE id = {self.PARAM}",
                           (self.column(now), key_id))
@@ -1965,6 +1980,9 @@ class SQLiteConnection(RecordRows):
         """{kind: the highest id ever given to one} (ids are never given twice, even after a delete)."""
         given = dict(self.conn.execute("SELECT name, seq FROM sqlite_sequence"))
         return {kind: given.get(table, 0) for kind, (table, _) in TABLES.items()}
+
+    def key_counter_past_ids(self):
+        """Nothing to do: an AUTOINCREMENT table's counter follows the ids written into it."""
 
     def set_id_counters(self, counters):
         """Give the next record of each kind an id above its counter."""
@@ -2768,6 +2786,11 @@ class PostgresConnection(RecordRows):
         return {kind: self.conn.execute(
             "SELECT coalesce(pg_sequence_last_value(pg_get_serial_sequence(%s, 'id')::regclass), 0)",
             (table,)).fetchone()[0] for kind, (table, _) in TABLES.items()}
+
+    def key_counter_past_ids(self):
+        """New keys get ids above those written into the table."""
+        self.conn.execute("SELECT setval(pg_get_serial_sequence('api_keys', 'id'), greatest(max(id), 1), max(id) "
+                          "IS NOT NULL) FROM api_keys")
 
     def set_id_counters(self, counters):
         """Give the next record of each kind an id above its counter."""
@@ -4744,8 +4767,8 @@ def require_api_key():
                            www_authenticate=WWWAuthenticate("bearer", {"realm": "dealership"}))
     roles = view.api_doc["roles"]
     if access.role not in roles:
-        raise ForbiddenError(f"This needs a key of role {' or '.join(roles)}: {access} is not one. A staff key may "
-                             f"do {ROLE_DUTIES['staff']}; a booking key {ROLE_DUTIES['booking']}.")
+        raise ForbiddenError(f"This needs a key of role {' or '.join(roles)}: {access} is not one. A staff key acts "
+                             f"on {ROLE_DUTIES['staff']}; a booking key on {ROLE_DUTIES['booking']}.")
     g.access = access
     g.writer = WRITER.set((access.who, g.get("request_id")))
 
@@ -5929,7 +5952,7 @@ def openapi_document(app):
     for name, description in TAGS.items():
         spec.tag({"name": name, "description": description})
     spec.components.schema("Problem", schema=ProblemSchema)
-    secured = bool(app.config["DEALERSHIP_API_KEY"])
+    secured = bool(app.config["DEALERSHIP_API_KEY"]) or app.extensions[EXTENSION].keys_made()
     if secured:
         spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
     examples = Examples(example_period(PRESENTATION.get().zone))
@@ -5963,9 +5986,10 @@ docs_bp = Blueprint(DOCS, __name__)
 
 @docs_bp.get("/openapi.json")
 def openapi_json():
-    """The OpenAPI document, made once a day per app (its examples are a week ahead of today)."""
+    """The OpenAPI document, made once a day per app (its examples are a week ahead of today), and
+    again once keys come in force (its operations then declare bearer auth)."""
     cache = current_app.extensions.setdefault("dealership_openapi", {})
-    today = datetime.now(timezone.utc).date()
+    today = (datetime.now(timezone.utc).date(), current_app.extensions[EXTENSION].keys_made())
     if cache.get("day") != today:
         cache["document"], cache["day"] = to_json(openapi_document(current_app)), today
     return json_text(cache["document"])
@@ -6767,7 +6791,7 @@ def copy_to_command(target):
     source = store().engine
     with source.reader() as db:
         records, _ = db.load()
-        counters = db.id_counters()
+        counters, keys = db.id_counters(), db.key_rows()
     if not target.startswith(POSTGRES_SCHEMES):
         target = os.path.abspath(target)
     engine = open_engine(target, current_app.config)
@@ -6780,14 +6804,17 @@ def copy_to_command(target):
                     f"{engine.name} already holds records ({plural(len(found['dealers']), 'dealer')}, "
                     f"{plural(len(found['cars']), 'car')}, {plural(len(found['bookings']), 'booking')}): copy-to "
                     "only fills a new, empty database. Nothing was copied.")
-            copy_records(records, counters, db)
+            with db.transaction(write=True):
+                copy_records(records, counters, db)
+                db.copy_keys(keys)
     except engine.Error as error:
         raise click.ClickException(f"Could not copy into {engine.name}: {error}. Nothing was copied.") from None
     finally:
         engine.close()
     click.echo(f"Copied {plural(len(records['dealers']), 'dealer')}, {plural(len(records['cars']), 'car')}, "
-               f"{plural(len(records['bookings']), 'booking')} and "
-               f"{plural(len(records['windows']), 'maintenance window')} from {source.name} to {engine.name}.")
+               f"{plural(len(records['bookings']), 'booking')}, "
+               f"{plural(len(records['windows']), 'maintenance window')} and {plural(len(keys), 'API key')} from "
+               f"{source.name} to {engine.name}.")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2999,7 +2999,7 @@ def test_copy_to_moves_every_record_ids_kept_and_back_again(tmp_path, request, t
         str(tmp_path / "target.sqlite3")
     result = on_file(source).test_cli_runner().invoke(args=["copy-to", target])
     assert result.exit_code == 0, result.output
-    assert result.output.startswith("Copied 2 dealers, 3 cars, 3 bookings and 1 maintenance window from ")
+    assert result.output.startswith("Copied 2 dealers, 3 cars, 3 bookings, 1 maintenance window and 0 API keys from ")
     moved = on_file(target).test_client()
     assert state(moved) == before
     assert make_car(moved, vin=vin(9))["id"] == 5  # past the deleted car's id, as at the source
@@ -5615,6 +5615,26 @@ ROLE_TABLE = [
 ]
 
 
+@pytest.mark.parametrize("target_engine", ENGINES)
+def test_copy_to_takes_the_keys_along(tmp_path, request, target_engine):
+    source = on_file(str(tmp_path / "source.sqlite3"))
+    _, admin = make_key(source, "admin", note="owner")
+    revoked_id, revoked = make_key(source, "booking")
+    assert source.test_cli_runner().invoke(args=["keys", "revoke", revoked_id]).exit_code == 0
+    target = request.getfixturevalue("postgres_database") if target_engine == "postgresql" else \
+        str(tmp_path / "target.sqlite3")
+    result = source.test_cli_runner().invoke(args=["copy-to", target])
+    assert result.exit_code == 0 and "and 2 API keys from" in result.output, result.output
+    moved = on_file(target)
+    client = moved.test_client()
+    assert client.post(f"{API}/cars", json=car_body(), headers=bearer(admin)).status_code == 201
+    assert_problem(client.post(f"{API}/cars", json=car_body(vin=vin(2)), headers=bearer(revoked)), 401)
+    assert_problem(client.post(f"{API}/cars", json=car_body(vin=vin(2))), 401)
+    assert make_key(moved, "staff", 1)[0] == "3"
+    listed = moved.test_cli_runner().invoke(args=["keys", "list"]).output
+    assert "owner" in listed and listed.count("\n") == 4
+
+
 def test_the_role_table_names_every_write_and_every_personal_read(app):
     """A new route that writes or reads customers' data without a row here fails this test."""
     guarded = {(method.lower(), re.sub(r"<digits:\w+>", "N", rule.rule[len(API):]))
@@ -5868,3 +5888,23 @@ def test_history_days_is_a_setting():
     assert new_app().config["DEALERSHIP_HISTORY_DAYS"] == 365
     with pytest.raises(dealership.ConfigError, match="DEALERSHIP_HISTORY_DAYS"):
         new_app({"DEALERSHIP_HISTORY_DAYS": "-1"})
+
+
+def test_the_openapi_document_states_the_roles_of_each_operation_that_needs_a_key():
+    app = new_app()
+    client = app.test_client()
+    document = client.get("/openapi.json").get_json()
+    assert "securitySchemes" not in document.get("components", {})  # open: nothing to authorize with
+    operations = {(method, path): op for path, ops in document["paths"].items() for method, op in ops.items()}
+    assert operations[("post", f"{API}/dealers")]["x-roles"] == ["admin"]
+    assert operations[("delete", f"{API}/cars/{{car_id}}")]["x-roles"] == ["admin", "staff"]
+    assert operations[("get", f"{API}/bookings/{{booking_id}}/history")]["x-roles"] == ["admin", "staff", "booking"]
+    assert operations[("get", f"{API}/changes")]["x-roles"] == ["admin"]
+    assert "Keys: admin or staff; a staff key only for its dealer's cars." in \
+        operations[("patch", f"{API}/cars/{{car_id}}")]["description"]
+    for (method, path), op in operations.items():
+        assert ("x-roles" in op) == ("401" in op["responses"]) == ("403" in op["responses"]), (method, path)
+    assert "x-roles" not in operations[("get", f"{API}/cars")]
+    make_key(app, "admin")
+    secured = client.get("/openapi.json").get_json()  # keys in force: the operations declare bearer auth
+    assert secured["paths"][f"{API}/dealers"]["post"]["security"] == [{"bearer": []}]
