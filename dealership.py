@@ -71,6 +71,7 @@ import time
 import unicodedata
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 from datetime import date, datetime, timedelta, timezone
 from datetime import time as dt_time
 from decimal import ROUND_HALF_UP, Decimal
@@ -1291,6 +1292,7 @@ ROLE_DUTIES = {"admin": "everything",
                "booking": "new bookings and holds on any car, then only the ones it made"}
 KEY_BYTES = 32  # random bytes in a new key
 KEY_USE_EVERY = timedelta(minutes=1)  # how often a key's "last used" is written, at most, per process
+KEY_ID = re.compile(r"[1-9][0-9]{0,17}")  # a key's id as a key spells it: ASCII digits, no leading zero
 KEYS_CHECK_EVERY = 1.0  # seconds: how often an open service looks whether a key has been made since
 
 
@@ -1776,12 +1778,12 @@ class RecordRows:
 
     def history(self, kind, record_id):
         """The changes of one record that the log keeps, oldest first: (action, at, record or None,
-        who, request id)."""
-        rows = self.conn.execute(f"SELECT action, at, record, who, request_id FROM changes WHERE kind = {self.PARAM} "
-                                 f"AND id = {self.PARAM} ORDER BY seq", (kind, record_id)).fetchall()
+        who, request id, its place in the log)."""
+        rows = self.conn.execute(f"SELECT action, at, record, who, request_id, seq FROM changes WHERE kind = "
+                                 f"{self.PARAM} AND id = {self.PARAM} ORDER BY seq", (kind, record_id)).fetchall()
         return [(action, instant_or_none(at),
                  None if data is None else record_from_json(kind, json.loads(data) if isinstance(data, str) else data),
-                 who, request_id) for action, at, data, who, request_id in rows]
+                 who, request_id, seq) for action, at, data, who, request_id, seq in rows]
 
     def feed_page(self, select, values, limit):
         """The change feed's rows that `select` picks, as (cursor, kind, id, action, at, record or None)."""
@@ -3659,7 +3661,7 @@ class Store:
         """The Access of a key sent as "<id>.<secret>", if it is one that has not been revoked (the
         hash compared in constant time), else None. Notes when it was last used, once a minute."""
         key_id, dot, secret = key.partition(".")
-        if not dot or not key_id.isdigit() or len(key_id) > 18 or not secret:
+        if not KEY_ID.fullmatch(key_id) or not secret:  # one spelling of each id: the key is who it says
             return None
         try:
             with self.engine.reader() as db:
@@ -3698,6 +3700,8 @@ class Store:
 
     def history(self, kind, record_id):
         """A record's changes that the change log keeps, oldest first (see RecordRows.history)."""
+        if record_id >= ID_SPAN:  # no record has such an id
+            return []
         try:
             with self.engine.reader() as db:
                 return db.history(kind, record_id)
@@ -4845,6 +4849,7 @@ def idempotency_key():
     if not IDEMPOTENCY_KEY.fullmatch(key):
         raise BadRequest(f"{IDEMPOTENCY_HEADER} must be 1 to 255 printable ASCII characters (a UUID, say): "
                          "a new one for each new request, the same one to retry a request.")
+    key = f"{caller().who} {key}"  # each API key's Idempotency-Keys are its own
     keyed = KeyedWrite(key, fingerprint(), timedelta(hours=current_app.config["DEALERSHIP_IDEMPOTENCY_HOURS"]))
     in_flight = store().key_in_flight(key)
     in_flight.__enter__()
@@ -5511,10 +5516,19 @@ def history_answer(kind, record_id, lookup):
     """A record's history (see Store.history) as the API answers it, if the key may read the record
     (as it stands, or as it last stood when deleted); `lookup(record_id)` is the fleet's 404."""
     entries = store().history(kind, record_id)
-    last = next((record for _, _, record, _, _ in reversed(entries) if record is not None), None)
-    visible(lookup(record_id) if last is None else last)
+    last = next((record for _, _, record, *_ in reversed(entries) if record is not None), None)
+    if last is None:
+        visible(lookup(record_id))
+    elif kind == "booking" and entries[-1][2] is None and caller().role == "staff":
+        # a cancelled booking: staff of the dealer its car was at then, not of one it moved to since
+        cancelled = entries[-1][-1]
+        car_then = next((car for _, _, car, _, _, seq in reversed(store().history("car", last.car_id))
+                         if seq < cancelled), None)
+        check_access(caller(), last, SimpleNamespace(cars={last.car_id: car_then} if car_then else {}))
+    else:
+        visible(last)
     answer, before = [], {}
-    for action, at, record, who, request_id in entries:
+    for action, at, record, who, request_id, _ in entries:
         after = {} if record is None else RECORD_SCHEMAS[kind].dump(record)
         after.pop("id", None)
         changed_fields = {name: {"before": before.get(name), "after": after.get(name)}
@@ -6717,12 +6731,20 @@ def keys_command():
     """Make, list and revoke API keys (kept in the database, as a hash of each)."""
 
 
+def key_note(note):
+    """A key's note as given, if `keys list` can show it on one line."""
+    if len(note) > MAX_NAME or re.search(f"[{CONTROLS}]", note) or LONE_SURROGATE.search(note):
+        raise click.BadParameter(f"at most {MAX_NAME} characters, with no tab, newline or other control character.")
+    return note
+
+
 @keys_command.command("add")
 @click.option("--role", required=True, type=click.Choice(ROLES),
               help="admin: everything; staff: one dealer's cars and bookings (--dealer); booking: make bookings "
                    "and holds, and read, change or cancel its own.")
 @click.option("--dealer", "dealer_id", type=click.IntRange(min=1), help="The dealer of a staff key (only for staff).")
-@click.option("--note", default="", help="What the key is for, shown by `keys list`.")
+@click.option("--note", default="", callback=lambda ctx, param, value: key_note(value),
+              help="What the key is for, shown by `keys list`: at most 200 characters, no tab or newline.")
 @with_appcontext
 def keys_add_command(role, dealer_id, note):
     """Make a key and print it, once: only a hash of it is kept."""
@@ -6749,7 +6771,7 @@ def keys_list_command():
 
 
 @keys_command.command("revoke")
-@click.argument("key_id", type=click.IntRange(min=1))
+@click.argument("key_id", type=click.IntRange(min=1, max=ID_SPAN - 1))
 @with_appcontext
 def keys_revoke_command(key_id):
     """Revoke key KEY_ID: every process refuses it from now on."""

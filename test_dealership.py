@@ -2740,7 +2740,7 @@ def test_postgresql_keeps_times_in_utc_and_refuses_what_breaks_a_rule_whoever_wr
     make_car(client, vin=vin(1))
     book(client, 1, "2035-01-15T10:00:00+02:00", "2035-01-15T12:00:00+02:00")
     assert table_rows(postgres_database)["bookings"][0][4:] == (
-        "2035-01-15T08:00:00.000000+00:00", "2035-01-15T10:00:00.000000+00:00", 10000, 1)
+        "2035-01-15T08:00:00.000000+00:00", "2035-01-15T10:00:00.000000+00:00", 10000, 1, "open")
     before = table_rows(postgres_database)
     insert = ("INSERT INTO bookings (car_id, customer_name, customer_email, start_datetime, end_datetime) "
               "VALUES (%s, 'x', 'x@example.com', %s, %s)")
@@ -5908,3 +5908,47 @@ def test_the_openapi_document_states_the_roles_of_each_operation_that_needs_a_ke
     make_key(app, "admin")
     secured = client.get("/openapi.json").get_json()  # keys in force: the operations declare bearer auth
     assert secured["paths"][f"{API}/dealers"]["post"]["security"] == [{"bearer": []}]
+
+
+def test_odd_key_ids_and_history_ids_are_refused_cleanly():
+    world = World(new_app())
+    secret = world.keys["booker"].split(".", 1)[1]
+    key_id = world.keys["booker"].split(".")[0]
+    for odd in (f"0{key_id}.{secret}", f"\u00b2.{secret}", f"+{key_id}.{secret}", f"{key_id}", f"{key_id}.",
+                "99999999999999999999." + secret):
+        response = world.client.get(f"{API}/bookings", environ_base={"HTTP_AUTHORIZATION": f"Bearer {odd}"})
+        assert_problem(response, 401)
+    for path in ("/bookings/9223372036854775808/history", "/cars/99999999999999999999/history"):
+        assert_problem(world.client.get(API + path, headers=world.as_("admin")), 404)
+
+
+def test_a_cancelled_bookings_history_stays_with_the_dealer_its_car_was_at():
+    world = World(new_app())
+    assert world.client.delete(f"{API}/bookings/1", headers=world.as_("booker")).status_code == 204
+    assert world.client.delete(f"{API}/holds/1", headers=world.as_("booker")).status_code == 204
+    assert world.client.delete(f"{API}/cars/1/maintenance-windows/1", headers=world.as_("admin")).status_code == 204
+    assert world.client.patch(f"{API}/cars/1", json={"dealer_id": 2}, headers=world.as_("admin")).status_code == 200
+    assert_problem(world.client.get(f"{API}/bookings/1/history", headers=world.as_("other_staff")), 404)
+    assert len(history(world.client, "/bookings/1", world.as_("staff"))) == 2
+    assert len(history(world.client, "/bookings/1", world.as_("booker"))) == 2
+
+
+def test_each_api_keys_idempotency_keys_are_its_own():
+    world = World(new_app())
+    retry = {"Idempotency-Key": "k1"}
+    first = world.client.patch(f"{API}/bookings/1", json={"customer_name": "Z"}, headers=world.as_("admin") | retry)
+    assert first.status_code == 200
+    other = world.client.patch(f"{API}/bookings/1", json={"customer_name": "Z"}, headers=world.as_("other_staff") | retry)
+    assert_problem(other, 404)  # its own request, judged as such: not a 422 that tells the key was used
+    again = world.client.post(f"{API}/bookings", json=booking_body(3), headers=world.as_("staff") | retry)
+    assert again.status_code == 201 and "Idempotent-Replayed" not in again.headers
+
+
+def test_the_keys_commands_refuse_what_they_cannot_use():
+    app = new_app()
+    runner = app.test_cli_runner()
+    for args in (["keys", "revoke", "99999999999999999999"], ["keys", "add", "--role", "admin", "--note", "a\tb"],
+                 ["keys", "add", "--role", "admin", "--note", "x" * 201]):
+        result = runner.invoke(args=args)
+        assert result.exit_code == 2 and result.exception is None or isinstance(result.exception, SystemExit), args
+    assert "1\tadmin" not in runner.invoke(args=["keys", "list"]).output
