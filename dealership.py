@@ -4712,6 +4712,8 @@ def key_required():
 
 def sent_key():
     """The Bearer token the request carries, or ""."""
+    if "Authorization" not in request.headers:  # most requests to an open service: no header to parse
+        return ""
     auth = request.authorization
     return auth.token if auth is not None and auth.type == "bearer" and auth.token else ""
 
