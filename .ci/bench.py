@@ -27,7 +27,8 @@ The median of the pair ratios is what the targets are written in:
   if-match PATCH /api/v1/bookings/{id} sent with If-Match (its current ETag), against the same PATCH
            without one                                               if-match/edit target <= 1.1
   feed     GET /api/v1/changes?limit=100 from the newest 100 changes, against the page of the oldest
-           100 the log keeps (10,000 changes): a page costs the page, wherever it is   feed/oldest target <= 1.2
+           100 the log keeps (every change of the fill, made within DEALERSHIP_HISTORY_DAYS): a page
+           costs the page, wherever it is                                    feed/oldest target <= 1.2
            (feed/floor is shown beside: the same body as ready bytes)
   memory   resident bytes added per stored booking                   bytes/booking target <= 1,000
   reopen   seconds for create_app() on the filled file (file only)   reopen s     target <= 2
