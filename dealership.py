@@ -198,12 +198,14 @@ def boolean(name, value):
     raise ConfigError(f"{name}={value!r} must be one of 1, 0, true, false, yes, no, on, off.")
 
 
-def whole_number(minimum):
+def whole_number(minimum, maximum=None):
     def read(name, value):
         if isinstance(value, str) and value.isascii() and value.isdigit():
             value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ConfigError(f"{name}={value!r} must be a whole number of at least {minimum}.")
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum or \
+                maximum is not None and value > maximum:
+            raise ConfigError(f"{name}={value!r} must be a whole number of at least {minimum}"
+                              f"{f' and at most {maximum:,}' if maximum is not None else ''}.")
         return value
     return read
 
@@ -307,7 +309,7 @@ SETTINGS = {
     "DEALERSHIP_METRICS": (True, boolean),  # off: requests are not counted, and /metrics is a 404
     "DEALERSHIP_METRICS_KEY": (None, optional(api_key)),  # if set, GET /metrics needs it as a Bearer token
     "DEALERSHIP_IDEMPOTENCY_HOURS": (24, hours),  # how long the answer to a request with an Idempotency-Key is kept
-    "DEALERSHIP_HISTORY_DAYS": (365, whole_number(0)),  # how long the change log (history, feed) is kept; 0: briefly
+    "DEALERSHIP_HISTORY_DAYS": (365, whole_number(0, 36_525)),  # how long the change log (history, feed) is kept
 }
 
 
@@ -6764,7 +6766,7 @@ def keys_add_command(role, dealer_id, note):
 @keys_command.command("list")
 @with_appcontext
 def keys_list_command():
-    """List the keys: id, role, dealer, note, when made, last used and revoked (never the key)."""
+    """List the keys: id, role, dealer, when made, last used, revoked and note (never the key)."""
     zone = store().zone
     click.echo("id\trole\tdealer\tcreated\tlast used\trevoked\tnote")
     for key_id, role, dealer_id, note, *instants in store().list_keys():

@@ -5031,7 +5031,7 @@ def test_old_answers_count_no_more_and_are_pruned(database, monkeypatch):
     assert response.status_code == 201 and "Idempotent-Replayed" not in response.headers
     time.sleep(0.3)
     assert post(client, "/dealers", {"name": "North"}, **{"Idempotency-Key": "new"}).status_code == 201
-    assert [key for key, in sql(database, "SELECT key FROM idempotency_keys")] == ["new"]
+    assert [key for key, in sql(database, "SELECT key FROM idempotency_keys")] == ["open new"]  # each API key's own
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "abc", "9000"])
@@ -5886,8 +5886,10 @@ def test_history_is_kept_for_the_days_set_then_pruned(database, monkeypatch):
 
 def test_history_days_is_a_setting():
     assert new_app().config["DEALERSHIP_HISTORY_DAYS"] == 365
-    with pytest.raises(dealership.ConfigError, match="DEALERSHIP_HISTORY_DAYS"):
-        new_app({"DEALERSHIP_HISTORY_DAYS": "-1"})
+    for value in ("-1", "1.5", "36526", "99999999"):
+        with pytest.raises(dealership.ConfigError, match="DEALERSHIP_HISTORY_DAYS"):
+            new_app({"DEALERSHIP_HISTORY_DAYS": value})
+    assert new_app({"DEALERSHIP_HISTORY_DAYS": "36525"}).config["DEALERSHIP_HISTORY_DAYS"] == 36525
 
 
 def test_the_openapi_document_states_the_roles_of_each_operation_that_needs_a_key():
