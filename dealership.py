@@ -444,8 +444,8 @@ class InvalidError(DomainError):
 
 # What a refusal is counted as: the rule a request broke, or how it was turned away.
 REFUSAL_REASONS = ("overlap", "held", "turnaround", "maintenance", "car_not_available", "in_the_past", "conflict",
-                   "precondition_failed", "gone", "idempotency_key_reused", "invalid_input", "unauthorized", "forbidden",
-                   "rate_limited")
+                   "precondition_failed", "gone", "idempotency_key_reused", "invalid_input", "unauthorized",
+                   "forbidden", "rate_limited")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1260,7 +1260,8 @@ class Fleet:
             found = sorted((b for car in self.cars.values() if car.dealer_id == access.dealer_id
                             for b in self.schedules[car.id].bookings()), key=lambda b: (b.start_datetime, b.id))
         else:  # only those that start before `end` can end by it
-            found = [self.bookings[key % ID_SPAN] for key in self.by_start[:None if end is None else self.by_start.bisect_left(order_key(micros(end), 0))]]
+            before = None if end is None else self.by_start.bisect_left(order_key(micros(end), 0))
+            found = [self.bookings[key % ID_SPAN] for key in self.by_start[:before]]
         if start is not None and end is not None:
             found = [b for b in found if overlaps(b.start_datetime, b.end_datetime, start, end)]
         elif start is not None:
@@ -1739,7 +1740,8 @@ class RecordRows:
     def add_key(self, role, dealer_id, note, secret_hash, now):
         """A new key's id."""
         return self._insert("INSERT INTO api_keys (role, dealer_id, note, secret_hash, created_at) "
-                            f"VALUES ({', '.join([self.PARAM] * 5)})", (role, dealer_id, note, secret_hash, self.column(now)))
+                            f"VALUES ({', '.join([self.PARAM] * 5)})",
+                            (role, dealer_id, note, secret_hash, self.column(now)))
 
     def api_keys(self):
         """Every key, oldest first: (id, role, dealer id, note, created, last used, revoked)."""
@@ -4770,8 +4772,8 @@ def require_api_key():
     if access is None:
         current_app.extensions[REFUSED_KEYS].note(request.remote_addr, request.method, request.path)
         what = "changes data" if request.method in WRITE_METHODS else "reads customers' names and e-mail addresses"
-        raise Unauthorized(f"{'The API key does not match a key in force' if sent_key() else 'No API key was sent'}: this "
-                           f"request {what}, so send 'Authorization: Bearer <API key>'.",
+        why = "The API key does not match a key in force" if sent_key() else "No API key was sent"
+        raise Unauthorized(f"{why}: this request {what}, so send 'Authorization: Bearer <API key>'.",
                            www_authenticate=WWWAuthenticate("bearer", {"realm": "dealership"}))
     roles = view.api_doc["roles"]
     if access.role not in roles:
