@@ -3342,6 +3342,7 @@ class Store:
         self.engine, self.zone, self.metrics = engine, zone, metrics or Metrics()
         self.history_kept = history  # how long the change log keeps each change (see prune_change_log)
         self.keys_used, self.keys_checked = {}, time.monotonic()  # key id -> when noted used; see keys_made
+        self.keys_known = {}  # key id -> its row as last read (see key_access)
         self.lock, self.write_lock = threading.Lock(), threading.Lock()
         self.queue = WriteQueue(self._commit)
         self.keys_lock, self.keys_in_flight, self.answers_kept = threading.Lock(), set(), 0
@@ -3667,19 +3668,24 @@ class Store:
         key_id, dot, secret = key.partition(".")
         if not KEY_ID.fullmatch(key_id) or not secret:  # one spelling of each id: the key is who it says
             return None
+        read = True
         try:
             with self.engine.reader() as db:
                 found = db.api_key(int(key_id))
         except self.engine.Error as error:
-            raise StorageUnavailable(f"The database cannot be read to check the API key ({error}): try again.",
-                                     5) from None
+            # reads go on from memory while the database cannot be read, and so do the keys this
+            # process has read before, as they then stood (a revocation needs the database too)
+            if key_id not in self.keys_known:
+                raise StorageUnavailable(f"The database cannot be read to check the API key ({error}): try "
+                                         "again.", 5) from None
+            found, read = self.keys_known[key_id], False
         if found is None:
             return None
-        self.keys_seen = True  # a key was made: keys are in force, whatever this process thought
+        self.keys_seen, self.keys_known[key_id] = True, found  # a key was made: keys are in force
         if not hmac.compare_digest(found[2], key_hash(secret)) or found[3]:
             return None
         now = datetime.now(timezone.utc)
-        if now - self.keys_used.get(key_id, EPOCH) >= KEY_USE_EVERY:
+        if read and now - self.keys_used.get(key_id, EPOCH) >= KEY_USE_EVERY:
             self.keys_used[key_id] = now
             try:  # a note, not a write the client waits on: skipped if the database refuses it
                 self.queue.submit(lambda db, job: db.key_used(int(key_id), now), set())
@@ -3697,9 +3703,8 @@ class Store:
             try:
                 with self.engine.reader() as db:
                     self.keys_seen = db.keys_made()
-            except self.engine.Error as error:
-                raise StorageUnavailable(f"The database cannot be read to check API keys ({error}): try again.",
-                                         5) from None
+            except self.engine.Error as error:  # as it last stood: reads go on from memory meanwhile
+                self.unread.log(logging.WARNING, "could not read %s to look for API keys: %s", self.engine.name, error)
         return self.keys_seen
 
     def history(self, kind, record_id):

@@ -5954,3 +5954,27 @@ def test_the_keys_commands_refuse_what_they_cannot_use():
         result = runner.invoke(args=args)
         assert result.exit_code == 2 and result.exception is None or isinstance(result.exception, SystemExit), args
     assert "1\tadmin" not in runner.invoke(args=["keys", "list"]).output
+
+
+def test_while_the_database_cannot_be_read_reads_go_on_with_the_keys_last_read(tmp_path, monkeypatch):
+    def unreadable():
+        raise sqlite3.OperationalError("disk I/O error")
+
+    keyed = on_file(str(tmp_path / "keyed.sqlite3"))
+    client, store = keyed.test_client(), keyed.extensions["dealership"]
+    _, seen = make_key(keyed, "admin")
+    _, unseen = make_key(keyed, "admin")
+    assert client.post(f"{API}/cars", json=car_body(), headers=bearer(seen)).status_code == 201
+    assert client.post(f"{API}/bookings", json=booking_body(1), headers=bearer(seen)).status_code == 201
+    monkeypatch.setattr(store.engine, "reader", unreadable)
+    assert [b["id"] for b in client.get(f"{API}/bookings", headers=bearer(seen)).get_json()] == [1]
+    assert_problem(client.get(f"{API}/bookings", headers=bearer(unseen)), 503)  # never read: cannot be checked
+    assert_problem(client.get(f"{API}/bookings"), 401)
+
+    open_app = on_file(str(tmp_path / "open.sqlite3"))  # an open service stays open to reads meanwhile
+    make_car(open_app.test_client())
+    book(open_app.test_client(), 1)
+    open_store = open_app.extensions["dealership"]
+    monkeypatch.setattr(open_store.engine, "reader", unreadable)
+    open_store.keys_checked = float("-inf")  # it looks again for keys, and cannot
+    assert [b["id"] for b in open_app.test_client().get(f"{API}/bookings").get_json()] == [1]
