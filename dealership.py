@@ -593,6 +593,88 @@ def bookings_in_the_way(car, turnaround_minutes, bookings, zone):
 
 
 # ---------------------------------------------------------------------------------------------
+# Keys and roles: who may do what. A request's key is an Access; the routes name the roles they
+# admit (api_doc), and check_access is the one place that says which records a role may act on.
+# ---------------------------------------------------------------------------------------------
+
+ROLES = ("admin", "staff", "booking")
+ROLE_DUTIES = {"admin": "everything",
+               "staff": "its dealer's cars, their maintenance windows, and the bookings and holds on them",
+               "booking": "new bookings and holds on any car, then only the ones it made"}
+KEY_BYTES = 32  # random bytes in a new key
+KEY_USE_EVERY = timedelta(minutes=1)  # how often a key's "last used" is written, at most, per process
+KEY_ID = re.compile(r"[1-9][0-9]{0,17}")  # a key's id as a key spells it: ASCII digits, no leading zero
+KEYS_CHECK_EVERY = 1.0  # seconds: how often an open service looks whether a key has been made since
+
+
+@dataclass(frozen=True)
+class Access:
+    """What the key of a request may do: `who` is the key's id (as text), "configuration" for
+    DEALERSHIP_API_KEY or "open" when no key is needed; the history and a booking's maker say it."""
+    who: str
+    role: str
+    dealer_id: int = None  # a staff key's dealer
+
+    def __str__(self):
+        if self.who in ("configuration", "open"):
+            return "DEALERSHIP_API_KEY" if self.who == "configuration" else "an open service"
+        return f"key {self.who} ({self.role}{f' of dealer {self.dealer_id}' if self.dealer_id else ''})"
+
+
+OPEN = Access("open", "admin")
+CONFIGURED = Access("configuration", "admin")
+WRITER = contextvars.ContextVar("dealership_writer", default=None)  # (who, request id) of the write being made
+
+
+def new_key():
+    """A new key's secret: KEY_BYTES random bytes, URL-safe. The key a client sends is "<id>.<secret>"."""
+    return secrets.token_urlsafe(KEY_BYTES)
+
+
+def key_hash(secret):
+    """What the store keeps of a key's secret: a fast hash is enough for a long random secret."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def no_booking(booking_id):
+    """The 404 of a booking that is not there, or that the key may not see: the same words, so that
+    another dealer's booking is not disclosed."""
+    return NotFoundError(f"There is no booking with id {booking_id}.")
+
+
+def check_access(access, record, fleet):
+    """Raise unless `access` may act on `record`: a car (to change it, or to book or hold it), or a
+    booking, hold or maintenance window (through its car). An admin key may do anything; a staff
+    key acts on its dealer's cars and what is on them; a booking key books any car, and acts only on
+    the bookings and holds it made. Another dealer's booking is a 404, anything else a 403."""
+    if access.role == "admin":
+        return
+    car = record if isinstance(record, Car) else fleet.cars.get(record.car_id)
+    if access.role == "staff":
+        if car is not None and car.dealer_id == access.dealer_id:
+            return
+    elif isinstance(record, Car) or getattr(record, "made_by", None) == access.who:
+        return
+    if isinstance(record, Booking):
+        raise no_booking(record.id)
+    what = f"Car {record.id}" if isinstance(record, Car) else \
+        f"{'Hold' if isinstance(record, Hold) else 'Maintenance window'} {record.id} on car {record.car_id}"
+    if access.role == "staff":
+        owner = f"dealer {car.dealer_id}'s" if car is not None else "not on a car of yours"
+        raise ForbiddenError(f"{what} is {owner}: {access} may act only on dealer {access.dealer_id}'s cars. This "
+                             f"needs an admin key{f' or a staff key of dealer {car.dealer_id}' if car else ''}.")
+    raise ForbiddenError(f"{what} was made by another key: {access} may act only on what it made. This needs an "
+                         "admin key, or a staff key of the car's dealer.")
+
+
+def check_dealer(access, dealer_id):
+    """Raise unless `access` may put a car at dealer `dealer_id`."""
+    if access.role == "staff" and dealer_id != access.dealer_id:
+        raise ForbiddenError(f"{access} may put cars only at dealer {access.dealer_id}, not at dealer {dealer_id}: "
+                             f"this needs an admin key or a staff key of dealer {dealer_id}.")
+
+
+# ---------------------------------------------------------------------------------------------
 # The fleet in memory: every record in dicts, each car's schedule, the day coverage, and the
 # queries over them. No locks and no SQL: the store holds its lock around every use.
 # ---------------------------------------------------------------------------------------------
@@ -1282,88 +1364,6 @@ class Fleet:
         except DomainError:
             return False
         return True
-
-
-# ---------------------------------------------------------------------------------------------
-# Keys and roles: who may do what. A request's key is an Access; the routes name the roles they
-# admit (api_doc), and check_access is the one place that says which records a role may act on.
-# ---------------------------------------------------------------------------------------------
-
-ROLES = ("admin", "staff", "booking")
-ROLE_DUTIES = {"admin": "everything",
-               "staff": "its dealer's cars, their maintenance windows, and the bookings and holds on them",
-               "booking": "new bookings and holds on any car, then only the ones it made"}
-KEY_BYTES = 32  # random bytes in a new key
-KEY_USE_EVERY = timedelta(minutes=1)  # how often a key's "last used" is written, at most, per process
-KEY_ID = re.compile(r"[1-9][0-9]{0,17}")  # a key's id as a key spells it: ASCII digits, no leading zero
-KEYS_CHECK_EVERY = 1.0  # seconds: how often an open service looks whether a key has been made since
-
-
-@dataclass(frozen=True)
-class Access:
-    """What the key of a request may do: `who` is the key's id (as text), "configuration" for
-    DEALERSHIP_API_KEY or "open" when no key is needed; the history and a booking's maker say it."""
-    who: str
-    role: str
-    dealer_id: int = None  # a staff key's dealer
-
-    def __str__(self):
-        if self.who in ("configuration", "open"):
-            return "DEALERSHIP_API_KEY" if self.who == "configuration" else "an open service"
-        return f"key {self.who} ({self.role}{f' of dealer {self.dealer_id}' if self.dealer_id else ''})"
-
-
-OPEN = Access("open", "admin")
-CONFIGURED = Access("configuration", "admin")
-WRITER = contextvars.ContextVar("dealership_writer", default=None)  # (who, request id) of the write being made
-
-
-def new_key():
-    """A new key's secret: KEY_BYTES random bytes, URL-safe. The key a client sends is "<id>.<secret>"."""
-    return secrets.token_urlsafe(KEY_BYTES)
-
-
-def key_hash(secret):
-    """What the store keeps of a key's secret: a fast hash is enough for a long random secret."""
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def no_booking(booking_id):
-    """The 404 of a booking that is not there, or that the key may not see: the same words, so that
-    another dealer's booking is not disclosed."""
-    return NotFoundError(f"There is no booking with id {booking_id}.")
-
-
-def check_access(access, record, fleet):
-    """Raise unless `access` may act on `record`: a car (to change it, or to book or hold it), or a
-    booking, hold or maintenance window (through its car). An admin key may do anything; a staff
-    key acts on its dealer's cars and what is on them; a booking key books any car, and acts only on
-    the bookings and holds it made. Another dealer's booking is a 404, anything else a 403."""
-    if access.role == "admin":
-        return
-    car = record if isinstance(record, Car) else fleet.cars.get(record.car_id)
-    if access.role == "staff":
-        if car is not None and car.dealer_id == access.dealer_id:
-            return
-    elif isinstance(record, Car) or getattr(record, "made_by", None) == access.who:
-        return
-    if isinstance(record, Booking):
-        raise no_booking(record.id)
-    what = f"Car {record.id}" if isinstance(record, Car) else \
-        f"{'Hold' if isinstance(record, Hold) else 'Maintenance window'} {record.id} on car {record.car_id}"
-    if access.role == "staff":
-        owner = f"dealer {car.dealer_id}'s" if car is not None else "not on a car of yours"
-        raise ForbiddenError(f"{what} is {owner}: {access} may act only on dealer {access.dealer_id}'s cars. This "
-                             f"needs an admin key{f' or a staff key of dealer {car.dealer_id}' if car else ''}.")
-    raise ForbiddenError(f"{what} was made by another key: {access} may act only on what it made. This needs an "
-                         "admin key, or a staff key of the car's dealer.")
-
-
-def check_dealer(access, dealer_id):
-    """Raise unless `access` may put a car at dealer `dealer_id`."""
-    if access.role == "staff" and dealer_id != access.dealer_id:
-        raise ForbiddenError(f"{access} may put cars only at dealer {access.dealer_id}, not at dealer {dealer_id}: "
-                             f"this needs an admin key or a staff key of dealer {dealer_id}.")
 
 
 # ---------------------------------------------------------------------------------------------
